@@ -1,0 +1,188 @@
+"""RoIAlign (He et al., Mask R-CNN) with exactly the semantics of ``torchvision.ops.roi_align``, and
+SCRL's pooled form."""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from fastdense.ops._dispatch import resolve
+from fastdense.ops._validate import check_tensor
+
+BoxesArg = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def roi_align_reference(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: Tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> torch.Tensor:
+    """Reference RoIAlign on ``rois [K, 5]``; differentiable with respect to ``input``.
+
+    Bilinear sampling is separable, so each box is a pair of interpolation matrices: ``A_y [PH, H]``
+    sums the vertical weights of every sample of every output row, ``A_x [PW, W]`` the horizontal
+    ones, and ``out[k, c] = A_y[k] @ input[b_k, c] @ A_x[k]^T / count_k``. Coordinates and weights are
+    computed in the input's precision (float32 for float16/bfloat16), as torchvision's kernel does.
+    """
+    out_h, out_w = output_size
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    features = input.to(compute)
+    rois = rois.detach().to(compute)
+    height, width = input.shape[-2:]
+    offset = 0.5 if aligned else 0.0
+    start = rois[:, 1:3] * spatial_scale - offset  # (x, y)
+    size = rois[:, 3:5] * spatial_scale - offset - start
+    if not aligned:
+        size = size.clamp(min=1.0)
+    bin_w, bin_h = size[:, 0] / out_w, size[:, 1] / out_h
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(bin_h, sampling_ratio, dtype=torch.long)
+        grid_w = torch.full_like(bin_w, sampling_ratio, dtype=torch.long)
+    else:
+        grid_h = torch.ceil(size[:, 1] / out_h).long()
+        grid_w = torch.ceil(size[:, 0] / out_w).long()
+    count = (grid_h * grid_w).clamp(min=1).to(compute)
+    weights_y = _axis_weights(start[:, 1], bin_h, grid_h, out_h, height)  # [K, PH, H]
+    weights_x = _axis_weights(start[:, 0], bin_w, grid_w, out_w, width)  # [K, PW, W]
+    batch_index = rois[:, 0].long()
+    out = features.new_zeros(rois.shape[0], input.shape[1], out_h, out_w)
+    for b in torch.unique(batch_index).tolist():
+        rows = (batch_index == b).nonzero().squeeze(1)
+        pooled = torch.einsum("kph,chw,kqw->kcpq", weights_y[rows], features[b], weights_x[rows])
+        out = out.index_copy(0, rows, pooled / count[rows, None, None, None])
+    return out.to(input.dtype)
+
+
+def _axis_weights(start, bin_size, grid, out_size: int, extent: int) -> torch.Tensor:
+    """Interpolation matrix ``[K, out_size, extent]`` of one axis: for output bin ``p``, the summed
+    bilinear weights that its samples give to each input row (or column)."""
+    num = start.shape[0]
+    max_grid = max(int(grid.max()), 1) if num else 1
+    sample = torch.arange(max_grid, device=start.device, dtype=start.dtype)
+    bins = torch.arange(out_size, device=start.device, dtype=start.dtype)
+    grid_f = grid.to(start.dtype).clamp(min=1)[:, None, None]
+    # torchvision's order of operations, so float32 results agree bit for bit where they can.
+    pos = start[:, None, None] + bins[None, :, None] * bin_size[:, None, None] + (sample[None, None, :] + 0.5) * bin_size[:, None, None] / grid_f
+    used = sample[None, None, :] < grid[:, None, None]
+    inside = (pos >= -1.0) & (pos <= extent) & used
+    pos = pos.clamp(min=0.0)
+    low = pos.floor().long()
+    at_edge = low >= extent - 1
+    low = torch.where(at_edge, torch.full_like(low, extent - 1), low)
+    high = torch.where(at_edge, low, low + 1)
+    pos = torch.where(at_edge, low.to(pos.dtype), pos)
+    frac = pos - low.to(pos.dtype)
+    mask = inside.to(start.dtype)
+    weights = start.new_zeros(num, out_size, extent)
+    weights.scatter_add_(2, low, (1 - frac) * mask)
+    weights.scatter_add_(2, high, frac * mask)
+    return weights
+
+
+def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
+    """``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` from a ``[K, 5]`` tensor or a list of ``[k_i, 4]``."""
+    if torch.is_tensor(boxes):
+        check_tensor(boxes, "boxes", "[K, 5] (batch_index, x1, y1, x2, y2)", dims=2)
+        if boxes.shape[1] != 5:
+            raise ValueError(f"boxes must have shape [K, 5] (batch_index, x1, y1, x2, y2), got {list(boxes.shape)}")
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes must be a [K, 5] tensor or a list of [k_i, 4] tensors, got {type(boxes).__name__}")
+    parts = []
+    for i, b in enumerate(boxes):
+        check_tensor(b, f"boxes[{i}]", "[k_i, 4] (x1, y1, x2, y2)", dims=2)
+        if b.shape[1] != 4:
+            raise ValueError(f"boxes[{i}] must have shape [k_i, 4] (x1, y1, x2, y2), got {list(b.shape)}")
+        parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
+    if not parts:
+        return torch.zeros(0, 5, dtype=dtype or torch.float32, device=device)
+    return torch.cat(parts, dim=0)
+
+
+def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio) -> Tuple[int, int]:
+    """Validate; return ``output_size`` as ``(height, width)``."""
+    check_tensor(input, "input", "[N, C, H, W]", dims=4)
+    if rois.device != input.device:
+        raise ValueError(f"boxes must be on the device of input ({input.device}), got {rois.device}")
+    if isinstance(output_size, int):
+        output_size = (output_size, output_size)
+    if len(output_size) != 2 or any(not isinstance(s, int) or s < 1 for s in output_size):
+        raise ValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
+    if not isinstance(sampling_ratio, int):
+        raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
+    if not spatial_scale > 0:
+        raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
+    if rois.numel():
+        index = rois[:, 0]
+        if bool(((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any()):
+            raise ValueError(f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}")
+        if bool(((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any()):
+            raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
+        if not bool(torch.isfinite(rois).all()):
+            raise ValueError("boxes must be finite")
+    return tuple(output_size)
+
+
+def roi_align(
+    input: torch.Tensor,
+    boxes: BoxesArg,
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """Region of Interest Align: a drop-in for :func:`torchvision.ops.roi_align`.
+
+    Each box is divided into ``output_size`` bins; every bin averages ``sampling_ratio x sampling_ratio``
+    bilinear samples of ``input`` (``ceil(box / bins)`` per axis when ``sampling_ratio <= 0``). Box
+    coordinates are in input pixels times ``1 / spatial_scale``; ``aligned=True`` shifts them by half
+    a pixel so pixel centres sit at ``j + 0.5`` (fastdense's convention). Samples farther than one
+    pixel outside the map count as zero.
+
+    Args:
+        input: ``[N, C, H, W]``, float16/bfloat16/float32/float64, NCHW or channels_last.
+        boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of ``N`` tensors ``[k_i, 4]``.
+        output_size: ``(height, width)`` of each pooled box, or one int.
+        spatial_scale: feature-map size over box-coordinate size (1/32 for ResNet layer4 boxes in pixels).
+        sampling_ratio: samples per bin and axis; ``<= 0`` for adaptive.
+        aligned: half-pixel offset (see above).
+
+    Returns:
+        ``[K, C, output_size[0], output_size[1]]`` in the input's dtype.
+
+    >>> import torch, fastdense.ops as ops
+    >>> feats = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> ops.roi_align(feats, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], output_size=1, aligned=True)
+    tensor([[[[5.]]]])
+    """
+    rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
+    output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
+    resolve("roi_align", (input, rois), available=())
+    return roi_align_reference(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned))
+
+
+def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
+    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box)."""
+    return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned).flatten(1)
+
+
+class RoIAlign(nn.Module):
+    """Module form of :func:`roi_align`."""
+
+    def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    def forward(self, input: torch.Tensor, boxes: BoxesArg) -> torch.Tensor:
+        return roi_align(input, boxes, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"

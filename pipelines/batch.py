@@ -1,0 +1,69 @@
+"""The batch every pipeline backend yields (``CONVENTIONS.md`` section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class ViewBatch:
+    """Augmented views of ``B`` images and where each view came from.
+
+    Attributes:
+        views: ``V`` tensors ``[B, 3, H_v, W_v]``, normalised; sizes may differ between views.
+        matrices: ``[B, V, 3, 3]`` float32; ``matrices[b, v]`` maps view pixel coordinates of view
+            ``v`` to source pixel coordinates of image ``b`` (see :mod:`fastdense.geometry`).
+        source_size: ``[B, 2]`` integer ``(H, W)`` of each decoded source image.
+        index: ``[B]`` int64 dataset index of each sample.
+        label: ``[B]`` int64 class labels, or ``None`` when the dataset has none.
+    """
+
+    views: List[torch.Tensor]
+    matrices: torch.Tensor
+    source_size: torch.Tensor
+    index: torch.Tensor
+    label: Optional[torch.Tensor] = None
+    extras: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.views:
+            raise ValueError("ViewBatch.views must hold at least one view")
+        batch = self.views[0].shape[0]
+        for v, view in enumerate(self.views):
+            if view.dim() != 4 or view.shape[0] != batch or view.shape[1] != 3:
+                raise ValueError(f"ViewBatch.views[{v}] must have shape [{batch}, 3, H, W], got {tuple(view.shape)}")
+        expected = (batch, len(self.views), 3, 3)
+        if tuple(self.matrices.shape) != expected:
+            raise ValueError(f"ViewBatch.matrices must have shape {list(expected)}, got {list(self.matrices.shape)}")
+        if tuple(self.source_size.shape) != (batch, 2):
+            raise ValueError(f"ViewBatch.source_size must have shape [{batch}, 2], got {list(self.source_size.shape)}")
+        if tuple(self.index.shape) != (batch,):
+            raise ValueError(f"ViewBatch.index must have shape [{batch}], got {list(self.index.shape)}")
+        if self.label is not None and tuple(self.label.shape) != (batch,):
+            raise ValueError(f"ViewBatch.label must have shape [{batch}], got {list(self.label.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.views[0].shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    def to(self, device, non_blocking: bool = False) -> "ViewBatch":
+        """The same batch with every tensor on ``device``."""
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return ViewBatch(
+            views=[move(v) for v in self.views],
+            matrices=move(self.matrices),
+            source_size=move(self.source_size),
+            index=move(self.index),
+            label=move(self.label),
+            extras={k: move(v) if torch.is_tensor(v) else v for k, v in self.extras.items()},
+        )

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything fastdense needs on a fresh machine: system packages, torch, and fastdense
+# itself (editable, with its optional backends and test tools). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+SYSTEM_PACKAGES="libturbojpeg0-dev libopencv-dev pkg-config"
+if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $SYSTEM_PACKAGES >/dev/null
+fi
+
+PIP="python3 -m pip install --disable-pip-version-check -q"
+$PIP "torch==2.14.1" "torchvision==0.29.1"
+$PIP --no-build-isolation -e ".[dev,timm]"

@@ -1,0 +1,36 @@
+"""What every method offers the trainer and the evaluator."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from fastdense.models import Backbone
+
+
+class Method(nn.Module):
+    """A self-supervised method: an online network, optionally a target, and a loss.
+
+    Subclasses set ``name`` and ``recipe`` (a pipeline recipe name) and implement
+    :meth:`forward`, which takes a :class:`fastdense.pipelines.ViewBatch` and returns a dict with a
+    scalar ``loss`` and any float metrics to log. ``backbone`` is the online trunk that evaluation and
+    export use. Methods with an EMA target update it in :meth:`update_target`.
+    """
+
+    name: str = ""
+    recipe: str = ""
+    backbone: Backbone
+
+    @classmethod
+    def default_options(cls) -> Dict:
+        """Every option with its default, as the YAML config shows them."""
+        return {}
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_target(self, step: int, total_steps: int) -> None:
+        """Move the target towards the online network after optimisation step ``step`` (of ``total_steps``)."""

@@ -1,0 +1,91 @@
+"""Augmentation recipes as data, shared by every backend (``METHODS.md``).
+
+A recipe lists its views; each :class:`ViewSpec` says how that view is cropped (geometry) and how
+its colours are changed (photometric, never moving a pixel). Backends read these fields and nothing
+else, so a recipe means the same thing whichever backend runs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, Tuple, Union
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VICREGL_STD = (0.228, 0.224, 0.225)  # the VICRegL reference code's value
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view: a RandomResizedCrop to ``size`` plus per-view photometric probabilities."""
+
+    size: int
+    scale: Tuple[float, float]
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 128 / 255
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Odd kernel of about 10% of the view, as BYOL and DINO use (23 px at 224)."""
+        k = max(3, int(round(0.1 * self.size)))
+        return k if k % 2 else k + 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    views: Tuple[ViewSpec, ...]
+    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    def resized(self, sizes: Dict[int, int]) -> "Recipe":
+        """The same recipe with view sizes replaced through ``sizes`` (old size -> new size), for
+        small presets: ``recipe.resized({224: 96, 96: 48})``."""
+        return replace(self, views=tuple(replace(v, size=sizes.get(v.size, v.size)) for v in self.views))
+
+
+def _byol_pair(scale, size=224) -> Tuple[ViewSpec, ViewSpec]:
+    return (
+        ViewSpec(size, scale, blur_p=1.0, solarize_p=0.0),
+        ViewSpec(size, scale, blur_p=0.1, solarize_p=0.2),
+    )
+
+
+RECIPES: Dict[str, Recipe] = {
+    "scrl": Recipe("scrl", _byol_pair((0.2, 1.0)), interpolation="bicubic"),
+    "lewel": Recipe("lewel", _byol_pair((0.2, 1.0)), interpolation="bilinear"),
+    "vicregl": Recipe(
+        "vicregl",
+        _byol_pair((0.4, 1.0)) + tuple(ViewSpec(96, (0.08, 0.4), blur_p=0.5, solarize_p=0.2) for _ in range(6)),
+        interpolation="bicubic",
+        std=VICREGL_STD,
+    ),
+    "selfpatch": Recipe(
+        "selfpatch",
+        _byol_pair((0.25, 1.0)) + tuple(ViewSpec(96, (0.05, 0.25), blur_p=0.5) for _ in range(8)),
+        interpolation="bicubic",
+    ),
+    # Geometry only: the round-trip tests and evaluation use it.
+    "plain": Recipe("plain", (ViewSpec(224, (0.08, 1.0), jitter_p=0.0, grayscale_p=0.0),)),
+}
+
+
+def get_recipe(recipe: Union[str, Recipe]) -> Recipe:
+    """A recipe object from a name (``scrl``, ``vicregl``, ``lewel``, ``selfpatch``, ``plain``) or a recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)} or a Recipe object, got {recipe!r}")
+    return RECIPES[recipe]

@@ -1,0 +1,116 @@
+"""Shared benchmark plumbing: timing, floors, and the JSON every benchmark writes.
+
+GPU timing uses ``triton.testing.do_bench`` (median, after warm-up); CPU timing is the median of
+repeated runs with the thread count recorded. Every result file carries the device, library
+versions and the git commit, so figures can be traced to the code that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak memory allocated by ``fn()`` above what was allocated before it (CUDA only; -1 elsewhere)."""
+    if device.type != "cuda":
+        return -1
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def measured_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus written), measured now."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def floor_ms(flops: float, nbytes: float, peak_flops: float, bandwidth: float) -> float:
+    """The roofline floor: ``max(flops / peak, bytes / bandwidth)`` in milliseconds."""
+    return max(flops / peak_flops if peak_flops else 0.0, nbytes / bandwidth if bandwidth == bandwidth else 0.0) * 1e3
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict = None, out_dir: Path = None) -> Path:
+    """Write ``{name}_{device}.json`` with environment facts and ``rows``; return the path."""
+    out_dir = Path(out_dir or os.environ.get("FASTDENSE_BENCH_OUT", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    payload = {
+        "benchmark": name,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        **(extra or {}),
+    }
+    path = out_dir / f"{name}_{slug(device_name(device))}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def print_table(rows: List[Dict], columns: List[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -195,11 +195,13 @@ def _interpreted() -> bool:
 
 def _tile_config(x: torch.Tensor):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot) for products on ``x``."""
+    on_gpu = x.is_cuda and not _interpreted()
     if x.dtype == torch.float64:
-        return 16, 16, 16, 4, 1, False
-    if x.is_cuda and not _interpreted():
+        return (16, 16, 16, 4, 1, False) if on_gpu else (32, 32, 32, 4, 1, False)
+    if on_gpu:
         return 128, 128, 32, 8, 3, True
-    return 32, 32, 32, 4, 1, True
+    # The interpreter pays per block operation, not per element: few, large tiles.
+    return 64, 64, 64, 4, 1, True
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -299,9 +301,9 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
 
 
 def chunk_rows(rows_b: int, slots: int, itemsize: int, budget: int = SAVED_PRODUCT_BYTES) -> int:
-    """How many rows of ``A Bᵀ`` fit in ``budget`` bytes (at least one tile's worth)."""
+    """How many rows of ``A Bᵀ`` fit in ``budget`` bytes: a multiple of 64, at least 64."""
     per_row = max(1, rows_b * slots * itemsize)
-    return max(128, (budget // per_row) // 128 * 128)
+    return max(64, (budget // per_row) // 64 * 64)
 
 
 def product_fits(rows_a: int, rows_b: int, slots: int, itemsize: int) -> bool:

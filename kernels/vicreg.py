@@ -108,8 +108,9 @@ def _product_tiles_kernel(
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
-    if SYMMETRIC and pid_n < pid_m:
-        return
+    if SYMMETRIC:
+        if pid_n < pid_m:
+            return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     a_base = a_ptr + slot * sa_s
@@ -129,14 +130,17 @@ def _product_tiles_kernel(
         acc = _matmul_tile(a, b, acc, USE_DOT, DOT_PRECISION)
     if MASK_DIAGONAL:
         acc = tl.where(rows[:, None] + row_offset == cols[None, :], 0.0, acc)
-    weight = 2.0 if (SYMMETRIC and pid_n != pid_m) else 1.0
-    tl.store(partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n, weight * tl.sum(acc * acc))
+    squares = tl.sum(acc * acc)
+    if SYMMETRIC:
+        squares = tl.where(pid_n != pid_m, 2.0 * squares, squares)
+    tl.store(partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n, squares)
     if STORE_PRODUCT:
         mask = (rows[:, None] < rows_a) & (cols[None, :] < rows_b)
         base = product_ptr + slot * sp_s
         tl.store(base + rows[:, None] * sp_r + cols[None, :] * sp_c, acc, mask=mask)
-        if SYMMETRIC and pid_n != pid_m:
-            tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mask)
+        if SYMMETRIC:
+            mirror = mask & (pid_n != pid_m)
+            tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mirror)
 
 
 @triton.jit

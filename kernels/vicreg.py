@@ -15,9 +15,12 @@ Neither form materialises ``Xc``; the product is tiled and reduced to one partia
 The gradient needs no centring projection: the rows of ``Xc`` sum to zero, hence so do the columns
 of ``4 (A Aᵀ) A`` and of the variance gradient.
 
-Everything accumulates in float32 (float64 for float64 input). Float32 products use
-``tf32x3`` on tensor cores (float32-level accuracy: plain TF32 truncates its inputs, which biases
-``‖K‖²`` by about 1e-3); half-precision inputs are centred in float32 and multiplied in TF32x3 too.
+Everything accumulates in float32 (float64 for float64 input). Products run on TF32 tensor cores
+with operands *rounded* to TF32 first (tensor cores truncate, which would bias every square, and
+so ``‖K‖²``, low by about 1e-3): measured against float64, loss error about 5e-5 and gradient
+error about 4e-4 (the 1e-3 TF32 tolerance). ``FP32_DOT_PRECISION = "tf32x3"`` gives float32-level
+accuracy (about 1e-7) at three times the product cost. Half-precision inputs are centred in float32
+and take the same path.
 Float64 tiles avoid ``tl.dot`` (not every GPU lowers it) and multiply by broadcast-and-sum.
 """
 
@@ -30,16 +33,26 @@ import torch
 import triton
 import triton.language as tl
 
-# How float32 tiles are multiplied on tensor cores: "tf32x3" (float32 accuracy), "tf32" (faster,
-# about 1e-3 relative error and biased by truncation) or "ieee" (no tensor cores).
-FP32_DOT_PRECISION = "tf32x3"
+# How float32 tiles are multiplied: "tf32" (operands rounded to TF32; ~4e-4 relative gradient
+# error), "tf32x3" (float32-level accuracy, 3x the tensor-core work) or "ieee" (no tensor cores).
+FP32_DOT_PRECISION = "tf32"
+# Fewer columns than this use "tf32x3" instead of "tf32" (2 columns: 5e-3 error in TF32).
+TF32_MIN_COLUMNS = 64
 # The forward keeps A·Aᵀ for the backward when it is at most this big; otherwise the backward
 # recomputes it in row chunks of at most this size (the extra-memory budget of the op).
 SAVED_PRODUCT_BYTES = 8 << 20
 
 
 @triton.jit
-def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_ptr, MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr):
+def _round_to_tf32(tile):
+    """Round float32 to TF32's 10-bit mantissa, to nearest (ties away from zero). Tensor cores
+    truncate instead, which biases every square low by about 1e-3; rounding keeps errors unbiased."""
+    bits = tile.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_ptr, MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr, ROUND_TF32: tl.constexpr):
     """A ``[len(rows), len(cols)]`` tile of ``A`` (``Xc`` or ``Xcᵀ``), centred, zero outside."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tile = tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=mask, other=0.0).to(ACC)
@@ -49,7 +62,10 @@ def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_
     else:
         mean = tl.load(mean_ptr + cols, mask=cols < n_cols, other=0.0)
         tile = tile - mean[None, :]
-    return tl.where(mask, tile, 0.0)
+    tile = tl.where(mask, tile, 0.0)
+    if ROUND_TF32:
+        tile = _round_to_tf32(tile)
+    return tile
 
 
 @triton.jit
@@ -100,7 +116,7 @@ def _product_tiles_kernel(
     sp_s, sp_r, sp_c,
     SYMMETRIC: tl.constexpr, MEAN_ON_ROWS: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``P = A Bᵀ`` (centred on the fly): writes ``Σ P²`` of the tile
     (doubled for off-diagonal tiles when ``A = B`` and only the upper triangle is visited) and,
@@ -121,12 +137,12 @@ def _product_tiles_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     for start in range(0, inner, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
-        a = _load_centred(a_base, rows, ks, sa_r, sa_k, rows_a, inner, a_mean, MEAN_ON_ROWS, ACC)
+        a = _load_centred(a_base, rows, ks, sa_r, sa_k, rows_a, inner, a_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
         # The Bᵀ tile [BLOCK_K, BLOCK_N] holds B's rows as columns, so its mean runs the other way.
         if MEAN_ON_ROWS:
-            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, False, ACC)
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, False, ACC, ROUND_TF32)
         else:
-            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, True, ACC)
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, True, ACC, ROUND_TF32)
         acc = _matmul_tile(a, b, acc, USE_DOT, DOT_PRECISION)
     if MASK_DIAGONAL:
         acc = tl.where(rows[:, None] + row_offset == cols[None, :], 0.0, acc)
@@ -150,7 +166,7 @@ def _apply_product_kernel(
     sa_s, sa_r, sa_k, sb_s, sb_r, sb_k, sp_s, sp_r, sp_c, so_s, so_r, so_k,
     HAS_PRODUCT: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """``out = scale · (P B) + coef ⊙ A`` for a ``[BLOCK_M, BLOCK_N]`` tile of ``A``'s shape, with
     ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` is per column of ``X``."""
@@ -159,7 +175,7 @@ def _apply_product_kernel(
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     a_offset = row_offset if MEAN_ON_ROWS else 0
     b_mean = mean_ptr + slot * mean_s
-    a = _load_centred(a_ptr + slot * sa_s, rows, cols, sa_r, sa_k, rows_a, inner, b_mean + a_offset, MEAN_ON_ROWS, ACC)
+    a = _load_centred(a_ptr + slot * sa_s, rows, cols, sa_r, sa_k, rows_a, inner, b_mean + a_offset, MEAN_ON_ROWS, ACC, False)
     if MEAN_ON_ROWS:
         coef = tl.load(coef_ptr + slot * mean_s + a_offset + rows, mask=rows < rows_a, other=0.0)[:, None]
     else:
@@ -173,7 +189,9 @@ def _apply_product_kernel(
             js = start + tl.arange(0, BLOCK_K)
             p_mask = (rows[:, None] < rows_a) & (js[None, :] < rows_b)
             p = tl.load(p_base + rows[:, None] * sp_r + js[None, :] * sp_c, mask=p_mask, other=0.0).to(ACC)
-            b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC)
+            if ROUND_TF32:
+                p = _round_to_tf32(p)
+            b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
             acc = _matmul_tile(p, b, acc, USE_DOT, DOT_PRECISION)
         result += tl.load(scale_ptr).to(ACC) * acc
     mask = (rows[:, None] < rows_a) & (cols[None, :] < inner)
@@ -208,8 +226,14 @@ def _tile_config(x: torch.Tensor):
     return 64, 64, 64, 4, 1, True
 
 
-def _dot_precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float64 else FP32_DOT_PRECISION
+def _dot_precision(x: torch.Tensor, dim: int) -> str:
+    """TF32 only where its rounding errors average out over many columns: with few columns the
+    penalty is a handful of (possibly cancelling) dot products, and the products are cheap anyway."""
+    if x.dtype == torch.float64:
+        return "ieee"
+    if FP32_DOT_PRECISION == "tf32" and dim < TF32_MIN_COLUMNS:
+        return "tf32x3"
+    return FP32_DOT_PRECISION
 
 
 def column_stats(x: torch.Tensor, eps: float):
@@ -270,6 +294,7 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
     grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(b.rows, block_n))
     acc = accumulator_dtype(x.dtype)
     partial = torch.zeros(grid, device=x.device, dtype=acc)
+    precision = _dot_precision(x, mean.shape[1])
     store = product is not None
     target = product if store else partial
     sp = product.stride() if store else (0, 0, 0)
@@ -278,7 +303,7 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
         a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp,
         SYMMETRIC=symmetric, MEAN_ON_ROWS=a.transposed, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
-        DOT_PRECISION=_dot_precision(x), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
     return partial.sum(dim=(1, 2))
 
@@ -291,6 +316,7 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
         block_m, block_n, block_k = 128, 64, 32
     slots = x.shape[1]
     grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(a.inner, block_n))
+    precision = _dot_precision(x, mean.shape[1])
     has_product = product is not None
     b = b if has_product else a
     product = product if has_product else coef
@@ -300,7 +326,7 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
         a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp, *out.strides(),
         HAS_PRODUCT=has_product, MEAN_ON_ROWS=a.transposed,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
-        DOT_PRECISION=_dot_precision(x), num_warps=warps, num_stages=stages,
+        DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
 
 
@@ -339,6 +365,7 @@ def covariance_flops(n_a: int, n_b: int, dim: int, slots: int = 1) -> float:
 __all__ = [
     "FP32_DOT_PRECISION",
     "SAVED_PRODUCT_BYTES",
+    "TF32_MIN_COLUMNS",
     "Operand",
     "accumulator_dtype",
     "column_stats",

@@ -95,11 +95,13 @@ def kernel_cost(n: int, slots: int, dim: int, itemsize: int):
     return forward, forward + backward, 3 * x_bytes, 3 * x_bytes + 4 * x_bytes
 
 
-def bench_shape(n, slots, dim, dtype, device, repeats, peak_flops, bandwidth):
+def bench_shape(n, slots, dim, dtype, device, repeats, tf32_flops, bandwidth, precision):
+    kernels.FP32_DOT_PRECISION = precision
+    peak_flops = tf32_flops / {"tf32": 1, "tf32x3": 3}.get(precision, 8)
     shape = (n, dim) if slots == 1 else (n, slots, dim)
     x = (torch.randn(*shape, device=device) * torch.linspace(0.3, 1.5, dim, device=device)).to(dtype)
     ref_var, ref_cov = float64_terms(x)
-    row = {"n": n, "slots": slots, "dim": dim, "dtype": str(dtype).replace("torch.", ""), "form": "gram" if kernels.use_gram_form(n, dim) else "direct"}
+    row = {"n": n, "slots": slots, "dim": dim, "dtype": str(dtype).replace("torch.", ""), "precision": precision, "form": "gram" if kernels.use_gram_form(n, dim) else "direct"}
     xg = x.clone().requires_grad_(True)
     for name, fn in METHODS.items():
 
@@ -130,9 +132,9 @@ def bench_shape(n, slots, dim, dtype, device, repeats, peak_flops, bandwidth):
     return row
 
 
-def measured_product_rate(device) -> float:
-    """Multiply-add FLOP/s of the kernels' product precision: TF32 tensor cores measured with a large
-    matmul, divided by 3 for the three TF32 products of ``tf32x3`` (1 for plain ``tf32``)."""
+def measured_tf32_rate(device) -> float:
+    """FLOP/s of TF32 tensor cores, measured with a large matmul (``tf32x3`` does three such
+    products per tile, ``ieee`` runs without tensor cores: counted as 1/8 of the rate)."""
     if device.type != "cuda":
         return 0.0
     a = torch.randn(8192, 8192, device=device)
@@ -142,8 +144,7 @@ def measured_product_rate(device) -> float:
         ms = time_ms(lambda: a @ a, device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    passes = {"tf32x3": 3, "tf32": 1}.get(kernels.FP32_DOT_PRECISION, 8)
-    return 2 * 8192**3 / (ms * 1e-3) / passes
+    return 2 * 8192**3 / (ms * 1e-3)
 
 
 def distributed_rows(world: int, rows_per_rank: int, dim: int, device, repeats: int):
@@ -165,7 +166,7 @@ def distributed_rows(world: int, rows_per_rank: int, dim: int, device, repeats: 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU / Triton interpreter), seconds")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16, fp16 (every shape)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -177,21 +178,25 @@ def main():
     else:
         shapes = [(n, 1, d) for n in (256, 512, 1024, 2048) for d in (2048, 4096, 8192)] + [(2048, 49, 512)]
         dist_case, repeats = (8, 256, 8192), 20
-    peak, bandwidth = measured_product_rate(device), measured_bandwidth(device)
+    peak, bandwidth = measured_tf32_rate(device), measured_bandwidth(device)
+    default_precision = kernels.FP32_DOT_PRECISION
+    runs = [(DTYPES[name], shape, default_precision) for name in args.dtypes.split(",") for shape in shapes]
+    # At the largest [n, D]: float32-level accuracy (tf32x3), and bfloat16 input.
+    runs += [(torch.float32, shapes[-2], "tf32x3"), (torch.bfloat16, shapes[-2], default_precision)]
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        for n, slots, dim in shapes:
-            rows.append(bench_shape(n, slots, dim, DTYPES[dtype_name], device, repeats, peak, bandwidth))
-            r = rows[-1]
-            print(f"{r['dtype']:8s} n={n:5d} S={slots:3d} D={dim:5d}  fwd x{r['speedup_fwd']:.1f}  fwd+bwd x{r['speedup_fwdbwd']:.1f}", flush=True)
-    print_table(rows, ["dtype", "n", "slots", "dim", "form", "eager_fwdbwd_ms", "gram_torch_fwdbwd_ms", "fastdense_fwd_ms", "fastdense_fwdbwd_ms",
+    for dtype, (n, slots, dim), precision in runs:
+        rows.append(bench_shape(n, slots, dim, dtype, device, repeats, peak, bandwidth, precision))
+        r = rows[-1]
+        print(f"{r['dtype']:8s} {precision:6s} n={n:5d} S={slots:3d} D={dim:5d}  fwd x{r['speedup_fwd']:.1f}  fwd+bwd x{r['speedup_fwdbwd']:.1f}  cov err {r['fastdense_cov_err']:.1e}", flush=True)
+    kernels.FP32_DOT_PRECISION = default_precision
+    print_table(rows, ["dtype", "precision", "n", "slots", "dim", "form", "eager_fwdbwd_ms", "gram_torch_fwdbwd_ms", "fastdense_fwd_ms", "fastdense_fwdbwd_ms",
                        "speedup_fwd", "speedup_fwdbwd", "fastdense_extra_MiB", "eager_extra_MiB", "fastdense_cov_err", "floor_fraction_fwdbwd"])
     distributed = [distributed_rows(*dist_case, device, repeats)]
     print_table(distributed, ["world", "rows_per_rank", "dim", "reference_forward", "row_block_forward", "forward_ratio", "total_ratio",
                               "bytes_row_block_total", "bytes_reference_total", "comm_ratio_beyond_gather", "rank_share_fwd_ms", "full_covariance_fwd_ms"])
     path = write_results("vicreg", device, rows, extra={
-        "distributed": distributed, "quick": args.quick, "fp32_dot_precision": kernels.FP32_DOT_PRECISION,
-        "product_flops_per_s": peak, "bandwidth_bytes_per_s": bandwidth,
+        "distributed": distributed, "quick": args.quick, "fp32_dot_precision": default_precision,
+        "tf32_flops_per_s": peak, "bandwidth_bytes_per_s": bandwidth,
     })
     print(f"wrote {path}")
 

@@ -7,7 +7,7 @@ forced with ``FASTDENSE_BACKEND`` or :func:`backend`.
 from fastdense.ops._dispatch import backend, requested_backend
 from fastdense.ops.nearest_neighbor import nearest_neighbor, nearest_neighbor_pairs
 from fastdense.ops.roi_align import RoIAlign, roi_align, roi_pool_vectors
-from fastdense.ops.vicreg import vicreg_covariance, vicreg_invariance, vicreg_variance
+from fastdense.ops.vicreg import vicreg_covariance, vicreg_invariance, vicreg_variance, vicreg_variance_covariance
 
 __all__ = [
     "backend",
@@ -20,4 +20,5 @@ __all__ = [
     "vicreg_invariance",
     "vicreg_variance",
     "vicreg_covariance",
+    "vicreg_variance_covariance",
 ]

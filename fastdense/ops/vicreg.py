@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -24,12 +26,22 @@ def vicreg_invariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x, y)
 
 
+def _reference_dtype(x: torch.Tensor) -> torch.Tensor:
+    # Half-precision inputs are reduced in float32, like the Triton kernels: a covariance sum of
+    # squares overflows float16 easily.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def vicreg_variance_reference(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Reference variance hinge (the specification; see :func:`vicreg_variance`)."""
+    x = _reference_dtype(x)
     std = torch.sqrt(x.var(dim=0, unbiased=True) + eps)
     return F.relu(1 - std).mean()
 
 
 def vicreg_covariance_reference(x: torch.Tensor) -> torch.Tensor:
+    """Reference covariance penalty (the specification; see :func:`vicreg_covariance`)."""
+    x = _reference_dtype(x)
     n, dim = x.shape[0], x.shape[-1]
     slots = x.reshape(n, -1, dim).transpose(0, 1)  # [S, n, D]
     centred = slots - slots.mean(dim=1, keepdim=True)
@@ -38,11 +50,128 @@ def vicreg_covariance_reference(x: torch.Tensor) -> torch.Tensor:
     return (off_diagonal / dim).mean()
 
 
+# ----------------------------------------------------------------------------- Triton, as custom ops
+
+
+def _as_slots(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1) if x.dim() == 2 else x
+
+
+def _saves_product(x: torch.Tensor) -> bool:
+    from fastdense.kernels import vicreg as kernels
+
+    n, slots, dim = x.shape
+    side = n if kernels.use_gram_form(n, dim) else dim
+    itemsize = torch.finfo(kernels.accumulator_dtype(x.dtype)).bits // 8
+    return kernels.product_fits(side, side, slots, itemsize)
+
+
+def _operand(x: torch.Tensor):
+    from fastdense.kernels import vicreg as kernels
+
+    return kernels.Operand(x, transposed=not kernels.use_gram_form(x.shape[0], x.shape[2]))
+
+
+@torch.library.custom_op("fastdense::vicreg_variance_covariance", mutates_args=())
+def _variance_covariance_op(x: torch.Tensor, eps: float, with_covariance: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton forward on ``x [n, S, D]``: ``(variance, covariance, mean, sumsq, product)``; the last
+    three are kept for the backward (``product`` is empty unless ``A Aᵀ`` is small enough to keep)."""
+    from fastdense.kernels import vicreg as kernels
+
+    n, slots, dim = x.shape
+    mean, sumsq, hinge = kernels.column_stats(x, eps)
+    variance = hinge.mean()
+    product = x.new_empty(0, dtype=mean.dtype)
+    if not with_covariance:
+        return variance, torch.zeros_like(variance), mean, sumsq, product
+    a = _operand(x)
+    if _saves_product(x):
+        product = torch.empty(slots, a.rows, a.rows, device=x.device, dtype=mean.dtype)
+    squares = kernels.product_square_sums(a, a, mean, symmetric=True, product=product if product.numel() else None)
+    off_diagonal = squares.double()
+    if not a.transposed:  # Gram form: ‖Xcᵀ Xc‖² includes the diagonal d
+        off_diagonal = off_diagonal - sumsq.double().pow(2).sum(dim=1)
+    covariance = (off_diagonal / ((n - 1) ** 2 * dim)).mean().to(mean.dtype)
+    return variance, covariance, mean, sumsq, product
+
+
+@_variance_covariance_op.register_fake
+def _(x, eps, with_covariance):
+    n, slots, dim = x.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    side = (n if n < dim else dim) if with_covariance and _saves_product(x) else 0
+    product = x.new_empty((slots, side, side) if side else (0,), dtype=acc)
+    scalar = x.new_empty((), dtype=acc)
+    return scalar, scalar.clone(), x.new_empty(slots, dim, dtype=acc), x.new_empty(slots, dim, dtype=acc), product
+
+
+def _gradient_coefficients(sumsq, grad_variance, grad_covariance, n: int, eps: float, with_covariance: bool, gram_form: bool):
+    """Per column: ``coef`` so that ``∂L/∂X = scale (A Aᵀ) A + coef ⊙ Xc``; and ``scale``."""
+    slots, dim = sumsq.shape
+    std = torch.sqrt(sumsq / (n - 1) + eps)
+    # relu'(0) = 0, as in autograd: only columns with std < 1 receive the hinge's gradient.
+    coef = -(grad_variance.to(sumsq.dtype) / (slots * dim * (n - 1))) * (std < 1).to(sumsq.dtype) / std
+    scale = (4 * grad_covariance.to(sumsq.dtype) / ((n - 1) ** 2 * dim * slots)).reshape(1)
+    if with_covariance and gram_form:
+        coef = coef - scale * sumsq
+    return coef.contiguous(), scale
+
+
+@torch.library.custom_op("fastdense::vicreg_variance_covariance_backward", mutates_args=())
+def _variance_covariance_backward_op(
+    x: torch.Tensor, mean: torch.Tensor, sumsq: torch.Tensor, product: torch.Tensor,
+    grad_variance: torch.Tensor, grad_covariance: torch.Tensor, eps: float, with_covariance: bool,
+) -> torch.Tensor:
+    from fastdense.kernels import vicreg as kernels
+
+    n = x.shape[0]
+    a = _operand(x)
+    coef, scale = _gradient_coefficients(sumsq, grad_variance, grad_covariance, n, eps, with_covariance, not a.transposed)
+    grad = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = kernels.Operand(grad, a.transposed)
+    if not with_covariance:
+        kernels.apply_product(a, None, None, mean, coef, scale, out)
+    else:
+        kernels.covariance_gradient(a, a, product if product.numel() else None, mean, coef, scale, out)
+    return grad
+
+
+@_variance_covariance_backward_op.register_fake
+def _(x, mean, sumsq, product, grad_variance, grad_covariance, eps, with_covariance):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, eps, with_covariance = inputs
+    _, _, mean, sumsq, product = output
+    ctx.save_for_backward(x, mean, sumsq, product)
+    ctx.eps = eps
+    ctx.with_covariance = with_covariance
+
+
+def _backward(ctx, grad_variance, grad_covariance, *unused):
+    x, mean, sumsq, product = ctx.saved_tensors
+    grad = _variance_covariance_backward_op(x, mean, sumsq, product, grad_variance, grad_covariance, ctx.eps, ctx.with_covariance)
+    return grad, None, None
+
+
+_variance_covariance_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_variance_covariance(x: torch.Tensor, eps: float, with_covariance: bool):
+    variance, covariance, *_ = _variance_covariance_op(_as_slots(x), float(eps), with_covariance)
+    return variance, covariance
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
 def vicreg_variance(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Variance hinge ``mean_d relu(1 - sqrt(var_d + eps))`` with the unbiased variance over rows.
 
     For ``x [n, D]`` the mean runs over the ``D`` columns; for ``x [n, S, D]`` each of the ``S`` slots
-    is regularised on its own and the slots are averaged.
+    is regularised on its own and the slots are averaged. Half-precision inputs are reduced in
+    float32 and give a float32 result.
 
     >>> import torch, fastdense.ops as ops
     >>> x = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
@@ -50,7 +179,9 @@ def vicreg_variance(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     0.5
     """
     _check_rows(x, "x")
-    resolve("vicreg_variance", (x,), available=())
+    _check_eps(eps)
+    if resolve("vicreg_variance", (x,), available=("triton",)) == "triton":
+        return _triton_variance_covariance(x, eps, with_covariance=False)[0]
     return vicreg_variance_reference(x, eps)
 
 
@@ -58,7 +189,8 @@ def vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
     """Covariance penalty: the sum of squared off-diagonal entries of ``Xc^T Xc / (n - 1)``, over ``D``.
 
     ``Xc`` is ``x`` centred over its ``n`` rows. For ``x [n, S, D]`` the penalty is computed per slot
-    and averaged over the ``S`` slots.
+    and averaged over the ``S`` slots. The Triton path never forms the ``D x D`` matrix when
+    ``n < D`` (it reduces ``‖Xc Xcᵀ‖²`` instead).
 
     >>> import torch, fastdense.ops as ops
     >>> x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # perfectly correlated columns
@@ -66,13 +198,45 @@ def vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
     4.0
     """
     _check_rows(x, "x")
-    resolve("vicreg_covariance", (x,), available=())
+    if resolve("vicreg_covariance", (x,), available=("triton",)) == "triton":
+        return _triton_variance_covariance(x, 1e-4, with_covariance=True)[1]
     return vicreg_covariance_reference(x)
 
 
-def _check_rows(x, name: str) -> None:
+def vicreg_variance_covariance(x: torch.Tensor, eps: float = 1e-4, group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(vicreg_variance(x, eps), vicreg_covariance(x))`` from one pass of column statistics.
+
+    With ``group`` (a ``torch.distributed`` process group, or ``"world"`` for the default one), ``x``
+    is this rank's block of rows and both terms are those of the whole batch gathered over the
+    group. Only this rank's rows' share of the covariance is computed, two ``D``-vectors and a few
+    scalars are all-reduced, and the backward needs no communication: the gradient of ``x`` equals
+    the rows of the full-batch gradient (see :mod:`fastdense.ops.vicreg_distributed`).
+
+    >>> import torch, fastdense.ops as ops
+    >>> x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    >>> [round(float(t), 4) for t in ops.vicreg_variance_covariance(x, eps=0.0)]
+    [0.0, 4.0]
+    """
+    _check_rows(x, "x", allow_one_row=group is not None)
+    _check_eps(eps)
+    if group is not None:
+        from fastdense.ops.vicreg_distributed import row_block_variance_covariance
+
+        chosen = resolve("vicreg_variance_covariance", (x,), available=("triton",))
+        return row_block_variance_covariance(x, eps, group, use_triton=chosen == "triton")
+    if resolve("vicreg_variance_covariance", (x,), available=("triton",)) == "triton":
+        return _triton_variance_covariance(x, eps, with_covariance=True)
+    return vicreg_variance_reference(x, eps), vicreg_covariance_reference(x)
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _check_rows(x, name: str, allow_one_row: bool = False) -> None:
     check_tensor(x, name, "[n, D] or [n, S, D]", dims=(2, 3))
-    if x.shape[0] < 2:
+    if x.shape[0] < (1 if allow_one_row else 2):
         raise ValueError(f"{name} needs n >= 2 rows for an unbiased variance, got shape {list(x.shape)}")
     if x.shape[-1] < 1 or (x.dim() == 3 and x.shape[1] < 1):
         raise ValueError(f"{name} must have at least one slot and one column, got shape {list(x.shape)}")

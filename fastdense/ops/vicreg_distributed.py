@@ -1,0 +1,163 @@
+"""VICReg's variance and covariance over a batch split by rows across ranks, without a gradient all-reduce.
+
+The reference recipe all-gathers the embeddings, has every rank compute the full ``D x D``
+covariance, and all-reduces the whole stacked gradient in the backward. The row-block form instead:
+
+1. all-reduces two ``D``-vectors: the column sums (for the mean) and then the centred column sums of
+   squares ``d`` (for the variance and the diagonal of the covariance), plus the row count;
+2. all-gathers ``X`` (outside autograd) and computes only this rank's rows of ``K = Xc Xcᵀ``:
+   ``‖K‖² = Σ_r ‖Xc_r Xc_gᵀ‖²``, one scalar per slot all-reduced;
+3. in the backward, the gradient of this rank's rows is ``4 s (K_r Xc_g) + coef ⊙ Xc_r``: every
+   quantity in it is already local, so nothing is communicated and the result equals the rows of
+   the single-process full-batch gradient.
+
+Every rank returns the full-batch loss and receives the full-batch gradient for its own rows; a
+caller whose ranks each back-propagate that loss under DDP (which averages gradients over ranks)
+gets ``1/world`` of the full-batch parameter gradient, while the reference recipe (whose gather's
+backward sums every rank's contribution) gets ``world`` times what one rank computes here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def _group(group):
+    return dist.group.WORLD if isinstance(group, str) and group == "world" else group
+
+
+def _gather_rows(x: torch.Tensor, counts: List[int], group) -> torch.Tensor:
+    """All rows of every rank, in rank order (ranks may hold different numbers of rows)."""
+    most = max(counts)
+    padded = x if x.shape[0] == most else torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def _centred(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return x.to(mean.dtype) - mean
+
+
+class _RowBlockVarianceCovariance(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps: float, group, use_triton: bool):
+        from fastdense.kernels import vicreg as kernels
+
+        acc = kernels.accumulator_dtype(x.dtype)
+        rank = dist.get_rank(group)
+        count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+        counts_t = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts_t, count, group=group)
+        counts = [int(c) for c in counts_t]
+        n = sum(counts)
+        if n < 2:
+            raise ValueError(f"x: the gathered batch needs n >= 2 rows for an unbiased variance, got {n}")
+        _, slots, dim = x.shape
+
+        # The two D-vectors (per slot) that are all-reduced: column sums, then centred sums of squares.
+        column_sums = x.to(acc).sum(dim=0)
+        dist.all_reduce(column_sums, group=group)
+        mean = (column_sums / n).contiguous()
+        sumsq = _centred(x, mean).pow(2).sum(dim=0)
+        dist.all_reduce(sumsq, group=group)
+
+        gathered = _gather_rows(x, counts, group)
+        itemsize = torch.finfo(acc).bits // 8
+        keep = kernels.product_fits(x.shape[0], n, slots, itemsize)
+        if use_triton:
+            product = torch.empty(slots, x.shape[0], n, device=x.device, dtype=acc) if keep else None
+            own = kernels.Operand(x, transposed=False)
+            share = kernels.product_square_sums(own, kernels.Operand(gathered, transposed=False), mean, symmetric=False, product=product)
+        else:
+            product = torch.bmm(_centred(x, mean).transpose(0, 1), _centred(gathered, mean).permute(1, 2, 0))  # [S, n_r, n]
+            share = product.pow(2).sum(dim=(1, 2))
+            product = product if keep else None
+        squares = share.double()
+        dist.all_reduce(squares, group=group)
+
+        std = torch.sqrt(sumsq / (n - 1) + eps)
+        variance = torch.relu(1 - std).mean()
+        off_diagonal = squares - sumsq.double().pow(2).sum(dim=1)
+        covariance = (off_diagonal / ((n - 1) ** 2 * dim)).mean().to(acc)
+
+        ctx.save_for_backward(x, gathered, mean, sumsq, product if product is not None else x.new_empty(0))
+        ctx.meta = (eps, n, use_triton, rank)
+        return variance, covariance
+
+    @staticmethod
+    def backward(ctx, grad_variance, grad_covariance):
+        from fastdense.kernels import vicreg as kernels
+        from fastdense.ops.vicreg import _gradient_coefficients
+
+        x, gathered, mean, sumsq, product = ctx.saved_tensors
+        eps, n, use_triton, _ = ctx.meta
+        coef, scale = _gradient_coefficients(sumsq, grad_variance, grad_covariance, n, eps, True, gram_form=True)
+        product = product if product.numel() else None
+        if use_triton:
+            grad = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            kernels.covariance_gradient(
+                kernels.Operand(x, False), kernels.Operand(gathered, False), product, mean, coef, scale, kernels.Operand(grad, False)
+            )
+            return grad, None, None, None
+        own = _centred(x, mean)
+        every = _centred(gathered, mean).transpose(0, 1)  # [S, n, D]
+        if product is None:
+            product = torch.bmm(own.transpose(0, 1), every.transpose(1, 2))
+        grad = scale * torch.bmm(product, every).transpose(0, 1) + coef * own
+        return grad.to(x.dtype), None, None, None
+
+
+def row_block_variance_covariance(x: torch.Tensor, eps: float, group, use_triton: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch ``(variance, covariance)`` of the rows gathered over ``group``; ``x`` is ``[n_r, D]``
+    or ``[n_r, S, D]`` on this rank. Called by ``vicreg_variance_covariance(x, group=...)``."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised; call init_process_group first")
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x
+    return _RowBlockVarianceCovariance.apply(x3, float(eps), _group(group), use_triton)
+
+
+def communication_bytes(world: int, rows_per_rank: int, dim: int, itemsize: int = 4, slots: int = 1) -> dict:
+    """Bytes each rank sends and receives, row-block form vs the reference recipe (ring collectives).
+
+    Both all-gather ``X`` (each rank receives the other ranks' rows). The row-block form then
+    all-reduces two ``D``-vectors (float32) and a few scalars; the reference all-reduces the whole
+    stacked ``[world * rows, D]`` gradient in the backward."""
+    gather = (world - 1) * rows_per_rank * dim * slots * itemsize
+    ring = 2 * (world - 1) / world
+    vectors = ring * 2 * dim * slots * 4 + ring * (slots * 8) + (world - 1) * 8
+    stacked_gradient = ring * world * rows_per_rank * dim * slots * itemsize
+    return {
+        "all_gather": gather,
+        "row_block_all_reduce": vectors,
+        "row_block_total": gather + vectors,
+        "reference_all_reduce": stacked_gradient,
+        "reference_total": gather + stacked_gradient,
+    }
+
+
+def covariance_flops_per_rank(world: int, rows_per_rank: int, dim: int, slots: int = 1) -> dict:
+    """Multiply-add FLOPs (2 per pair) of the covariance products on one rank, forward and backward.
+
+    Reference: ``Xᵀ X`` over the gathered batch (``2 N D²``) and the two products of its backward
+    (``x @ G`` and ``x @ Gᵀ``, ``4 N D²``). Row-block form: ``Xc_r Xc_gᵀ`` (``2 n_r N D``), kept for
+    the backward when it fits (else recomputed), then ``K_r Xc_g`` (``2 n_r N D``)."""
+    from fastdense.kernels.vicreg import SAVED_PRODUCT_BYTES
+
+    n = world * rows_per_rank
+    reference_forward = 2.0 * n * dim * dim * slots
+    reference_backward = 4.0 * n * dim * dim * slots
+    share = 2.0 * rows_per_rank * n * dim * slots
+    kept = rows_per_rank * n * slots * 4 <= SAVED_PRODUCT_BYTES
+    row_block_backward = share * (1 if kept else 2)
+    return {
+        "reference_forward": reference_forward,
+        "reference_backward": reference_backward,
+        "row_block_forward": share,
+        "row_block_backward": row_block_backward,
+        "forward_ratio": reference_forward / share,
+        "total_ratio": (reference_forward + reference_backward) / (share + row_block_backward),
+    }

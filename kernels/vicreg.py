@@ -1,0 +1,378 @@
+"""Triton kernels for VICReg's variance hinge and covariance penalty, forward and backward.
+
+Notation: ``X`` is one slot's ``[n, D]`` batch, ``Xc`` its column-centred copy (never stored),
+``d = diag(Xcᵀ Xc)`` the centred column sums of squares. The covariance penalty needs
+``off = Σ_{a≠b} (Xcᵀ Xc)_ab²``. With ``A`` either ``Xc`` (the *Gram* form, ``n < D``) or ``Xcᵀ``
+(the *direct* form, ``n >= D``), ``‖A Aᵀ‖²_F = ‖Xcᵀ Xc‖²_F`` and ``∂‖A Aᵀ‖²/∂A = 4 (A Aᵀ) A``,
+so one set of kernels serves both forms:
+
+- Gram form: ``off = ‖A Aᵀ‖² − Σ d²`` (``A Aᵀ`` is ``n x n``, ``n²D`` multiply-adds), and the
+  gradient ``4 (A Aᵀ A − A diag(d))``: the ``diag(d)`` part is a per-column coefficient.
+- Direct form: ``A Aᵀ`` is the ``D x D`` covariance itself; its diagonal is masked inside the tile,
+  so ``off`` is summed directly with no cancellation (``nD²`` multiply-adds).
+
+Neither form materialises ``Xc``; the product is tiled and reduced to one partial sum per tile.
+The gradient needs no centring projection: the rows of ``Xc`` sum to zero, hence so do the columns
+of ``4 (A Aᵀ) A`` and of the variance gradient.
+
+Everything accumulates in float32 (float64 for float64 input). Products run on TF32 tensor cores
+with operands *rounded* to TF32 first (tensor cores truncate, which would bias every square, and
+so ``‖K‖²``, low by about 1e-3): measured against float64, loss error about 5e-5 and gradient
+error about 4e-4 (the 1e-3 TF32 tolerance). ``FP32_DOT_PRECISION = "tf32x3"`` gives float32-level
+accuracy (about 1e-7) at three times the product cost. Half-precision inputs are centred in float32
+and take the same path.
+Float64 tiles avoid ``tl.dot`` (not every GPU lowers it) and multiply by broadcast-and-sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# How float32 tiles are multiplied: "tf32" (operands rounded to TF32; ~4e-4 relative gradient
+# error), "tf32x3" (float32-level accuracy, 3x the tensor-core work) or "ieee" (no tensor cores).
+FP32_DOT_PRECISION = "tf32"
+# Fewer columns than this use "tf32x3" instead of "tf32" (2 columns: 5e-3 error in TF32).
+TF32_MIN_COLUMNS = 64
+# The forward keeps A·Aᵀ for the backward when it is at most this big; otherwise the backward
+# recomputes it in row chunks of at most this size (the extra-memory budget of the op).
+SAVED_PRODUCT_BYTES = 8 << 20
+
+
+@triton.jit
+def _round_to_tf32(tile):
+    """Round float32 to TF32's 10-bit mantissa, to nearest (ties away from zero). Tensor cores
+    truncate instead, which biases every square low by about 1e-3; rounding keeps errors unbiased."""
+    bits = tile.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_ptr, MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """A ``[len(rows), len(cols)]`` tile of ``A`` (``Xc`` or ``Xcᵀ``), centred, zero outside."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tile = tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride, mask=mask, other=0.0).to(ACC)
+    if MEAN_ON_ROWS:
+        mean = tl.load(mean_ptr + rows, mask=rows < n_rows, other=0.0)
+        tile = tile - mean[:, None]
+    else:
+        mean = tl.load(mean_ptr + cols, mask=cols < n_cols, other=0.0)
+        tile = tile - mean[None, :]
+    tile = tl.where(mask, tile, 0.0)
+    if ROUND_TF32:
+        tile = _round_to_tf32(tile)
+    return tile
+
+
+@triton.jit
+def _matmul_tile(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if USE_DOT:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _column_stats_kernel(
+    x_ptr, mean_ptr, sumsq_ptr, hinge_ptr,
+    n, D, stride_n, stride_s, stride_d, eps,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Per column of one slot: the mean, the centred sum of squares ``d`` and the variance hinge.
+
+    Two passes over the rows (sum, then centred squares) so the variance never cancels."""
+    slot = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    base = x_ptr + slot * stride_s + cols[None, :] * stride_d
+    total = tl.zeros([BLOCK_D], dtype=ACC)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n) & col_mask[None, :]
+        total += tl.sum(tl.load(base + rows[:, None] * stride_n, mask=mask, other=0.0).to(ACC), axis=0)
+    mean = total / n
+    squares = tl.zeros([BLOCK_D], dtype=ACC)
+    for start in range(0, n, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = (rows[:, None] < n) & col_mask[None, :]
+        centred = tl.load(base + rows[:, None] * stride_n, mask=mask, other=0.0).to(ACC) - mean[None, :]
+        centred = tl.where(mask, centred, 0.0)
+        squares += tl.sum(centred * centred, axis=0)
+    std = tl.sqrt(squares / (n - 1) + eps)
+    out = slot * D + cols
+    tl.store(mean_ptr + out, mean, mask=col_mask)
+    tl.store(sumsq_ptr + out, squares, mask=col_mask)
+    tl.store(hinge_ptr + out, tl.maximum(1.0 - std, 0.0), mask=col_mask)
+
+
+@triton.jit
+def _product_tiles_kernel(
+    a_ptr, b_ptr, mean_ptr, partial_ptr, product_ptr,
+    rows_a, rows_b, inner, row_offset, mean_s,
+    sa_s, sa_r, sa_k, sb_s, sb_r, sb_k,
+    sp_s, sp_r, sp_c,
+    SYMMETRIC: tl.constexpr, MEAN_ON_ROWS: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``P = A Bᵀ`` (centred on the fly): writes ``Σ P²`` of the tile
+    (doubled for off-diagonal tiles when ``A = B`` and only the upper triangle is visited) and,
+    when asked, the tile itself (and its mirror) into ``product``."""
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    if SYMMETRIC:
+        if pid_n < pid_m:
+            return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_base = a_ptr + slot * sa_s
+    b_base = b_ptr + slot * sb_s
+    # A may be a row chunk starting at global row ``row_offset`` (means and the diagonal use global rows).
+    a_mean = mean_ptr + slot * mean_s + (row_offset if MEAN_ON_ROWS else 0)
+    b_mean = mean_ptr + slot * mean_s
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for start in range(0, inner, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        a = _load_centred(a_base, rows, ks, sa_r, sa_k, rows_a, inner, a_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
+        # The Bᵀ tile [BLOCK_K, BLOCK_N] holds B's rows as columns, so its mean runs the other way.
+        if MEAN_ON_ROWS:
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, False, ACC, ROUND_TF32)
+        else:
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, True, ACC, ROUND_TF32)
+        acc = _matmul_tile(a, b, acc, USE_DOT, DOT_PRECISION)
+    if MASK_DIAGONAL:
+        acc = tl.where(rows[:, None] + row_offset == cols[None, :], 0.0, acc)
+    squares = tl.sum(acc * acc)
+    if SYMMETRIC:
+        squares = tl.where(pid_n != pid_m, 2.0 * squares, squares)
+    tl.store(partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n, squares)
+    if STORE_PRODUCT:
+        mask = (rows[:, None] < rows_a) & (cols[None, :] < rows_b)
+        base = product_ptr + slot * sp_s
+        tl.store(base + rows[:, None] * sp_r + cols[None, :] * sp_c, acc, mask=mask)
+        if SYMMETRIC:
+            mirror = mask & (pid_n != pid_m)
+            tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mirror)
+
+
+@triton.jit
+def _apply_product_kernel(
+    a_ptr, b_ptr, product_ptr, mean_ptr, coef_ptr, scale_ptr, out_ptr,
+    rows_a, rows_b, inner, row_offset, mean_s,
+    sa_s, sa_r, sa_k, sb_s, sb_r, sb_k, sp_s, sp_r, sp_c, so_s, so_r, so_k,
+    HAS_PRODUCT: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+):
+    """``out = scale · (P B) + coef ⊙ A`` for a ``[BLOCK_M, BLOCK_N]`` tile of ``A``'s shape, with
+    ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` is per column of ``X``."""
+    slot = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_offset = row_offset if MEAN_ON_ROWS else 0
+    b_mean = mean_ptr + slot * mean_s
+    a = _load_centred(a_ptr + slot * sa_s, rows, cols, sa_r, sa_k, rows_a, inner, b_mean + a_offset, MEAN_ON_ROWS, ACC, False)
+    if MEAN_ON_ROWS:
+        coef = tl.load(coef_ptr + slot * mean_s + a_offset + rows, mask=rows < rows_a, other=0.0)[:, None]
+    else:
+        coef = tl.load(coef_ptr + slot * mean_s + cols, mask=cols < inner, other=0.0)[None, :]
+    result = coef * a
+    if HAS_PRODUCT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        p_base = product_ptr + slot * sp_s
+        b_base = b_ptr + slot * sb_s
+        for start in range(0, rows_b, BLOCK_K):
+            js = start + tl.arange(0, BLOCK_K)
+            p_mask = (rows[:, None] < rows_a) & (js[None, :] < rows_b)
+            p = tl.load(p_base + rows[:, None] * sp_r + js[None, :] * sp_c, mask=p_mask, other=0.0).to(ACC)
+            if ROUND_TF32:
+                p = _round_to_tf32(p)
+            b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
+            acc = _matmul_tile(p, b, acc, USE_DOT, DOT_PRECISION)
+        result += tl.load(scale_ptr).to(ACC) * acc
+    mask = (rows[:, None] < rows_a) & (cols[None, :] < inner)
+    tl.store(out_ptr + slot * so_s + rows[:, None] * so_r + cols[None, :] * so_k, result, mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tile_config(x: torch.Tensor):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot) for products on ``x``."""
+    on_gpu = x.is_cuda and not _interpreted()
+    if x.dtype == torch.float64:
+        return (16, 16, 16, 4, 1, False) if on_gpu else (32, 32, 32, 4, 1, False)
+    if on_gpu:
+        return 128, 128, 32, 8, 3, True
+    # The interpreter pays per block operation, not per element: few, large tiles.
+    return 64, 64, 64, 4, 1, True
+
+
+def _dot_precision(x: torch.Tensor, dim: int) -> str:
+    """TF32 only where its rounding errors average out over many columns: with few columns the
+    penalty is a handful of (possibly cancelling) dot products, and the products are cheap anyway."""
+    if x.dtype == torch.float64:
+        return "ieee"
+    if FP32_DOT_PRECISION == "tf32" and dim < TF32_MIN_COLUMNS:
+        return "tf32x3"
+    return FP32_DOT_PRECISION
+
+
+def column_stats(x: torch.Tensor, eps: float):
+    """``(mean, d, hinge)``, each ``[S, D]`` in the accumulator dtype, for ``x [n, S, D]``."""
+    n, slots, dim = x.shape
+    acc = accumulator_dtype(x.dtype)
+    mean = torch.empty(slots, dim, device=x.device, dtype=acc)
+    sumsq = torch.empty_like(mean)
+    hinge = torch.empty_like(mean)
+    block_d = 64 if x.is_cuda and not _interpreted() else 128
+    block_n = 32 if x.is_cuda and not _interpreted() else 64
+    grid = (slots, triton.cdiv(dim, block_d))
+    _column_stats_kernel[grid](
+        x, mean, sumsq, hinge, n, dim, x.stride(0), x.stride(1), x.stride(2), float(eps),
+        BLOCK_N=block_n, BLOCK_D=block_d, ACC=_tl_dtype(x.dtype), num_warps=4,
+    )
+    return mean, sumsq, hinge
+
+
+@dataclass
+class Operand:
+    """``A`` (or ``B``) as a strided view of ``x [n, S, D]``: ``Xc`` when ``transposed`` is False
+    (rows = samples), ``Xcᵀ`` when True (rows = columns of ``X``)."""
+
+    x: torch.Tensor
+    transposed: bool
+    offset: int = 0  # global index of the first row, for row chunks
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[2] if self.transposed else self.x.shape[0]
+
+    @property
+    def inner(self) -> int:
+        return self.x.shape[0] if self.transposed else self.x.shape[2]
+
+    def strides(self):
+        s_n, s_s, s_d = self.x.stride()
+        return (s_s, s_d, s_n) if self.transposed else (s_s, s_n, s_d)
+
+    def row_slice(self, start: int, stop: int) -> "Operand":
+        if self.transposed:
+            return Operand(self.x[:, :, start:stop], True, self.offset + start)
+        return Operand(self.x[start:stop], False, self.offset + start)
+
+
+def use_gram_form(n: int, dim: int) -> bool:
+    """Gram form (``n x n`` products) when it takes fewer multiply-adds than the direct ``D x D`` one."""
+    return n < dim
+
+
+def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ (A Bᵀ)²`` per slot, ``[S]`` in the accumulator dtype (diagonal excluded for the direct form);
+    fills ``product [S, rows_a, rows_b]`` with ``A Bᵀ`` when given."""
+    x = a.x
+    block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
+    slots = x.shape[1]
+    grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(b.rows, block_n))
+    acc = accumulator_dtype(x.dtype)
+    partial = torch.zeros(grid, device=x.device, dtype=acc)
+    precision = _dot_precision(x, mean.shape[1])
+    store = product is not None
+    target = product if store else partial
+    sp = product.stride() if store else (0, 0, 0)
+    _product_tiles_kernel[grid](
+        a.x, b.x, mean, partial, target,
+        a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp,
+        SYMMETRIC=symmetric, MEAN_ON_ROWS=a.transposed, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
+        DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
+    )
+    return partial.sum(dim=(1, 2))
+
+
+def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tensor], mean, coef, scale, out: Operand) -> None:
+    """``out = scale (A Bᵀ) B + coef ⊙ A`` (``product = A Bᵀ``; without it, just ``coef ⊙ A``)."""
+    x = a.x
+    block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
+    if x.is_cuda and not _interpreted() and x.dtype != torch.float64:
+        block_m, block_n, block_k = 128, 64, 32
+    slots = x.shape[1]
+    grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(a.inner, block_n))
+    precision = _dot_precision(x, mean.shape[1])
+    has_product = product is not None
+    b = b if has_product else a
+    product = product if has_product else coef
+    sp = product.stride() if has_product else (0, 0, 0)
+    _apply_product_kernel[grid](
+        a.x, b.x, product, mean, coef, scale, out.x,
+        a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp, *out.strides(),
+        HAS_PRODUCT=has_product, MEAN_ON_ROWS=a.transposed,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
+        DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
+    )
+
+
+def chunk_rows(rows_b: int, slots: int, itemsize: int, budget: int = SAVED_PRODUCT_BYTES) -> int:
+    """How many rows of ``A Bᵀ`` fit in ``budget`` bytes: a multiple of 64, at least 64."""
+    per_row = max(1, rows_b * slots * itemsize)
+    return max(64, (budget // per_row) // 64 * 64)
+
+
+def product_fits(rows_a: int, rows_b: int, slots: int, itemsize: int) -> bool:
+    return rows_a * rows_b * slots * itemsize <= SAVED_PRODUCT_BYTES
+
+
+def covariance_gradient(a: Operand, b: Operand, saved_product: Optional[torch.Tensor], mean, coef, scale, out: Operand) -> None:
+    """``out = scale (A Bᵀ) B + coef ⊙ A``, recomputing ``A Bᵀ`` in row chunks when it was not saved."""
+    if saved_product is not None:
+        apply_product(a, b, saved_product, mean, coef, scale, out)
+        return
+    acc = accumulator_dtype(a.x.dtype)
+    slots = a.x.shape[1]
+    step = chunk_rows(b.rows, slots, torch.finfo(acc).bits // 8)
+    buffer = torch.empty(slots, min(step, a.rows), b.rows, device=a.x.device, dtype=acc)
+    for start in range(0, a.rows, step):
+        stop = min(start + step, a.rows)
+        part = buffer[:, : stop - start]
+        chunk = a.row_slice(start, stop)
+        product_square_sums(chunk, b, mean, symmetric=False, product=part)
+        apply_product(chunk, b, part, mean, coef, scale, out.row_slice(start, stop))
+
+
+def covariance_flops(n_a: int, n_b: int, dim: int, slots: int = 1) -> float:
+    """Multiply-add FLOPs (2 per pair) of one ``A Bᵀ`` product: ``2 n_a n_b dim`` per slot."""
+    return 2.0 * n_a * n_b * dim * slots
+
+
+__all__ = [
+    "FP32_DOT_PRECISION",
+    "SAVED_PRODUCT_BYTES",
+    "TF32_MIN_COLUMNS",
+    "Operand",
+    "accumulator_dtype",
+    "column_stats",
+    "use_gram_form",
+    "product_square_sums",
+    "apply_product",
+    "covariance_gradient",
+    "product_fits",
+    "covariance_flops",
+]

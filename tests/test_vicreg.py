@@ -1,0 +1,300 @@
+"""VICReg variance and covariance: the reference against float64 formulas, the Triton kernels against float64.
+
+Under Triton's interpreter (no GPU) only the cheap shapes run; the full grid of the issue runs on CUDA.
+"""
+
+import pytest
+import torch
+
+import fastdense.ops as ops
+from fastdense.kernels import vicreg as kernels
+from fastdense.ops.vicreg import vicreg_covariance_reference, vicreg_variance_reference
+
+HAS_CUDA = torch.cuda.is_available()
+ROWS = (2, 3, 17, 256, 1000)
+COLUMNS = (1, 2, 31, 512, 1025)
+# Multiply-add tiles of the covariance products, in the interpreter's 64-wide blocks.
+INTERPRETER_TILE_BUDGET = 20
+
+
+def _tiles(n: int, dim: int) -> int:
+    side, inner = min(n, dim), max(n, dim)
+    return ((side + 63) // 64) ** 2 * ((inner + 63) // 64)
+
+
+def _float64_terms(x: torch.Tensor, eps: float = 1e-4):
+    """Variance hinge and covariance penalty from their definitions, slot by slot, in float64."""
+    x = x.double()
+    slots = x if x.dim() == 3 else x[:, None]
+    n, num_slots, dim = slots.shape
+    variances, covariances = [], []
+    for s in range(num_slots):
+        column = slots[:, s]
+        centred = column - column.mean(dim=0)
+        var = (centred * centred).sum(dim=0) / (n - 1)
+        variances.append(torch.clamp(1 - torch.sqrt(var + eps), min=0).mean())
+        cov = torch.einsum("na,nb->ab", centred, centred) / (n - 1)
+        off = cov * (1 - torch.eye(dim, dtype=torch.float64))
+        covariances.append((off * off).sum() / dim)
+    return torch.stack(variances).mean(), torch.stack(covariances).mean()
+
+
+def _float64_gradient(x: torch.Tensor, weight_var: float, weight_cov: float) -> torch.Tensor:
+    x = x.detach().double().requires_grad_(True)
+    variance, covariance = _float64_terms(x)
+    return torch.autograd.grad(weight_var * variance + weight_cov * covariance, x)[0]
+
+
+def _spread(*shape, dtype=torch.float32, device="cpu", seed=0):
+    """Random input whose columns range from collapsed (std 0.3, hinge active) to spread (std 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.linspace(0.3, 1.5, shape[-1], dtype=torch.float64) + 0.7
+    return x.to(device=device, dtype=dtype)
+
+
+def _assert_rel(out, ref, tol, what):
+    out, ref = torch.as_tensor(out).double().cpu(), torch.as_tensor(ref).double().cpu()
+    err = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    assert err <= tol * scale + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3g} > {tol}"
+
+
+# Products run in TF32 (operands rounded explicitly, so the interpreter computes the same numbers):
+# CONVENTIONS' 1e-3 for TF32 kernels; the loss itself stays near 5e-5. Half-precision gradients
+# are stored in their dtype.
+LOSS_TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float64: 1e-12}
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+def _check_triton(x: torch.Tensor, weights=(1.0, 0.5)):
+    """Triton loss and gradient against float64 on the same (already rounded) input values."""
+    ref_var, ref_cov = _float64_terms(x)
+    ref_grad = _float64_gradient(x, *weights)
+    x = x.detach().requires_grad_(True)
+    with ops.backend("triton"):
+        variance, covariance = ops.vicreg_variance_covariance(x)
+    (weights[0] * variance + weights[1] * covariance).backward()
+    dtype = x.dtype
+    _assert_rel(variance, ref_var, LOSS_TOL[dtype], "variance")
+    _assert_rel(covariance, ref_cov, LOSS_TOL[dtype], "covariance")
+    assert x.grad.dtype == dtype and x.grad.shape == x.shape
+    _assert_rel(x.grad, ref_grad, GRAD_TOL[dtype], "gradient")
+
+
+# ----------------------------------------------------------------------------- reference vs float64
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (3, 7), (17, 31), (40, 5), (9, 4, 6)])
+def test_reference_matches_float64_definition(shape):
+    x = _spread(*shape, dtype=torch.float64).requires_grad_(True)
+    variance, covariance = ops.vicreg_variance_covariance(x)
+    ref_var, ref_cov = _float64_terms(x.detach())
+    _assert_rel(variance, ref_var, 1e-13, "variance")
+    _assert_rel(covariance, ref_cov, 1e-13, "covariance")
+    (variance + 0.5 * covariance).backward()
+    _assert_rel(x.grad, _float64_gradient(x, 1.0, 0.5), 1e-12, "gradient")
+    assert ops.vicreg_variance(x.detach()).item() == pytest.approx(variance.item())
+    assert ops.vicreg_covariance(x.detach()).item() == pytest.approx(covariance.item())
+
+
+def test_reference_known_values():
+    x = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
+    # var = [2, 2, 0]: hinge = [0, 0, 1 - sqrt(eps)]; cov off-diagonal = 2 at (0,1) and (1,0).
+    assert ops.vicreg_variance(x, eps=1e-4).item() == pytest.approx((1 - 0.01) / 3)
+    assert ops.vicreg_covariance(x).item() == pytest.approx(8.0 / 3)
+    assert ops.vicreg_invariance(x, torch.zeros_like(x)).item() == pytest.approx(4.0 / 6)
+
+
+@pytest.mark.parametrize("shape", [(6, 11), (9, 4, 6)])
+def test_reference_matches_lightly(shape):
+    # lightly is the dev extra's oracle (installed by scripts/install.sh); its terms take [n, ..., D].
+    lightly_vicreg = pytest.importorskip("lightly.loss.vicreg_loss")
+    x = _spread(*shape, dtype=torch.float64)
+    y = _spread(*shape, dtype=torch.float64, seed=1)
+    _assert_rel(ops.vicreg_variance(x), lightly_vicreg.variance_loss(x, eps=1e-4), 1e-12, "variance")
+    _assert_rel(ops.vicreg_covariance(x), lightly_vicreg.covariance_loss(x), 1e-12, "covariance")
+    _assert_rel(ops.vicreg_invariance(x, y), lightly_vicreg.invariance_loss(x, y), 1e-12, "invariance")
+
+
+def test_reference_gradcheck():
+    x = _spread(5, 2, 3, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops.vicreg_variance_covariance(t, eps=1e-3), (x,))
+
+
+# ----------------------------------------------------------------------------- Triton vs float64
+
+CHEAP = [(n, d) for n in ROWS for d in COLUMNS if _tiles(n, d) <= INTERPRETER_TILE_BUDGET]
+
+
+@pytest.mark.parametrize("n, dim", CHEAP)
+def test_triton_float32_matches_float64(n, dim, device):
+    _check_triton(_spread(n, dim, device=device, seed=n * 7 + dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n, dim", [(3, 31), (256, 2), (17, 512)])
+def test_triton_other_dtypes_match_float64(n, dim, dtype, device):
+    _check_triton(_spread(n, dim, dtype=dtype, device=device, seed=dim))
+
+
+@pytest.mark.parametrize("shape", [(17, 5, 31), (70, 3, 12), (2, 4, 1)])
+def test_triton_per_slot_matches_float64(shape, device):
+    _check_triton(_spread(*shape, device=device))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided_slots", "sliced_columns"])
+def test_triton_non_contiguous_input(layout, device):
+    if layout == "transposed":
+        x = _spread(40, 23, device=device).t().contiguous().t()
+    elif layout == "strided_slots":
+        x = _spread(3, 9, 20, device=device).permute(2, 0, 1)  # [20, 3, 9], no unit stride on the last axis
+    else:
+        x = _spread(19, 80, device=device)[:, 5:70:2]
+    assert not x.is_contiguous()
+    _check_triton(x)
+
+
+@pytest.mark.parametrize("n, dim", [(70, 100), (100, 70)])
+def test_triton_backward_recomputes_in_chunks(n, dim, device, monkeypatch):
+    # With no room to keep A·Aᵀ, the backward recomputes it 64 rows at a time (two chunks here).
+    monkeypatch.setattr(kernels, "SAVED_PRODUCT_BYTES", 64 * 100 * 4)
+    _check_triton(_spread(n, dim, device=device))
+
+
+@pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
+def test_triton_float32_precision_modes_reach_1e5(precision, device, monkeypatch):
+    monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", precision)
+    x = _spread(150, 80, device=device)  # direct form: n >= D
+    for sample in (x, x[:40].clone()):  # and the Gram form
+        ref_var, ref_cov = _float64_terms(sample)
+        ref_grad = _float64_gradient(sample, 1.0, 0.5)
+        xg = sample.clone().requires_grad_(True)
+        with ops.backend("triton"):
+            variance, covariance = ops.vicreg_variance_covariance(xg)
+        (variance + 0.5 * covariance).backward()
+        _assert_rel(variance, ref_var, 1e-5, "variance")
+        _assert_rel(covariance, ref_cov, 1e-5, "covariance")
+        _assert_rel(xg.grad, ref_grad, 1e-5, "gradient")
+
+
+def test_triton_single_terms_and_saved_product(device):
+    x = _spread(30, 50, device=device)
+    ref_var, ref_cov = _float64_terms(x)
+    with ops.backend("triton"):
+        _assert_rel(ops.vicreg_variance(x), ref_var, LOSS_TOL[torch.float32], "variance")
+        _assert_rel(ops.vicreg_covariance(x), ref_cov, LOSS_TOL[torch.float32], "covariance")
+    # variance alone: the gradient path without a product
+    xg = x.clone().requires_grad_(True)
+    with ops.backend("triton"):
+        ops.vicreg_variance(xg).backward()
+    _assert_rel(xg.grad, _float64_gradient(x, 1.0, 0.0), GRAD_TOL[torch.float32], "variance gradient")
+
+
+def test_triton_gradcheck_custom_autograd(device):
+    with ops.backend("triton"):
+        for shape in [(3, 4), (4, 2, 2)]:  # Gram form, then direct form per slot
+            x = _spread(*shape, dtype=torch.float64, device=device).requires_grad_(True)
+            assert torch.autograd.gradcheck(lambda t: ops.vicreg_variance_covariance(t, eps=1e-3), (x,))
+
+
+def test_triton_under_torch_compile(device):
+    x = _spread(12, 20, device=device)
+
+    def loss(t):
+        variance, covariance = ops.vicreg_variance_covariance(t)
+        return 25 * variance + covariance
+
+    with ops.backend("triton"):
+        compiled = torch.compile(loss, backend="aot_eager")
+        xc = x.clone().requires_grad_(True)
+        out = compiled(xc)
+        out.backward()
+        xe = x.clone().requires_grad_(True)
+        expected = loss(xe)
+        expected.backward()
+    _assert_rel(out, expected, 1e-6, "compiled loss")
+    _assert_rel(xc.grad, xe.grad, 1e-6, "compiled gradient")
+
+
+def test_triton_under_autocast(device):
+    layer = torch.nn.Linear(16, 24).to(device)
+    x = torch.randn(10, 16, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16), ops.backend("triton"):
+        y = layer(x)
+        variance, covariance = ops.vicreg_variance_covariance(y)
+    assert y.dtype == torch.bfloat16 and variance.dtype == torch.float32
+    (variance + covariance).backward()
+    ref_var, ref_cov = _float64_terms(y.detach())
+    _assert_rel(covariance, ref_cov, 1e-4, "covariance")
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_triton_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(8, 3, 5)
+        outputs = torch.ops.fastdense.vicreg_variance_covariance(x, 1e-4, True)
+    assert outputs[0].shape == () and outputs[2].shape == (3, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, dim", [(n, d) for n in ROWS for d in COLUMNS])
+def test_triton_full_grid_cuda(n, dim, dtype):
+    _check_triton(_spread(n, dim, dtype=dtype, device="cuda", seed=n + dim))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, dim", [(2048, 8192), (4096, 512)])
+def test_triton_large_cuda_error_and_memory(n, dim):
+    x = _spread(n, dim, device="cuda")
+    ref_var, ref_cov = _float64_terms(x)
+    x.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with ops.backend("triton"):
+        variance, covariance = ops.vicreg_variance_covariance(x)
+        (variance + covariance).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - x.numel() * 4  # the gradient itself is not extra
+    assert extra <= 16 << 20, f"extra memory {extra / 2**20:.1f} MiB"
+    _assert_rel(variance, ref_var, 1e-3, "variance")
+    _assert_rel(covariance, ref_cov, 1e-3, "covariance")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.zeros(5), ValueError, r"\[n, D\] or \[n, S, D\]"),
+        (torch.zeros(2, 2, 2, 2), ValueError, r"\[n, D\] or \[n, S, D\]"),
+        (torch.zeros(4, 3, dtype=torch.int64), TypeError, "floating-point"),
+        (torch.zeros(1, 3), ValueError, "n >= 2"),
+        (torch.zeros(4, 0), ValueError, "at least one"),
+        ([[1.0, 2.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(bad, error, match):
+    for fn in (ops.vicreg_variance, ops.vicreg_covariance, ops.vicreg_variance_covariance):
+        with pytest.raises(error, match=match):
+            fn(bad)
+
+
+def test_bad_eps_and_invariance_arguments():
+    with pytest.raises(ValueError, match="eps"):
+        ops.vicreg_variance_covariance(torch.zeros(4, 3), eps=-1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="same device"):
+        ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 3, device="meta"))
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32))
+
+
+def test_forcing_an_absent_backend_is_an_error():
+    with ops.backend("cpp"), pytest.raises(RuntimeError, match="no cpp implementation"):
+        ops.vicreg_variance_covariance(torch.zeros(4, 3))

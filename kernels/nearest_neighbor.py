@@ -159,9 +159,7 @@ def _tuning_configs() -> List[triton.Config]:
 
 
 _tuned_kernel = triton.autotune(configs=_tuning_configs(), key=["n_key", "m_key", "d_key"])(_nearest_neighbor_kernel)
-# The interpreter runs every config it is given, so it gets one fixed, large-tile config instead.
-_INTERPRETER_BLOCKS = {"BLOCK_N": 64, "BLOCK_M": 64, "BLOCK_D": 64}
-_SELECT_BLOCK = 128
+_SELECT_BLOCK_MAX = 128
 
 _TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
@@ -228,8 +226,12 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
     dot_in_float32 = triton_interpreted() and buffer.dtype == torch.bfloat16
     args = (buffer, buffer, table, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)))
     if triton_interpreted():
-        grid = (table.shape[0], triton.cdiv(max_n, _INTERPRETER_BLOCKS["BLOCK_N"]))
-        _nearest_neighbor_kernel[grid](*args, **_INTERPRETER_BLOCKS, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
+        # The interpreter would time every config, and its cost is per operation, not per element:
+        # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
+        blocks = {"BLOCK_N": min(args[5], 64), "BLOCK_M": min(args[6], 64), "BLOCK_D": min(max(args[7], 16), 1024)}
+        blocks["BLOCK_N"], blocks["BLOCK_M"] = max(blocks["BLOCK_N"], 16), max(blocks["BLOCK_M"], 16)
+        grid = (table.shape[0], triton.cdiv(max_n, blocks["BLOCK_N"]))
+        _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     else:
         grid = lambda meta: (table.shape[0], triton.cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
         _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
@@ -258,10 +260,11 @@ def nearest_neighbor_many(queries: Sequence[torch.Tensor], candidates: Sequence[
     return dist, index, starts
 
 
-def select_rows_many(dist: torch.Tensor, index: torch.Tensor, starts: Sequence[int], shapes: Sequence[Tuple[int, int]], ks: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def select_rows_many(dist: torch.Tensor, index: torch.Tensor, starts: Sequence[int], shapes: Sequence[Tuple[int, int]], ks: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """For each pair (its rows at ``starts[i]``, ``shapes[i] = (B, N)``), the ``ks[i]`` rows with the
-    smallest distance (ties: lower row) in ascending row order and their nearest candidates, as
-    ``([B, k], [B, k])`` int64; one launch for all pairs."""
+    smallest distance (ties: lower row) in ascending row order and their nearest candidates; one
+    launch for all pairs. Returns flat int64 ``(rows, match)``: pair after pair, each ``[B_i, k_i]``
+    row-major."""
     out_starts, total = [], 0
     for (b_count, _), k in zip(shapes, ks):
         out_starts.append(total)
@@ -278,8 +281,6 @@ def select_rows_many(dist: torch.Tensor, index: torch.Tensor, starts: Sequence[i
     table = _cached_table(key, build)
     rows_out = torch.empty(total, dtype=torch.int64, device=dist.device)
     match_out = torch.empty(total, dtype=torch.int64, device=dist.device)
-    _select_rows_kernel[(table.shape[0],)](dist, index, table, rows_out, match_out, BLOCK=_SELECT_BLOCK)
-    return [
-        (rows_out[o : o + b * k].view(b, k), match_out[o : o + b * k].view(b, k))
-        for (b, _), k, o in zip(shapes, ks, out_starts)
-    ]
+    block = min(max(_bucket(max(n for _, n in shapes)), 16), _SELECT_BLOCK_MAX)
+    _select_rows_kernel[(table.shape[0],)](dist, index, table, rows_out, match_out, BLOCK=block)
+    return rows_out, match_out

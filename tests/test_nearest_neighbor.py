@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdense.ops as ops
+from benchmarks.bench_nearest_neighbor import vicregl_step_pairs
 from conftest import DEVICE, HAS_CUDA
 from fastdense.ops.nearest_neighbor import nearest_neighbor_reference
 
@@ -210,26 +211,8 @@ def test_selection_kernel_breaks_ties_by_row(device):
 
 
 def vicregl_step_inputs(b, device, feature_dtype, seed=0):
-    """2 global 7x7 and 6 local 3x3 views: D = 512 features and D = 2 cell centres in the source."""
-    g = torch.Generator().manual_seed(seed)
-    grids = [7, 7] + [3] * 6
-    features = [torch.randn(b, s * s, 512, generator=g).to(feature_dtype).to(device) for s in grids]
-    locations = []
-    for s in grids:
-        top_left = torch.rand(b, 1, 2, generator=g) * 100
-        size = 50 + torch.rand(b, 1, 2, generator=g) * 100
-        ij = torch.stack(torch.meshgrid(torch.arange(s), torch.arange(s), indexing="xy"), -1).reshape(1, s * s, 2)
-        locations.append((top_left + (ij + 0.5) * size / s).to(device))
-    queries, candidates, ks = [], [], []
-    for i in range(2):
-        for j in range(8):
-            if i == j:
-                continue
-            for space in (features, locations):
-                for a, c in ((i, j), (j, i)):  # both directions of the ordered pair
-                    queries.append(space[a])
-                    candidates.append(space[c])
-                    ks.append(20 if space[a].shape[1] == 49 else 4)
+    """2 global 7x7 and 6 local 3x3 views: the 56 matchings (D = 512 features, D = 2 cell centres)."""
+    features, queries, candidates, ks = vicregl_step_pairs(b, device, feature_dtype, seed)
     assert len(queries) == 56
     return features, queries, candidates, ks
 

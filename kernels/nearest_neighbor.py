@@ -69,7 +69,7 @@ def _nearest_neighbor_kernel(
         row_ok = rows < n
         q_rows = q_ptr + q_off + rows.to(tl.int64) * d
         best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_index = tl.zeros([BLOCK_N], tl.int32)
+        best_index = tl.zeros([BLOCK_N], tl.int64)  # loop-carried: the type of tile_index + col0
         for col0 in range(0, m, BLOCK_M):
             cols = col0 + tl.arange(0, BLOCK_M)
             col_ok = cols < m
@@ -220,7 +220,7 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
 
     table = _cached_table(key, build)
     max_n = max(s[1] for s in shapes)
-    precision = "ieee" if buffer.dtype == torch.float32 else "tf32"
+    precision = "ieee" if buffer.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
     # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
     dot_in_float32 = triton_interpreted() and buffer.dtype == torch.bfloat16

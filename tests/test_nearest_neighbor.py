@@ -46,15 +46,18 @@ def _id(case):
 
 
 def oracle_distances(query, candidates):
-    """All pairwise distances in float64 by explicit differences (independent of torch.cdist)."""
-    diff = query.double()[:, :, None, :] - candidates.double()[:, None, :, :]
-    return diff.pow(2).sum(-1).sqrt()
+    """All pairwise distances in float64 by explicit differences (independent of torch.cdist), on the
+    inputs' device, a block of query rows at a time so the B x rows x M x D difference stays small."""
+    q, c = query.double(), candidates.double()
+    step = max(1, (1 << 24) // max(1, q.shape[0] * c.shape[1] * q.shape[2]))
+    blocks = [(q[:, i : i + step, None, :] - c[:, None, :, :]).pow(2).sum(-1).sqrt() for i in range(0, q.shape[1], step)]
+    return torch.cat(blocks, dim=1)
 
 
 def oracle_nearest(query, candidates):
     dist = oracle_distances(query, candidates)
     best = dist.min(dim=-1, keepdim=True).values
-    positions = torch.arange(dist.shape[-1]).expand_as(dist)
+    positions = torch.arange(dist.shape[-1], device=dist.device).expand_as(dist)
     # the lowest index among the exact minima
     index = torch.where(dist == best, positions, dist.shape[-1]).min(dim=-1).values
     return best.squeeze(-1), index
@@ -70,24 +73,25 @@ def oracle_select(distance, k):
 
 def assert_indices_agree(query, candidates, index, expected_index):
     """Indices equal, except where the chosen candidate is within TIE_RTOL of the best distance."""
-    dist = oracle_distances(query.cpu(), candidates.cpu())
-    chosen = dist.gather(-1, index.cpu()[..., None]).squeeze(-1)
-    best = dist.gather(-1, expected_index.cpu()[..., None]).squeeze(-1)
+    dist = oracle_distances(query, candidates)
+    index, expected_index = index.to(dist.device), expected_index.to(dist.device)
+    chosen = dist.gather(-1, index[..., None]).squeeze(-1)
+    best = dist.gather(-1, expected_index[..., None]).squeeze(-1)
     near_tie = chosen <= best * (1 + TIE_RTOL) + 1e-12
-    bad = (index.cpu() != expected_index.cpu()) & ~near_tie
+    bad = (index != expected_index) & ~near_tie
     assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} indices differ beyond a 1e-6 tie; first at {bad.nonzero()[0].tolist()}"
 
 
 def assert_pairs_agree(query, candidates, k, rows, match):
     """``rows`` are k ascending rows whose distances are the k smallest (up to ties), ``match`` their neighbours."""
-    ref_dist, ref_index = nearest_neighbor_reference(query.cpu(), candidates.cpu())
-    rows, match = rows.cpu(), match.cpu()
+    ref_dist, ref_index = nearest_neighbor_reference(query, candidates)
+    rows, match = rows.to(query.device), match.to(query.device)
     assert rows.shape == match.shape == (query.shape[0], k)
     assert (rows.diff(dim=1) > 0).all(), "rows must be strictly ascending"
     expected = ref_dist.double().sort(dim=1).values[:, :k]
     got = ref_dist.double().gather(1, rows).sort(dim=1).values
     torch.testing.assert_close(got, expected, rtol=TIE_RTOL, atol=1e-12)
-    assert_indices_agree(query.gather(1, rows[..., None].expand(-1, -1, query.shape[2]).to(query.device)), candidates, match, ref_index.gather(1, rows))
+    assert_indices_agree(query.gather(1, rows[..., None].expand(-1, -1, query.shape[2])), candidates, match, ref_index.gather(1, rows))
 
 
 def make_inputs(b, n, m, d, dtype, device, non_contiguous=False, seed=0):

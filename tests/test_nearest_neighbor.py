@@ -366,3 +366,32 @@ def test_kernel_never_allocates_the_distance_matrix(device):
         ops.nearest_neighbor_pairs(q, c, 20)  # compile and tune first
         extra = peak_extra_bytes(lambda: ops.nearest_neighbor_pairs(q, c, 20), device)
     assert extra < 64 * 784 * 784 * 4 / 16, f"{extra} bytes: the op must not hold a B x N x M buffer"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
+def test_kernels_compile_for_h100():
+    """The interpreter is lenient about types (a loop-carried value changing type, for instance);
+    compiling to sm_90 machine code catches that without a GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    def compile_for_sm90(kernel, signature, constants, **options):
+        fn = JITFunction(getattr(kernel, "fn", kernel))  # under the interpreter, the plain function
+        constexprs = {(list(signature).index(name),): value for name, value in constants.items()}
+        signature = {name: "constexpr" if name in constants else kind for name, kind in signature.items()}
+        return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+
+    config = nn_kernels._tuning_configs()[0]
+    for dtype, precision in (("fp32", "ieee"), ("bf16", None)):
+        signature = {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "groups_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
+                     "n_key": "i32", "m_key": "i32", "d_key": "i32", "BLOCK_N": "", "BLOCK_M": "", "BLOCK_D": "",
+                     "DIRECT_MAX_D": "", "INPUT_PRECISION": "", "DOT_IN_FLOAT32": ""}
+        constants = dict(config.kwargs, DIRECT_MAX_D=nn_kernels.DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=False)
+        compiled = compile_for_sm90(nn_kernels._nearest_neighbor_kernel, signature, constants, num_warps=config.num_warps, num_stages=config.num_stages)
+        assert compiled.asm["cubin"]
+    signature = {"dist_ptr": "*fp32", "index_ptr": "*i64", "groups_ptr": "*i64", "rows_out_ptr": "*i64", "match_out_ptr": "*i64", "BLOCK": ""}
+    assert compile_for_sm90(nn_kernels._select_rows_kernel, signature, {"BLOCK": 128}).asm["cubin"]

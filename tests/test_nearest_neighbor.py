@@ -395,3 +395,35 @@ def test_kernels_compile_for_h100():
         assert compiled.asm["cubin"]
     signature = {"dist_ptr": "*fp32", "index_ptr": "*i64", "groups_ptr": "*i64", "rows_out_ptr": "*i64", "match_out_ptr": "*i64", "BLOCK": ""}
     assert compile_for_sm90(nn_kernels._select_rows_kernel, signature, {"BLOCK": 128}).asm["cubin"]
+
+
+class _LaunchCounter:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("feature_dtype,expected_matching_launches", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feature_dtype, expected_matching_launches, monkeypatch, device):
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    matching = _LaunchCounter(nn_kernels._tuned_kernel if HAS_CUDA else nn_kernels._nearest_neighbor_kernel)
+    selection = _LaunchCounter(nn_kernels._select_rows_kernel)
+    monkeypatch.setattr(nn_kernels, "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel", matching)
+    monkeypatch.setattr(nn_kernels, "_select_rows_kernel", selection)
+    _, queries, candidates, ks = vicregl_step_inputs(1, device, feature_dtype)
+    with ops.backend("triton"):
+        ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    assert (matching.launches, selection.launches) == (expected_matching_launches, 1)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import sys
+
+    module = sys.modules["fastdense.ops.nearest_neighbor"]  # the package exports a function of the same name
+    result = doctest.testmod(module)
+    assert result.attempted >= 4 and result.failed == 0

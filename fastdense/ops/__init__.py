@@ -5,7 +5,7 @@ forced with ``FASTDENSE_BACKEND`` or :func:`backend`.
 """
 
 from fastdense.ops._dispatch import backend, requested_backend
-from fastdense.ops.nearest_neighbor import nearest_neighbor, nearest_neighbor_pairs
+from fastdense.ops.nearest_neighbor import nearest_neighbor, nearest_neighbor_pairs, nearest_neighbor_pairs_many, select_rows
 from fastdense.ops.roi_align import RoIAlign, roi_align, roi_pool_vectors
 from fastdense.ops.vicreg import vicreg_covariance, vicreg_invariance, vicreg_variance, vicreg_variance_covariance
 
@@ -14,6 +14,8 @@ __all__ = [
     "requested_backend",
     "nearest_neighbor",
     "nearest_neighbor_pairs",
+    "nearest_neighbor_pairs_many",
+    "select_rows",
     "roi_align",
     "roi_pool_vectors",
     "RoIAlign",

@@ -1,0 +1,289 @@
+"""Triton kernels for nearest-neighbour matching (VICRegL): fused distance + argmin, then top-k rows.
+
+Two kernels, each launched once for any number of (query, candidates) pairs:
+
+* ``_nearest_neighbor_kernel``: one program per (group, block of query rows), where a group is one
+  image of one pair. It walks the candidates tile by tile, scores them with ``|c|^2 - 2 q.c`` on
+  ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision="ieee"`` for float32
+  so TF32 never creeps in) or, for D <= ``DIRECT_MAX_D`` (locations, D = 2), with exact squared
+  differences, and keeps a running minimum and its index. Lower candidate index wins ties: tiles are
+  visited in ascending order, a later tile must be strictly better, and the in-tile argmin breaks
+  ties to the left. The ``B x N x M`` matrix is never written. The winning candidate's distance is
+  then recomputed from differences, so the returned distance does not carry the cancellation error
+  of the expansion.
+* ``_select_rows_kernel``: one program per group. Row ``i`` is kept when fewer than ``k`` rows come
+  before it in the order (distance, row); kept rows are written in ascending row order with a
+  running prefix count, so no sort is needed.
+
+Pairs are described by small int64 tables (one row per group), so views of different sizes (7x7
+and 3x3 grids) and different widths (D = 512 features and D = 2 locations) share a launch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdense.ops._dispatch import triton_interpreted
+
+# Squared differences are exact and cheap for the location case (D = 2); above this width the
+# tensor-core expansion wins.
+DIRECT_MAX_D = 8
+# Group table columns: query offset, candidate offset (elements), N, M, D, output row offset.
+_NN_COLUMNS = 6
+# Selection table columns: distance row offset, N, k, output offset.
+_SELECT_COLUMNS = 4
+
+
+@triton.jit
+def _nearest_neighbor_kernel(
+    q_ptr,
+    c_ptr,
+    groups_ptr,
+    dist_ptr,
+    index_ptr,
+    n_key,
+    m_key,
+    d_key,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DIRECT_MAX_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,
+):
+    entry = groups_ptr + tl.program_id(0) * 6
+    q_off = tl.load(entry)
+    c_off = tl.load(entry + 1)
+    n = tl.load(entry + 2)
+    m = tl.load(entry + 3)
+    d = tl.load(entry + 4)
+    out_off = tl.load(entry + 5)
+    row0 = tl.program_id(1) * BLOCK_N
+    if row0 < n:
+        rows = row0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < n
+        q_rows = q_ptr + q_off + rows.to(tl.int64) * d
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_index = tl.zeros([BLOCK_N], tl.int64)  # loop-carried: the type of tile_index + col0
+        for col0 in range(0, m, BLOCK_M):
+            cols = col0 + tl.arange(0, BLOCK_M)
+            col_ok = cols < m
+            c_rows = c_ptr + c_off + cols.to(tl.int64) * d
+            if d <= DIRECT_MAX_D:
+                score = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                for k in range(0, d):
+                    qk = tl.load(q_rows + k, mask=row_ok, other=0.0).to(tl.float32)
+                    ck = tl.load(c_rows + k, mask=col_ok, other=0.0).to(tl.float32)
+                    diff = qk[:, None] - ck[None, :]
+                    score += diff * diff
+            else:
+                dots = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+                c_square = tl.zeros([BLOCK_M], tl.float32)
+                for k0 in range(0, d, BLOCK_D):
+                    ks = k0 + tl.arange(0, BLOCK_D)
+                    k_ok = ks < d
+                    q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    c_tile = tl.load(c_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                    if DOT_IN_FLOAT32:
+                        q_tile = q_tile.to(tl.float32)
+                        c_tile = c_tile.to(tl.float32)
+                    dots = tl.dot(q_tile, tl.trans(c_tile), dots, input_precision=INPUT_PRECISION)
+                    c_float = c_tile.to(tl.float32)
+                    c_square += tl.sum(c_float * c_float, axis=1)
+                # |q|^2 is the same for every candidate of a row, so the argmin does not need it.
+                score = c_square[None, :] - 2.0 * dots
+            score = tl.where(col_ok[None, :], score, float("inf"))
+            tile_best, tile_index = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_best < best
+            best = tl.where(better, tile_best, best)
+            best_index = tl.where(better, tile_index + col0, best_index)
+
+        matched = c_ptr + c_off + best_index.to(tl.int64) * d
+        squared = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, d, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (ks < d)[None, :]
+            q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            c_tile = tl.load(matched[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+            diff = q_tile - c_tile
+            squared += tl.sum(diff * diff, axis=1)
+        tl.store(dist_ptr + out_off + rows, tl.sqrt(squared), mask=row_ok)
+        tl.store(index_ptr + out_off + rows, best_index.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out_ptr, BLOCK: tl.constexpr):
+    entry = groups_ptr + tl.program_id(0) * 4
+    dist_off = tl.load(entry)
+    n = tl.load(entry + 1)
+    k = tl.load(entry + 2)
+    out_off = tl.load(entry + 3)
+    taken = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        i_ok = i < n
+        di = tl.load(dist_ptr + dist_off + i, mask=i_ok, other=float("inf"))
+        rank = tl.zeros([BLOCK], tl.int32)
+        for j0 in range(0, n, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            dj = tl.load(dist_ptr + dist_off + j, mask=j < n, other=float("inf"))
+            ahead = (dj[None, :] < di[:, None]) | ((dj[None, :] == di[:, None]) & (j[None, :] < i[:, None]))
+            ahead = ahead & (j < n)[None, :]
+            rank += tl.sum(ahead.to(tl.int32), axis=1)
+        chosen = (rank < k) & i_ok
+        chosen_int = chosen.to(tl.int32)
+        position = out_off + taken + tl.cumsum(chosen_int, axis=0) - 1
+        match = tl.load(index_ptr + dist_off + i, mask=chosen, other=0)
+        tl.store(rows_out_ptr + position, i.to(tl.int64), mask=chosen)
+        tl.store(match_out_ptr + position, match, mask=chosen)
+        taken += tl.sum(chosen_int, axis=0)
+
+
+def _tuning_configs() -> List[triton.Config]:
+    configs = []
+    for block_n, block_m, block_d, warps, stages in (
+        (64, 64, 64, 4, 3),
+        (64, 128, 32, 4, 3),
+        (128, 64, 32, 8, 3),
+        (128, 128, 32, 8, 3),
+        (16, 32, 64, 4, 2),
+    ):
+        configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+_tuned_kernel = triton.autotune(configs=_tuning_configs(), key=["n_key", "m_key", "d_key"])(_nearest_neighbor_kernel)
+_SELECT_BLOCK_MAX = 128
+
+_TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def _cached_table(key: tuple, build) -> torch.Tensor:
+    """Group tables depend only on shapes, so a training loop builds and uploads each one once."""
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = build()
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    else:
+        _TABLE_CACHE.move_to_end(key)
+    return table
+
+
+def _pack(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
+    """One flat buffer holding each distinct tensor once (a view is often the query of one pair and
+    the candidates of another), and each input's element offset into it."""
+    slot: Dict[int, int] = {}
+    distinct: List[torch.Tensor] = []
+    for t in tensors:
+        if id(t) not in slot:
+            slot[id(t)] = len(distinct)
+            distinct.append(t)
+    if len(distinct) == 1:
+        flat = distinct[0].contiguous().reshape(-1)
+        starts = [0]
+    else:
+        parts = [t.reshape(-1) for t in distinct]
+        flat = torch.cat(parts)
+        starts, total = [], 0
+        for p in parts:
+            starts.append(total)
+            total += p.numel()
+    return flat, [starts[slot[id(t)]] for t in tensors]
+
+
+def _bucket(x: int) -> int:
+    """Autotuning key: powers of 4 from 16, so a handful of tunings cover every shape."""
+    bucket = 16
+    while bucket < x:
+        bucket *= 4
+    return bucket
+
+
+def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None:
+    """Fill ``dist``/``index`` (flat, float32/int64) for pairs of one dtype, output rows at ``out_rows``."""
+    buffer, offsets = _pack(list(queries) + list(candidates))
+    q_offsets, c_offsets = offsets[: len(queries)], offsets[len(queries):]
+    shapes = tuple((q.shape[0], q.shape[1], c.shape[1], q.shape[2]) for q, c in zip(queries, candidates))
+    key = ("nn", buffer.device, tuple(q_offsets), tuple(c_offsets), tuple(out_rows), shapes)
+
+    def build() -> torch.Tensor:
+        rows = []
+        for (b_count, n, m, d), q_off, c_off, out in zip(shapes, q_offsets, c_offsets, out_rows):
+            for b in range(b_count):
+                rows.append((q_off + b * n * d, c_off + b * m * d, n, m, d, out + b * n))
+        return torch.tensor(rows, dtype=torch.int64).to(buffer.device)
+
+    table = _cached_table(key, build)
+    max_n = max(s[1] for s in shapes)
+    precision = "ieee" if buffer.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
+    # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
+    # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
+    dot_in_float32 = triton_interpreted() and buffer.dtype == torch.bfloat16
+    args = (buffer, buffer, table, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)))
+    if triton_interpreted():
+        # The interpreter would time every config, and its cost is per operation, not per element:
+        # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
+        blocks = {"BLOCK_N": min(args[5], 64), "BLOCK_M": min(args[6], 64), "BLOCK_D": min(max(args[7], 16), 1024)}
+        blocks["BLOCK_N"], blocks["BLOCK_M"] = max(blocks["BLOCK_N"], 16), max(blocks["BLOCK_M"], 16)
+        grid = (table.shape[0], triton.cdiv(max_n, blocks["BLOCK_N"]))
+        _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
+    else:
+        grid = lambda meta: (table.shape[0], triton.cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
+        _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
+
+
+def nearest_neighbor_many(queries: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Nearest candidate of every query row, for every pair ``(queries[i] [B_i, N_i, D_i],
+    candidates[i] [B_i, M_i, D_i])``; one launch per input dtype.
+
+    Returns flat ``distance`` (float32) and ``index`` (int64) over all query rows, pair after pair,
+    and each pair's first row in them. Inputs are assumed validated (float16/bfloat16/float32, same
+    device, non-empty).
+    """
+    starts, total = [], 0
+    for q in queries:
+        starts.append(total)
+        total += q.shape[0] * q.shape[1]
+    device = queries[0].device
+    dist = torch.empty(total, dtype=torch.float32, device=device)
+    index = torch.empty(total, dtype=torch.int64, device=device)
+    by_dtype: Dict[torch.dtype, List[int]] = {}
+    for i, q in enumerate(queries):
+        by_dtype.setdefault(q.dtype, []).append(i)
+    for members in by_dtype.values():
+        _launch_nearest_neighbor([queries[i] for i in members], [candidates[i] for i in members], [starts[i] for i in members], dist, index)
+    return dist, index, starts
+
+
+def select_rows_many(dist: torch.Tensor, index: torch.Tensor, starts: Sequence[int], shapes: Sequence[Tuple[int, int]], ks: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For each pair (its rows at ``starts[i]``, ``shapes[i] = (B, N)``), the ``ks[i]`` rows with the
+    smallest distance (ties: lower row) in ascending row order and their nearest candidates; one
+    launch for all pairs. Returns flat int64 ``(rows, match)``: pair after pair, each ``[B_i, k_i]``
+    row-major."""
+    out_starts, total = [], 0
+    for (b_count, _), k in zip(shapes, ks):
+        out_starts.append(total)
+        total += b_count * k
+    key = ("select", dist.device, tuple(starts), tuple(shapes), tuple(ks))
+
+    def build() -> torch.Tensor:
+        rows = []
+        for (b_count, n), k, start, out in zip(shapes, ks, starts, out_starts):
+            for b in range(b_count):
+                rows.append((start + b * n, n, k, out + b * k))
+        return torch.tensor(rows, dtype=torch.int64).to(dist.device)
+
+    table = _cached_table(key, build)
+    rows_out = torch.empty(total, dtype=torch.int64, device=dist.device)
+    match_out = torch.empty(total, dtype=torch.int64, device=dist.device)
+    block = min(max(_bucket(max(n for _, n in shapes)), 16), _SELECT_BLOCK_MAX)
+    _select_rows_kernel[(table.shape[0],)](dist, index, table, rows_out, match_out, BLOCK=block)
+    return rows_out, match_out

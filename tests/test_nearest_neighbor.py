@@ -1,0 +1,429 @@
+"""Nearest-neighbour matching: reference vs a float64 oracle, Triton kernels vs the reference.
+
+On CPU the kernels run in Triton's interpreter on a covering set of shapes (every N, M, D, B and
+dtype value appears, mixed); with a GPU the full cartesian product runs.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdense.ops as ops
+from benchmarks.bench_nearest_neighbor import vicregl_step_pairs
+from conftest import DEVICE, HAS_CUDA
+from fastdense.ops.nearest_neighbor import nearest_neighbor_reference
+
+TIE_RTOL = 1e-6  # CONVENTIONS.md: indices agree except on ties within 1e-6 relative distance
+SIZES = (1, 3, 9, 49, 50, 196)
+WIDTHS = (2, 3, 64, 512, 513)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# (B, N, M, D, dtype): each value of SIZES (as N and as M), WIDTHS, B in {1, 5} and each dtype
+# appears at least once, in varied combinations; the interpreter runs these in seconds.
+COVERING_CASES = [
+    (1, 1, 1, 2, torch.float32),
+    (5, 3, 9, 3, torch.float16),
+    (1, 9, 3, 64, torch.bfloat16),
+    (5, 49, 50, 512, torch.float32),
+    (1, 50, 49, 513, torch.bfloat16),
+    (5, 196, 9, 2, torch.float32),
+    (5, 9, 9, 513, torch.float16),
+    (1, 196, 196, 64, torch.float16),
+    (1, 9, 196, 513, torch.float32),
+    (1, 49, 1, 512, torch.float16),
+    (5, 50, 3, 2, torch.bfloat16),
+    (1, 3, 50, 3, torch.float32),
+    (5, 1, 49, 64, torch.bfloat16),
+]
+FULL_CASES = [(b, n, m, d, dt) for b, n, m, d, dt in itertools.product((1, 5), SIZES, SIZES, WIDTHS, DTYPES)]
+
+
+def _id(case):
+    b, n, m, d, dt = case
+    return f"B{b}-N{n}-M{m}-D{d}-{str(dt).split('.')[-1]}"
+
+
+def oracle_distances(query, candidates):
+    """All pairwise distances in float64 by explicit differences (independent of torch.cdist), on the
+    inputs' device, a block of query rows at a time so the B x rows x M x D difference stays small."""
+    q, c = query.double(), candidates.double()
+    step = max(1, (1 << 24) // max(1, q.shape[0] * c.shape[1] * q.shape[2]))
+    blocks = [(q[:, i : i + step, None, :] - c[:, None, :, :]).pow(2).sum(-1).sqrt() for i in range(0, q.shape[1], step)]
+    return torch.cat(blocks, dim=1)
+
+
+def oracle_nearest(query, candidates):
+    dist = oracle_distances(query, candidates)
+    best = dist.min(dim=-1, keepdim=True).values
+    positions = torch.arange(dist.shape[-1], device=dist.device).expand_as(dist)
+    # the lowest index among the exact minima
+    index = torch.where(dist == best, positions, dist.shape[-1]).min(dim=-1).values
+    return best.squeeze(-1), index
+
+
+def oracle_select(distance, k):
+    rows = []
+    for row in distance.tolist():
+        order = sorted(range(len(row)), key=lambda i: (row[i], i))[:k]
+        rows.append(sorted(order))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def assert_indices_agree(query, candidates, index, expected_index):
+    """Indices equal, except where the chosen candidate is within TIE_RTOL of the best distance."""
+    dist = oracle_distances(query, candidates)
+    index, expected_index = index.to(dist.device), expected_index.to(dist.device)
+    chosen = dist.gather(-1, index[..., None]).squeeze(-1)
+    best = dist.gather(-1, expected_index[..., None]).squeeze(-1)
+    near_tie = chosen <= best * (1 + TIE_RTOL) + 1e-12
+    bad = (index != expected_index) & ~near_tie
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} indices differ beyond a 1e-6 tie; first at {bad.nonzero()[0].tolist()}"
+
+
+def assert_pairs_agree(query, candidates, k, rows, match):
+    """``rows`` are k ascending rows whose distances are the k smallest (up to ties), ``match`` their neighbours."""
+    ref_dist, ref_index = nearest_neighbor_reference(query, candidates)
+    rows, match = rows.to(query.device), match.to(query.device)
+    assert rows.shape == match.shape == (query.shape[0], k)
+    assert (rows.diff(dim=1) > 0).all(), "rows must be strictly ascending"
+    expected = ref_dist.double().sort(dim=1).values[:, :k]
+    got = ref_dist.double().gather(1, rows).sort(dim=1).values
+    torch.testing.assert_close(got, expected, rtol=TIE_RTOL, atol=1e-12)
+    assert_indices_agree(query.gather(1, rows[..., None].expand(-1, -1, query.shape[2])), candidates, match, ref_index.gather(1, rows))
+
+
+def make_inputs(b, n, m, d, dtype, device, non_contiguous=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if non_contiguous:  # stored [B, D, rows] and transposed, plus a stride-2 batch slice
+        q = torch.randn(2 * b, d, n, generator=g).to(dtype).to(device).transpose(1, 2)[::2]
+        c = torch.randn(2 * b, d, m, generator=g).to(dtype).to(device).transpose(1, 2)[::2]
+        assert not q.is_contiguous() and not c.is_contiguous()
+        return q, c
+    return torch.randn(b, n, d, generator=g).to(dtype).to(device), torch.randn(b, m, d, generator=g).to(dtype).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference against the float64 oracle
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b,n,m,d", [(1, 1, 1, 1), (3, 7, 5, 2), (2, 49, 9, 512), (1, 13, 196, 3)])
+def test_reference_matches_float64_oracle(b, n, m, d, dtype):
+    q, c = make_inputs(b, n, m, d, dtype, "cpu")
+    dist, index = ops.nearest_neighbor(q, c)
+    best, expected = oracle_nearest(q, c)
+    assert dist.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(dist.double(), best, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    assert_indices_agree(q, c, index, expected)
+    for k in sorted({1, (n + 1) // 2, n}):
+        rows, match = ops.nearest_neighbor_pairs(q, c, k)
+        if dtype == torch.float64:
+            assert torch.equal(rows, oracle_select(best, k))
+        assert_pairs_agree(q, c, k, rows, match)
+
+
+def test_reference_ties_go_to_lowest_index_and_row():
+    # integer points: every distance is exact, and the duplicates make exact ties
+    c = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]]])
+    q = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])
+    dist, index = ops.nearest_neighbor(q, c)
+    assert index.tolist() == [[0, 0, 0, 1]]
+    assert dist.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+    rows, match = ops.nearest_neighbor_pairs(q, c, 3)
+    assert rows.tolist() == [[0, 1, 3]] and match.tolist() == [[0, 0, 1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton against the reference
+
+
+def check_triton_against_reference(case, device, non_contiguous=False):
+    b, n, m, d, dtype = case
+    q, c = make_inputs(b, n, m, d, dtype, device, non_contiguous, seed=n * 1000 + m + d)
+    ref_dist, ref_index = nearest_neighbor_reference(q, c)
+    ks = [max(1, n // 3), n]
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, c)
+        pairs = ops.nearest_neighbor_pairs_many([q] * 2, [c] * 2, ks)
+    assert dist.dtype == torch.float32 and index.dtype == torch.int64
+    assert dist.shape == index.shape == (b, n)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
+    assert_indices_agree(q, c, index, ref_index)
+    for (rows, match), k in zip(pairs, ks):
+        assert_pairs_agree(q, c, k, rows, match)
+
+
+@pytest.mark.parametrize("case", COVERING_CASES, ids=_id)
+def test_triton_matches_reference(case, device):
+    check_triton_against_reference(case, device)
+
+
+@pytest.mark.parametrize("case", [(5, 49, 9, 512, torch.bfloat16), (1, 50, 3, 2, torch.float32), (5, 9, 49, 513, torch.float32)], ids=_id)
+def test_triton_non_contiguous(case, device):
+    check_triton_against_reference(case, device, non_contiguous=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FULL_CASES, ids=_id)
+def test_triton_matches_reference_full_product(case, device):
+    check_triton_against_reference(case, device, non_contiguous=case[1] == 49)
+
+
+@pytest.mark.parametrize("d", [2, 64])
+def test_triton_exact_ties_go_to_lowest_index(d, device):
+    # small integers: squared norms and dot products are exact in float32, so duplicates tie exactly
+    g = torch.Generator().manual_seed(d)
+    c = torch.randint(-2, 3, (2, 40, d), generator=g).float()
+    c = torch.cat([c, c.flip(1)], dim=1).to(device)  # every candidate twice
+    q = torch.randint(-2, 3, (2, 70, d), generator=g).float().to(device)
+    ref_dist, ref_index = nearest_neighbor_reference(q, c)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, c)
+        (rows, match), = ops.nearest_neighbor_pairs_many([q], [c], [33])
+    assert torch.equal(index, ref_index)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-6, atol=0)
+    ref_rows = ops.select_rows(ref_dist, 33)
+    assert torch.equal(rows, ref_rows) and torch.equal(match, ref_index.gather(1, ref_rows))
+
+
+def test_selection_kernel_breaks_ties_by_row(device):
+    from fastdense.kernels.nearest_neighbor import select_rows_many
+
+    g = torch.Generator().manual_seed(1)
+    shapes, ks, starts, dists = [(3, 200), (2, 9), (1, 1)], [150, 4, 1], [], []
+    total = 0
+    for b, n in shapes:
+        starts.append(total)
+        total += b * n
+        dists.append(torch.randint(0, 5, (b * n,), generator=g).float())  # many exact ties
+    dist = torch.cat(dists).to(device)
+    index = torch.arange(total, device=device) * 7
+    rows_flat, match_flat = select_rows_many(dist, index, starts, shapes, ks)
+    out = 0
+    for (b, n), k, start in zip(shapes, ks, starts):
+        rows, match = rows_flat[out : out + b * k].view(b, k), match_flat[out : out + b * k].view(b, k)
+        out += b * k
+        d = dist[start : start + b * n].view(b, n).cpu()
+        assert torch.equal(rows.cpu(), oracle_select(d, k))
+        assert torch.equal(match, index[start : start + b * n].view(b, n).gather(1, rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# A VICRegL step: all ordered pairs in one call
+
+
+def vicregl_step_inputs(b, device, feature_dtype, seed=0):
+    """2 global 7x7 and 6 local 3x3 views: the 56 matchings (D = 512 features, D = 2 cell centres)."""
+    features, queries, candidates, ks = vicregl_step_pairs(b, device, feature_dtype, seed)
+    assert len(queries) == 56
+    return features, queries, candidates, ks
+
+
+@pytest.fixture(scope="module")
+def vicregl_step_float32():
+    """A float32 step (features and locations share one matching launch) and its Triton matches."""
+    features, queries, candidates, ks = vicregl_step_inputs(1 if not HAS_CUDA else 8, DEVICE, torch.float32, seed=3)
+    with ops.backend("triton"):
+        pairs = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    return features, queries, candidates, ks, pairs
+
+
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.bfloat16])
+def test_vicregl_step_many_pairs_equals_single_pair_loop(feature_dtype, vicregl_step_float32, device):
+    if feature_dtype == torch.float32:
+        _, queries, candidates, ks, many = vicregl_step_float32
+    else:
+        _, queries, candidates, ks = vicregl_step_inputs(1, device, feature_dtype)
+        with ops.backend("triton"):
+            many = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    with ops.backend("triton"):
+        # every kind of pair (global/local, both directions, both spaces) once; all 56 on a GPU
+        kinds = range(56) if HAS_CUDA else [0, 1, 2, 3, 4, 5, 6, 7] if feature_dtype == torch.float32 else [4, 5]
+        for i in kinds:
+            rows1, match1 = ops.nearest_neighbor_pairs(queries[i], candidates[i], ks[i])
+            assert torch.equal(many[i][0], rows1) and torch.equal(many[i][1], match1)
+    for q, c, k, (rows, match) in zip(queries, candidates, ks, many):
+        assert_pairs_agree(q, c, k, rows, match)
+
+
+def local_matching_loss(x, y, rows, match):
+    """VICRegL's local invariance term: MSE between matched features (gradients reach x and y)."""
+    matched_x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[2]))
+    matched_y = y.gather(1, match[..., None].expand(-1, -1, y.shape[2]))
+    return F.mse_loss(matched_x, matched_y)
+
+
+def test_vicregl_local_loss_with_kernel_equals_reference(vicregl_step_float32):
+    features, queries, candidates, ks, kernel_pairs = vicregl_step_float32
+    with ops.backend("reference"):
+        reference_pairs = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    feature_pairs = [(q, c, p) for q, c, p in zip(queries, candidates, kernel_pairs) if q.shape[2] == 512]
+    reference_feature_pairs = [p for q, p in zip(queries, reference_pairs) if q.shape[2] == 512]
+    leaves = [f.detach().requires_grad_() for f in features]
+    lookup = {id(f): leaf for f, leaf in zip(features, leaves)}
+    kernel_loss = sum(local_matching_loss(lookup[id(q)], lookup[id(c)], *p) for q, c, p in feature_pairs)
+    reference_loss = sum(local_matching_loss(lookup[id(q)], lookup[id(c)], *p) for (q, c, _), p in zip(feature_pairs, reference_feature_pairs))
+    torch.testing.assert_close(kernel_loss, reference_loss, rtol=1e-6, atol=0)
+    kernel_loss.backward()
+    assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, torch.compile, dispatch
+
+
+def test_no_gradient_through_distances():
+    q = torch.randn(2, 5, 3, requires_grad=True)
+    c = torch.randn(2, 4, 3, requires_grad=True)
+    dist, index = ops.nearest_neighbor(q, c)
+    assert not dist.requires_grad and not index.requires_grad
+
+
+def test_ops_work_under_torch_compile():
+    q, c = make_inputs(2, 9, 7, 3, torch.float32, "cpu")
+
+    def step(q, c):
+        dist, index = ops.nearest_neighbor(q, c)
+        (rows, match), = ops.nearest_neighbor_pairs_many([q], [c], [4])
+        return dist.sum() + index.sum() + rows.sum() + match.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, c), step(q, c))
+
+
+def test_registered_op_passes_opcheck():
+    q, c = make_inputs(2, 9, 7, 3, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.fastdense.nearest_neighbor.default, (q, c), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastdense.nearest_neighbor_pairs_many.default, ([q, q], [c, c], [2, 9]), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_float64_runs_on_reference_and_triton_refuses_it():
+    q, c = make_inputs(1, 4, 5, 3, torch.float64, "cpu")
+    assert ops.nearest_neighbor(q, c)[0].dtype == torch.float64
+    with ops.backend("triton"), pytest.raises(TypeError, match="float64 runs on the reference"):
+        ops.nearest_neighbor(q, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _q(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "query,candidates,error,pattern",
+    [
+        (_q(5, 3), _q(1, 4, 3), ValueError, r"query must have shape \[B, N, D\]"),
+        (_q(1, 5, 3), _q(1, 1, 4, 3), ValueError, r"candidates must have shape \[B, M, D\]"),
+        ([[[0.0]]], _q(1, 1, 1), TypeError, "query must be a torch.Tensor"),
+        (torch.ones(1, 5, 3, dtype=torch.int64), _q(1, 4, 3), TypeError, "query must be a floating-point"),
+        (_q(1, 5, 3), _q(1, 4, 3, dtype=torch.float16), TypeError, "same dtype"),
+        (_q(2, 5, 3), _q(1, 4, 3), ValueError, "agree in B and D"),
+        (_q(1, 5, 3), _q(1, 4, 2), ValueError, "agree in B and D"),
+        (_q(1, 5, 3), _q(1, 0, 3), ValueError, r"M >= 1"),
+        (_q(0, 5, 3), _q(0, 4, 3), ValueError, r"B >= 1"),
+        (_q(1, 0, 3), _q(1, 4, 3), ValueError, r"N >= 1"),
+        (_q(1, 5, 0), _q(1, 4, 0), ValueError, r"D >= 1"),
+        (_q(1, 5, 3), _q(1, 4, 3).to("meta"), ValueError, "same device"),
+    ],
+)
+def test_bad_input_is_rejected(query, candidates, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.nearest_neighbor(query, candidates)
+    with pytest.raises(error, match=pattern.replace("query", r"queries\[0\]").replace("candidates", r"candidates\[0\]")):
+        ops.nearest_neighbor_pairs_many([query], [candidates], [1])
+
+
+@pytest.mark.parametrize("k", [0, 6, -1, 2.0, True, None])
+def test_bad_k_is_rejected(k):
+    q, c = _q(1, 5, 3), _q(1, 4, 3)
+    with pytest.raises(ValueError, match=r"ks\[0\] must be an int in \[1, N\]"):
+        ops.nearest_neighbor_pairs(q, c, k)
+    with pytest.raises(ValueError, match=r"ks\[1\] must be an int in \[1, N\]"):
+        ops.nearest_neighbor_pairs_many([q, q], [c, c], [1, k])
+
+
+def test_bad_pair_lists_are_rejected():
+    q, c = _q(1, 5, 3), _q(1, 4, 3)
+    with pytest.raises(ValueError, match="same length"):
+        ops.nearest_neighbor_pairs_many([q, q], [c], [1, 1])
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.nearest_neighbor_pairs_many([], [], [])
+    with pytest.raises(ValueError, match="same device"):
+        ops.nearest_neighbor_pairs_many([q, q.to("meta")], [c, c.to("meta")], [1, 1])
+
+
+@pytest.mark.gpu
+def test_kernel_never_allocates_the_distance_matrix(device):
+    from benchmarks.common import peak_extra_bytes
+
+    q, c = make_inputs(64, 784, 784, 512, torch.bfloat16, device)
+    with ops.backend("triton"):
+        ops.nearest_neighbor_pairs(q, c, 20)  # compile and tune first
+        extra = peak_extra_bytes(lambda: ops.nearest_neighbor_pairs(q, c, 20), device)
+    assert extra < 64 * 784 * 784 * 4 / 16, f"{extra} bytes: the op must not hold a B x N x M buffer"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
+def test_kernels_compile_for_h100():
+    """The interpreter is lenient about types (a loop-carried value changing type, for instance);
+    compiling to sm_90 machine code catches that without a GPU."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    def compile_for_sm90(kernel, signature, constants, **options):
+        fn = JITFunction(getattr(kernel, "fn", kernel))  # under the interpreter, the plain function
+        constexprs = {(list(signature).index(name),): value for name, value in constants.items()}
+        signature = {name: "constexpr" if name in constants else kind for name, kind in signature.items()}
+        return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+
+    config = nn_kernels._tuning_configs()[0]
+    for dtype, precision in (("fp32", "ieee"), ("bf16", None)):
+        signature = {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "groups_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
+                     "n_key": "i32", "m_key": "i32", "d_key": "i32", "BLOCK_N": "", "BLOCK_M": "", "BLOCK_D": "",
+                     "DIRECT_MAX_D": "", "INPUT_PRECISION": "", "DOT_IN_FLOAT32": ""}
+        constants = dict(config.kwargs, DIRECT_MAX_D=nn_kernels.DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=False)
+        compiled = compile_for_sm90(nn_kernels._nearest_neighbor_kernel, signature, constants, num_warps=config.num_warps, num_stages=config.num_stages)
+        assert compiled.asm["cubin"]
+    signature = {"dist_ptr": "*fp32", "index_ptr": "*i64", "groups_ptr": "*i64", "rows_out_ptr": "*i64", "match_out_ptr": "*i64", "BLOCK": ""}
+    assert compile_for_sm90(nn_kernels._select_rows_kernel, signature, {"BLOCK": 128}).asm["cubin"]
+
+
+class _LaunchCounter:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("feature_dtype,expected_matching_launches", [(torch.float32, 1), (torch.bfloat16, 2)])
+def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feature_dtype, expected_matching_launches, monkeypatch, device):
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    matching = _LaunchCounter(nn_kernels._tuned_kernel if HAS_CUDA else nn_kernels._nearest_neighbor_kernel)
+    selection = _LaunchCounter(nn_kernels._select_rows_kernel)
+    monkeypatch.setattr(nn_kernels, "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel", matching)
+    monkeypatch.setattr(nn_kernels, "_select_rows_kernel", selection)
+    _, queries, candidates, ks = vicregl_step_inputs(1, device, feature_dtype)
+    with ops.backend("triton"):
+        ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    assert (matching.launches, selection.launches) == (expected_matching_launches, 1)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import sys
+
+    module = sys.modules["fastdense.ops.nearest_neighbor"]  # the package exports a function of the same name
+    result = doctest.testmod(module)
+    assert result.attempted >= 4 and result.failed == 0

@@ -1,0 +1,272 @@
+"""RoIAlign forward and deterministic backward in Triton, with ``torchvision.ops.roi_align`` semantics.
+
+Bilinear sampling is separable: the samples of output bin ``(ph, pw)`` of box ``k`` give input pixel
+``(h, w)`` the weight ``a_y[ph, h] * a_x[pw, w] / count`` (``a_y``, ``a_x``: summed bilinear weights of
+the bin's sample rows and columns). Three kernels use that:
+
+- ``_image_forward_kernel`` (maps up to ``MAX_TILE`` pixels, SCRL's ``[B, 2048, 7, 7]``): one program
+  per (image, channel block) holds the whole map of its channels in registers, reads it once, and
+  reduces it against every box of that image. Input is read exactly once.
+- ``_box_forward_kernel`` (larger maps): one program per (box, channel block) gathers the four
+  corners of each sample, vectorised over channels and output bins.
+- ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
+  loops over that image's boxes and accumulates their gradients into its tile in registers, then
+  writes the tile once. No atomics and a fixed summation order, so gradients are bit-identical run
+  after run; ``grad_input`` needs no zero-fill.
+
+Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
+weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest padded map (pixels) that one program keeps whole in registers for the forward.
+MAX_TILE = 1024
+# Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
+LARGE_TILE = (8, 16)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _box_geometry(rois_ptr, j, spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr):
+    """Image index, start, bin size and sample grid of box ``j``, in torchvision's arithmetic order."""
+    base = rois_ptr + j * 5
+    image = tl.load(base).to(tl.int32)
+    if ALIGNED:
+        offset = 0.5
+    else:
+        offset = 0.0
+    start_x = tl.load(base + 1) * spatial_scale - offset
+    start_y = tl.load(base + 2) * spatial_scale - offset
+    width = (tl.load(base + 3) * spatial_scale - offset) - start_x
+    height = (tl.load(base + 4) * spatial_scale - offset) - start_y
+    if not ALIGNED:
+        width = tl.maximum(width, 1.0)
+        height = tl.maximum(height, 1.0)
+    if SAMPLING > 0:
+        grid_h = tl.full((), SAMPLING, tl.int32)
+        grid_w = tl.full((), SAMPLING, tl.int32)
+    else:
+        grid_h = tl.ceil(height / PH).to(tl.int32)
+        grid_w = tl.ceil(width / PW).to(tl.int32)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    return image, start_y, start_x, height / PH, width / PW, grid_h, grid_w, count
+
+
+@triton.jit
+def _bin_weights(start, bin_size, grid, p, idx, extent):
+    """Summed bilinear weights that the ``grid`` samples of bin ``p`` (one axis) give to positions ``idx``."""
+    acc = tl.zeros_like(idx).to(tl.float32)
+    grid_f = tl.maximum(grid, 1).to(tl.float32)
+    for s in range(0, grid):
+        pos = start + p * bin_size + (s + 0.5) * bin_size / grid_f
+        inside = (pos >= -1.0) & (pos <= extent)
+        pos = tl.maximum(pos, 0.0)
+        low = pos.to(tl.int32)
+        at_edge = low >= extent - 1
+        low = tl.where(at_edge, extent - 1, low)
+        high = tl.where(at_edge, low, low + 1)
+        frac = tl.where(at_edge, 0.0, pos - low.to(tl.float32))
+        w_low = tl.where(inside, 1.0 - frac, 0.0)
+        w_high = tl.where(inside, frac, 0.0)
+        acc += tl.where(idx == low, w_low, 0.0) + tl.where(idx == high, w_high, 0.0)
+    return acc
+
+
+@triton.jit
+def _image_forward_kernel(
+    x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    image = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pixel = tl.arange(0, TILE_H * TILE_W)
+    rows = pixel // TILE_W
+    cols = pixel % TILE_W
+    c_ok = channels < C
+    tile = tl.load(
+        x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :],
+        mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :], other=0.0,
+    ).to(tl.float32)
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    for j in range(first, last):
+        box = tl.load(order_ptr + j)
+        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+        out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+        for ph in range(0, PH):
+            weight_y = _bin_weights(start_y, bin_h, grid_h, ph, rows, H)
+            for pw in range(0, PW):
+                weight = weight_y * _bin_weights(start_x, bin_w, grid_w, pw, cols, W)
+                value = tl.sum(tile * weight[None, :], axis=1) / count
+                tl.store(out_base + ph * PW + pw, value.to(out_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _box_forward_kernel(
+    x_ptr, rois_ptr, out_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    box = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bins = tl.arange(0, BLOCK_BINS)
+    bin_y = (bins // PW).to(tl.float32)
+    bin_x = (bins % PW).to(tl.float32)
+    c_ok = channels < C
+    bins_ok = bins < PH * PW
+    image, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+    base = x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c
+    grid_hf = tl.maximum(grid_h, 1).to(tl.float32)
+    grid_wf = tl.maximum(grid_w, 1).to(tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_BINS), tl.float32)
+    for sy in range(0, grid_h):
+        y = start_y + bin_y * bin_h + (sy + 0.5) * bin_h / grid_hf
+        y_in = (y >= -1.0) & (y <= H)
+        y = tl.maximum(y, 0.0)
+        y_low = y.to(tl.int32)
+        y_edge = y_low >= H - 1
+        y_low = tl.where(y_edge, H - 1, y_low)
+        y_high = tl.where(y_edge, y_low, y_low + 1)
+        ly = tl.where(y_edge, 0.0, y - y_low.to(tl.float32))
+        for sx in range(0, grid_w):
+            x = start_x + bin_x * bin_w + (sx + 0.5) * bin_w / grid_wf
+            inside = y_in & (x >= -1.0) & (x <= W) & bins_ok
+            x = tl.maximum(x, 0.0)
+            x_low = x.to(tl.int32)
+            x_edge = x_low >= W - 1
+            x_low = tl.where(x_edge, W - 1, x_low)
+            x_high = tl.where(x_edge, x_low, x_low + 1)
+            lx = tl.where(x_edge, 0.0, x - x_low.to(tl.float32))
+            mask = c_ok[:, None] & inside[None, :]
+            row_low = y_low * stride_h
+            row_high = y_high * stride_h
+            v1 = tl.load(base + (row_low + x_low * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v2 = tl.load(base + (row_low + x_high * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v3 = tl.load(base + (row_high + x_low * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v4 = tl.load(base + (row_high + x_high * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            hy = 1.0 - ly
+            hx = 1.0 - lx
+            acc += (hy * hx)[None, :] * v1 + (hy * lx)[None, :] * v2 + (ly * hx)[None, :] * v3 + (ly * lx)[None, :] * v4
+    out = out_ptr + box.to(tl.int64) * C * PH * PW + channels[:, None] * (PH * PW) + bins[None, :]
+    tl.store(out, (acc / count).to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & bins_ok[None, :])
+
+
+@triton.jit
+def _image_backward_kernel(
+    grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+):
+    image = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    top = (tl.program_id(2) // tiles_w) * TILE_H
+    left = (tl.program_id(2) % tiles_w) * TILE_W
+    pixel = tl.arange(0, TILE_H * TILE_W)
+    rows = top + pixel // TILE_W
+    cols = left + pixel % TILE_W
+    c_ok = channels < C
+    acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    for j in range(first, last):
+        box = tl.load(order_ptr + j)
+        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+        # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
+        # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
+        meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
+        meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
+        if meets_rows & meets_cols:
+            grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+            for ph in range(0, PH):
+                weight_y = _bin_weights(start_y, bin_h, grid_h, ph, rows, H) / count
+                for pw in range(0, PW):
+                    weight = weight_y * _bin_weights(start_x, bin_w, grid_w, pw, cols, W)
+                    g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32)
+                    acc += g[:, None] * weight[None, :]
+    dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
+    tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
+
+
+def group_by_image(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order, offsets)``: ``rois[order]`` is grouped by image, and image ``b``'s boxes are
+    ``order[offsets[b]:offsets[b + 1]]``, in their original order. On the device, without a host sync."""
+    image = rois[:, 0].to(torch.int64)
+    sorted_image, order = torch.sort(image, stable=True)
+    offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+def _prepared_rois(rois: torch.Tensor) -> torch.Tensor:
+    return rois.detach().to(torch.float32).contiguous()
+
+
+def _whole_map_tile(height: int, width: int) -> Tuple[int, int]:
+    return triton.next_power_of_2(height), triton.next_power_of_2(width)
+
+
+def _channel_block(channels: int, tile: int) -> int:
+    # Keep about 4096 float32 accumulators per program (registers), never more channels than exist.
+    return max(1, min(triton.next_power_of_2(channels), max(1, 4096 // tile)))
+
+
+def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """``[K, C, PH, PW]`` RoIAlign of ``input [N, C, H, W]`` (any strides) over ``rois [K, 5]``."""
+    num, channels, height, width = input.shape
+    out_h, out_w = output_size
+    out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out
+    rois = _prepared_rois(rois)
+    common = dict(PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned))
+    tile_h, tile_w = _whole_map_tile(height, width)
+    if tile_h * tile_w <= MAX_TILE:
+        order, offsets = group_by_image(rois, num)
+        block_c = _channel_block(channels, tile_h * tile_w)
+        _image_forward_kernel[(num, triton.cdiv(channels, block_c))](
+            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
+            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, **common,
+        )
+    else:
+        block_bins = triton.next_power_of_2(out_h * out_w)
+        block_c = _channel_block(channels, max(block_bins, 16))
+        _box_forward_kernel[(rois.shape[0], triton.cdiv(channels, block_c))](
+            input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
+            BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
+        )
+    return out
+
+
+def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """Gradient of :func:`roi_align_forward` with respect to ``input`` (same shape, dtype and strides),
+    deterministic."""
+    num, channels, height, width = input.shape
+    out_h, out_w = grad.shape[-2:]
+    grad_input = torch.empty_like(input)
+    if grad_input.numel() == 0:
+        return grad_input
+    rois = _prepared_rois(rois)
+    grad = grad.contiguous()
+    order, offsets = group_by_image(rois, num)
+    tile_h, tile_w = _whole_map_tile(height, width)
+    if tile_h * tile_w > MAX_TILE:
+        tile_h, tile_w = min(tile_h, LARGE_TILE[0]), min(tile_w, LARGE_TILE[1])
+    tiles_w = triton.cdiv(width, tile_w)
+    block_c = _channel_block(channels, tile_h * tile_w)
+    grid = (num, triton.cdiv(channels, block_c), triton.cdiv(height, tile_h) * tiles_w)
+    _image_backward_kernel[grid](
+        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
+        PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w,
+    )
+    return grad_input

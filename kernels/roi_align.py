@@ -61,8 +61,9 @@ def _box_geometry(rois_ptr, j, spatial_scale, PH: tl.constexpr, PW: tl.constexpr
 
 @triton.jit
 def _bin_weights(start, bin_size, grid, p, idx, extent):
-    """Summed bilinear weights that the ``grid`` samples of bin ``p`` (one axis) give to positions ``idx``."""
-    acc = tl.zeros_like(idx).to(tl.float32)
+    """Summed bilinear weights that the ``grid`` samples of bin ``p`` (one axis) give to positions
+    ``idx``; ``p`` and ``idx`` broadcast (a scalar bin, or ``[BINS, 1]`` against ``[1, PIXELS]``)."""
+    acc = tl.zeros_like(p + idx).to(tl.float32)
     grid_f = tl.maximum(grid, 1).to(tl.float32)
     for s in range(0, grid):
         pos = start + p * bin_size + (s + 0.5) * bin_size / grid_f
@@ -80,11 +81,20 @@ def _bin_weights(start, bin_size, grid, p, idx, extent):
 
 
 @triton.jit
+def _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH: tl.constexpr, PW: tl.constexpr, BLOCK_BINS: tl.constexpr):
+    """``[BLOCK_BINS, PIXELS]``: the weight each output bin of a box gives each pixel (zero for padding bins)."""
+    bins = tl.arange(0, BLOCK_BINS)
+    weight_y = _bin_weights(start_y, bin_h, grid_h, (bins // PW)[:, None], rows[None, :], H)
+    weight_x = _bin_weights(start_x, bin_w, grid_w, (bins % PW)[:, None], cols[None, :], W)
+    return tl.where((bins < PH * PW)[:, None], weight_y * weight_x, 0.0)
+
+
+@triton.jit
 def _image_forward_kernel(
     x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -102,12 +112,16 @@ def _image_forward_kernel(
         box = tl.load(order_ptr + j)
         _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
         out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-        for ph in range(0, PH):
-            weight_y = _bin_weights(start_y, bin_h, grid_h, ph, rows, H)
-            for pw in range(0, PW):
-                weight = weight_y * _bin_weights(start_x, bin_w, grid_w, pw, cols, W)
-                value = tl.sum(tile * weight[None, :], axis=1) / count
-                tl.store(out_base + ph * PW + pw, value.to(out_ptr.dtype.element_ty), mask=c_ok)
+        if PH * PW == 1:
+            weight = _bin_weights(start_y, bin_h, grid_h, 0, rows, H) * _bin_weights(start_x, bin_w, grid_w, 0, cols, W)
+            value = tl.sum(tile * weight[None, :], axis=1) / count
+            tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
+        else:
+            # Every bin at once: [channels, pixels] x [pixels, bins].
+            weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
+            value = tl.dot(tile, tl.trans(weights), input_precision="ieee") / count
+            bins = tl.arange(0, BLOCK_BINS)
+            tl.store(out_base[:, None] + bins[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & (bins < PH * PW)[None, :])
 
 
 @triton.jit
@@ -166,7 +180,7 @@ def _image_backward_kernel(
     grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -188,12 +202,15 @@ def _image_backward_kernel(
         meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
         if meets_rows & meets_cols:
             grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-            for ph in range(0, PH):
-                weight_y = _bin_weights(start_y, bin_h, grid_h, ph, rows, H) / count
-                for pw in range(0, PW):
-                    weight = weight_y * _bin_weights(start_x, bin_w, grid_w, pw, cols, W)
-                    g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32)
-                    acc += g[:, None] * weight[None, :]
+            if PH * PW == 1:
+                weight = _bin_weights(start_y, bin_h, grid_h, 0, rows, H) * _bin_weights(start_x, bin_w, grid_w, 0, cols, W)
+                g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
+                acc += g[:, None] * weight[None, :]
+            else:
+                weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
+                bins = tl.arange(0, BLOCK_BINS)
+                g = tl.load(grad_base[:, None] + bins[None, :], mask=c_ok[:, None] & (bins < PH * PW)[None, :], other=0.0).to(tl.float32) / count
+                acc += tl.dot(g, weights, input_precision="ieee")
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
 
@@ -211,13 +228,19 @@ def _prepared_rois(rois: torch.Tensor) -> torch.Tensor:
     return rois.detach().to(torch.float32).contiguous()
 
 
-def _whole_map_tile(height: int, width: int) -> Tuple[int, int]:
-    return triton.next_power_of_2(height), triton.next_power_of_2(width)
+def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
+    tile_h, tile_w = triton.next_power_of_2(height), triton.next_power_of_2(width)
+    if bins > 1:  # tl.dot needs at least 16 along every dimension
+        tile_w = max(tile_w, 16 // min(tile_h, 16))
+    return tile_h, tile_w
 
 
-def _channel_block(channels: int, tile: int) -> int:
-    # Keep about 4096 float32 accumulators per program (registers), never more channels than exist.
-    return max(1, min(triton.next_power_of_2(channels), max(1, 4096 // tile)))
+def _blocks(channels: int, tile: int, bins: int) -> Tuple[int, int]:
+    """``(BLOCK_C, BLOCK_BINS)``: about 4096 float32 accumulators per program (registers), not far
+    more channels than exist, and tl.dot's minimum of 16 when there is more than one bin."""
+    minimum = 16 if bins > 1 else 1
+    block_c = max(minimum, min(triton.next_power_of_2(channels), max(1, 4096 // tile)))
+    return block_c, max(minimum, triton.next_power_of_2(bins))
 
 
 def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
@@ -229,17 +252,17 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
         return out
     rois = _prepared_rois(rois)
     common = dict(PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned))
-    tile_h, tile_w = _whole_map_tile(height, width)
+    tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     if tile_h * tile_w <= MAX_TILE:
         order, offsets = group_by_image(rois, num)
-        block_c = _channel_block(channels, tile_h * tile_w)
+        block_c, block_bins = _blocks(channels, tile_h * tile_w, out_h * out_w)
         _image_forward_kernel[(num, triton.cdiv(channels, block_c))](
             input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
-            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, **common,
+            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, **common,
         )
     else:
         block_bins = triton.next_power_of_2(out_h * out_w)
-        block_c = _channel_block(channels, max(block_bins, 16))
+        block_c = max(1, min(triton.next_power_of_2(channels), 4096 // max(block_bins, 16)))
         _box_forward_kernel[(rois.shape[0], triton.cdiv(channels, block_c))](
             input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
             BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
@@ -258,15 +281,16 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     rois = _prepared_rois(rois)
     grad = grad.contiguous()
     order, offsets = group_by_image(rois, num)
-    tile_h, tile_w = _whole_map_tile(height, width)
+    tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     if tile_h * tile_w > MAX_TILE:
-        tile_h, tile_w = min(tile_h, LARGE_TILE[0]), min(tile_w, LARGE_TILE[1])
+        tile_h = min(tile_h, LARGE_TILE[0])
+        tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
     tiles_w = triton.cdiv(width, tile_w)
-    block_c = _channel_block(channels, tile_h * tile_w)
+    block_c, block_bins = _blocks(channels, tile_h * tile_w, out_h * out_w)
     grid = (num, triton.cdiv(channels, block_c), triton.cdiv(height, tile_h) * tiles_w)
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins,
     )
     return grad_input

@@ -20,6 +20,7 @@ weights and sums are float32 whatever the input dtype (float16, bfloat16, float3
 
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -30,7 +31,7 @@ import triton.language as tl
 MAX_TILE = 1024
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BF16_DOT = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
 @triton.jit
@@ -90,11 +91,22 @@ def _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, col
 
 
 @triton.jit
+def _weighted_sum(values, weights, BF16_DOT: tl.constexpr):
+    """``values @ weights`` accumulated in float32: exact float32 products for float32 values; for
+    float16/bfloat16 values, tensor cores with the weights rounded to the same type (relative error
+    about 2^-8, inside those types' tolerance). ``BF16_DOT`` is off only in Triton's interpreter,
+    whose bfloat16 tl.dot returns garbage (triton 3.8); there bfloat16 goes through float32."""
+    if values.dtype == tl.float32 or (values.dtype == tl.bfloat16 and not BF16_DOT):
+        return tl.dot(values.to(tl.float32), weights, input_precision="ieee")
+    return tl.dot(values, weights.to(values.dtype), out_dtype=tl.float32)
+
+
+@triton.jit
 def _image_forward_kernel(
     x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -105,7 +117,7 @@ def _image_forward_kernel(
     tile = tl.load(
         x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :],
         mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :], other=0.0,
-    ).to(tl.float32)
+    )
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
     for j in range(first, last):
@@ -114,12 +126,12 @@ def _image_forward_kernel(
         out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
         if PH * PW == 1:
             weight = _bin_weights(start_y, bin_h, grid_h, 0, rows, H) * _bin_weights(start_x, bin_w, grid_w, 0, cols, W)
-            value = tl.sum(tile * weight[None, :], axis=1) / count
+            value = tl.sum(tile.to(tl.float32) * weight[None, :], axis=1) / count
             tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
         else:
             # Every bin at once: [channels, pixels] x [pixels, bins].
             weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
-            value = tl.dot(tile, tl.trans(weights), input_precision="ieee") / count
+            value = _weighted_sum(tile, tl.trans(weights), BF16_DOT) / count
             bins = tl.arange(0, BLOCK_BINS)
             tl.store(out_base[:, None] + bins[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & (bins < PH * PW)[None, :])
 
@@ -180,7 +192,7 @@ def _image_backward_kernel(
     grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -209,8 +221,8 @@ def _image_backward_kernel(
             else:
                 weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
                 bins = tl.arange(0, BLOCK_BINS)
-                g = tl.load(grad_base[:, None] + bins[None, :], mask=c_ok[:, None] & (bins < PH * PW)[None, :], other=0.0).to(tl.float32) / count
-                acc += tl.dot(g, weights, input_precision="ieee")
+                g = tl.load(grad_base[:, None] + bins[None, :], mask=c_ok[:, None] & (bins < PH * PW)[None, :], other=0.0)
+                acc += _weighted_sum(g, weights, BF16_DOT) / count
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
 
@@ -258,7 +270,7 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
         block_c, block_bins = _blocks(channels, tile_h * tile_w, out_h * out_w)
         _image_forward_kernel[(num, triton.cdiv(channels, block_c))](
             input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
-            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, **common,
+            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, BF16_DOT=_BF16_DOT, **common,
         )
     else:
         block_bins = triton.next_power_of_2(out_h * out_w)
@@ -291,6 +303,6 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins,
+        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, BF16_DOT=_BF16_DOT,
     )
     return grad_input

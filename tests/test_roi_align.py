@@ -25,8 +25,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, tor
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return float((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def random_rois(num_images: int, height: int, width: int, spatial_scale: float, per_image: int, generator: torch.Generator) -> torch.Tensor:

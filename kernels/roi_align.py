@@ -82,12 +82,25 @@ def _bin_weights(start, bin_size, grid, p, idx, extent):
 
 
 @triton.jit
-def _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH: tl.constexpr, PW: tl.constexpr, BLOCK_BINS: tl.constexpr):
-    """``[BLOCK_BINS, PIXELS]``: the weight each output bin of a box gives each pixel (zero for padding bins)."""
-    bins = tl.arange(0, BLOCK_BINS)
-    weight_y = _bin_weights(start_y, bin_h, grid_h, (bins // PW)[:, None], rows[None, :], H)
-    weight_x = _bin_weights(start_x, bin_w, grid_w, (bins % PW)[:, None], cols[None, :], W)
-    return tl.where((bins < PH * PW)[:, None], weight_y * weight_x, 0.0)
+def _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W,
+                 PH: tl.constexpr, PW: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """``[PH_PAD * PW_PAD, TILE_H * TILE_W]``: the weight output bin ``ph * PW_PAD + pw`` of a box gives
+    pixel ``(top + r, left + c)`` at column ``r * TILE_W + c`` (zero for padding bins). Built as the
+    outer product of one matrix per axis, so the per-sample work is per row and per column only."""
+    bin_rows = tl.arange(0, PH_PAD)
+    bin_cols = tl.arange(0, PW_PAD)
+    weight_y = _bin_weights(start_y, bin_h, grid_h, bin_rows[:, None], (top + tl.arange(0, TILE_H))[None, :], H)
+    weight_x = _bin_weights(start_x, bin_w, grid_w, bin_cols[:, None], (left + tl.arange(0, TILE_W))[None, :], W)
+    weight_y = tl.where((bin_rows < PH)[:, None], weight_y, 0.0)
+    weight_x = tl.where((bin_cols < PW)[:, None], weight_x, 0.0)
+    return tl.reshape(weight_y[:, None, :, None] * weight_x[None, :, None, :], (PH_PAD * PW_PAD, TILE_H * TILE_W))
+
+
+@triton.jit
+def _bin_offsets(PH: tl.constexpr, PW: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr):
+    """Offset of each padded bin in a ``[PH, PW]`` output, and whether it is a real bin."""
+    bins = tl.arange(0, PH_PAD * PW_PAD)
+    return (bins // PW_PAD) * PW + bins % PW_PAD, ((bins // PW_PAD) < PH) & ((bins % PW_PAD) < PW)
 
 
 @triton.jit
@@ -106,7 +119,7 @@ def _image_forward_kernel(
     x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr, BF16_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -124,16 +137,15 @@ def _image_forward_kernel(
         box = tl.load(order_ptr + j)
         _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
         out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+        weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
         if PH * PW == 1:
-            weight = _bin_weights(start_y, bin_h, grid_h, 0, rows, H) * _bin_weights(start_x, bin_w, grid_w, 0, cols, W)
-            value = tl.sum(tile.to(tl.float32) * weight[None, :], axis=1) / count
+            value = tl.sum(tile.to(tl.float32) * weights, axis=1) / count
             tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
         else:
             # Every bin at once: [channels, pixels] x [pixels, bins].
-            weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
             value = _weighted_sum(tile, tl.trans(weights), BF16_DOT) / count
-            bins = tl.arange(0, BLOCK_BINS)
-            tl.store(out_base[:, None] + bins[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & (bins < PH * PW)[None, :])
+            offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+            tl.store(out_base[:, None] + offsets[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
 
 
 @triton.jit
@@ -192,7 +204,7 @@ def _image_backward_kernel(
     grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_BINS: tl.constexpr, BF16_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -214,14 +226,13 @@ def _image_backward_kernel(
         meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
         if meets_rows & meets_cols:
             grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
             if PH * PW == 1:
-                weight = _bin_weights(start_y, bin_h, grid_h, 0, rows, H) * _bin_weights(start_x, bin_w, grid_w, 0, cols, W)
                 g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
-                acc += g[:, None] * weight[None, :]
+                acc += g[:, None] * weights
             else:
-                weights = _box_weight_matrix(start_y, start_x, bin_h, bin_w, grid_h, grid_w, rows, cols, H, W, PH, PW, BLOCK_BINS)
-                bins = tl.arange(0, BLOCK_BINS)
-                g = tl.load(grad_base[:, None] + bins[None, :], mask=c_ok[:, None] & (bins < PH * PW)[None, :], other=0.0)
+                offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+                g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
                 acc += _weighted_sum(g, weights, BF16_DOT) / count
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
@@ -247,12 +258,14 @@ def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
     return tile_h, tile_w
 
 
-def _blocks(channels: int, tile: int, bins: int) -> Tuple[int, int]:
-    """``(BLOCK_C, BLOCK_BINS)``: about 4096 float32 accumulators per program (registers), not far
-    more channels than exist, and tl.dot's minimum of 16 when there is more than one bin."""
-    minimum = 16 if bins > 1 else 1
+def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
+    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``: about 4096 float32 accumulators per program (registers),
+    not far more channels than exist, and tl.dot's minimum of 16 when there is more than one bin."""
+    minimum = 16 if out_h * out_w > 1 else 1
     block_c = max(minimum, min(triton.next_power_of_2(channels), max(1, 4096 // tile)))
-    return block_c, max(minimum, triton.next_power_of_2(bins))
+    ph_pad = triton.next_power_of_2(out_h)
+    pw_pad = max(triton.next_power_of_2(out_w), minimum // min(ph_pad, minimum))
+    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
 
 
 def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
@@ -267,10 +280,10 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     if tile_h * tile_w <= MAX_TILE:
         order, offsets = group_by_image(rois, num)
-        block_c, block_bins = _blocks(channels, tile_h * tile_w, out_h * out_w)
-        _image_forward_kernel[(num, triton.cdiv(channels, block_c))](
+        blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
+        _image_forward_kernel[(num, triton.cdiv(channels, blocks["BLOCK_C"]))](
             input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
-            BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, BF16_DOT=_BF16_DOT, **common,
+            TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, **blocks, **common,
         )
     else:
         block_bins = triton.next_power_of_2(out_h * out_w)
@@ -298,11 +311,11 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
         tile_h = min(tile_h, LARGE_TILE[0])
         tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
     tiles_w = triton.cdiv(width, tile_w)
-    block_c, block_bins = _blocks(channels, tile_h * tile_w, out_h * out_w)
-    grid = (num, triton.cdiv(channels, block_c), triton.cdiv(height, tile_h) * tiles_w)
+    blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
+    grid = (num, triton.cdiv(channels, blocks["BLOCK_C"]), triton.cdiv(height, tile_h) * tiles_w)
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BLOCK_BINS=block_bins, BF16_DOT=_BF16_DOT,
+        TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, **blocks,
     )
     return grad_input

@@ -11,7 +11,8 @@ the bin's sample rows and columns). Three kernels use that:
   corners of each sample, vectorised over channels and output bins.
 - ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
   loops over that image's boxes and accumulates their gradients into its tile in registers, then
-  writes the tile once. No atomics and a fixed summation order, so gradients are bit-identical run
+  writes the tile once. Whole small maps take every bin of a box in one tl.dot; tiles of large maps
+  visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation order, so gradients are bit-identical run
   after run; ``grad_input`` needs no zero-fill.
 
 Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
@@ -205,6 +206,7 @@ def _image_backward_kernel(
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, BF16_DOT: tl.constexpr,
+    PER_BIN: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -226,11 +228,26 @@ def _image_backward_kernel(
         meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
         if meets_rows & meets_cols:
             grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
             if PH * PW == 1:
+                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
                 g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
                 acc += g[:, None] * weights
+            elif PER_BIN:
+                # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
+                # each, rather than multiplying by the mostly-zero weights of every bin.
+                for ph in range(0, PH):
+                    bin_top = start_y + ph * bin_h
+                    if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
+                        weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
+                        for pw in range(0, PW):
+                            bin_left = start_x + pw * bin_w
+                            if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
+                                weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
+                                weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
+                                g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
+                                acc += g[:, None] * weight[None, :]
             else:
+                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
                 offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
                 g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
                 acc += _weighted_sum(g, weights, BF16_DOT) / count
@@ -307,7 +324,8 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     grad = grad.contiguous()
     order, offsets = group_by_image(rois, num)
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
-    if tile_h * tile_w > MAX_TILE:
+    per_bin = tile_h * tile_w > MAX_TILE
+    if per_bin:
         tile_h = min(tile_h, LARGE_TILE[0])
         tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
     tiles_w = triton.cdiv(width, tile_w)
@@ -316,6 +334,6 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, **blocks,
+        TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, PER_BIN=per_bin, **blocks,
     )
     return grad_input

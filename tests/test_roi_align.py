@@ -257,3 +257,11 @@ def test_bad_device():
 def test_boxes_to_rois_keeps_image_order():
     rois = boxes_to_rois([torch.ones(2, 4), torch.zeros(0, 4), torch.full((1, 4), 2.0)])
     assert rois[:, 0].tolist() == [0, 0, 2]
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    module = importlib.import_module("fastdense.ops.roi_align")
+    assert doctest.testmod(module, raise_on_error=False).failed == 0

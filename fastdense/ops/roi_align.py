@@ -241,10 +241,16 @@ def roi_align(
     Returns:
         ``[K, C, output_size[0], output_size[1]]`` in the input's dtype.
 
+    CUDA float16/bfloat16/float32 input runs the Triton kernels of :mod:`fastdense.kernels.roi_align`
+    (float32 accumulation, input strides read in place, a deterministic backward without atomics);
+    anything else, or ``fastdense.ops.backend("reference")``, the PyTorch reference. Under autocast the
+    op runs natively in the dtype it is given (a bfloat16 feature map gives bfloat16 output).
+    Gradients flow to ``input`` only, as in torchvision.
+
     >>> import torch, fastdense.ops as ops
     >>> feats = torch.arange(16.0).reshape(1, 1, 4, 4)
     >>> ops.roi_align(feats, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], output_size=1, aligned=True)
-    tensor([[[[5.]]]])
+    tensor([[[[2.5000]]]])
     """
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
@@ -254,12 +260,25 @@ def roi_align(
 
 
 def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
-    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box)."""
+    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box).
+
+    >>> import torch, fastdense.ops as ops
+    >>> feats = torch.ones(2, 8, 7, 7)
+    >>> boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0]]), torch.tensor([[32.0, 32.0, 96.0, 160.0]])]
+    >>> ops.roi_pool_vectors(feats, boxes, spatial_scale=1 / 32).shape
+    torch.Size([2, 8])
+    """
     return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned).flatten(1)
 
 
 class RoIAlign(nn.Module):
-    """Module form of :func:`roi_align`."""
+    """Module form of :func:`roi_align`.
+
+    >>> import torch, fastdense.ops as ops
+    >>> pool = ops.RoIAlign(output_size=(7, 7), spatial_scale=1 / 32, sampling_ratio=2, aligned=True)
+    >>> pool(torch.randn(1, 4, 7, 7), torch.tensor([[0.0, 16.0, 16.0, 200.0, 120.0]])).shape
+    torch.Size([1, 4, 7, 7])
+    """
 
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False):
         super().__init__()

@@ -32,7 +32,8 @@ import triton.language as tl
 MAX_TILE = 1024
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
-_BF16_DOT = os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+# Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -105,12 +106,11 @@ def _bin_offsets(PH: tl.constexpr, PW: tl.constexpr, PH_PAD: tl.constexpr, PW_PA
 
 
 @triton.jit
-def _weighted_sum(values, weights, BF16_DOT: tl.constexpr):
-    """``values @ weights`` accumulated in float32: exact float32 products for float32 values; for
-    float16/bfloat16 values, tensor cores with the weights rounded to the same type (relative error
-    about 2^-8, inside those types' tolerance). ``BF16_DOT`` is off only in Triton's interpreter,
-    whose bfloat16 tl.dot returns garbage (triton 3.8); there bfloat16 goes through float32."""
-    if values.dtype == tl.float32 or (values.dtype == tl.bfloat16 and not BF16_DOT):
+def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
+    """``values @ weights`` accumulated in float32: exact float32 products when ``DOT_FP32`` (float32
+    values); otherwise tensor cores on float16/bfloat16 values with the weights rounded to the same
+    type (relative error about 2^-8, inside those types' tolerance)."""
+    if DOT_FP32:
         return tl.dot(values.to(tl.float32), weights, input_precision="ieee")
     return tl.dot(values, weights.to(values.dtype), out_dtype=tl.float32)
 
@@ -120,7 +120,7 @@ def _image_forward_kernel(
     x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, BF16_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,7 +144,7 @@ def _image_forward_kernel(
             tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
         else:
             # Every bin at once: [channels, pixels] x [pixels, bins].
-            value = _weighted_sum(tile, tl.trans(weights), BF16_DOT) / count
+            value = _weighted_sum(tile, tl.trans(weights), DOT_FP32) / count
             offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
             tl.store(out_base[:, None] + offsets[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
 
@@ -205,7 +205,7 @@ def _image_backward_kernel(
     grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, BF16_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
     PER_BIN: tl.constexpr,
 ):
     image = tl.program_id(0)
@@ -250,7 +250,7 @@ def _image_backward_kernel(
                 weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
                 offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
                 g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
-                acc += _weighted_sum(g, weights, BF16_DOT) / count
+                acc += _weighted_sum(g, weights, DOT_FP32) / count
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
 
@@ -273,6 +273,10 @@ def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
     if bins > 1:  # tl.dot needs at least 16 along every dimension
         tile_w = max(tile_w, 16 // min(tile_h, 16))
     return tile_h, tile_w
+
+
+def _dot_in_float32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED)
 
 
 def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
@@ -300,11 +304,12 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
         blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
         _image_forward_kernel[(num, triton.cdiv(channels, blocks["BLOCK_C"]))](
             input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
-            TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, **blocks, **common,
+            TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), **blocks, **common,
         )
     else:
         block_bins = triton.next_power_of_2(out_h * out_w)
-        block_c = max(1, min(triton.next_power_of_2(channels), 4096 // max(block_bins, 16)))
+        # Four gathered corners live beside the accumulator: half the usual block keeps them in registers.
+        block_c = max(1, min(triton.next_power_of_2(channels), 2048 // max(block_bins, 16)))
         _box_forward_kernel[(rois.shape[0], triton.cdiv(channels, block_c))](
             input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
             BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
@@ -321,7 +326,7 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     if grad_input.numel() == 0:
         return grad_input
     rois = _prepared_rois(rois)
-    grad = grad.contiguous()
+    grad = grad.to(input.dtype).contiguous()
     order, offsets = group_by_image(rois, num)
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     per_bin = tile_h * tile_w > MAX_TILE
@@ -334,6 +339,6 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        TILE_H=tile_h, TILE_W=tile_w, BF16_DOT=_BF16_DOT, PER_BIN=per_bin, **blocks,
+        TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), PER_BIN=per_bin, **blocks,
     )
     return grad_input

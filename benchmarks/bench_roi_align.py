@@ -21,6 +21,7 @@ import argparse
 import itertools
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -97,6 +98,7 @@ def run(args) -> None:
     generator = torch.Generator().manual_seed(0)
     bandwidth = measured_bandwidth(device)
     cases = []
+    start_time = time.perf_counter()
     if args.quick:
         for output, dtype, memory in [("1x1-pooled", torch.float32, "nchw"), ("7x7", torch.bfloat16, "channels_last")]:
             cases.append(("scrl", (2, 16, 7, 7), scrl_rois(2, 3, 224, generator), output, -1, False, 1 / 32, dtype, memory))
@@ -109,6 +111,7 @@ def run(args) -> None:
         for dtype, memory in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
             cases.append(("detection", (8, 256, 200, 304), detection_rois(8, 512, 800, 1216, generator), "7x7", 2, True, 1 / 4, dtype, memory))
 
+    cases = [case for case in cases if args.only in (None, case[0])]
     rows = []
     for name, shape, rois, output, sampling, aligned, scale, dtype, memory in cases:
         inputs, next_input, ours, theirs = make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, device, generator)
@@ -141,12 +144,13 @@ def run(args) -> None:
     columns = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction"]
     print_table(rows, columns)
     path = write_results("roi_align" + ("_quick" if args.quick else ""), device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
-    print(f"wrote {path}")
+    print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few cases (CPU, seconds)")
+    parser.add_argument("--only", choices=("scrl", "detection"), help="run one family of shapes")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
     run(parser.parse_args())
 

@@ -265,3 +265,20 @@ def test_docstring_examples():
 
     module = importlib.import_module("fastdense.ops.roi_align")
     assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, memory", [(torch.float32, "nchw"), (torch.bfloat16, "channels_last")])
+def test_detection_shape_matches_torchvision_and_is_deterministic(dtype, memory):
+    """A detection-like map (per-box forward, per-bin tiled backward) with many overlapping boxes."""
+    generator = torch.Generator().manual_seed(6)
+    x = layout(torch.randn(2, 64, 100, 152, generator=generator).cuda().to(dtype), memory).requires_grad_()
+    rois = random_rois(3, 100, 152, 0.25, 64, generator)
+    rois = rois[rois[:, 0] < 2].cuda().float()
+    out = ops.roi_align(x, rois, (7, 7), 0.25, 2, True)
+    grad = torch.randn(out.shape, generator=generator).cuda().to(dtype)
+    grads = [torch.autograd.grad(ops.roi_align(x, rois, (7, 7), 0.25, 2, True), x, grad)[0] for _ in range(5)]
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (7, 7), 0.25, 2, True)
+    assert relative_error(out, expected) <= TOLERANCE[dtype]
+    assert relative_error(grads[0], expected_grad) <= TOLERANCE[dtype]
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])

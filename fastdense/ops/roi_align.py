@@ -204,12 +204,18 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
     if rois.numel():
+        # One device-to-host transfer for all three checks: on a GPU each would be a sync of its own.
         index = rois[:, 0]
-        if bool(((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any()):
+        bad_index, inverted, not_finite = torch.stack([
+            ((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any(),
+            ((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any(),
+            ~torch.isfinite(rois).all(),
+        ]).tolist()
+        if bad_index:
             raise ValueError(f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}")
-        if bool(((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any()):
+        if inverted:
             raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
-        if not bool(torch.isfinite(rois).all()):
+        if not_finite:
             raise ValueError("boxes must be finite")
     return tuple(output_size)
 

@@ -29,11 +29,44 @@ def roi_align_reference(
     ones, and ``out[k, c] = A_y[k] @ input[b_k, c] @ A_x[k]^T / count_k``. Coordinates and weights are
     computed in the input's precision (float32 for float16/bfloat16), as torchvision's kernel does.
     """
-    out_h, out_w = output_size
-    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    compute = _compute_dtype(input)
     features = input.to(compute)
-    rois = rois.detach().to(compute)
-    height, width = input.shape[-2:]
+    weights_y, weights_x, count = _box_weights(rois.detach().to(compute), output_size, spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
+    out = features.new_zeros(rois.shape[0], input.shape[1], *output_size)
+    for b, rows in _rows_by_image(rois):
+        pooled = torch.einsum("kph,chw,kqw->kcpq", weights_y[rows], features[b], weights_x[rows])
+        out = out.index_copy(0, rows, pooled / count[rows, None, None, None])
+    return out.to(input.dtype)
+
+
+def roi_align_backward_reference(
+    grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> torch.Tensor:
+    """Gradient of :func:`roi_align_reference` with respect to ``input``:
+    ``grad_input[b] = sum over boxes k of image b of A_y[k]^T grad[k] A_x[k] / count_k``, in
+    ``input``'s dtype and memory layout."""
+    compute = _compute_dtype(input)
+    weights_y, weights_x, count = _box_weights(rois.detach().to(compute), tuple(grad.shape[-2:]), spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
+    grad = grad.to(compute) / count[:, None, None, None]
+    grad_input = torch.zeros(input.shape, dtype=compute, device=input.device)
+    for b, rows in _rows_by_image(rois):
+        grad_input[b] = torch.einsum("kph,kcpq,kqw->chw", weights_y[rows], grad[rows], weights_x[rows])
+    return torch.empty_like(input).copy_(grad_input)
+
+
+def _compute_dtype(input: torch.Tensor) -> torch.dtype:
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _rows_by_image(rois: torch.Tensor):
+    batch_index = rois[:, 0].long()
+    for b in torch.unique(batch_index).tolist():
+        yield b, (batch_index == b).nonzero().squeeze(1)
+
+
+def _box_weights(rois, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool, height: int, width: int):
+    """``(A_y [K, PH, H], A_x [K, PW, W], count [K])`` for ``rois`` in the compute dtype."""
+    out_h, out_w = output_size
     offset = 0.5 if aligned else 0.0
     start = rois[:, 1:3] * spatial_scale - offset  # (x, y)
     size = rois[:, 3:5] * spatial_scale - offset - start
@@ -46,16 +79,10 @@ def roi_align_reference(
     else:
         grid_h = torch.ceil(size[:, 1] / out_h).long()
         grid_w = torch.ceil(size[:, 0] / out_w).long()
-    count = (grid_h * grid_w).clamp(min=1).to(compute)
-    weights_y = _axis_weights(start[:, 1], bin_h, grid_h, out_h, height)  # [K, PH, H]
-    weights_x = _axis_weights(start[:, 0], bin_w, grid_w, out_w, width)  # [K, PW, W]
-    batch_index = rois[:, 0].long()
-    out = features.new_zeros(rois.shape[0], input.shape[1], out_h, out_w)
-    for b in torch.unique(batch_index).tolist():
-        rows = (batch_index == b).nonzero().squeeze(1)
-        pooled = torch.einsum("kph,chw,kqw->kcpq", weights_y[rows], features[b], weights_x[rows])
-        out = out.index_copy(0, rows, pooled / count[rows, None, None, None])
-    return out.to(input.dtype)
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)
+    weights_y = _axis_weights(start[:, 1], bin_h, grid_h, out_h, height)
+    weights_x = _axis_weights(start[:, 0], bin_w, grid_w, out_w, width)
+    return weights_y, weights_x, count
 
 
 def _axis_weights(start, bin_size, grid, out_size: int, extent: int) -> torch.Tensor:
@@ -82,6 +109,65 @@ def _axis_weights(start, bin_size, grid, out_size: int, extent: int) -> torch.Te
     weights.scatter_add_(2, low, (1 - frac) * mask)
     weights.scatter_add_(2, high, frac * mask)
     return weights
+
+
+# The Triton kernels accumulate in float32; float64 input is served by the reference.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ``torch.library`` registration: one forward and one backward op, each carrying the implementation
+# chosen by ``fastdense.ops._dispatch.resolve`` as an argument, so torch.compile traces either one and
+# the backward runs on the same implementation as the forward. There is no autocast rule: the op runs
+# natively in the dtype it is given (float16/bfloat16 stay so, with float32 accumulation inside).
+@torch.library.custom_op("fastdense::roi_align", mutates_args=())
+def _roi_align_op(
+    input: torch.Tensor, rois: torch.Tensor, output_height: int, output_width: int,
+    spatial_scale: float, sampling_ratio: int, aligned: bool, implementation: str,
+) -> torch.Tensor:
+    if implementation == "triton":
+        from fastdense.kernels.roi_align import roi_align_forward
+
+        return roi_align_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
+    return roi_align_reference(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_op.register_fake
+def _(input, rois, output_height, output_width, spatial_scale, sampling_ratio, aligned, implementation):
+    return input.new_empty(rois.shape[0], input.shape[1], output_height, output_width)
+
+
+@torch.library.custom_op("fastdense::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(
+    grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor,
+    spatial_scale: float, sampling_ratio: int, aligned: bool, implementation: str,
+) -> torch.Tensor:
+    if implementation == "triton":
+        from fastdense.kernels.roi_align import roi_align_backward
+
+        return roi_align_backward(grad, input, rois, spatial_scale, sampling_ratio, aligned)
+    return roi_align_backward_reference(grad, input, rois, spatial_scale, sampling_ratio, aligned)
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, input, rois, spatial_scale, sampling_ratio, aligned, implementation):
+    return torch.empty_like(input)
+
+
+def _setup_context(ctx, inputs, output):
+    input, rois, _, _, spatial_scale, sampling_ratio, aligned, implementation = inputs
+    ctx.save_for_backward(input, rois)
+    ctx.params = (spatial_scale, sampling_ratio, aligned, implementation)
+
+
+def _backward(ctx, grad):
+    input, rois = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastdense.roi_align_backward(grad, input, rois, *ctx.params)
+    return grad_input, None, None, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
@@ -118,12 +204,18 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
     if rois.numel():
+        # One device-to-host transfer for all three checks: on a GPU each would be a sync of its own.
         index = rois[:, 0]
-        if bool(((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any()):
+        bad_index, inverted, not_finite = torch.stack([
+            ((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any(),
+            ((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any(),
+            ~torch.isfinite(rois).all(),
+        ]).tolist()
+        if bad_index:
             raise ValueError(f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}")
-        if bool(((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any()):
+        if inverted:
             raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
-        if not bool(torch.isfinite(rois).all()):
+        if not_finite:
             raise ValueError("boxes must be finite")
     return tuple(output_size)
 
@@ -155,24 +247,44 @@ def roi_align(
     Returns:
         ``[K, C, output_size[0], output_size[1]]`` in the input's dtype.
 
+    CUDA float16/bfloat16/float32 input runs the Triton kernels of :mod:`fastdense.kernels.roi_align`
+    (float32 accumulation, input strides read in place, a deterministic backward without atomics);
+    anything else, or ``fastdense.ops.backend("reference")``, the PyTorch reference. Under autocast the
+    op runs natively in the dtype it is given (a bfloat16 feature map gives bfloat16 output).
+    Gradients flow to ``input`` only, as in torchvision.
+
     >>> import torch, fastdense.ops as ops
     >>> feats = torch.arange(16.0).reshape(1, 1, 4, 4)
     >>> ops.roi_align(feats, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], output_size=1, aligned=True)
-    tensor([[[[5.]]]])
+    tensor([[[[2.5000]]]])
     """
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
-    resolve("roi_align", (input, rois), available=())
-    return roi_align_reference(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned))
+    available = ("triton",) if input.dtype in TRITON_DTYPES else ()
+    implementation = resolve("roi_align", (input, rois), available=available)
+    return torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)
 
 
 def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
-    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box)."""
+    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box).
+
+    >>> import torch, fastdense.ops as ops
+    >>> feats = torch.ones(2, 8, 7, 7)
+    >>> boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0]]), torch.tensor([[32.0, 32.0, 96.0, 160.0]])]
+    >>> ops.roi_pool_vectors(feats, boxes, spatial_scale=1 / 32).shape
+    torch.Size([2, 8])
+    """
     return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned).flatten(1)
 
 
 class RoIAlign(nn.Module):
-    """Module form of :func:`roi_align`."""
+    """Module form of :func:`roi_align`.
+
+    >>> import torch, fastdense.ops as ops
+    >>> pool = ops.RoIAlign(output_size=(7, 7), spatial_scale=1 / 32, sampling_ratio=2, aligned=True)
+    >>> pool(torch.randn(1, 4, 7, 7), torch.tensor([[0.0, 16.0, 16.0, 200.0, 120.0]])).shape
+    torch.Size([1, 4, 7, 7])
+    """
 
     def __init__(self, output_size, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False):
         super().__init__()

@@ -1,0 +1,159 @@
+"""RoIAlign: fastdense's Triton kernels against ``torchvision.ops.roi_align``, forward and forward+backward.
+
+Shapes from PERFORMANCE.md: SCRL's ``[B, 2048, 7, 7]`` (B in {64, 256}, 10 boxes per image, spatial
+scale 1/32 on 224 px views) with output 1x1 (the pooled ``[K, C]`` form; baseline: torchvision + mean)
+and 7x7, sampling -1 and 2, aligned False/True, float32 and bfloat16, NCHW and channels_last; and the
+detection shape ``[8, 256, 200, 304]`` with 512 boxes, 7x7 output.
+
+torchvision has no bfloat16 kernel: its bfloat16 baseline is what autocast does, a cast to float32 and
+back (timed). Each row reports both medians, the ratio, and the fraction of the memory floor
+(``bytes / measured copy bandwidth``), where the bytes are the input read plus the output written for
+the forward, and in addition the output gradient read plus the input gradient written for the backward.
+Correctness against torchvision is checked on the same inputs before timing.
+
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py            # GPU, full set
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py --quick    # CPU (Triton interpreter), seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torchvision  # noqa: E402
+
+import fastdense.ops as ops  # noqa: E402
+from benchmarks.common import floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+
+
+def scrl_rois(num_images: int, per_image: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Boxes in view pixels, at least 32 px a side, as SCRL samples them."""
+    size = 32 + torch.rand(num_images * per_image, 2, generator=generator) * (image_size - 32)
+    start = torch.rand(num_images * per_image, 2, generator=generator) * (image_size - size)
+    index = torch.arange(num_images).repeat_interleave(per_image)[:, None].float()
+    return torch.cat([index, start, start + size], dim=1)
+
+
+def detection_rois(num_images: int, count: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    extent = torch.tensor([width, height], dtype=torch.float32)
+    size = (0.02 + torch.rand(count, 2, generator=generator) * 0.5) * extent
+    start = torch.rand(count, 2, generator=generator) * (extent - size)
+    index = torch.randint(0, num_images, (count, 1), generator=generator).float()
+    return torch.cat([index, start, start + size], dim=1)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, device, generator):
+    """Inputs (rotated copies when one is smaller than L2) and the two functions to time."""
+    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    copies = max(1, min(8, -(-3 * L2_BYTES // nbytes))) if device.type == "cuda" else 1
+    memory_format = torch.channels_last if memory == "channels_last" else torch.contiguous_format
+    inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=memory_format).requires_grad_() for _ in range(copies)]
+    rois = rois.to(device)
+    pooled = output == "1x1-pooled"
+    size = (1, 1) if pooled else (7, 7)
+    position = [0]
+
+    def next_input():
+        position[0] = (position[0] + 1) % copies
+        return inputs[position[0]]
+
+    def ours(x):
+        with ops.backend("triton"):  # on CPU too: the interpreter, so --quick exercises the kernels
+            return _ours(x)
+
+    def _ours(x):
+        if pooled:
+            return ops.roi_pool_vectors(x, rois, scale, sampling, aligned)
+        return ops.roi_align(x, rois, size, scale, sampling, aligned)
+
+    def theirs(x):
+        source = x if x.dtype in (torch.float32, torch.float64, torch.float16) else x.float()
+        out = torchvision.ops.roi_align(source, rois.to(source.dtype), size, scale, sampling, aligned)
+        out = out.mean((2, 3)) if pooled else out
+        return out.to(x.dtype)
+
+    return inputs, next_input, ours, theirs
+
+
+def run(args) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    bandwidth = measured_bandwidth(device)
+    cases = []
+    start_time = time.perf_counter()
+    if args.quick:
+        for output, dtype, memory in [("1x1-pooled", torch.float32, "nchw"), ("7x7", torch.bfloat16, "channels_last")]:
+            cases.append(("scrl", (2, 16, 7, 7), scrl_rois(2, 3, 224, generator), output, -1, False, 1 / 32, dtype, memory))
+        cases.append(("detection", (1, 2, 33, 20), detection_rois(1, 3, 132, 80, generator), "7x7", 2, True, 1 / 4, torch.float32, "nchw"))
+    else:
+        for batch, output, sampling, aligned, dtype, memory in itertools.product(
+            (64, 256), ("1x1-pooled", "7x7"), (-1, 2), (False, True), (torch.float32, torch.bfloat16), ("nchw", "channels_last")
+        ):
+            cases.append(("scrl", (batch, 2048, 7, 7), scrl_rois(batch, 10, 224, generator), output, sampling, aligned, 1 / 32, dtype, memory))
+        for dtype, memory in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
+            cases.append(("detection", (8, 256, 200, 304), detection_rois(8, 512, 800, 1216, generator), "7x7", 2, True, 1 / 4, dtype, memory))
+
+    cases = [case for case in cases if args.only in (None, case[0])]
+    rows = []
+    for name, shape, rois, output, sampling, aligned, scale, dtype, memory in cases:
+        inputs, next_input, ours, theirs = make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, device, generator)
+        x = inputs[0]
+        out = ours(x)
+        grad = torch.randn(out.shape, generator=generator).to(device=device, dtype=dtype)
+        expected = theirs(x)
+        fwd_error = relative_error(out, expected)
+        bwd_error = relative_error(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+        elt = x.element_size()
+        fwd_bytes = x.numel() * elt + out.numel() * elt
+        both_bytes = 2 * fwd_bytes
+        row = dict(
+            case=name, shape="x".join(map(str, shape)), boxes=int(rois.shape[0]), output=output, sampling=sampling, aligned=aligned,
+            dtype=str(dtype).replace("torch.", ""), layout=memory, fwd_rel_err=fwd_error, bwd_rel_err=bwd_error,
+        )
+        for label, nbytes, fn in (
+            ("fwd", fwd_bytes, lambda f: f(next_input())),
+            ("fwdbwd", both_bytes, lambda f: torch.autograd.grad(f(xi := next_input()), xi, grad)),
+        ):
+            ours_ms = time_ms(lambda: fn(ours), device, repeats=args.repeats, warmup=1)
+            theirs_ms = time_ms(lambda: fn(theirs), device, repeats=args.repeats, warmup=1)
+            floor = floor_ms(0.0, nbytes, 0.0, bandwidth)
+            row.update({
+                f"{label}_ms": ours_ms, f"{label}_torchvision_ms": theirs_ms, f"{label}_speedup": theirs_ms / ours_ms,
+                f"{label}_floor_ms": floor, f"{label}_bandwidth_fraction": floor / ours_ms if floor > 0 else float("nan"),
+            })
+        rows.append(row)
+        del inputs
+    columns = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction"]
+    print_table(rows, columns)
+    path = write_results("roi_align" + ("_quick" if args.quick else ""), device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
+    print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few cases (CPU, seconds)")
+    parser.add_argument("--only", choices=("scrl", "detection"), help="run one family of shapes")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

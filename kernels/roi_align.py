@@ -1,0 +1,349 @@
+"""RoIAlign forward and deterministic backward in Triton, with ``torchvision.ops.roi_align`` semantics.
+
+Bilinear sampling is separable: the samples of output bin ``(ph, pw)`` of box ``k`` give input pixel
+``(h, w)`` the weight ``a_y[ph, h] * a_x[pw, w] / count`` (``a_y``, ``a_x``: summed bilinear weights of
+the bin's sample rows and columns). Three kernels use that:
+
+- ``_image_forward_kernel`` (maps up to ``MAX_TILE`` pixels, SCRL's ``[B, 2048, 7, 7]``): one program
+  per (image, channel block) holds the whole map of its channels in registers, reads it once, and
+  reduces it against every box of that image. Input is read exactly once.
+- ``_box_forward_kernel`` (larger maps): one program per (box, channel block) gathers the four
+  corners of each sample, vectorised over channels and output bins.
+- ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
+  loops over that image's boxes and accumulates their gradients into its tile in registers, then
+  writes the tile once. Whole small maps take every bin of a box in one tl.dot; tiles of large maps
+  visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation order, so gradients are bit-identical run
+  after run; ``grad_input`` needs no zero-fill.
+
+Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
+weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest padded map (pixels) that one program keeps whole in registers for the forward.
+MAX_TILE = 1024
+# Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
+LARGE_TILE = (8, 16)
+# Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _box_geometry(rois_ptr, j, spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr):
+    """Image index, start, bin size and sample grid of box ``j``, in torchvision's arithmetic order."""
+    base = rois_ptr + j * 5
+    image = tl.load(base).to(tl.int32)
+    if ALIGNED:
+        offset = 0.5
+    else:
+        offset = 0.0
+    start_x = tl.load(base + 1) * spatial_scale - offset
+    start_y = tl.load(base + 2) * spatial_scale - offset
+    width = (tl.load(base + 3) * spatial_scale - offset) - start_x
+    height = (tl.load(base + 4) * spatial_scale - offset) - start_y
+    if not ALIGNED:
+        width = tl.maximum(width, 1.0)
+        height = tl.maximum(height, 1.0)
+    if SAMPLING > 0:
+        grid_h = tl.full((), SAMPLING, tl.int32)
+        grid_w = tl.full((), SAMPLING, tl.int32)
+    else:
+        grid_h = tl.ceil(height / PH).to(tl.int32)
+        grid_w = tl.ceil(width / PW).to(tl.int32)
+    count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
+    return image, start_y, start_x, height / PH, width / PW, grid_h, grid_w, count
+
+
+@triton.jit
+def _bin_weights(start, bin_size, grid, p, idx, extent):
+    """Summed bilinear weights that the ``grid`` samples of bin ``p`` (one axis) give to positions
+    ``idx``; ``p`` and ``idx`` broadcast (a scalar bin, or ``[BINS, 1]`` against ``[1, PIXELS]``)."""
+    acc = tl.zeros_like(p + idx).to(tl.float32)
+    grid_f = tl.maximum(grid, 1).to(tl.float32)
+    for s in range(0, grid):
+        pos = start + p * bin_size + (s + 0.5) * bin_size / grid_f
+        inside = (pos >= -1.0) & (pos <= extent)
+        pos = tl.maximum(pos, 0.0)
+        low = pos.to(tl.int32)
+        at_edge = low >= extent - 1
+        low = tl.where(at_edge, extent - 1, low)
+        high = tl.where(at_edge, low, low + 1)
+        frac = tl.where(at_edge, 0.0, pos - low.to(tl.float32))
+        w_low = tl.where(inside, 1.0 - frac, 0.0)
+        w_high = tl.where(inside, frac, 0.0)
+        acc += tl.where(idx == low, w_low, 0.0) + tl.where(idx == high, w_high, 0.0)
+    return acc
+
+
+@triton.jit
+def _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W,
+                 PH: tl.constexpr, PW: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """``[PH_PAD * PW_PAD, TILE_H * TILE_W]``: the weight output bin ``ph * PW_PAD + pw`` of a box gives
+    pixel ``(top + r, left + c)`` at column ``r * TILE_W + c`` (zero for padding bins). Built as the
+    outer product of one matrix per axis, so the per-sample work is per row and per column only."""
+    bin_rows = tl.arange(0, PH_PAD)
+    bin_cols = tl.arange(0, PW_PAD)
+    weight_y = _bin_weights(start_y, bin_h, grid_h, bin_rows[:, None], (top + tl.arange(0, TILE_H))[None, :], H)
+    weight_x = _bin_weights(start_x, bin_w, grid_w, bin_cols[:, None], (left + tl.arange(0, TILE_W))[None, :], W)
+    weight_y = tl.where((bin_rows < PH)[:, None], weight_y, 0.0)
+    weight_x = tl.where((bin_cols < PW)[:, None], weight_x, 0.0)
+    return tl.reshape(weight_y[:, None, :, None] * weight_x[None, :, None, :], (PH_PAD * PW_PAD, TILE_H * TILE_W))
+
+
+@triton.jit
+def _bin_offsets(PH: tl.constexpr, PW: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr):
+    """Offset of each padded bin in a ``[PH, PW]`` output, and whether it is a real bin."""
+    bins = tl.arange(0, PH_PAD * PW_PAD)
+    return (bins // PW_PAD) * PW + bins % PW_PAD, ((bins // PW_PAD) < PH) & ((bins % PW_PAD) < PW)
+
+
+@triton.jit
+def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
+    """``values @ weights`` accumulated in float32: exact float32 products when ``DOT_FP32`` (float32
+    values); otherwise tensor cores on float16/bfloat16 values with the weights rounded to the same
+    type (relative error about 2^-8, inside those types' tolerance)."""
+    if DOT_FP32:
+        return tl.dot(values.to(tl.float32), weights, input_precision="ieee")
+    return tl.dot(values, weights.to(values.dtype), out_dtype=tl.float32)
+
+
+@triton.jit
+def _image_forward_kernel(
+    x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    image = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pixel = tl.arange(0, TILE_H * TILE_W)
+    rows = pixel // TILE_W
+    cols = pixel % TILE_W
+    c_ok = channels < C
+    tile_ptrs = x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
+    tile_mask = c_ok[:, None] & ((rows < H) & (cols < W))[None, :]
+    tile = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    for j in range(first, last):
+        box = tl.load(order_ptr + j)
+        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+        out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+        weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+        if PH * PW == 1:
+            value = tl.sum(tile.to(tl.float32) * weights, axis=1) / count
+            tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
+        else:
+            # Every bin at once: [channels, pixels] x [pixels, bins].
+            values = tile
+            if DOT_FP32:
+                # Read again (from cache) per box: a float32 tile kept live across the loop next to
+                # tl.dot's operand copies spills registers (ptxas, sm_90).
+                values = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
+            value = _weighted_sum(values, tl.trans(weights), DOT_FP32) / count
+            offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+            tl.store(out_base[:, None] + offsets[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
+
+
+@triton.jit
+def _box_forward_kernel(
+    x_ptr, rois_ptr, out_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_BINS: tl.constexpr,
+):
+    box = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bins = tl.arange(0, BLOCK_BINS)
+    bin_y = (bins // PW).to(tl.float32)
+    bin_x = (bins % PW).to(tl.float32)
+    c_ok = channels < C
+    bins_ok = bins < PH * PW
+    image, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+    base = x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c
+    grid_hf = tl.maximum(grid_h, 1).to(tl.float32)
+    grid_wf = tl.maximum(grid_w, 1).to(tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_BINS), tl.float32)
+    for sy in range(0, grid_h):
+        y = start_y + bin_y * bin_h + (sy + 0.5) * bin_h / grid_hf
+        y_in = (y >= -1.0) & (y <= H)
+        y = tl.maximum(y, 0.0)
+        y_low = y.to(tl.int32)
+        y_edge = y_low >= H - 1
+        y_low = tl.where(y_edge, H - 1, y_low)
+        y_high = tl.where(y_edge, y_low, y_low + 1)
+        ly = tl.where(y_edge, 0.0, y - y_low.to(tl.float32))
+        for sx in range(0, grid_w):
+            x = start_x + bin_x * bin_w + (sx + 0.5) * bin_w / grid_wf
+            inside = y_in & (x >= -1.0) & (x <= W) & bins_ok
+            x = tl.maximum(x, 0.0)
+            x_low = x.to(tl.int32)
+            x_edge = x_low >= W - 1
+            x_low = tl.where(x_edge, W - 1, x_low)
+            x_high = tl.where(x_edge, x_low, x_low + 1)
+            lx = tl.where(x_edge, 0.0, x - x_low.to(tl.float32))
+            mask = c_ok[:, None] & inside[None, :]
+            row_low = y_low * stride_h
+            row_high = y_high * stride_h
+            v1 = tl.load(base + (row_low + x_low * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v2 = tl.load(base + (row_low + x_high * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v3 = tl.load(base + (row_high + x_low * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            v4 = tl.load(base + (row_high + x_high * stride_w)[None, :], mask=mask, other=0.0).to(tl.float32)
+            hy = 1.0 - ly
+            hx = 1.0 - lx
+            acc += (hy * hx)[None, :] * v1 + (hy * lx)[None, :] * v2 + (ly * hx)[None, :] * v3 + (ly * lx)[None, :] * v4
+    out = out_ptr + box.to(tl.int64) * C * PH * PW + channels[:, None] * (PH * PW) + bins[None, :]
+    tl.store(out, (acc / count).to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & bins_ok[None, :])
+
+
+@triton.jit
+def _image_backward_kernel(
+    grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
+    C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
+    PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    PER_BIN: tl.constexpr,
+):
+    image = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    top = (tl.program_id(2) // tiles_w) * TILE_H
+    left = (tl.program_id(2) % tiles_w) * TILE_W
+    pixel = tl.arange(0, TILE_H * TILE_W)
+    rows = top + pixel // TILE_W
+    cols = left + pixel % TILE_W
+    c_ok = channels < C
+    acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    for j in range(first, last):
+        box = tl.load(order_ptr + j)
+        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+        # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
+        # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
+        meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
+        meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
+        if meets_rows & meets_cols:
+            grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+            if PH * PW == 1:
+                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+                g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
+                acc += g[:, None] * weights
+            elif PER_BIN:
+                # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
+                # each, rather than multiplying by the mostly-zero weights of every bin.
+                for ph in range(0, PH):
+                    bin_top = start_y + ph * bin_h
+                    if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
+                        weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
+                        for pw in range(0, PW):
+                            bin_left = start_x + pw * bin_w
+                            if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
+                                weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
+                                weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
+                                g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
+                                acc += g[:, None] * weight[None, :]
+            else:
+                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+                offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+                g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
+                acc += _weighted_sum(g, weights, DOT_FP32) / count
+    dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
+    tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
+
+
+def group_by_image(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order, offsets)``: ``rois[order]`` is grouped by image, and image ``b``'s boxes are
+    ``order[offsets[b]:offsets[b + 1]]``, in their original order. On the device, without a host sync."""
+    image = rois[:, 0].to(torch.int64)
+    sorted_image, order = torch.sort(image, stable=True)
+    offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+def _prepared_rois(rois: torch.Tensor) -> torch.Tensor:
+    return rois.detach().to(torch.float32).contiguous()
+
+
+def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
+    tile_h, tile_w = triton.next_power_of_2(height), triton.next_power_of_2(width)
+    if bins > 1:  # tl.dot needs at least 16 along every dimension
+        tile_w = max(tile_w, 16 // min(tile_h, 16))
+    return tile_h, tile_w
+
+
+def _dot_in_float32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED)
+
+
+def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
+    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``: about 2048 float32 values of the tile per program (ptxas for
+    sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more channels than exist,
+    and tl.dot's minimum of 16 when there is more than one bin."""
+    minimum = 16 if out_h * out_w > 1 else 1
+    block_c = max(minimum, min(triton.next_power_of_2(channels), max(1, 2048 // tile)))
+    ph_pad = triton.next_power_of_2(out_h)
+    pw_pad = max(triton.next_power_of_2(out_w), minimum // min(ph_pad, minimum))
+    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
+
+
+def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """``[K, C, PH, PW]`` RoIAlign of ``input [N, C, H, W]`` (any strides) over ``rois [K, 5]``."""
+    num, channels, height, width = input.shape
+    out_h, out_w = output_size
+    out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out
+    rois = _prepared_rois(rois)
+    common = dict(PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned))
+    tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
+    if tile_h * tile_w <= MAX_TILE:
+        order, offsets = group_by_image(rois, num)
+        blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
+        _image_forward_kernel[(num, triton.cdiv(channels, blocks["BLOCK_C"]))](
+            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
+            TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), **blocks, **common,
+        )
+    else:
+        block_bins = triton.next_power_of_2(out_h * out_w)
+        # Four gathered corners live beside the accumulator: half the usual block keeps them in registers.
+        block_c = max(1, min(triton.next_power_of_2(channels), 2048 // max(block_bins, 16)))
+        _box_forward_kernel[(rois.shape[0], triton.cdiv(channels, block_c))](
+            input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
+            BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
+        )
+    return out
+
+
+def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """Gradient of :func:`roi_align_forward` with respect to ``input`` (same shape, dtype and strides),
+    deterministic."""
+    num, channels, height, width = input.shape
+    out_h, out_w = grad.shape[-2:]
+    grad_input = torch.empty_like(input)
+    if grad_input.numel() == 0:
+        return grad_input
+    rois = _prepared_rois(rois)
+    grad = grad.to(input.dtype).contiguous()
+    order, offsets = group_by_image(rois, num)
+    tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
+    per_bin = tile_h * tile_w > MAX_TILE
+    if per_bin:
+        tile_h = min(tile_h, LARGE_TILE[0])
+        tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
+    tiles_w = triton.cdiv(width, tile_w)
+    blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
+    grid = (num, triton.cdiv(channels, blocks["BLOCK_C"]), triton.cdiv(height, tile_h) * tiles_w)
+    _image_backward_kernel[grid](
+        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
+        PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+        TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), PER_BIN=per_bin, **blocks,
+    )
+    return grad_input

@@ -1,0 +1,284 @@
+"""RoIAlign: the reference against torchvision, the Triton kernels against torchvision, determinism,
+autograd/compile/autocast integration and bad input.
+
+On a machine without a GPU the kernels run in Triton's interpreter on a small, representative subset
+of the parameter grid (few channels, small maps); with a GPU the whole grid runs.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torchvision
+
+import fastdense.ops as ops
+from fastdense.ops.roi_align import boxes_to_rois, roi_align_backward_reference, roi_align_reference
+from conftest import HAS_CUDA
+
+OUTPUT_SIZES = [(1, 1), (7, 7), (3, 5)]
+SAMPLING = [-1, 1, 2]
+ALIGNED = [False, True]
+SCALES = [1.0, 1 / 32, 0.7]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last"]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def random_rois(num_images: int, height: int, width: int, spatial_scale: float, per_image: int, generator: torch.Generator) -> torch.Tensor:
+    """``[K, 5]`` rois in box coordinates, shuffled across images: most boxes inside the map, some
+    partly outside it, some of zero size, and image 1 (when there is one) with no boxes at all."""
+    rows = []
+    extent = torch.tensor([width, height], dtype=torch.float64) / spatial_scale
+    for image in range(num_images):
+        if image == 1:
+            continue
+        start = (torch.rand(per_image, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.3) * extent
+        size = torch.rand(per_image, 2, generator=generator, dtype=torch.float64) * 0.8 * extent
+        size[0] = 0.0  # a degenerate box: a single point
+        size[1, 0] = 0.0  # and a zero-width one
+        rows.append(torch.cat([torch.full((per_image, 1), float(image), dtype=torch.float64), start, start + size], dim=1))
+    rois = torch.cat(rows)
+    return rois[torch.randperm(rois.shape[0], generator=generator)]
+
+
+def layout(x: torch.Tensor, name: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if name == "channels_last" else x
+
+
+def torchvision_forward_backward(x, rois, grad, output_size, spatial_scale, sampling_ratio, aligned):
+    """torchvision in float64 on the same (already rounded) values: the oracle."""
+    x64 = x.detach().double().requires_grad_()
+    out = torchvision.ops.roi_align(x64, rois.double(), output_size, spatial_scale, sampling_ratio, aligned)
+    (grad_x,) = torch.autograd.grad(out, x64, grad.double())
+    return out, grad_x
+
+
+def check_against_torchvision(backend, device, output_size, sampling_ratio, aligned, spatial_scale, dtype, memory, shape=(3, 4, 6, 7), per_image=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    num, channels, height, width = shape
+    x = layout(torch.randn(shape, generator=generator).to(device=device, dtype=dtype), memory).requires_grad_()
+    rois = random_rois(num, height, width, spatial_scale, per_image, generator).to(device=device, dtype=torch.float32)
+    with ops.backend(backend):
+        out = ops.roi_align(x, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        grad = torch.randn(out.shape, generator=generator).to(device=device, dtype=dtype)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, output_size, spatial_scale, sampling_ratio, aligned)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert grad_x.dtype == dtype and grad_x.stride() == x.stride()
+    assert relative_error(out, expected) <= TOLERANCE[dtype]
+    assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference against torchvision (float64: the reference is the specification)
+
+
+@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale", list(itertools.product(OUTPUT_SIZES, SAMPLING, ALIGNED, SCALES)))
+def test_reference_matches_torchvision(output_size, sampling_ratio, aligned, spatial_scale):
+    check_against_torchvision("reference", torch.device("cpu"), output_size, sampling_ratio, aligned, spatial_scale, torch.float64, "nchw", shape=(3, 5, 9, 11))
+
+
+def test_reference_gradcheck():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, 5, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+    rois = random_rois(2, 5, 6, 0.7, 3, generator)
+    for aligned in (False, True):
+        assert torch.autograd.gradcheck(lambda t: roi_align_reference(t, rois, (2, 3), 0.7, -1, aligned), (x,))
+        # The registered op's backward (reference implementation) against finite differences.
+        with ops.backend("reference"):
+            assert torch.autograd.gradcheck(lambda t: ops.roi_align(t, rois, (2, 3), 0.7, 2, aligned), (x,))
+
+
+def test_reference_backward_is_the_adjoint_of_forward():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 4, 5, dtype=torch.float64, generator=generator)
+    rois = random_rois(3, 4, 5, 1.0, 3, generator)
+    grad = torch.randn(rois.shape[0], 2, 3, 2, dtype=torch.float64, generator=generator)
+    forward = roi_align_reference(x, rois, (3, 2), 1.0, -1, False)
+    backward = roi_align_backward_reference(grad, x, rois, 1.0, -1, False)
+    assert torch.allclose((forward * grad).sum(), (x * backward).sum(), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Triton kernels against torchvision
+
+FULL_GRID = list(itertools.product(OUTPUT_SIZES, SAMPLING, ALIGNED, SCALES, DTYPES, LAYOUTS))
+# Interpreter subset: every (output_size, sampling, aligned) once, scales, dtypes and layouts rotating.
+SMALL_GRID = [(o, s, a, SCALES[i % 3], DTYPES[(i // 3 + i) % 3], LAYOUTS[i % 2]) for i, (o, s, a) in enumerate(itertools.product(OUTPUT_SIZES, SAMPLING, ALIGNED))]
+
+
+@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale, dtype, memory", FULL_GRID if HAS_CUDA else SMALL_GRID)
+def test_triton_matches_torchvision_small_map(device, output_size, sampling_ratio, aligned, spatial_scale, dtype, memory):
+    shape = (5, 37, 7, 7) if HAS_CUDA else (3, 3, 6, 7)
+    check_against_torchvision("triton", device, output_size, sampling_ratio, aligned, spatial_scale, dtype, memory, shape=shape, per_image=4 if HAS_CUDA else 2)
+
+
+@pytest.mark.parametrize("output_size, sampling_ratio, aligned, dtype, memory", [((3, 5), 2, False, torch.float32, "nchw"), ((1, 1), -1, True, torch.bfloat16, "channels_last")])
+def test_triton_matches_torchvision_large_map(device, output_size, sampling_ratio, aligned, dtype, memory):
+    """Maps over the whole-map limit: per-box forward, tiled backward (tiles at the map's edges too)."""
+    shape = (3, 70, 53, 75) if HAS_CUDA else (2, 2, 33, 19)
+    check_against_torchvision("triton", device, output_size, sampling_ratio, aligned, 0.5, dtype, memory, shape=shape, per_image=5 if HAS_CUDA else 2)
+
+
+def test_triton_non_contiguous_input_and_box_list(device):
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 6, 5, 9, generator=generator).to(device)
+    x = base[:, ::2, :, 1:8].requires_grad_()  # strided channels and columns
+    boxes = [torch.tensor([[0.5, 0.5, 4.0, 3.5], [1.0, 0.0, 6.0, 5.0]], device=device), torch.zeros(0, 4, device=device)]
+    with ops.backend("triton"):
+        out = ops.roi_align(x, boxes, (2, 2), 1.0, -1, True)
+        (grad_x,) = torch.autograd.grad(out.sum(), x)
+    expected = torchvision.ops.roi_align(x, boxes, (2, 2), 1.0, -1, True)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert relative_error(out, expected) <= 1e-5 and relative_error(grad_x, expected_grad) <= 1e-5
+
+
+def test_triton_no_boxes(device):
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
+    with ops.backend("triton"):
+        out = ops.roi_align(x, torch.zeros(0, 5, device=device), (7, 7))
+        assert out.shape == (0, 3, 7, 7)
+        (grad_x,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad_x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 7), (2, 2, 33, 19)])
+def test_triton_backward_is_bit_identical_across_runs(device, shape):
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    # Many overlapping boxes on one image: the order of their contributions is what could vary.
+    rois = random_rois(shape[0], shape[2], shape[3], 1.0, 6, generator).to(device=device, dtype=torch.float32)
+    with ops.backend("triton"):
+        out = ops.roi_align(x, rois, (2, 3), 1.0, 2, False)
+        grad = torch.randn(out.shape, generator=generator).to(device)
+        first = torch.autograd.grad(out, x, grad, retain_graph=True)[0]
+        for _ in range(2 if not HAS_CUDA else 20):
+            assert torch.equal(torch.autograd.grad(out, x, grad, retain_graph=True)[0], first)
+
+
+def test_pooled_form_and_module(device):
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 7, 7, generator=generator).to(device)
+    boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [40.0, 60.0, 150.0, 100.0]], device=device), torch.tensor([[10.0, 20.0, 30.0, 200.0]], device=device)]
+    expected = torchvision.ops.roi_align(x, boxes, 1, 1 / 32, -1, False).flatten(1)
+    with ops.backend("triton"):
+        pooled = ops.roi_pool_vectors(x, boxes, 1 / 32)
+        module_out = ops.RoIAlign(1, 1 / 32)(x, boxes)
+    assert pooled.shape == (3, 5)
+    assert relative_error(pooled, expected) <= 1e-5
+    assert relative_error(module_out.flatten(1), expected) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library integration
+
+
+def test_opcheck_reference():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [1, 1.0, 0.0, 5.0, 2.0]], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, 2, 2, 1.0, -1, False, "reference"))
+
+
+def test_torch_compile_matches_eager():
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [1, 1.0, 0.0, 5.0, 2.0]])
+    fn = lambda t: torch.ops.fastdense.roi_align(t, rois, 2, 2, 1.0, -1, False, "reference").square().sum()  # noqa: E731
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    (grad_eager,) = torch.autograd.grad(fn(x), x)
+    (grad_compiled,) = torch.autograd.grad(compiled(x), x)
+    assert torch.allclose(grad_eager, grad_compiled)
+
+
+def test_autocast_runs_natively_in_the_input_dtype():
+    x = torch.randn(1, 2, 4, 4)
+    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.roi_align(x, rois, 2).dtype == torch.float32
+        low = ops.roi_align(x.bfloat16(), rois, 2)
+    assert low.dtype == torch.bfloat16
+    assert relative_error(low, torchvision.ops.roi_align(x.bfloat16().double(), rois.double(), 2)) <= 2e-2
+
+
+def test_forcing_triton_on_float64_is_an_error():
+    with ops.backend("triton"), pytest.raises(RuntimeError, match="triton"):
+        ops.roi_align(torch.randn(1, 1, 3, 3, dtype=torch.float64), torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]], dtype=torch.float64), 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input
+
+GOOD_X = torch.randn(2, 3, 5, 5)
+GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(input=torch.randn(3, 5, 5)), ValueError, r"input.*\[N, C, H, W\]"),
+        (dict(input=torch.zeros(2, 3, 5, 5, dtype=torch.int32)), TypeError, "input.*floating-point"),
+        (dict(input=[[1.0]]), TypeError, "input.*torch.Tensor"),
+        (dict(boxes=torch.zeros(3, 4)), ValueError, r"boxes.*\[K, 5\]"),
+        (dict(boxes=torch.zeros(5)), ValueError, r"boxes.*\[K, 5\]"),
+        (dict(boxes=[torch.zeros(2, 5)]), ValueError, r"boxes\[0\].*\[k_i, 4\]"),
+        (dict(boxes="boxes"), TypeError, "boxes"),
+        (dict(boxes=torch.tensor([[2, 0.0, 0.0, 1.0, 1.0]])), ValueError, r"batch indices in \[0, 1\]"),
+        (dict(boxes=torch.tensor([[-1, 0.0, 0.0, 1.0, 1.0]])), ValueError, "batch indices"),
+        (dict(boxes=torch.tensor([[0.5, 0.0, 0.0, 1.0, 1.0]])), ValueError, "integer batch indices"),
+        (dict(boxes=torch.tensor([[0, 2.0, 0.0, 1.0, 1.0]])), ValueError, "x1 <= x2"),
+        (dict(boxes=torch.tensor([[0, 0.0, 2.0, 1.0, 1.0]])), ValueError, "y1 <= y2"),
+        (dict(boxes=torch.tensor([[0, 0.0, 0.0, float("inf"), 1.0]])), ValueError, "finite"),
+        (dict(boxes=torch.tensor([[0, float("nan"), 0.0, 1.0, 1.0]])), ValueError, "finite"),
+        (dict(output_size=0), ValueError, "output_size"),
+        (dict(output_size=(2, 2, 2)), ValueError, "output_size"),
+        (dict(output_size=(2.0, 2)), ValueError, "output_size"),
+        (dict(sampling_ratio=1.5), TypeError, "sampling_ratio"),
+        (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
+        (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
+    ],
+)
+def test_bad_input(kwargs, error, message):
+    args = dict(input=GOOD_X, boxes=GOOD_ROIS, output_size=2, spatial_scale=1.0, sampling_ratio=-1)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        ops.roi_align(**args)
+
+
+def test_bad_device():
+    meta_boxes = GOOD_ROIS.to("meta")
+    with pytest.raises(ValueError, match="boxes must be on the device of input"):
+        ops.roi_align(GOOD_X, meta_boxes, 2)
+
+
+def test_boxes_to_rois_keeps_image_order():
+    rois = boxes_to_rois([torch.ones(2, 4), torch.zeros(0, 4), torch.full((1, 4), 2.0)])
+    assert rois[:, 0].tolist() == [0, 0, 2]
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    module = importlib.import_module("fastdense.ops.roi_align")
+    assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, memory", [(torch.float32, "nchw"), (torch.bfloat16, "channels_last")])
+def test_detection_shape_matches_torchvision_and_is_deterministic(dtype, memory):
+    """A detection-like map (per-box forward, per-bin tiled backward) with many overlapping boxes."""
+    generator = torch.Generator().manual_seed(6)
+    x = layout(torch.randn(2, 64, 100, 152, generator=generator).cuda().to(dtype), memory).requires_grad_()
+    rois = random_rois(3, 100, 152, 0.25, 64, generator)
+    rois = rois[rois[:, 0] < 2].cuda().float()
+    out = ops.roi_align(x, rois, (7, 7), 0.25, 2, True)
+    grad = torch.randn(out.shape, generator=generator).cuda().to(dtype)
+    grads = [torch.autograd.grad(ops.roi_align(x, rois, (7, 7), 0.25, 2, True), x, grad)[0] for _ in range(5)]
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (7, 7), 0.25, 2, True)
+    assert relative_error(out, expected) <= TOLERANCE[dtype]
+    assert relative_error(grads[0], expected_grad) <= TOLERANCE[dtype]
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])

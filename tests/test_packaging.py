@@ -87,7 +87,7 @@ def test_wheel_installs_into_fresh_venv(built, tmp_path):
     assert not any(n.startswith(("kernels/", "pipelines/", "tests/", "csrc/")) for n in names)
 
     python = fresh_venv(tmp_path / "venv")
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--force-reinstall", wheel], cwd=tmp_path)
     files = smoke(python, tmp_path)
     site = (tmp_path / "venv").resolve()
     for module, path in files.items():

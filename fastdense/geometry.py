@@ -10,6 +10,7 @@ All functions are batched over any leading dimensions and differentiable in thei
 
 from __future__ import annotations
 
+import numbers
 from typing import Tuple, Union
 
 import torch
@@ -31,13 +32,17 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
     """
     names = ("x0", "y0", "width", "height", "out_width", "out_height")
     values = (x0, y0, width, height, out_width, out_height)
+    tensors = []
     for name, value in zip(names, values):
-        if not (torch.is_tensor(value) or isinstance(value, (int, float))) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
-        # Values of tensors are not checked here: that would synchronise with the GPU.
-        if name in names[2:] and isinstance(value, (int, float)) and not value > 0:
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"{name} must be a number, an array or a tensor, got {type(value).__name__}")
+        try:
+            tensors.append(torch.as_tensor(value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be a number, an array or a tensor, got {type(value).__name__}") from error
+        # Only plain numbers are checked: checking tensor values would synchronise with the GPU.
+        if name in names[2:] and isinstance(value, numbers.Real) and not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-    tensors = [torch.as_tensor(a) for a in values]
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
     x0, y0, width, height, out_width, out_height = (t.to(device=device, dtype=dtype) for t in tensors)

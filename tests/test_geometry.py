@@ -1,5 +1,6 @@
 """fastdense.geometry against hand-computed cases: matrices, inverses, composition, grids, boxes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,8 @@ def test_crop_matrix_batched_over_views_and_dtype():
     assert m.shape == (3, 2, 3, 3) and m.dtype == torch.float64
     torch.testing.assert_close(m[2, 0], geometry.crop_matrix(4.0, 0.0, 50.0, 40.0, 100, 80, True).double())
     torch.testing.assert_close(m[1, 1], geometry.crop_matrix(3.0, 0.0, 50.0, 40.0, 100, 80).double())
+    # NumPy scalars and arrays, as pipelines draw them, are accepted like numbers and tensors.
+    torch.testing.assert_close(geometry.crop_matrix(np.int64(4), np.float32(0), np.array([50.0]), 40, 100, 80, True)[0], m[2, 0].float())
 
 
 def test_round_trip_points_through_inverse():
@@ -127,6 +130,8 @@ def test_gradients_flow_through_matrices_and_boxes():
         (lambda: geometry.crop_matrix(0, 0, 0, 10, 224, 224), ValueError, "width must be positive"),
         (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, -1), ValueError, "out_height must be positive"),
         (lambda: geometry.crop_matrix("0", 0, 10, 10, 224, 224), TypeError, "x0"),
+        (lambda: geometry.crop_matrix(0, None, 10, 10, 224, 224), TypeError, "y0"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, [224, "a"], 224), TypeError, "out_width"),
         (lambda: geometry.crop_matrix(torch.zeros(3), torch.zeros(4), 10, 10, 224, 224), ValueError, "broadcast"),
         (lambda: geometry.invert(torch.zeros(3, 4)), ValueError, r"matrices must have shape \[\.\.\., 3, 3\]"),
         (lambda: geometry.invert([[1.0]]), ValueError, "matrices"),

@@ -34,12 +34,31 @@ print(json.dumps({"files": files, "counts": out.counts.tolist(), "rois": [list(r
 """
 
 
-def run(cmd, cwd, timeout=300):
+def _clean_env():
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PIP_REQUIRE_VIRTUALENV")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    result = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(map(str, cmd))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    return env
+
+
+def start(cmd, cwd):
+    """Start ``cmd`` without this checkout on the path; :func:`finish` collects it."""
+    cmd = [str(c) for c in cmd]
+    return cmd, subprocess.Popen(cmd, cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(job, timeout=300):
+    cmd, process = job
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+    assert process.returncode == 0, f"{' '.join(cmd)} failed ({process.returncode}):\n{output[-5000:]}"
+    return output
+
+
+def run(cmd, cwd, timeout=300):
+    return finish(start(cmd, cwd), timeout)
 
 
 def copy_sources(dst: Path) -> Path:
@@ -69,17 +88,28 @@ def smoke(python: Path, cwd: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A copy of the sources with its wheel built (the one compilation of csrc/ in this module)."""
+def installs(tmp_path_factory):
+    """The wheel, built from one copy of the sources, and an editable install of another copy into
+    a fresh venv. Both compile csrc/, so they run side by side (CI has two cores)."""
     root = tmp_path_factory.mktemp("packaging")
-    source = copy_sources(root / "src")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", source], cwd=root)
-    (wheel,) = (root / "dist").glob("fastdense-*.whl")
-    return source, wheel
+    wheel_source, editable_source = copy_sources(root / "wheel-src"), copy_sources(root / "editable-src")
+    editable_python = fresh_venv(root / "editable-venv")
+    editable = start([sys.executable, "-m", "pip", "--python", editable_python, "install", "--no-deps", "--no-build-isolation", "-e", editable_source], cwd=root)
+    wheel_build = start([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", wheel_source], cwd=root)
+    outcomes = {}
+    for name, job in (("wheel", wheel_build), ("editable", editable)):
+        try:
+            finish(job)
+            outcomes[name] = None
+        except AssertionError as failure:
+            outcomes[name] = str(failure)
+    wheels = list((root / "dist").glob("fastdense-*.whl"))
+    return {"outcomes": outcomes, "wheel": wheels[0] if wheels else None, "editable_source": editable_source, "editable_python": editable_python, "root": root}
 
 
-def test_wheel_installs_into_fresh_venv(built, tmp_path):
-    source, wheel = built
+def test_wheel_installs_into_fresh_venv(installs, tmp_path):
+    assert installs["outcomes"]["wheel"] is None, installs["outcomes"]["wheel"]
+    wheel = installs["wheel"]
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("fastdense/kernels/__init__.py", "fastdense/pipelines/batch.py", "fastdense/boxes.py"):
         assert expected in names
@@ -96,14 +126,12 @@ def test_wheel_installs_into_fresh_venv(built, tmp_path):
     assert Path(files["fastdense.pipelines"]).parent.name == "pipelines"
 
 
-def test_editable_install_maps_kernels_and_pipelines(built, tmp_path):
-    source, _ = built
-    # Compiles csrc/ again (setuptools builds editable extensions in a temporary build_lib and
-    # copies them in-tree), which is what scripts/install.sh relies on.
-    assert not list((source / "fastdense").glob("_C*.so"))
-    python = fresh_venv(tmp_path / "venv")
-    run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-build-isolation", "-e", source], cwd=tmp_path)
-    files = smoke(python, tmp_path)
+def test_editable_install_maps_kernels_and_pipelines(installs):
+    # The editable install compiled csrc/ (setuptools builds editable extensions in a temporary
+    # build_lib and copies them in-tree), which is what scripts/install.sh relies on.
+    assert installs["outcomes"]["editable"] is None, installs["outcomes"]["editable"]
+    source = installs["editable_source"]
+    files = smoke(installs["editable_python"], installs["root"])
     assert Path(files["fastdense.kernels"]).resolve() == (source / "kernels" / "__init__.py").resolve()
     assert Path(files["fastdense.pipelines"]).resolve() == (source / "pipelines" / "__init__.py").resolve()
     assert Path(files["fastdense._C"]).resolve().parent == (source / "fastdense").resolve()

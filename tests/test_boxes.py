@@ -354,3 +354,9 @@ def test_bad_input_names_the_argument(kwargs, error, match):
 def test_draw_scrl_randoms_validates_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         boxes.draw_scrl_randoms(0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    assert doctest.testmod(boxes, raise_on_error=True).attempted >= 4

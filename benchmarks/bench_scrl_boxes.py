@@ -65,7 +65,7 @@ def main() -> None:
         with backend("cpp"):
             return boxes.sample_scrl_boxes(matrices, generator=generator)
 
-    reference_ms = time_ms(lambda: run("reference"), device, repeats=3 if args.quick else 7, warmup=1)
+    reference_ms = time_ms(lambda: run("reference"), device, repeats=3 if args.quick else 11, warmup=1)
     cpp_ms = time_ms(lambda: run("cpp"), device, repeats=50 if args.quick else 200, warmup=5)
     cpp_draw_ms = time_ms(cpp_with_draw, device, repeats=50 if args.quick else 200, warmup=5)
     common = {"images": images, "boxes": int(ref.counts.sum()), "rule_met": float(ref.iou_rule_met.float().mean())}

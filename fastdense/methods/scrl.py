@@ -129,6 +129,7 @@ class SCRL(EmaTargetMethod):
         return {"loss": loss}
 
     def pool(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """One vector per box: RoIAlign 1x1 in float32 (the reference keeps pooling out of autocast)."""
+        """One vector per box: RoIAlign 1x1 in at least float32 (the reference keeps pooling out of autocast)."""
+        dtype = torch.promote_types(features.dtype, torch.float32)
         with torch.autocast(features.device.type, enabled=False):
-            return roi_pool_vectors(features.float(), rois.to(features.device, torch.float32), spatial_scale=1.0 / self.backbone.stride, sampling_ratio=-1, aligned=False)
+            return roi_pool_vectors(features.to(dtype), rois.to(features.device, dtype), spatial_scale=1.0 / self.backbone.stride, sampling_ratio=-1, aligned=False)

@@ -160,7 +160,6 @@ def test_scrl_target_copy_option_and_min_size_scaling():
 
 
 def test_scrl_forward_samples_boxes():
-    pytest.importorskip("fastdense.boxes", reason="the box sampler lands on the boxes branch")
     torch.manual_seed(0)
     method = build_method("scrl", preset="cpu", **SMALL_BYOL)
     batch = make_batch([96, 96], batch=4, dtype=torch.float32)

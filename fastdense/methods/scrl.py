@@ -103,6 +103,8 @@ class SCRL(EmaTargetMethod):
             view_size=(height, width),
             num_boxes=self.options["num_boxes"],
             min_size=self.box_min_size(width),
+            iou_threshold=self.options["box_iou_threshold"],
+            max_tries=self.options["box_max_tries"],
             generator=generator,
         )
 

@@ -133,6 +133,57 @@ def install(monkeypatch=None, **loader_kw):
         loop.build_method, loop.build_loader = method, loader
 
 
+def fixed_batch(batch_size=8, size=16, seed=99):
+    """A batch whose content depends only on ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    views = [torch.rand(batch_size, 3, size, size, generator=g) for _ in range(2)]
+    eye = torch.eye(3).expand(batch_size, 2, 3, 3).clone()
+    return ViewBatch(views=views, matrices=eye, source_size=torch.full((batch_size, 2), size), index=torch.arange(batch_size))
+
+
+def tiny_config(run_dir, **overrides):
+    """A resolved config for the doubles (the scrl YAML underneath, CPU, no progress bar)."""
+    from fastdense.training import config as cfg
+
+    base = {"run_dir": str(run_dir), "device": "cpu", "progress": False, "batch_size": 4, "epochs": 2,
+            "log_every": 1, "checkpoint_every": 3, "preset": "full", "optimizer.warmup_epochs": 0.5,
+            "optimizer.lr": 2.0}
+    base.update(overrides)
+    return cfg.resolve("scrl", overrides=base)
+
+
+def ddp_step_worker(rank, world_size, port, run_dir, out_path):
+    """One process of the gloo test: one train_step on this rank's half of :func:`fixed_batch`."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    install()
+    from fastdense.training import Trainer
+
+    full = fixed_batch(8)
+    per_rank = 8 // world_size
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    shard = ViewBatch(views=[v[rows] for v in full.views], matrices=full.matrices[rows],
+                      source_size=full.source_size[rows], index=full.index[rows])
+    trainer = Trainer(tiny_config(run_dir, batch_size=per_rank))
+    trainer.setup()
+    torch.manual_seed(5)
+    out = trainer.train_step(shard)
+    from fastdense.training.distributed import all_reduce_mean
+
+    loss = all_reduce_mean(out["loss"], trainer.dist)
+    result = {"loss": loss, "grads": {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None},
+              "params": {n: t.clone() for n, t in trainer.method.state_dict().items()}}
+    if rank == 0:
+        torch.save(result, out_path)
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     install()
     from fastdense.train import main

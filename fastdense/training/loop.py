@@ -170,6 +170,8 @@ class Trainer:
             free_gb = config.get("min_free_gb")
             ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
+                stale.unlink()
             from fastdense.training.config import save
 
             save(config, self.run_dir / "config.yaml")

@@ -35,17 +35,13 @@ def build_method(config: Dict) -> nn.Module:
 
 
 def build_loader(config: Dict, method: nn.Module, rank: int, world_size: int, device: torch.device):
+    """The configured pipeline over ``config['data']`` (empty: the built-in dataset), sharded by rank."""
     from fastdense.pipelines import make_loader
 
-    data = config.get("data")
-    if not data:
-        from fastdense.pipelines.builtin import ensure_builtin_dataset
-
-        data = ensure_builtin_dataset()
     return make_loader(
-        backend=config["backend"], data=str(data), recipe=method.recipe, batch_size=config["batch_size"],
-        seed=config["seed"], shard_id=rank, num_shards=world_size, num_workers=config["num_workers"],
-        device=device, photometric=config["photometric"],
+        backend=config["backend"], data=str(config["data"]) if config.get("data") else None, recipe=method.recipe,
+        batch_size=config["batch_size"], seed=config["seed"], shard_id=rank, num_shards=world_size,
+        num_workers=config["num_workers"], device=device, photometric=config["photometric"],
     )
 
 

@@ -10,6 +10,7 @@ All functions are batched over any leading dimensions and differentiable in thei
 
 from __future__ import annotations
 
+import numbers
 from typing import Tuple, Union
 
 import torch
@@ -26,13 +27,31 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
 
     >>> crop_matrix(10, 20, 100, 50, 224, 224)[0]
     tensor([ 0.4464,  0.0000, 10.0000])
+    >>> crop_matrix(torch.zeros(8, 2), 0, 100, 50, 224, 224).shape   # batched over [B, V]
+    torch.Size([8, 2, 3, 3])
     """
-    tensors = [torch.as_tensor(a) for a in (x0, y0, width, height, out_width, out_height)]
+    names = ("x0", "y0", "width", "height", "out_width", "out_height")
+    values = (x0, y0, width, height, out_width, out_height)
+    tensors = []
+    for name, value in zip(names, values):
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"{name} must be a number, an array or a tensor, got {type(value).__name__}")
+        try:
+            tensors.append(torch.as_tensor(value))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"{name} must be a number, an array or a tensor, got {type(value).__name__}") from error
+        # Only plain numbers are checked: checking tensor values would synchronise with the GPU.
+        if name in names[2:] and isinstance(value, numbers.Real) and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
     x0, y0, width, height, out_width, out_height = (t.to(device=device, dtype=dtype) for t in tensors)
     flip = torch.as_tensor(flip, device=device, dtype=torch.bool)
-    x0, y0, width, height, out_width, out_height, flip = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height, flip)
+    try:
+        x0, y0, width, height, out_width, out_height, flip = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height, flip)
+    except RuntimeError as error:
+        shapes = {n: list(t.shape) for n, t in zip(names + ("flip",), (x0, y0, width, height, out_width, out_height, flip))}
+        raise ValueError(f"crop_matrix arguments must broadcast to one shape, got {shapes}") from error
     sx = width / out_width
     sy = height / out_height
     zero = torch.zeros_like(sx)
@@ -44,7 +63,13 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
 
 
 def invert(matrices: torch.Tensor) -> torch.Tensor:
-    """Inverse of axis-aligned (scale, flip, translate) matrices, exact and cheap."""
+    """Inverse of axis-aligned (scale, flip, translate) matrices ``[..., 3, 3]``, exact and cheap:
+    source -> view when ``matrices`` are view -> source.
+
+    >>> m = crop_matrix(10, 20, 100, 50, 200, 100, flip=True)
+    >>> apply(invert(m), torch.tensor([[110.0, 20.0]]))
+    tensor([[0., 0.]])
+    """
     _check_matrices(matrices, "matrices")
     sx, sy = matrices[..., 0, 0], matrices[..., 1, 1]
     tx, ty = matrices[..., 0, 2], matrices[..., 1, 2]
@@ -55,20 +80,38 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
     return torch.stack([row0, row1, row2], dim=-2)
 
 
+def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The matrix that applies ``inner`` first, then ``outer``: ``outer @ inner``, broadcast over
+    leading dimensions. For example, a crop of a crop: ``compose(first_crop, second_crop)`` maps the
+    second crop's pixels to the source, since ``first_crop`` maps its own pixels there.
+
+    >>> first = crop_matrix(100, 0, 200, 200, 100, 100)    # source [100, 300) -> 100 px
+    >>> second = crop_matrix(50, 0, 50, 50, 100, 100)      # its pixels [50, 100) -> 100 px
+    >>> apply(compose(first, second), torch.tensor([[0.0, 0.0]]))
+    tensor([[200.,   0.]])
+    """
+    _check_matrices(outer, "outer")
+    _check_matrices(inner, "inner")
+    return outer @ inner
+
+
 def view_to_view(matrices: torch.Tensor, src: int, dst: int) -> torch.Tensor:
     """Matrices ``[..., 3, 3]`` taking view ``src`` pixel coordinates to view ``dst``: ``inv(M[dst]) @ M[src]``.
 
     ``matrices`` has shape ``[..., V, 3, 3]``.
     """
-    _check_matrices(matrices, "matrices", min_dim=4)
-    return invert(matrices[..., dst, :, :]) @ matrices[..., src, :, :]
+    _check_matrices(matrices, "matrices", min_dim=3)
+    _check_view_index(src, "src", matrices.shape[-3])
+    _check_view_index(dst, "dst", matrices.shape[-3])
+    return compose(invert(matrices[..., dst, :, :]), matrices[..., src, :, :])
 
 
 def apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Map points ``[..., N, 2]`` (x, y) through matrices ``[..., 3, 3]``."""
     _check_matrices(matrices, "matrices")
-    if points.shape[-1] != 2:
-        raise ValueError(f"points must have shape [..., N, 2], got {list(points.shape)}")
+    if not torch.is_tensor(points) or points.dim() < 2 or points.shape[-1] != 2:
+        shape = list(points.shape) if torch.is_tensor(points) else type(points).__name__
+        raise ValueError(f"points must have shape [..., N, 2], got {shape}")
     linear = matrices[..., None, :2, :2]
     shift = matrices[..., None, :2, 2]
     return (linear @ points[..., None]).squeeze(-1) + shift
@@ -80,9 +123,9 @@ def cell_centers(height: int, width: int, stride: Union[Number, Tuple[Number, Nu
     Cell ``(i, j)`` at stride ``s`` sits at ``((j + 0.5) s_x, (i + 0.5) s_y)``; ``stride`` may be a
     number or ``(s_y, s_x)`` for maps whose stride differs per axis (view size / map size).
     """
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
-    sy, sx = (stride, stride) if isinstance(stride, (int, float)) else stride
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (height, width)):
+        raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
+    sy, sx = _positive_pair(stride, "stride", "(s_y, s_x)", allow_scalar=True)
     ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * sy
     xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * sx
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
@@ -93,7 +136,8 @@ def cell_centers_in_source(matrices: torch.Tensor, height: int, width: int, view
     """Source coordinates ``[..., height * width, 2]`` of the cell centres of a ``height x width`` map
     computed from a view of size ``view_size = (H_v, W_v)`` whose matrices are ``[..., 3, 3]``."""
     _check_matrices(matrices, "matrices")
-    stride = (view_size[0] / height, view_size[1] / width)
+    view_h, view_w = _positive_pair(view_size, "view_size", "(H_v, W_v)")
+    stride = (view_h / height, view_w / width)
     centers = cell_centers(height, width, stride, device=matrices.device, dtype=matrices.dtype)
     return apply(matrices, centers.expand(*matrices.shape[:-2], -1, -1))
 
@@ -101,30 +145,82 @@ def cell_centers_in_source(matrices: torch.Tensor, height: int, width: int, view
 def map_boxes(matrices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """Map boxes ``[..., K, 4]`` given as ``(x1, y1, x2, y2)`` through ``[..., 3, 3]`` matrices.
 
-    A flip reverses x, so the mapped corners are re-ordered to keep ``x1 <= x2``.
+    A flip reverses x, so the mapped corners are re-ordered to keep ``x1 <= x2``. Boxes of view
+    ``src`` in view ``dst``: :func:`boxes_between_views`.
     """
-    if boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must have shape [..., K, 4], got {list(boxes.shape)}")
+    _check_matrices(matrices, "matrices")
+    _check_boxes(boxes, "boxes", "[..., K, 4]", min_dim=2)
     corners = apply(matrices, boxes.reshape(*boxes.shape[:-1], 2, 2).flatten(-3, -2)).unflatten(-2, (boxes.shape[-2], 2))
     low = torch.minimum(corners[..., 0, :], corners[..., 1, :])
     high = torch.maximum(corners[..., 0, :], corners[..., 1, :])
     return torch.cat([low, high], dim=-1)
 
 
+def boxes_between_views(matrices: torch.Tensor, boxes: torch.Tensor, src: int, dst: int) -> torch.Tensor:
+    """Boxes ``[..., K, 4]`` in view ``src`` pixels, expressed in view ``dst`` pixels (flip-aware).
+
+    ``matrices`` is ``[..., V, 3, 3]``; the boxes are not clipped to the destination view.
+
+    >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 100, 100),
+    ...                  crop_matrix(0, 0, 100, 100, 50, 50, flip=True)])
+    >>> boxes_between_views(m, torch.tensor([[10.0, 20.0, 30.0, 40.0]]), src=0, dst=1)
+    tensor([[35., 10., 45., 20.]])
+    """
+    return map_boxes(view_to_view(matrices, src, dst), boxes)
+
+
 def view_extent(matrices: torch.Tensor, view_size: Tuple[int, int]) -> torch.Tensor:
     """The source-coordinate box ``[..., 4]`` covered by views of size ``(H_v, W_v)``."""
-    h, w = view_size
+    _check_matrices(matrices, "matrices")
+    h, w = _positive_pair(view_size, "view_size", "(H_v, W_v)")
     full = torch.tensor([[0.0, 0.0, float(w), float(h)]], device=matrices.device, dtype=matrices.dtype)
     return map_boxes(matrices, full.expand(*matrices.shape[:-2], 1, 4)).squeeze(-2)
 
 
 def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Intersection of boxes ``[..., 4]``; returns ``(box, non_empty)``. Empty ones have zero size."""
+    _check_boxes(box_a, "box_a", "[..., 4]", min_dim=1)
+    _check_boxes(box_b, "box_b", "[..., 4]", min_dim=1)
     low = torch.maximum(box_a[..., :2], box_b[..., :2])
     high = torch.maximum(torch.minimum(box_a[..., 2:], box_b[..., 2:]), low)
     box = torch.cat([low, high], dim=-1)
     non_empty = ((high - low) > 0).all(dim=-1)
     return box, non_empty
+
+
+def views_intersection(matrices: torch.Tensor, view_size: Tuple[int, int], first: int = 0, second: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The source region ``[..., 4]`` seen by both views ``first`` and ``second`` of ``[..., V, 3, 3]``
+    matrices (views of size ``(H_v, W_v)``), and whether it is non-empty, as :func:`intersect`.
+
+    >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 224, 224), crop_matrix(60, 30, 100, 100, 224, 224, True)])
+    >>> views_intersection(m, (224, 224))
+    (tensor([ 60.,  30., 100., 100.]), tensor(True))
+    """
+    _check_matrices(matrices, "matrices", min_dim=3)
+    _check_view_index(first, "first", matrices.shape[-3])
+    _check_view_index(second, "second", matrices.shape[-3])
+    return intersect(view_extent(matrices[..., first, :, :], view_size), view_extent(matrices[..., second, :, :], view_size))
+
+
+def _positive_pair(value, name: str, pair: str, allow_scalar: bool = False) -> Tuple[Number, Number]:
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if allow_scalar and is_number(value):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_number(v) and v > 0 for v in value):
+        scalar = "a positive number or " if allow_scalar else ""
+        raise ValueError(f"{name} must be {scalar}a pair {pair} of positive numbers, got {value!r}")
+    return value[0], value[1]
+
+
+def _check_view_index(index, name: str, num_views: int) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or not -num_views <= index < num_views:
+        raise ValueError(f"{name} must be a view index in [0, {num_views}) for matrices with V = {num_views} views, got {index!r}")
+
+
+def _check_boxes(boxes, name: str, shape: str, min_dim: int) -> None:
+    if not torch.is_tensor(boxes) or boxes.dim() < min_dim or boxes.shape[-1] != 4:
+        got = list(boxes.shape) if torch.is_tensor(boxes) else type(boxes).__name__
+        raise ValueError(f"{name} must have shape {shape} (x1, y1, x2, y2), got {got}")
 
 
 def _check_matrices(matrices: torch.Tensor, name: str, min_dim: int = 2) -> None:

@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
-SYSTEM_PACKAGES="libturbojpeg0-dev libopencv-dev pkg-config"
+# g++ and the Python headers compile csrc/ into fastdense._C during the editable install below.
+SYSTEM_PACKAGES="libturbojpeg0-dev libopencv-dev pkg-config g++"
+if ! python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    SYSTEM_PACKAGES="$SYSTEM_PACKAGES python3-dev"
+fi
 if ! dpkg -s $SYSTEM_PACKAGES >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $SYSTEM_PACKAGES >/dev/null
@@ -14,4 +18,7 @@ fi
 
 PIP="python3 -m pip install --disable-pip-version-check -q"
 $PIP "torch==2.14.1" "torchvision==0.29.1"
+# --no-build-isolation builds against the torch installed above, so the build requirements of
+# pyproject.toml must be present too (setuptools >= 64 for editable installs of extensions).
+$PIP "setuptools>=69" wheel
 $PIP --no-build-isolation -e ".[dev,timm]"

@@ -1,0 +1,137 @@
+"""SCRL (Roh et al., 2021): BYOL on boxes shared by two views.
+
+Pseudo-code, per batch (``METHODS.md``)::
+
+    rois1, rois2 = sample_scrl_boxes(M)             # the same source boxes, seen in view 1 and view 2
+    f = backbone(cat(v1, v2)); t = target_backbone(cat(v1, v2))
+    q1 = predictor(projector(roi_pool(f1, rois1)))  # online, view 1
+    z2 = target_projector(roi_pool(t2, rois2))      # target, view 2, no gradient
+    loss = mean_boxes[(2 - 2 cos(q1, z2)) + (2 - 2 cos(q2, z1))]
+
+RoI pooling is RoIAlign with a 1x1 output, ``aligned=False``, adaptive sampling, in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from fastdense.methods.ema import EmaTargetMethod, byol_loss, make_target
+from fastdense.methods.options import check_choice, check_range, resized_recipe, resolve_options
+from fastdense.models import build_backbone
+from fastdense.models.heads import mlp
+from fastdense.ops import roi_pool_vectors
+
+
+class SCRL(EmaTargetMethod):
+    """Spatially consistent representation learning: box-level BYOL.
+
+    Options (``default_options()``): ``backbone``; ``projector_dims`` / ``predictor_dims`` (hidden,
+    out); ``base_momentum`` (0.97 for 200 epochs, 0.996 for 1000); ``num_boxes`` (10);
+    ``box_min_size`` (32 px at 224; ``None`` scales 32 px with the view width, which the CPU preset
+    relies on: 96 px views get 13.7 px boxes so the 3x3 feature map still holds several);
+    ``box_iou_threshold`` / ``box_max_tries``; ``target_init`` (``"random"``: the reference
+    initialises the target independently; ``"copy"``: start from the online weights);
+    ``view_sizes`` (recipe resize map).
+
+    >>> from fastdense.methods import build_method
+    >>> method = build_method("scrl", preset="cpu")
+    >>> method.recipe.views[0].size
+    96
+    """
+
+    name = "scrl"
+
+    @classmethod
+    def default_options(cls) -> Dict:
+        return {
+            "backbone": "resnet50",
+            "projector_dims": [4096, 256],
+            "predictor_dims": [4096, 256],
+            "base_momentum": 0.97,
+            "num_boxes": 10,
+            "box_min_size": None,
+            "box_iou_threshold": 0.5,
+            "box_max_tries": 50,
+            "target_init": "random",
+            "view_sizes": {},
+        }
+
+    PRESETS = {
+        "cpu": {
+            "backbone": "resnet18",
+            "projector_dims": [512, 128],
+            "predictor_dims": [512, 128],
+            "view_sizes": {224: 96},
+        },
+    }
+
+    def __init__(self, preset=None, **options):
+        super().__init__()
+        self.options = opts = resolve_options(self.name, self.default_options(), self.PRESETS, options, preset)
+        check_choice(self.name, "target_init", opts["target_init"], ("random", "copy"))
+        check_range(self.name, "base_momentum", opts["base_momentum"], 0.0, 1.0)
+        check_range(self.name, "num_boxes", opts["num_boxes"], 1)
+        if opts["box_min_size"] is not None:
+            check_range(self.name, "box_min_size", opts["box_min_size"], 0.0)
+        self.recipe = resized_recipe("scrl", opts["view_sizes"])
+        self.base_momentum = float(opts["base_momentum"])
+
+        self.backbone = build_backbone(opts["backbone"])
+        self.projector = mlp(self.backbone.out_channels, opts["projector_dims"])
+        self.predictor = mlp(opts["projector_dims"][-1], opts["predictor_dims"])
+        fresh = opts["target_init"] == "random"
+        self.target_backbone = make_target(self.backbone, build_backbone(opts["backbone"]) if fresh else None)
+        self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"]) if fresh else None)
+
+    def ema_pairs(self):
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def box_min_size(self, view_width: int) -> float:
+        """32 px at 224 px views unless set: the reference's minimum, scaled with the view."""
+        size = self.options["box_min_size"]
+        return 32.0 * view_width / 224.0 if size is None else float(size)
+
+    def sample_boxes(self, batch, generator=None):
+        from fastdense.boxes import sample_scrl_boxes
+
+        height, width = batch.views[0].shape[-2:]
+        return sample_scrl_boxes(
+            batch.matrices[:, :2].float(),
+            view_size=(height, width),
+            num_boxes=self.options["num_boxes"],
+            min_size=self.box_min_size(width),
+            iou_threshold=self.options["box_iou_threshold"],
+            max_tries=self.options["box_max_tries"],
+            generator=generator,
+        )
+
+    def forward(self, batch, rois: Sequence[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Box-level BYOL on views 0 and 1. ``rois`` (two ``[K, 5]`` tensors in view pixels, batch
+        index first) overrides the sampler, for tests and for callers that sample ahead of time."""
+        if batch.num_views < 2:
+            raise ValueError(f"SCRL needs 2 views, got {batch.num_views}")
+        if rois is None:
+            rois = self.sample_boxes(batch).rois
+        return {**self.box_loss(batch.views[0], batch.views[1], rois), "boxes_per_image": torch.tensor(rois[0].shape[0] / batch.batch_size)}
+
+    def box_loss(self, view1: torch.Tensor, view2: torch.Tensor, rois: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        batch = view1.shape[0]
+        online = self.backbone(torch.cat([view1, view2]))
+        with torch.no_grad():
+            target = self.target_backbone(torch.cat([view1, view2]))
+        if rois[0].shape[0] == 0:  # no image had a large enough overlap: nothing to learn this step
+            return {"loss": online.sum() * 0.0}
+        q1, q2 = (self.predictor(self.projector(self.pool(f, r))) for f, r in zip(online.split(batch), rois))
+        with torch.no_grad():
+            z1, z2 = (self.target_projector(self.pool(t, r)) for t, r in zip(target.split(batch), rois))
+        loss = (byol_loss(q1, z2) + byol_loss(q2, z1)).mean()
+        return {"loss": loss}
+
+    def pool(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """One vector per box: RoIAlign 1x1 in at least float32 (the reference keeps pooling out of autocast)."""
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        with torch.autocast(features.device.type, enabled=False):
+            return roi_pool_vectors(features.to(dtype), rois.to(features.device, dtype), spatial_scale=1.0 / self.backbone.stride, sampling_ratio=-1, aligned=False)

@@ -1,0 +1,166 @@
+"""VICRegL (Bardes, Ponce, LeCun, 2022): VICReg on global embeddings and on matched local features.
+
+Pseudo-code (``METHODS.md``)::
+
+    maps[v] = backbone(view[v])                           # [B, C, h, w]
+    z[v] = expander(avgpool(maps[v]))                     # global embeddings
+    l[v] = local_projector(maps[v]) per cell              # [B, h*w, D]
+    p[v] = source position of each cell centre            # from the view matrices, flips included
+    global = mean_{i in globals, j != i} inv(z_i, z_j) + mean_v (var(z_v) + cov(z_v))   (coefficients 25/25/1)
+    for i in globals, j != i:                             # each ordered pair
+        for match in (nearest in feature space, nearest in source position):
+            x_i, y_i = match(i -> j, keep k=20);  x_j, y_j = match(j -> i, keep k=4)
+            local += (vicreg(x_i, y_i) + vicreg(x_j, y_j)) / 2
+    loss = alpha * global + (1 - alpha) * local / pairs
+
+Invariance uses the per-GPU batch; variance and covariance use the batch gathered from every GPU
+(:func:`fastdense.methods.gather.gather_rows`), per slot for the local ``[B, k, D]`` features.
+"""
+
+from __future__ import annotations
+
+from itertools import groupby
+from typing import Dict, List, Tuple
+
+import torch
+
+from fastdense.geometry import cell_centers_in_source
+from fastdense.methods.base import Method
+from fastdense.methods.gather import gather_rows
+from fastdense.methods.options import check_range, resized_recipe, resolve_options
+from fastdense.models import build_backbone
+from fastdense.models.heads import mlp, parse_spec, per_location
+from fastdense.ops import nearest_neighbor_pairs, vicreg_covariance, vicreg_invariance, vicreg_variance
+
+Terms = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # invariance, variance, covariance
+
+
+def vicreg_terms(x: torch.Tensor, y: torch.Tensor) -> Terms:
+    """VICReg's three unweighted terms for paired rows ``x, y`` (``[n, D]`` or ``[n, S, D]``); the
+    variance and covariance of ``x`` and ``y`` are averaged."""
+    invariance = vicreg_invariance(x, y)
+    x, y = gather_rows(x), gather_rows(y)
+    variance = (vicreg_variance(x) + vicreg_variance(y)) / 2
+    covariance = (vicreg_covariance(x) + vicreg_covariance(y)) / 2
+    return invariance, variance, covariance
+
+
+class VICRegL(Method):
+    """VICRegL. Options: ``backbone``; ``expander`` and ``local_projector`` specs (``"8192-8192-8192"``,
+    ``"512-512-512"``; Linear-BN-ReLU, last Linear without bias); ``alpha`` (0.75; 0.9 favours
+    classification); ``inv_coeff``/``var_coeff``/``cov_coeff`` (25/25/1); ``num_matches``
+    (``[20, 4]``: locations kept when matching a global view to another view, and back; clamped to
+    the number of cells); ``l2_all_matches`` (``False``: top-k in feature space as the authors
+    intend; ``True``: the reference code's default, every location); ``view_sizes``.
+
+    >>> from fastdense.methods import build_method
+    >>> [v.size for v in build_method("vicregl", preset="cpu").recipe.views]
+    [128, 128, 64, 64, 64, 64, 64, 64]
+    """
+
+    name = "vicregl"
+    num_global_views = 2
+
+    @classmethod
+    def default_options(cls) -> Dict:
+        return {
+            "backbone": "resnet50",
+            "expander": "8192-8192-8192",
+            "local_projector": "512-512-512",
+            "alpha": 0.75,
+            "inv_coeff": 25.0,
+            "var_coeff": 25.0,
+            "cov_coeff": 1.0,
+            "num_matches": [20, 4],
+            "l2_all_matches": False,
+            "view_sizes": {},
+        }
+
+    PRESETS = {
+        "cpu": {
+            "backbone": "resnet18",
+            "expander": "512-512-128",
+            "local_projector": "128-128-128",
+            "view_sizes": {224: 128, 96: 64},
+        },
+    }
+
+    def __init__(self, preset=None, **options):
+        super().__init__()
+        self.options = opts = resolve_options(self.name, self.default_options(), self.PRESETS, options, preset)
+        check_range(self.name, "alpha", opts["alpha"], 0.0, 1.0)
+        for coeff in ("inv_coeff", "var_coeff", "cov_coeff"):
+            check_range(self.name, coeff, opts[coeff], 0.0)
+        matches = list(opts["num_matches"])
+        if len(matches) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in matches):
+            raise ValueError(f"vicregl: option num_matches must be two positive ints, got {opts['num_matches']!r}")
+        self.recipe = resized_recipe("vicregl", opts["view_sizes"])
+        self.backbone = build_backbone(opts["backbone"])
+        self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False)
+        self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False)
+
+    def forward(self, batch) -> Dict[str, torch.Tensor]:
+        if batch.num_views < 2:
+            raise ValueError(f"VICRegL needs at least 2 views, got {batch.num_views}")
+        embeddings, local_features, positions = self.encode(batch)
+        global_loss = self.global_loss(embeddings)
+        local_loss = self.local_loss(local_features, positions)
+        alpha = self.options["alpha"]
+        loss = alpha * global_loss + (1 - alpha) * local_loss
+        return {"loss": loss, "global_loss": global_loss.detach(), "local_loss": local_loss.detach()}
+
+    def encode(self, batch) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """Per view: global embedding ``[B, D]``, local features ``[B, hw, D_l]`` and cell positions
+        in source pixels ``[B, hw, 2]``. Consecutive views of one size share a backbone pass (and its
+        batch-norm statistics), as multi-crop training does."""
+        embeddings, local_features, positions = [], [], []
+        first = 0
+        for size, group in groupby(batch.views, key=lambda view: tuple(view.shape[-2:])):
+            group = list(group)
+            maps = self.backbone(torch.cat(group))  # [n * B, C, h, w]
+            h, w = maps.shape[-2:]
+            embeddings += self.expander(maps.mean(dim=(2, 3))).chunk(len(group))
+            local = per_location(self.local_projector, maps.flatten(2)).transpose(1, 2)
+            local_features += local.chunk(len(group))
+            for v in range(first, first + len(group)):
+                positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, size))
+            first += len(group)
+        return embeddings, local_features, positions
+
+    def weighted(self, terms: Terms) -> torch.Tensor:
+        invariance, variance, covariance = terms
+        o = self.options
+        return o["inv_coeff"] * invariance + o["var_coeff"] * variance + o["cov_coeff"] * covariance
+
+    def ordered_pairs(self, num_views: int) -> List[Tuple[int, int]]:
+        return [(i, j) for i in range(min(self.num_global_views, num_views)) for j in range(num_views) if j != i]
+
+    def global_loss(self, z: List[torch.Tensor]) -> torch.Tensor:
+        pairs = self.ordered_pairs(len(z))
+        invariance = sum(vicreg_invariance(z[i], z[j]) for i, j in pairs) / len(pairs)
+        gathered = [gather_rows(zv) for zv in z]
+        variance = sum(vicreg_variance(zv) for zv in gathered) / len(z)
+        covariance = sum(vicreg_covariance(zv) for zv in gathered) / len(z)
+        return self.weighted((invariance, variance, covariance))
+
+    def local_loss(self, features: List[torch.Tensor], positions: List[torch.Tensor]) -> torch.Tensor:
+        pairs = self.ordered_pairs(len(features))
+        totals = [0.0, 0.0, 0.0]
+        for i, j in pairs:
+            for keys in ("features", "positions"):
+                key_i, key_j = (features[i], features[j]) if keys == "features" else (positions[i], positions[j])
+                all_matches = keys == "features" and self.options["l2_all_matches"]
+                forward = self.matched(features[i], features[j], key_i, key_j, self.options["num_matches"][0], all_matches)
+                backward = self.matched(features[j], features[i], key_j, key_i, self.options["num_matches"][1], all_matches)
+                for t, (a, b) in enumerate(zip(vicreg_terms(*forward), vicreg_terms(*backward))):
+                    totals[t] = totals[t] + (a + b) / 2
+        return self.weighted(tuple(total / len(pairs) for total in totals))
+
+    @staticmethod
+    def matched(features: torch.Tensor, candidates: torch.Tensor, keys: torch.Tensor, candidate_keys: torch.Tensor, k: int, all_rows: bool):
+        """``(features[rows], candidates[nearest])``, each ``[B, k, D]``: the ``k`` rows of ``keys`` closest
+        to their nearest ``candidate_keys`` row (all rows when ``all_rows``), paired with that row."""
+        k = keys.shape[1] if all_rows else min(k, keys.shape[1])
+        rows, nearest = nearest_neighbor_pairs(keys.detach(), candidate_keys.detach(), k)
+        pick = lambda x, index: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+        return pick(features, rows), pick(candidates, nearest)

@@ -1,0 +1,518 @@
+"""The four methods against hand-written float64 maths, their EMA targets, and their options.
+
+Networks (backbones, BN heads) are used as black boxes fed the same rows the method feeds them, since
+batch-norm statistics depend on that grouping; everything a method adds on top (box pooling, matching,
+alignment maps, class attention, neighbour selection, the losses) is recomputed here from the
+formulas, in float64, without calling the method's own helpers.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from fastdense.geometry import crop_matrix
+from fastdense.methods import METHODS, build_method, method_options, recipe_for
+from fastdense.methods.ema import cosine_momentum
+from fastdense.methods.gather import gather_rows
+from fastdense.models import Backbone, build_backbone
+from fastdense.pipelines.batch import ViewBatch
+
+
+
+def tiny_resnet_like(name, **kwargs):
+    """A ResNet-shaped trunk (conv1 .. layer4, stride 32) with 32 output channels, so the float64
+    tests stay fast; ViTs and anything else go to the real builder."""
+    if not name.startswith("resnet"):
+        return build_backbone(name, **kwargs)
+
+    def stage(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    trunk = nn.Module()
+    trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)
+    trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4 = stage(8, 8, 1), stage(8, 16, 2), stage(16, 16, 2), stage(16, 32, 2)
+    return Backbone("tiny", trunk, 32, 32, "resnet")
+
+
+@pytest.fixture(autouse=True)
+def tiny_backbones(monkeypatch, request):
+    if "real_resnet" in request.node.name:
+        return
+    for module in ("scrl", "vicregl", "lewel"):
+        monkeypatch.setattr(f"fastdense.methods.{module}.build_backbone", tiny_resnet_like)
+
+
+SMALL_BYOL = dict(projector_dims=[16, 8], predictor_dims=[16, 8])
+
+
+def make_batch(sizes, batch=3, seed=0, flips=None, dtype=torch.float64):
+    """Random views of the given sizes with random crops (flipped where ``flips[v][b]``)."""
+    g = torch.Generator().manual_seed(seed)
+    views, matrices = [], []
+    for v, size in enumerate(sizes):
+        views.append(torch.randn(batch, 3, size, size, generator=g, dtype=dtype))
+        x0, y0 = torch.rand(batch, generator=g) * 40, torch.rand(batch, generator=g) * 40
+        width, height = 80 + torch.rand(batch, generator=g) * 100, 80 + torch.rand(batch, generator=g) * 100
+        flip = torch.tensor(flips[v]) if flips is not None else torch.rand(batch, generator=g) < 0.5
+        matrices.append(crop_matrix(x0, y0, width, height, size, size, flip=flip))
+    return ViewBatch(views, torch.stack(matrices, 1), torch.full((batch, 2), 256), torch.arange(batch))
+
+
+def cos64(a, b):
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def assert_close(actual, expected, tol=1e-9):
+    actual, expected = float(actual), float(expected)
+    assert abs(actual - expected) <= tol * max(1.0, abs(expected)), (actual, expected)
+
+
+
+
+# --------------------------------------------------------------------------------------------- SCRL
+
+
+def scrl_rois(batch):
+    """Two boxes for image 0, one for image 2, none for image 1, in each view's pixels."""
+    rois1 = torch.tensor([[0, 3.0, 5.0, 50.0, 60.0], [0, 20.0, 1.0, 64.0, 30.0], [2, 10.0, 10.0, 40.0, 55.0]], dtype=torch.float64)
+    rois2 = torch.tensor([[0, 0.0, 8.0, 44.0, 64.0], [0, 12.0, 4.0, 60.0, 28.0], [2, 2.0, 18.0, 37.0, 50.0]], dtype=torch.float64)
+    return [rois1, rois2]
+
+
+def test_scrl_loss_matches_float64():
+    torch.manual_seed(0)
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL).double()
+    batch = make_batch([64, 64], batch=3)
+    rois = scrl_rois(batch)
+    out = method(batch, rois=rois)
+
+    with torch.no_grad():
+        both = torch.cat(batch.views)
+        online, target = method.backbone(both).split(3), method.target_backbone(both).split(3)
+        pooled = [torchvision.ops.roi_align(f, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for f, r in zip(online, rois)]
+        pooled_t = [torchvision.ops.roi_align(t, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for t, r in zip(target, rois)]
+        q1, q2 = (method.predictor(method.projector(p)) for p in pooled)
+        z1, z2 = (method.target_projector(p) for p in pooled_t)
+        expected = ((2 - 2 * cos64(q1, z2)) + (2 - 2 * cos64(q2, z1))).sum() / 3
+    assert_close(out["loss"], expected)
+
+
+def test_scrl_no_boxes_gives_zero_loss_with_graph():
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL).double()
+    batch = make_batch([64, 64], batch=2)
+    empty = torch.zeros(0, 5, dtype=torch.float64)
+    loss = method(batch, rois=[empty, empty])["loss"]
+    assert float(loss) == 0.0 and loss.requires_grad
+
+
+def test_scrl_step_and_ema_target():
+    torch.manual_seed(1)
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL).double()
+    online_before = [p.detach().clone() for p in method.projector.parameters()]
+    target_before = [p.detach().clone() for p in method.target_projector.parameters()]
+    # The reference initialises the target independently.
+    assert not torch.equal(online_before[0], target_before[0])
+    running_before = method.target_backbone.trunk.bn1.running_mean.clone()
+
+    batch = make_batch([64, 64], batch=3)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    method(batch, rois=scrl_rois(batch))["loss"].backward()
+    assert all(p.grad is None for p in method.target_projector.parameters())
+    opt.step()
+    online_after = [p.detach().clone() for p in method.projector.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, online_after))
+    running_after_forward = method.target_backbone.trunk.bn1.running_mean.clone()
+
+    method.update_target(step=3, total_steps=10)
+    m = 1 - (1 - 0.97) * (math.cos(math.pi * 3 / 10) + 1) / 2
+    assert method.momentum == pytest.approx(m, abs=1e-15)
+    for t0, o1, t1 in zip(target_before, online_after, method.target_projector.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * o1, rtol=1e-12, atol=1e-12)
+    # Parameters only: buffers are left alone.
+    assert torch.equal(method.target_backbone.trunk.bn1.running_mean, running_after_forward)
+    assert not torch.equal(running_before, running_after_forward)  # the train-mode target updated its own stats
+
+
+def test_scrl_cpu_preset_real_resnet_trains():
+    torch.manual_seed(0)
+    method = build_method("scrl", preset="cpu")
+    assert method.backbone.name == "resnet18" and method.backbone.out_channels == 512
+    batch = make_batch([64, 64], batch=3, dtype=torch.float32)
+    rois = [r.float() for r in scrl_rois(batch)]
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    first = method(batch, rois=rois)["loss"]
+    first.backward()
+    opt.step()
+    assert float(method(batch, rois=rois)["loss"]) < float(first)
+
+
+def test_scrl_target_copy_option_and_min_size_scaling():
+    method = build_method("scrl", preset="cpu", target_init="copy", **SMALL_BYOL)
+    for a, b in zip(method.projector.parameters(), method.target_projector.parameters()):
+        assert torch.equal(a, b) and not b.requires_grad
+    assert method.box_min_size(224) == 32.0
+    assert method.box_min_size(96) == pytest.approx(32 * 96 / 224)
+    assert build_method("scrl", preset="cpu", box_min_size=20.0, **SMALL_BYOL).box_min_size(96) == 20.0
+
+
+def test_scrl_forward_samples_boxes():
+    torch.manual_seed(0)
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    batch = make_batch([96, 96], batch=4, dtype=torch.float32)
+    # Heavily overlapping crops: every image contributes boxes.
+    batch.matrices[:, 1] = batch.matrices[:, 0]
+    out = method(batch)
+    assert torch.isfinite(out["loss"]) and float(out["boxes_per_image"]) == method.options["num_boxes"]
+
+
+# ------------------------------------------------------------------------------------------ VICRegL
+
+
+def variance64(x):
+    """mean_d relu(1 - sqrt(unbiased var + 1e-4)), per slot for [n, S, D], slots averaged."""
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    centred = x - x.mean(0, keepdim=True)
+    var = (centred**2).sum(0) / (x.shape[0] - 1)
+    return torch.relu(1 - torch.sqrt(var + 1e-4)).mean()
+
+
+def covariance64(x):
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    n, slots, dim = x.shape
+    total = 0.0
+    for s in range(slots):
+        c = x[:, s] - x[:, s].mean(0)
+        cov = c.T @ c / (n - 1)
+        total = total + (cov**2).sum() - (torch.diagonal(cov) ** 2).sum()
+    return total / dim / slots
+
+
+def vicreg64(x, y):
+    inv = ((x - y) ** 2).mean()
+    return inv, (variance64(x) + variance64(y)) / 2, (covariance64(x) + covariance64(y)) / 2
+
+
+def topk_matches(keys, candidate_keys, k):
+    """For each image: the k rows whose nearest candidate is closest (ascending row order), and that candidate."""
+    rows, cols = [], []
+    for b in range(keys.shape[0]):
+        dist = torch.cdist(keys[b], candidate_keys[b])
+        nearest_dist, nearest = dist.min(dim=1)
+        order = sorted(range(len(nearest_dist)), key=lambda r: (float(nearest_dist[r]), r))[:k]
+        order = sorted(order)
+        rows.append(torch.tensor(order))
+        cols.append(nearest[order])
+    return torch.stack(rows), torch.stack(cols)
+
+
+def source_positions(matrices, h, w, size):
+    """Cell (i, j) sits at view point ((j + .5) size / w, (i + .5) size / h); M maps it to the source."""
+    points = []
+    for i in range(h):
+        for j in range(w):
+            points.append([(j + 0.5) * size / w, (i + 0.5) * size / h, 1.0])
+    points = torch.tensor(points, dtype=torch.float64)  # [hw, 3]
+    return (matrices.double() @ points.T).transpose(1, 2)[..., :2]  # [B, hw, 2]
+
+
+@pytest.mark.parametrize("all_matches", [False, True])
+def test_vicregl_loss_matches_float64(all_matches):
+    torch.manual_seed(0)
+    method = build_method("vicregl", preset="cpu", expander="16-16-12", local_projector="8-8-6", num_matches=[5, 3], l2_all_matches=all_matches).double()
+    sizes = [128, 128, 64, 64]
+    batch = make_batch(sizes, batch=4, flips=[[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]])
+    out = method(batch)
+
+    with torch.no_grad():
+        z, local, pos = [], [], []
+        for group in ([0, 1], [2, 3]):
+            maps = method.backbone(torch.cat([batch.views[v] for v in group]))
+            n, c, h, w = maps.shape
+            z += method.expander(maps.mean(dim=(2, 3))).chunk(2)
+            rows = maps.permute(0, 2, 3, 1).reshape(n * h * w, c)
+            local += method.local_projector(rows).reshape(n, h * w, -1).chunk(2)
+            pos += [source_positions(batch.matrices[:, v], h, w, sizes[v]) for v in group]
+
+        pairs = [(i, j) for i in range(2) for j in range(4) if j != i]
+        inv_g = sum(((z[i] - z[j]) ** 2).mean() for i, j in pairs) / len(pairs)
+        var_g = sum(variance64(zv) for zv in z) / 4
+        cov_g = sum(covariance64(zv) for zv in z) / 4
+        global_loss = 25 * inv_g + 25 * var_g + cov_g
+
+        totals = torch.zeros(3, dtype=torch.float64)
+        for i, j in pairs:
+            for key_i, key_j, use_all in ((local[i], local[j], all_matches), (pos[i], pos[j], False)):
+                for (a, b, ka, kb, k) in ((i, j, key_i, key_j, 5), (j, i, key_j, key_i, 3)):
+                    k = ka.shape[1] if use_all else min(k, ka.shape[1])
+                    rows, cols = topk_matches(ka, kb, k)
+                    x = torch.stack([local[a][n, rows[n]] for n in range(4)])
+                    y = torch.stack([local[b][n, cols[n]] for n in range(4)])
+                    totals += torch.stack(vicreg64(x, y)) / 2
+        totals /= len(pairs)
+        local_loss = 25 * totals[0] + 25 * totals[1] + totals[2]
+        expected = 0.75 * global_loss + 0.25 * local_loss
+    assert_close(out["global_loss"], global_loss)
+    assert_close(out["local_loss"], local_loss)
+    assert_close(out["loss"], expected)
+
+
+def test_vicregl_positions_follow_flips():
+    method = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-4")
+    batch = make_batch([64, 64], batch=2, flips=[[0, 0], [1, 1]], dtype=torch.float32)
+    batch.matrices[:, 1] = crop_matrix(*[batch.matrices[:, 0, 0, 2], batch.matrices[:, 0, 1, 2]], batch.matrices[:, 0, 0, 0] * 64, batch.matrices[:, 0, 1, 1] * 64, 64, 64, flip=True)
+    _, _, positions = method.encode(batch)
+    # A flipped copy of the same crop: cell (i, j) of view 1 sits where cell (i, w - 1 - j) of view 0 does.
+    mirrored = positions[0].reshape(2, 2, 2, 2).flip(2).reshape(2, 4, 2)
+    torch.testing.assert_close(positions[1], mirrored)
+
+
+def test_vicregl_step_changes_online_network():
+    torch.manual_seed(0)
+    method = build_method("vicregl", preset="cpu", expander="16-16", local_projector="8-8")
+    batch = make_batch([64, 64, 32], batch=4, dtype=torch.float32)
+    before = [p.detach().clone() for p in method.parameters()]
+    opt = torch.optim.SGD(method.parameters(), lr=0.1)
+    method(batch)["loss"].backward()
+    opt.step()
+    changed = [not torch.equal(a, b) for a, b in zip(before, method.parameters())]
+    assert all(changed[:3]) and changed[-1]
+    method.update_target(1, 10)  # no target: a no-op that must not fail
+
+
+def test_gather_rows_single_process_is_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_rows(x) is x
+
+
+# -------------------------------------------------------------------------------------------- LEWEL
+
+SMALL_LEWEL = dict(neck_dims=[16, 8], predictor_dims=[16, 8], object_projector_dims=[16, 6], object_predictor_dims=[16, 6])
+
+
+def lewel64(method, encoder, images):
+    """(image embedding [B, D], object embeddings [B, maps_per_head, D]) written out with einsum."""
+    x = encoder.backbone(images).flatten(2)  # [B, C, P]
+    b, c, p = x.shape
+    columns = torch.cat([x, x.mean(2, keepdim=True)], 2)
+    out = encoder.neck(columns.transpose(1, 2).reshape(b * (p + 1), c)).reshape(b, p + 1, -1)  # [B, P+1, M]
+    g = out[:, p]
+    pixels = out[:, :p]  # [B, P, M]
+    maps = torch.softmax((pixels / pixels.norm(dim=2, keepdim=True)) / 1.0, dim=1)  # softmax over pixels
+    heads = 4
+    per_head = maps.shape[2] // heads
+    groups = []
+    for h in range(heads):
+        channels = x[:, h * c // heads : (h + 1) * c // heads]  # [B, C/H, P]
+        head_maps = maps[:, :, h * per_head : (h + 1) * per_head]  # [B, P, M/H]
+        groups.append(torch.einsum("bcp,bpj->bjc", channels, head_maps))
+    objects = torch.cat(groups, dim=2)  # [B, M/H, C] with channels head-major
+    o = encoder.object_projector(objects.reshape(-1, c)).reshape(b, per_head, -1)
+    return g, o
+
+
+@pytest.mark.parametrize("eman", [False, True])
+def test_lewel_loss_matches_float64(eman):
+    torch.manual_seed(0)
+    method = build_method("lewel", preset="cpu", eman=eman, **SMALL_LEWEL).double()
+    batch = make_batch([96, 96], batch=3)
+    out = method(batch)
+    with torch.no_grad():
+        online = [lewel64(method, method.encoder, v) for v in batch.views]
+        target = [lewel64(method, method.target_encoder, v) for v in batch.views]
+        total = 0.0
+        for a, b in ((0, 1), (1, 0)):
+            g, o = online[a]
+            gt, ot = target[b]
+            glob = (2 - 2 * cos64(method.predictor(g), gt)).mean()
+            po = method.object_predictor(o.reshape(-1, o.shape[-1])).reshape(o.shape)
+            obj = (2 - 2 * cos64(po, ot)).mean()
+            total = total + 0.5 * glob + 0.5 * obj
+    assert_close(out["loss"], total)
+
+
+def test_lewel_eman_target_is_eval_and_averages_buffers():
+    torch.manual_seed(2)
+    method = build_method("lewel", preset="cpu", eman=True, **SMALL_LEWEL).double()
+    method.train()
+    assert method.encoder.training and not method.target_encoder.training
+    batch = make_batch([64, 64], batch=3)
+    target_buffer = method.target_encoder.neck[1].running_mean.clone()
+    target_param = method.target_encoder.neck[0].weight.detach().clone()
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    method(batch)["loss"].backward()
+    opt.step()
+    assert torch.equal(method.target_encoder.neck[1].running_mean, target_buffer)  # eval mode: untouched by forward
+    online_buffer = method.encoder.neck[1].running_mean.clone()
+    assert not torch.equal(online_buffer, target_buffer)
+    online_param = method.encoder.neck[0].weight.detach().clone()
+    assert not torch.equal(online_param, target_param)
+    method.update_target(step=0, total_steps=5)
+    m = 0.98
+    torch.testing.assert_close(method.target_encoder.neck[1].running_mean, m * target_buffer + (1 - m) * online_buffer, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(method.target_encoder.neck[0].weight, m * target_param + (1 - m) * online_param, rtol=1e-12, atol=1e-12)
+    assert method.target_encoder.neck[1].num_batches_tracked == method.encoder.neck[1].num_batches_tracked
+
+
+# ---------------------------------------------------------------------------------------- SelfPatch
+
+SMALL_SELFPATCH = dict(
+    image_out_dim=32, patch_out_dim=16, head_hidden_dim=16, head_bottleneck_dim=8, drop_path_rate=0.0,
+    backbone_options={"depth": 1, "embed_dim": 24, "num_heads": 2},
+)
+
+
+def class_attention64(block, tokens, query):
+    """CaiT class attention written out: the query attends to [query, tokens], then an MLP."""
+    u = torch.cat([query, tokens], 1)
+    u = F.layer_norm(u, u.shape[-1:], block.norm1.weight, block.norm1.bias, eps=1e-6)
+    n, t, c = u.shape
+    heads = block.num_heads
+    split = lambda x: x.reshape(n, -1, heads, c // heads).transpose(1, 2)  # noqa: E731
+    q = split(u[:, :1] @ block.q.weight.T + block.q.bias)
+    k = split(u @ block.k.weight.T + block.k.bias)
+    v = split(u @ block.v.weight.T + block.v.bias)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(c // heads), dim=-1)
+    mixed = (attn @ v).transpose(1, 2).reshape(n, 1, c) @ block.proj.weight.T + block.proj.bias
+    query = query + mixed
+    hidden = F.layer_norm(query, (c,), block.norm2.weight, block.norm2.bias, eps=1e-6)
+    return query + block.mlp(hidden)
+
+
+def dino_head64(head, x):
+    y = head.mlp(x)
+    y = y / y.norm(dim=-1, keepdim=True)
+    w = head.last_direction / head.last_direction.norm(dim=1, keepdim=True)
+    return y @ w.T
+
+
+def selfpatch64(network, images, teacher):
+    tokens = network.backbone(images)  # [B, N, C]
+    b, n, c = tokens.shape
+    side = images.shape[-1] // 16
+    sp = network.head
+
+    def attend(t):
+        query = sp.token.expand(t.shape[0], 1, c)
+        for block in sp.blocks:
+            query = class_attention64(block, t, query)
+        return query
+
+    image = attend(tokens)
+    if teacher:
+        patches = []
+        for bi in range(b):
+            for i in range(n):
+                r, col = divmod(i, side)
+                window = sorted({((r + dr) % side) * side + (col + dc) % side for dr in (-1, 0, 1) for dc in (-1, 0, 1)} - {i})
+                sims = torch.stack([cos64(tokens[bi, i], tokens[bi, j]) for j in window])
+                best = [window[j] for j in sims.topk(4).indices.tolist()]
+                patches.append(attend(tokens[bi, best][None])[0])
+        patches = torch.stack(patches).reshape(b, n, c)
+    else:
+        patches = tokens
+    out = F.layer_norm(torch.cat([image, patches], 1), (c,), sp.norm.weight, sp.norm.bias, eps=1e-6)
+    return dino_head64(network.image_head, out[:, 0]), dino_head64(network.patch_head, out[:, 1:])
+
+
+def test_selfpatch_loss_and_centres_match_float64():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH).double()
+    with torch.no_grad():  # a teacher that differs from the student, and non-zero centres
+        for p in method.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        method.center.normal_()
+        method.patch_center.normal_()
+    center, patch_center = method.center.clone(), method.patch_center.clone()
+    batch = make_batch([64, 64, 48, 48], batch=2)
+    out = method(batch)
+    with torch.no_grad():
+        student = [selfpatch64(method.student, v, teacher=False) for v in batch.views]
+        teacher = [selfpatch64(method.teacher, v, teacher=True) for v in batch.views]
+        image_terms = []
+        for i in range(2):
+            q = torch.softmax((teacher[i][0] - center) / 0.04, -1)
+            for v in range(4):
+                if v != i:
+                    image_terms.append(-(q * torch.log_softmax(student[v][0] / 0.1, -1)).sum(-1).mean())
+        patch_terms = []
+        for v in range(4):
+            q = torch.softmax((teacher[v][1] - patch_center) / 0.04, -1)
+            patch_terms.append(-(q * torch.log_softmax(student[v][1] / 0.1, -1)).sum(-1).mean())
+        image_loss = sum(image_terms) / 6
+        patch_loss = sum(patch_terms) / 4
+    assert_close(out["image_loss"], image_loss)
+    assert_close(out["patch_loss"], patch_loss)
+    assert_close(out["loss"], image_loss + 0.1 * patch_loss)
+    mean_image = torch.cat([t[0] for t in teacher]).mean(0, keepdim=True)
+    mean_patch = torch.cat([t[1].reshape(-1, 16) for t in teacher]).mean(0, keepdim=True)
+    torch.testing.assert_close(method.center, 0.9 * center + 0.1 * mean_image, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(method.patch_center, 0.9 * patch_center + 0.1 * mean_patch, rtol=1e-10, atol=1e-12)
+
+
+def test_selfpatch_step_and_ema_teacher():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH)
+    for a, b in zip(method.student.parameters(), method.teacher.parameters()):
+        assert torch.equal(a, b) and not b.requires_grad
+    assert not method.teacher.training
+    batch = make_batch([48, 48, 48], batch=2, dtype=torch.float32)
+    teacher_before = [p.detach().clone() for p in method.teacher.parameters()]
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    method(batch)["loss"].backward()
+    opt.step()
+    student_after = [p.detach().clone() for p in method.student.parameters()]
+    assert sum(not torch.equal(a, b) for a, b in zip(teacher_before, student_after)) > len(student_after) // 2
+    method.update_target(step=7, total_steps=10)
+    m = 1 - (1 - 0.996) * (math.cos(math.pi * 0.7) + 1) / 2
+    for t0, s1, t1 in zip(teacher_before, student_after, method.teacher.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s1, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_registry_and_option_validation():
+    assert sorted(METHODS) == ["lewel", "scrl", "selfpatch", "vicregl"]
+    with pytest.raises(ValueError, match="method must be one of"):
+        build_method("simclr")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['hidden'\]"):
+        build_method("scrl", hidden=3)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        build_method("lewel", preset="tpu")
+    with pytest.raises(ValueError, match="target_init"):
+        build_method("scrl", preset="cpu", target_init="zeros")
+    with pytest.raises(ValueError, match="alpha"):
+        build_method("vicregl", preset="cpu", alpha=1.5)
+    with pytest.raises(ValueError, match="num_matches"):
+        build_method("vicregl", preset="cpu", num_matches=[20])
+    with pytest.raises(ValueError, match="num_heads"):
+        build_method("lewel", preset="cpu", num_heads=3)
+    with pytest.raises(ValueError, match="backbone"):
+        build_method("selfpatch", backbone="resnet18")
+
+
+def test_reference_defaults_and_cpu_recipes():
+    assert method_options("scrl")["base_momentum"] == 0.97 and method_options("scrl")["projector_dims"] == [4096, 256]
+    vicregl = method_options("vicregl")
+    assert (vicregl["alpha"], vicregl["inv_coeff"], vicregl["var_coeff"], vicregl["cov_coeff"]) == (0.75, 25.0, 25.0, 1.0)
+    assert vicregl["expander"] == "8192-8192-8192" and vicregl["num_matches"] == [20, 4]
+    assert method_options("lewel")["neck_dims"] == [4096, 256] and method_options("lewel")["base_momentum"] == 0.98
+    selfpatch = method_options("selfpatch")
+    assert (selfpatch["image_out_dim"], selfpatch["patch_out_dim"], selfpatch["teacher_temp"], selfpatch["center_momentum"]) == (65536, 4096, 0.04, 0.9)
+    assert [v.size for v in recipe_for("scrl").views] == [224, 224]
+    assert [v.size for v in recipe_for("selfpatch", "cpu").views] == [112] * 2 + [48] * 8
+    assert method_options("lewel", "cpu")["backbone"] == "resnet18"
+
+
+def test_cosine_momentum_schedule():
+    assert cosine_momentum(0.996, 0, 100) == pytest.approx(0.996)
+    assert cosine_momentum(0.996, 50, 100) == pytest.approx(1 - 0.004 / 2)
+    assert cosine_momentum(0.996, 100, 100) == 1.0
+    with pytest.raises(ValueError):
+        cosine_momentum(0.9, 11, 10)

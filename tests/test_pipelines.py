@@ -1,0 +1,454 @@
+"""Pipelines: every backend against the same contract (CONVENTIONS.md sections 1-2).
+
+Backends are parametrised as ["torch", "dali", "ffcv"]; a backend whose module file is not in the
+package yet is skipped with that reason. A backend whose module exists but whose package is missing
+fails: scripts/install.sh installs every backend's package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+
+import fastdense.pipelines as pipelines
+from fastdense.pipelines import builtin, make_loader
+from fastdense.pipelines.base import epoch_order
+from fastdense.pipelines.crops import crops_to_matrices, sample_crop
+from fastdense.pipelines.folder import scan_image_folder
+from fastdense.pipelines.photometric import PhotometricParams, apply_params, apply_photometric, normalize, sample_params
+from fastdense.pipelines.recipes import RECIPES, Recipe, ViewSpec, get_recipe
+
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, unnormalize
+
+PIPELINES_DIR = Path(pipelines.__file__).resolve().parent
+BACKENDS = ["torch", "dali", "ffcv"]
+# Sources for the round trip: odd sizes, portrait and landscape, every EXIF orientation, and one
+# large enough that the smallest views decode at reduced JPEG size.
+COORDINATE_SIZES = [(300, 400), (257, 331), (120, 90), (1400, 1000)]
+COORDINATE_ORIENTATIONS = (1, 6, 3, 8, 2, 5, 4, 7)
+
+
+def require_backend(name: str) -> str:
+    module = PIPELINES_DIR / f"{name}_backend.py"
+    if not module.is_file():
+        pytest.skip(f"the {name} backend ({module.name}) is not in this checkout yet")
+    return name
+
+
+def open_loader(backend: str, folder: Path, tmp_path: Path, **options):
+    """A loader over an image folder; ffcv reads it through a .beton written first."""
+    data = folder
+    if backend == "ffcv":
+        data = tmp_path / "data.beton"
+        pipelines.write_beton(folder, data)
+    options.setdefault("num_workers", 0)
+    options.setdefault("device", "cpu")
+    return make_loader(backend, data=data, **options)
+
+
+def with_flips(recipe: Recipe, flip_p: float) -> Recipe:
+    return dataclasses.replace(recipe, views=tuple(dataclasses.replace(v, flip_p=flip_p) for v in recipe.views))
+
+
+def small(recipe) -> Recipe:
+    return get_recipe(recipe).resized({224: 32, 96: 16})
+
+
+@pytest.fixture(scope="module")
+def coordinate_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coordinates")
+    sources = build_coordinate_folder(root, COORDINATE_SIZES, suffix=".jpg", quality=98, orientations=COORDINATE_ORIENTATIONS)
+    return root, sources
+
+
+@pytest.fixture(scope="module")
+def scene_folder(tmp_path_factory):
+    return builtin.ensure_builtin_dataset(tmp_path_factory.mktemp("builtin"), num_images=30, image_size=48, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory):
+    return build_bad_corpus(tmp_path_factory.mktemp("bad"))
+
+
+# ---------------------------------------------------------------------------------------- folder
+
+
+def test_scan_image_folder_layout(bad_corpus):
+    index = scan_image_folder(bad_corpus["root"])
+    assert index.classes == bad_corpus["classes"]
+    paths = {path: label for path, label in index.samples}
+    expected = set(bad_corpus["readable"]) | set(bad_corpus["unreadable"])
+    assert set(paths) == expected
+    nested = next(p for p in paths if p.name == "nested.jpg")
+    assert index.classes[paths[nested]] == "nested"
+    assert [p for p, _ in index.samples] == sorted(paths, key=lambda p: (index.classes[paths[p]], str(p)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
+    require_backend(backend)
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        make_loader(backend, data=missing, device="cpu")
+    empty = tmp_path / "empty_root"
+    (empty / "class_without_images").mkdir(parents=True)
+    with pytest.raises((ValueError, FileNotFoundError), match="empty_root"):
+        make_loader(backend, data=empty, device="cpu")
+
+
+def test_make_loader_rejects_bad_arguments(scene_folder):
+    with pytest.raises(ValueError, match="backend"):
+        make_loader("opencv", data=scene_folder)
+    with pytest.raises(ValueError, match="shard_id"):
+        make_loader("torch", data=scene_folder, shard_id=2, num_shards=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader("torch", data=scene_folder, batch_size=0)
+    with pytest.raises(ValueError, match="recipe"):
+        make_loader("torch", data=scene_folder, recipe="simclr")
+
+
+# ----------------------------------------------------------------------------------------- crops
+
+
+def _crop_statistics(spec, height, width, draws, sampler):
+    areas, log_ratios = [], []
+    for _ in range(draws):
+        x0, y0, w, h = sampler()
+        assert 0 <= x0 and x0 + w <= width and 0 <= y0 and y0 + h <= height
+        areas.append(w * h / (height * width))
+        log_ratios.append(math.log(w / h))
+    return np.array(areas), np.array(log_ratios)
+
+
+@pytest.mark.parametrize("spec", sorted({v for r in RECIPES.values() for v in r.views}, key=repr), ids=lambda s: f"{s.size}px-{s.scale}")
+def test_crop_distribution_matches_torchvision(spec):
+    """Areas and aspect ratios stay in the recipe's ranges and follow RandomResizedCrop's distribution."""
+    height, width, draws = 375, 500, 1500
+    rng = np.random.default_rng(0)
+    ours = _crop_statistics(spec, height, width, draws, lambda: sample_crop(height, width, spec, rng)[:4])
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+
+    def torchvision_window():
+        i, j, h, w = T.RandomResizedCrop.get_params(image, list(spec.scale), list(spec.ratio))
+        return j, i, w, h
+
+    theirs = _crop_statistics(spec, height, width, draws, torchvision_window)
+    area, log_ratio = ours
+    rounding = 2.0 / min(height, width)  # windows are rounded to whole pixels
+    assert area.min() >= spec.scale[0] * (1 - 2 * rounding) and area.max() <= spec.scale[1] + rounding
+    assert log_ratio.min() >= math.log(spec.ratio[0]) - 2 * rounding and log_ratio.max() <= math.log(spec.ratio[1]) + 2 * rounding
+    quantiles = np.linspace(0.05, 0.95, 19)
+    for ours_values, their_values, name in zip(ours, theirs, ("area", "log aspect ratio")):
+        gap = np.abs(np.quantile(ours_values, quantiles) - np.quantile(their_values, quantiles)).max()
+        spread = their_values.max() - their_values.min()
+        assert gap < 0.08 * spread, f"{name} quantiles differ from torchvision's by {gap:.3f}"
+
+
+@pytest.mark.parametrize("height,width", [(10, 1000), (1000, 10), (7, 7)])
+def test_crop_fallback_is_torchvision_centre_crop(height, width):
+    spec = ViewSpec(224, (0.9, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.0)
+    x0, y0, w, h, flip = sample_crop(height, width, spec, np.random.default_rng(1))
+    if height == width:  # a square fits: not the fallback, but must still be a whole window
+        assert 0 < w <= width and 0 < h <= height
+        return
+    i, j, th, tw = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
+    assert (x0, y0, w, h, flip) == (j, i, tw, th, False)
+
+
+def test_crops_to_matrices_follow_conventions():
+    crops = np.array([[[10, 20, 100, 50, 0], [30, 5, 64, 64, 1]]])
+    m = crops_to_matrices(crops, [224, 32])
+    assert m.shape == (1, 2, 3, 3) and m.dtype == torch.float32
+    torch.testing.assert_close(m[0, 0], torch.tensor([[100 / 224, 0, 10], [0, 50 / 224, 20], [0, 0, 1.0]]))
+    torch.testing.assert_close(m[0, 1], torch.tensor([[-2.0, 0, 94], [0, 2.0, 5], [0, 0, 1.0]]))
+
+
+# ------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("flip", ["flip", "no-flip"])
+@pytest.mark.parametrize("recipe_name", ["scrl", "lewel", "vicregl", "selfpatch", "plain"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_every_view(backend, recipe_name, flip, coordinate_folder, tmp_path):
+    """Each view pixel's colour says where in the source it came from; the matrix must agree."""
+    require_backend(backend)
+    folder, sources = coordinate_folder
+    recipe = with_flips(get_recipe(recipe_name), 1.0 if flip == "flip" else 0.0)
+    loader = open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, drop_last=False, shuffle=False)
+    batches = list(loader)
+    assert sum(b.batch_size for b in batches) == len(sources) and not loader.skipped
+    for batch in batches:
+        assert [tuple(v.shape[-2:]) for v in batch.views] == [(s.size, s.size) for s in recipe.views]
+        assert batch.matrices.dtype == torch.float32
+        assert bool(((batch.matrices[..., 0, 0] < 0) == (flip == "flip")).all())
+        stats = roundtrip_check(batch, sources, recipe.mean, recipe.std, noise_levels=2.0)
+        assert stats["views_checked"] >= batch.batch_size  # every image had at least one checkable view
+
+
+# ------------------------------------------------------------------------------- seeds and shards
+
+
+def _batches(loader):
+    return [(b.index.clone(), b.matrices.clone(), [v.clone() for v in b.views]) for b in loader]
+
+
+def _assert_same(first, second):
+    assert len(first) == len(second)
+    for (i1, m1, v1), (i2, m2, v2) in zip(first, second):
+        assert torch.equal(i1, i2) and torch.equal(m1, m2)
+        assert all(torch.equal(a, b) for a, b in zip(v1, v2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_crops(backend, scene_folder, tmp_path):
+    require_backend(backend)
+    options = dict(recipe=small("vicregl"), batch_size=10, seed=3)
+    first = _batches(open_loader(backend, scene_folder, tmp_path, **options))
+    second_loader = open_loader(backend, scene_folder, tmp_path, **options)
+    _assert_same(first, _batches(second_loader))
+    next_epoch = _batches(second_loader)  # a second pass is epoch 1: new order and new crops
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, next_epoch))
+    second_loader.set_epoch(0)
+    _assert_same(first, _batches(second_loader))
+    other_seed = _batches(open_loader(backend, scene_folder, tmp_path, **{**options, "seed": 4}))
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other_seed))
+
+
+def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
+    options = dict(recipe=small("scrl"), batch_size=8, seed=5)
+    in_process = _batches(open_loader("torch", scene_folder, tmp_path, num_workers=0, **options))
+    with_workers = _batches(open_loader("torch", scene_folder, tmp_path, num_workers=2, **options))
+    _assert_same(in_process, with_workers)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
+    require_backend(backend)
+    total = len(scan_image_folder(scene_folder))
+    options = dict(recipe=small("plain"), batch_size=4, photometric=False, num_shards=3)
+    seen = []
+    for shard in range(3):
+        loader = open_loader(backend, scene_folder, tmp_path, shard_id=shard, drop_last=False, **options)
+        indices = torch.cat([b.index for b in loader]).tolist()
+        assert len(indices) == len(set(indices))
+        seen.append(set(indices))
+    assert set().union(*seen) == set(range(total))
+    assert sum(len(s) for s in seen) == total
+    lengths = {len(open_loader(backend, scene_folder, tmp_path, shard_id=k, drop_last=True, **options)) for k in range(3)}
+    assert len(lengths) == 1, f"with drop_last every shard must run the same number of batches, got {lengths}"
+
+
+def test_epoch_order_shards():
+    for drop_last in (False, True):
+        shards = [epoch_order(23, seed=1, epoch=2, shard_id=k, num_shards=4, drop_last=drop_last) for k in range(4)]
+        flat = np.concatenate(shards)
+        assert len(flat) == len(set(flat.tolist()))
+        assert len(flat) == (20 if drop_last else 23)
+    assert not np.array_equal(epoch_order(50, 0, 0), epoch_order(50, 0, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loader_crops_stay_in_recipe_ranges(backend, scene_folder, tmp_path):
+    require_backend(backend)
+    recipe = small("selfpatch")
+    loader = open_loader(backend, scene_folder, tmp_path, recipe=recipe, batch_size=10, photometric=False, drop_last=False)
+    for batch in loader:
+        for v, spec in enumerate(recipe.views):
+            m = batch.matrices[:, v]
+            w, h = m[:, 0, 0].abs() * spec.size, m[:, 1, 1] * spec.size
+            area = w * h / (batch.source_size[:, 0] * batch.source_size[:, 1]).float()
+            assert bool((area >= spec.scale[0] * 0.9).all() and (area <= spec.scale[1] * 1.05).all())
+            ratio = w / h
+            assert bool((ratio >= spec.ratio[0] * 0.95).all() and (ratio <= spec.ratio[1] * 1.05).all())
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
+    """Unreadable files are skipped and reported by path; readable files of any mode load correctly."""
+    require_backend(backend)
+    recipe = dataclasses.replace(small("plain"), views=(ViewSpec(32, (0.3, 1.0)), ViewSpec(16, (0.1, 0.5))))
+    paths = [p for p, _ in scan_image_folder(bad_corpus["root"]).samples]
+    with caplog.at_level(logging.WARNING, logger="fastdense.pipelines"):
+        loader = open_loader(backend, bad_corpus["root"], tmp_path, recipe=recipe, batch_size=4, photometric=False, drop_last=False, shuffle=False)
+        batches = list(loader)
+    skipped = {Path(path) for path, _ in loader.skipped}
+    assert skipped == set(bad_corpus["unreadable"]), f"skipped {sorted(map(str, skipped))}"
+    assert all(reason for _, reason in loader.skipped)
+    for path in bad_corpus["unreadable"]:
+        assert str(path) in caplog.text, f"{path} missing from the end-of-epoch report"
+    loaded = {}
+    for batch in batches:
+        for b in range(batch.batch_size):
+            loaded[paths[int(batch.index[b])]] = (batch, b)
+    assert set(loaded) == set(bad_corpus["readable"])
+    for path, facts in bad_corpus["readable"].items():
+        batch, b = loaded[path]
+        assert tuple(batch.source_size[b].tolist()) == facts["size"], f"{facts['kind']}: source size"
+        for view in batch.views:
+            pixels = unnormalize(view[b], recipe.mean, recipe.std)
+            if "colour" in facts:
+                error = np.abs(pixels.reshape(-1, 3).mean(0) - np.array(facts["colour"])).max()
+                assert error < 6, f"{facts['kind']}: mean colour {pixels.reshape(-1, 3).mean(0).round(1)}, expected {facts['colour']}"
+            if facts.get("gray"):
+                assert np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max() < 1.0, f"{facts['kind']}: not gray"
+        if facts.get("coordinates"):
+            sub = pipelines.ViewBatch(views=[v[b:b + 1] for v in batch.views], matrices=batch.matrices[b:b + 1],
+                                      source_size=batch.source_size[b:b + 1], index=torch.zeros(1, dtype=torch.int64))
+            roundtrip_check(sub, {0: facts["size"]}, recipe.mean, recipe.std, noise_levels=2.0)
+
+
+# -------------------------------------------------------------------------------------- photometric
+
+
+def _images(batch=6, size=20, seed=0):
+    return torch.rand(batch, 3, size, size + 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_photometric_matches_torchvision_per_sample():
+    """Each sample's jitter (in its own order), grayscale, blur and solarize equal torchvision's."""
+    spec = ViewSpec(32, (0.2, 1.0), jitter_p=0.7, grayscale_p=0.3, blur_p=0.5, solarize_p=0.5)
+    images = _images(batch=24)
+    params = sample_params(spec, 24, torch.Generator().manual_seed(1))
+    out = apply_params(images, params, spec.blur_kernel_size, spec.solarize_threshold)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for b in range(24):
+        expected = images[b]
+        if params.jitter[b]:
+            for op in params.order[b].tolist():
+                expected = ops[op](expected, float(params.factors[b, op]))
+        if params.grayscale[b]:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        if params.blur[b]:
+            k = spec.blur_kernel_size
+            expected = TF.gaussian_blur(expected, [k, k], [float(params.sigma[b])] * 2)
+        if params.solarize[b]:
+            expected = TF.solarize(expected, spec.solarize_threshold)
+        torch.testing.assert_close(out[b], expected, atol=2e-5, rtol=0)
+    for flag in ("jitter", "grayscale", "blur", "solarize"):  # the test covered both branches of each
+        assert 0 < int(getattr(params, flag).sum()) < 24, flag
+
+
+def test_photometric_parameters_follow_spec():
+    spec = RECIPES["scrl"].views[1]
+    params = sample_params(spec, 4000, torch.Generator().manual_seed(0))
+    for flag, p in (("jitter", spec.jitter_p), ("grayscale", spec.grayscale_p), ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
+        assert abs(getattr(params, flag).float().mean().item() - p) < 0.03, flag
+    b, c, s, h = spec.jitter
+    for k, (low, high) in enumerate([(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]):
+        values = params.factors[:, k]
+        assert low <= values.min() and values.max() <= high and values.max() - values.min() > 0.9 * (high - low)
+    assert torch.equal(params.order.sort(dim=1).values, torch.arange(4).expand(4000, 4))
+    assert params.order[:, 0].bincount(minlength=4).min() > 800  # every op comes first about a quarter of the time
+
+
+def test_apply_photometric_per_sample_specs_and_validation():
+    plain, strong = ViewSpec(32, (0.2, 1.0), jitter_p=0, grayscale_p=0), ViewSpec(32, (0.2, 1.0), grayscale_p=1.0, jitter_p=0)
+    images = _images(batch=4)
+    out = apply_photometric(images, [plain, strong, plain, strong], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[0], images[0])
+    assert torch.allclose(out[1][0], out[1][1]) and torch.allclose(out[3][0], out[3][2])
+    with pytest.raises(ValueError, match="images"):
+        apply_photometric(images[0], plain)
+    with pytest.raises(TypeError, match="float"):
+        apply_photometric((images * 255).to(torch.uint8), plain)
+    with pytest.raises(ValueError, match="one per image"):
+        apply_photometric(images, [plain, strong])
+    torch.testing.assert_close(normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), images * 2 - 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_photometric_never_moves_geometry(backend, scene_folder, tmp_path):
+    require_backend(backend)
+    options = dict(recipe=small("scrl"), batch_size=8, seed=2)
+    coloured = _batches(open_loader(backend, scene_folder, tmp_path, photometric=True, **options))
+    plain = _batches(open_loader(backend, scene_folder, tmp_path, photometric=False, **options))
+    for (i1, m1, v1), (i2, m2, v2) in zip(coloured, plain):
+        assert torch.equal(i1, i2) and torch.equal(m1, m2)
+        assert not torch.equal(v1[0], v2[0])
+
+
+@pytest.mark.gpu
+def test_photometric_gpu_equals_cpu():
+    spec = RECIPES["vicregl"].views[2]
+    images = _images(batch=32, size=96)
+    cpu = apply_photometric(images, spec, torch.Generator().manual_seed(7))
+    gpu = apply_photometric(images.cuda(), spec, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_gpu_round_trip(coordinate_folder, tmp_path):
+    folder, sources = coordinate_folder
+    recipe = get_recipe("vicregl")
+    loader = open_loader("torch", folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, device="cuda", drop_last=False)
+    for batch in loader:
+        assert all(v.is_cuda for v in batch.views) and batch.matrices.is_cuda
+        roundtrip_check(batch, sources, recipe.mean, recipe.std, noise_levels=2.0)
+
+
+# ------------------------------------------------------------------------------------ built-in data
+
+
+def test_builtin_dataset_is_deterministic_and_labelled(tmp_path, scene_folder):
+    again = builtin.ensure_builtin_dataset(tmp_path, num_images=30, image_size=48, num_classes=3)
+    assert again != scene_folder
+    first = sorted(p.relative_to(scene_folder) for p in scene_folder.rglob("*.jpg"))
+    assert first == sorted(p.relative_to(again) for p in again.rglob("*.jpg")) and len(first) == 30
+    for relative in first[:6]:
+        assert (scene_folder / relative).read_bytes() == (again / relative).read_bytes()
+    index = scan_image_folder(again)
+    assert index.classes == builtin.class_names(3)
+    for path, label in index.samples:
+        mask = builtin.load_mask(path)
+        assert mask.shape == (48, 48)
+        values = set(np.unique(mask).tolist())
+        assert values <= {0, 255, 1, 2, 3} and label + 1 in values
+        counts = {k: int((mask == k).sum()) for k in (1, 2, 3)}
+        assert max(counts, key=counts.get) == label + 1, "the labelled object is the largest one"
+
+
+def test_builtin_dataset_is_atomic_and_cached(tmp_path, monkeypatch):
+    def crash(index, *args):
+        if index == 5:
+            raise RuntimeError("simulated crash")
+        return render(index, *args)
+
+    render = builtin.render_scene
+    monkeypatch.setattr(builtin, "render_scene", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        builtin.ensure_builtin_dataset(tmp_path, num_images=12, image_size=32, num_classes=2)
+    assert list(tmp_path.iterdir()) == [], "a crash must leave nothing behind"
+    monkeypatch.setattr(builtin, "render_scene", render)
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    path = builtin.ensure_builtin_dataset(num_images=12, image_size=32, num_classes=2)
+    assert path.is_relative_to(tmp_path / "cache")
+    stamp = path.parent.joinpath("meta.json").stat().st_mtime_ns
+    assert builtin.ensure_builtin_dataset(num_images=12, image_size=32, num_classes=2) == path
+    assert path.parent.joinpath("meta.json").stat().st_mtime_ns == stamp, "the second call must reuse the cache"
+
+
+def test_make_loader_defaults_to_builtin_dataset(tmp_path, monkeypatch):
+    made, generate = {}, builtin.ensure_builtin_dataset
+
+    def small_builtin(root=None, **_):
+        made["path"] = generate(tmp_path, num_images=8, image_size=32, num_classes=2)
+        return made["path"]
+
+    monkeypatch.setattr(builtin, "ensure_builtin_dataset", small_builtin)
+    loader = make_loader("torch", data=None, recipe=small("scrl"), batch_size=4, num_workers=0, device="cpu")
+    batch = next(iter(loader))
+    assert len(loader) == 2 and batch.label is not None and batch.matrices.shape == (4, 2, 3, 3)
+    assert loader.index.root == made["path"]

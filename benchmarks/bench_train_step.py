@@ -212,7 +212,7 @@ def run_reference(config, method_options, recipe, data_root, device, warmup, ste
         model.update_target(step, total)
         loss.item()  # the reference logs every step
     _sync(device)
-    return steps * config["batch_size"] / (time.perf_counter() - start), float(loss)
+    return steps * config["batch_size"] / (time.perf_counter() - start), float(loss.detach())
 
 
 def run_fastdense(config, device, warmup, steps):

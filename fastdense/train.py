@@ -1,0 +1,132 @@
+"""``fastdense-train``: pretrain SCRL, VICRegL, LEWEL or SelfPatch.
+
+Examples::
+
+    fastdense-train --method scrl                         # built-in dataset, CPU preset on a CPU machine
+    fastdense-train --method vicregl --data /data/imagenet/train --backend dali --epochs 100
+    fastdense-train --config my.yaml --set optimizer.lr=0.2 --set method_options.alpha=0.9
+    fastdense-train --run-dir runs/scrl-a --resume          # continue exactly where it stopped
+    torchrun --nproc_per_node 8 -m fastdense.train --method scrl --data /data/imagenet/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from fastdense.training import config as cfg
+
+# explicit flag -> config key
+FLAGS = {
+    "method": "method", "data": "data", "backend": "backend", "epochs": "epochs", "batch_size": "batch_size",
+    "run_dir": "run_dir", "workers": "num_workers", "seed": "seed", "device": "device", "precision": "precision",
+    "preset": "preset", "max_steps": "max_steps", "checkpoint_every": "checkpoint_every", "lr": "optimizer.lr",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastdense-train",
+        description="Pretrain a dense self-supervised method. Options come from, in increasing priority: built-in "
+        "defaults, fastdense/configs/<method>.yaml (its 'cpu' preset when there is no --data and no GPU), "
+        "--config files, then --set and the explicit flags below. The resolved config is saved as "
+        "<run-dir>/config.yaml.",
+        epilog="every config key (use with --set key=value or in a --config YAML file):\n" + cfg.describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--method", choices=cfg.METHODS, help="method to train (default: scrl)")
+    p.add_argument("--data", help="image folder (dali, torch) or .beton file (ffcv); omit for the built-in dataset")
+    p.add_argument("--backend", choices=("dali", "ffcv", "torch"), help="data pipeline (default: torch)")
+    p.add_argument("--epochs", type=int, help="passes over the data")
+    p.add_argument("--batch-size", type=int, help="images per process per step")
+    p.add_argument("--run-dir", help="output directory (default: runs/<method>-<UTC time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
+    p.add_argument("--workers", type=int, help="loader workers per process (config: num_workers)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), help="training device")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="autocast precision")
+    p.add_argument("--preset", help="auto, full, or a preset named in the method's YAML (cpu)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps as well as at epoch ends")
+    p.add_argument("--lr", type=float, help="base learning rate per optimizer.lr_batch images (config: optimizer.lr)")
+    p.add_argument("--compile", action="store_true", default=None, help="use torch.compile")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (config: progress=false)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
+    overrides = dict(cfg.parse_override(text) for text in args.set)
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if args.compile:
+        overrides["compile"] = True
+    if args.no_progress:
+        overrides["progress"] = False
+    base = None
+    if args.resume:
+        if not args.run_dir:
+            raise SystemExit("fastdense-train: --resume needs --run-dir")
+        saved = Path(args.run_dir) / "config.yaml"
+        if saved.exists():
+            base = cfg.load_yaml(saved)
+    config = cfg.resolve(args.method, args.config, overrides, has_gpu=has_gpu, base=base)
+    if not config.get("run_dir"):
+        config["run_dir"] = str(Path("runs") / f"{config['method']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    return config
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import torch
+
+    from fastdense.training import NonFiniteLossError, RunDirError, Trainer
+
+    args = parser().parse_args(argv)
+    try:
+        config = resolve_config(args, has_gpu=torch.cuda.is_available())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config, sort_keys=False), end="")
+        return 0
+    trainer = Trainer(config, resume=args.resume)
+    try:
+        trainer.setup()
+        summary = trainer.fit()
+    except RunDirError as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 3
+    except NonFiniteLossError as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 4
+    if trainer.dist.is_main:
+        loss = ""
+        if summary.get("first_loss") is not None:
+            loss = f" loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f};"
+        where = [f"checkpoint {summary['checkpoint']}", f"config {summary['config']}",
+                 f"metrics {summary['metrics_csv']} and {summary['metrics_jsonl']}"]
+        if summary.get("loss_curve"):
+            where.append(f"loss curve {summary['loss_curve']}")
+        if summary.get("tensorboard"):
+            where.append(f"TensorBoard logs {summary['tensorboard']}")
+        print(f"fastdense-train: {summary['steps']} steps in {summary['seconds']:.0f} s;{loss} run directory "
+              f"{summary['run_dir']}: " + ", ".join(where))
+    if trainer.dist.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

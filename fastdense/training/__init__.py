@@ -1,0 +1,10 @@
+"""Training machinery behind ``fastdense-train``: config, optimisers and schedules, checkpoints, the loop."""
+
+from fastdense.training.checkpoint import RunDirError, load_checkpoint, save_checkpoint
+from fastdense.training.loop import NonFiniteLossError, Trainer
+from fastdense.training.optim import LARS, Schedule, build_optimizer, param_groups, scaled_lr
+
+__all__ = [
+    "LARS", "NonFiniteLossError", "RunDirError", "Schedule", "Trainer", "build_optimizer", "load_checkpoint",
+    "param_groups", "save_checkpoint", "scaled_lr",
+]

@@ -1,0 +1,110 @@
+"""Checkpoints that are never half-written, RNG state capture, and a run-directory check up front.
+
+A checkpoint is written to a temporary file in the same directory, flushed and fsync'ed, then
+renamed over the old one (``os.replace`` is atomic on POSIX), and the directory entry is fsync'ed:
+a crash or SIGKILL at any moment leaves either the previous checkpoint or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot hold this run (unwritable, or not enough free space)."""
+
+
+def atomic_write_bytes(data: bytes, path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: Dict, path) -> None:
+    """``torch.save(state)`` to ``path`` atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(buffer.getvalue(), path)
+
+
+def load_checkpoint(path, map_location="cpu") -> Dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_state(include_cuda: bool = True) -> Dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if include_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir, needed_bytes: int, min_free_bytes: Optional[int] = None) -> None:
+    """Create ``run_dir`` and prove it takes a synced write; refuse when free space is short.
+
+    ``needed_bytes`` is what the run will keep on disk (checkpoint plus its temporary copy); the
+    check demands ``min_free_bytes`` when given, else ``needed_bytes``.
+    """
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(b"fastdense write probe\n", run_dir / ".write-probe")
+        (run_dir / ".write-probe").unlink()
+    except OSError as e:
+        raise RunDirError(f"run directory {str(run_dir)!r} is not writable: {e.strerror or e}") from e
+    need = needed_bytes if min_free_bytes is None else int(min_free_bytes)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise RunDirError(
+            f"run directory {str(run_dir)!r} has {free / 2**30:.2f} GiB free; this run needs at least "
+            f"{need / 2**30:.2f} GiB for its checkpoints (set min_free_gb to change the limit)"
+        )
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values() if torch.is_tensor(t))

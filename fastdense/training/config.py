@@ -1,0 +1,203 @@
+"""Training configuration: built-in defaults < the method's YAML < its preset < a user YAML < the command line.
+
+Every option lives in :data:`OPTIONS` with its default and a one-line description, so ``--help``,
+the saved ``config.yaml`` and the code read the same list. Keys are dotted (``optimizer.lr``); the
+config itself is a nested dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ("scrl", "vicregl", "lewel", "selfpatch")
+
+# key -> (default, description). The order is the order --help prints.
+OPTIONS: Dict[str, Tuple[Any, str]] = {
+    "method": ("scrl", "which method to train: scrl, vicregl, lewel or selfpatch"),
+    "method_options": ({}, "keyword options for fastdense.methods.build_method (backbone, heads, loss weights ...)"),
+    "preset": ("auto", "auto: the method YAML's 'cpu' preset when there is no --data and no GPU; cpu, full: force one"),
+    "data": (None, "an image folder (dali, torch) or a .beton file (ffcv); empty: the built-in dataset"),
+    "backend": ("torch", "data pipeline: torch, dali or ffcv"),
+    "epochs": (100, "passes over the data"),
+    "max_steps": (None, "stop after this many optimisation steps in total (schedules still span all epochs)"),
+    "batch_size": (256, "images per process per step; the global batch is this times the world size"),
+    "num_workers": (8, "loader worker processes per process"),
+    "photometric": (True, "colour augmentations on (false: geometry only)"),
+    "seed": (0, "seed for model initialisation, augmentations and sampling"),
+    "device": ("auto", "auto (CUDA when present), cuda or cpu"),
+    "precision": ("auto", "auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 or fp32"),
+    "channels_last": ("auto", "auto (on GPU for CNN backbones), true or false"),
+    "compile": (False, "wrap the method in torch.compile"),
+    "sync_batchnorm": ("auto", "auto (when the recipe uses it and more than one process trains), true, false"),
+    "ddp_find_unused_parameters": (True, "DDP tolerates parameters without a gradient in a step (e.g. no SCRL boxes on a rank)"),
+    "optimizer.name": ("lars", "lars or adamw"),
+    "optimizer.lr": (0.3, "base learning rate for a global batch of optimizer.lr_batch images"),
+    "optimizer.lr_batch": (256, "the batch the base lr refers to: lr = optimizer.lr * global_batch / lr_batch"),
+    "optimizer.min_lr": (0.0, "learning rate at the end of the cosine schedule (scaled like optimizer.lr)"),
+    "optimizer.warmup_epochs": (10.0, "linear warm-up length in epochs"),
+    "optimizer.weight_decay": (1.5e-6, "weight decay at the start (biases and norm parameters never decay)"),
+    "optimizer.weight_decay_end": (None, "weight decay at the end, on a cosine schedule (empty: constant)"),
+    "optimizer.momentum": (0.9, "LARS momentum"),
+    "optimizer.eta": (0.001, "LARS trust coefficient"),
+    "optimizer.betas": ([0.9, 0.999], "AdamW betas"),
+    "optimizer.clip_grad": (None, "clip the global gradient norm to this value (empty: no clipping)"),
+    "run_dir": (None, "where checkpoints, logs and plots go (empty: runs/<method>-<UTC time>)"),
+    "checkpoint_every": (500, "also checkpoint every this many steps (0: only at epoch ends)"),
+    "log_every": (10, "write a metrics row every this many steps"),
+    "min_free_gb": (None, "refuse to start with less free disk in the run directory (empty: 3 checkpoints' worth)"),
+    "progress": (True, "show a tqdm progress bar"),
+}
+
+
+def defaults() -> Dict:
+    """The built-in defaults as a nested dict."""
+    config: Dict = {}
+    for key, (value, _) in OPTIONS.items():
+        set_key(config, key, copy.deepcopy(value))
+    return config
+
+
+def get_key(config: Dict, key: str, default=None):
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_key(config: Dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"config key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def merge(base: Dict, update: Dict) -> Dict:
+    """``base`` with ``update`` merged in, recursively; neither argument is changed."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def flat_keys(config: Dict, prefix: str = "") -> List[str]:
+    keys = []
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value and full != "method_options":
+            keys += flat_keys(value, full + ".")
+        else:
+            keys.append(full)
+    return keys
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``lr=0.1`` -> 0.1, ``betas=[0.9,0.95]`` -> a list)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key, value
+
+
+def check_keys(config: Dict) -> None:
+    """Unknown keys are mistakes (a typo would otherwise be silently ignored)."""
+    known = set(OPTIONS)
+    for key in flat_keys(config):
+        if key not in known and not key.startswith("method_options."):
+            close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown config key {key!r}{hint}; see fastdense-train --help")
+
+
+def load_yaml(path) -> Dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def method_defaults(method: str) -> Tuple[Dict, Dict]:
+    """The method's YAML defaults and its presets (``{name: overrides}``)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    data = load_yaml(CONFIG_DIR / f"{method}.yaml")
+    presets = data.pop("presets", {}) or {}
+    return data, presets
+
+
+def choose_preset(config: Dict, presets: Dict, has_gpu: bool) -> Optional[str]:
+    preset = config.get("preset", "auto")
+    if preset == "auto":
+        return "cpu" if not config.get("data") and not has_gpu and "cpu" in presets else None
+    if preset in (None, "full", "none"):
+        return None
+    if preset not in presets:
+        raise ValueError(f"preset must be 'auto', 'full' or one of {sorted(presets)}, got {preset!r}")
+    return preset
+
+
+def resolve(
+    method: Optional[str] = None,
+    user_files: Iterable = (),
+    overrides: Optional[Dict] = None,
+    has_gpu: bool = False,
+    base: Optional[Dict] = None,
+) -> Dict:
+    """The full config: defaults < method YAML < preset < ``user_files`` < ``overrides`` (dotted keys).
+
+    ``base``, when given (a resumed run's saved config), replaces the first three layers.
+    """
+    user = {}
+    for path in user_files:
+        user = merge(user, load_yaml(path))
+    dotted = {}
+    for key, value in (overrides or {}).items():
+        set_key(dotted, key, value)
+    if base is not None:
+        config = merge(merge(base, user), dotted)
+        check_keys(config)
+        return config
+    chosen = method or get_key(dotted, "method") or user.get("method") or OPTIONS["method"][0]
+    method_yaml, presets = method_defaults(chosen)
+    config = merge(defaults(), method_yaml)
+    # The preset depends on --data and --preset, which may come from any layer.
+    probe = merge(merge(config, user), dotted)
+    preset = choose_preset(probe, presets, has_gpu)
+    if preset:
+        config = merge(config, presets[preset])
+    config = merge(merge(config, user), dotted)
+    config["method"] = chosen
+    config["preset"] = preset or "full"
+    check_keys(config)
+    return config
+
+
+def save(config: Dict, path) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def describe_options() -> str:
+    """One line per option, for ``--help``."""
+    width = max(len(k) for k in OPTIONS)
+    lines = []
+    for key, (default, text) in OPTIONS.items():
+        shown = "" if default is None else yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {key.ljust(width)}  {text} [default: {shown or 'empty'}]")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""torchrun support: process-group set-up from the environment, DDP wrapping and SyncBatchNorm."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``...).
+
+    NCCL on GPUs, gloo on CPUs; without torchrun's variables, a single process.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over the global batch; PyTorch's SyncBatchNorm runs on GPUs only."""
+    if device.type != "cuda":
+        warnings.warn("SyncBatchNorm needs CUDA tensors; on CPU every process keeps per-process BatchNorm statistics")
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
+    """DistributedDataParallel over the online parameters (targets do not require grad, so DDP skips them).
+
+    Batches are moved to the device before the call, so ``device_ids`` stays None and DDP does
+    not copy inputs again.
+    """
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=None, find_unused_parameters=find_unused_parameters)
+
+
+def gather_objects(obj, info: DistInfo):
+    """Every rank's ``obj`` as a list on every rank (a one-element list in a single process)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if not info.enabled:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / info.world_size

@@ -1,0 +1,334 @@
+"""The training loop: one process of a (possibly torchrun-launched) run, resumable step for step.
+
+Determinism on resume rests on three things saved in every checkpoint: the global RNG states (for
+the method: box sampling, dropout), a separate RNG state that the loader runs under (so iterating
+the loader never moves the method's random stream and vice versa), and the loader position (epoch
+and batches consumed). A resumed run re-creates the epoch's iterator from the same seed and skips
+the consumed batches, then continues with every state exactly as the interrupted run had it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import nn
+
+from fastdense.training import checkpoint as ckpt
+from fastdense.training import distributed
+from fastdense.training.logs import MetricsLog, plot_loss
+from fastdense.training.optim import Schedule, build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped without saving the bad state."""
+
+
+def build_method(config: Dict) -> nn.Module:
+    from fastdense.methods import build_method as build
+
+    return build(config["method"], **dict(config.get("method_options") or {}))
+
+
+def build_loader(config: Dict, method: nn.Module, rank: int, world_size: int, device: torch.device):
+    """The configured pipeline over ``config['data']`` (empty: the built-in dataset), sharded by rank."""
+    from fastdense.pipelines import make_loader
+
+    return make_loader(
+        backend=config["backend"], data=str(config["data"]) if config.get("data") else None, recipe=method.recipe,
+        batch_size=config["batch_size"], seed=config["seed"], shard_id=rank, num_shards=world_size,
+        num_workers=config["num_workers"], device=device, photometric=config["photometric"],
+    )
+
+
+class RngSandbox:
+    """Private CPU RNG states (python, numpy, torch) for the loader; ``with sandbox:`` runs code on them.
+
+    :meth:`reseed` at each epoch start makes the loader's random stream a function of (seed, rank,
+    epoch) and the number of batches drawn, whatever the method did with the global RNG meanwhile.
+    """
+
+    def __init__(self):
+        self.state = ckpt.rng_state(include_cuda=False)
+
+    def reseed(self, seed: int) -> None:
+        outside = ckpt.rng_state(include_cuda=False)
+        ckpt.seed_everything(seed)
+        self.state = ckpt.rng_state(include_cuda=False)
+        ckpt.set_rng_state(outside)
+
+    def __enter__(self):
+        self._outside = ckpt.rng_state(include_cuda=False)
+        ckpt.set_rng_state(self.state)
+
+    def __exit__(self, *exc):
+        self.state = ckpt.rng_state(include_cuda=False)
+        ckpt.set_rng_state(self._outside)
+
+
+def _to_device(batch, device: torch.device, channels_last: bool):
+    batch = batch.to(device, non_blocking=True) if hasattr(batch, "to") else batch
+    if channels_last and hasattr(batch, "views"):
+        batch.views = [v.contiguous(memory_format=torch.channels_last) for v in batch.views]
+    return batch
+
+
+class Prefetcher:
+    """Fetches batches from ``iterator`` under the loader's RNG and moves them to the device; on a GPU
+    the copy runs on a side stream, so fetching batch k+1 overlaps the queued kernels of step k."""
+
+    def __init__(self, iterator: Iterator, device: torch.device, channels_last: bool, sandbox: RngSandbox):
+        self.iterator, self.device, self.channels_last, self.sandbox = iterator, device, channels_last, sandbox
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def fetch(self):
+        """``(batch or None at the end, seconds blocked in the loader)``."""
+        start = time.perf_counter()
+        with self.sandbox:
+            batch = next(self.iterator, None)
+        waited = time.perf_counter() - start
+        if batch is None:
+            return None, waited
+        if self.stream is None:
+            return _to_device(batch, self.device, self.channels_last), waited
+        with torch.cuda.stream(self.stream):
+            batch = _to_device(batch, self.device, self.channels_last)
+        return batch, waited
+
+    def ready(self, batch):
+        """Make the compute stream wait for ``batch``'s copy before it is used."""
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for view in getattr(batch, "views", []):
+                view.record_stream(current)
+        return batch
+
+
+class Trainer:
+    """Runs ``config`` (see :mod:`fastdense.training.config`) in this process."""
+
+    def __init__(self, config: Dict, resume: bool = False):
+        self.config = config
+        self.resume = resume
+        pref = config["device"]
+        if pref == "auto":
+            pref = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dist = distributed.init_distributed(pref)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if pref == "cuda" else pref)
+        precision = config["precision"]
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+        self.run_dir = Path(config["run_dir"])
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+
+    # -- set-up -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        config, device = self.config, self.device
+        ckpt.seed_everything(config["seed"])
+        method = build_method(config).to(device)
+        channels_last = config["channels_last"]
+        is_cnn = getattr(getattr(method, "backbone", None), "kind", "resnet") != "vit"
+        self.channels_last = (device.type == "cuda" and is_cnn) if channels_last == "auto" else bool(channels_last)
+        if self.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        sync_bn = config["sync_batchnorm"]
+        if (sync_bn == "auto" and self.dist.enabled) or sync_bn is True:
+            method = distributed.convert_sync_batchnorm(method, device)
+        self.method = method
+        self.loader = build_loader(config, method, self.dist.rank, self.dist.world_size, device)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the loader yields no batch per epoch: the dataset is smaller than batch_size x world size")
+        self.total_steps = config["epochs"] * self.steps_per_epoch
+        self.global_batch = config["batch_size"] * self.dist.world_size
+        opt_cfg = config["optimizer"]
+        self.optimizer = build_optimizer(method, opt_cfg, self.global_batch)
+        base_lr = self.optimizer.param_groups[0]["base_lr"]
+        self.schedule = Schedule(
+            self.optimizer, self.total_steps, round(opt_cfg["warmup_epochs"] * self.steps_per_epoch),
+            lr=base_lr, min_lr=opt_cfg["min_lr"] * self.global_batch / opt_cfg["lr_batch"],
+            weight_decay=opt_cfg["weight_decay"], weight_decay_end=opt_cfg["weight_decay_end"],
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.loader_rng = RngSandbox()
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.last_good: Optional[int] = None
+        if self.dist.is_main:
+            # Checkpoint = weights + optimiser state (about 3x the state dict); the old one and the
+            # temporary copy coexist while a new one is written.
+            needed = 2 * 3 * ckpt.state_bytes(method) + (1 << 20)
+            free_gb = config.get("min_free_gb")
+            ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
+                stale.unlink()
+            from fastdense.training.config import save
+
+            save(config, self.run_dir / "config.yaml")
+        if self.resume and self.checkpoint_path.exists():
+            self.load(ckpt.load_checkpoint(self.checkpoint_path, map_location=device))
+        self.model = method
+        if self.dist.enabled:
+            self.model = distributed.wrap_ddp(method, device, bool(config.get("ddp_find_unused_parameters", True)))
+        if config["compile"]:
+            self.model = torch.compile(self.model)
+
+    def state(self) -> Dict:
+        rngs = distributed.gather_objects(ckpt.rng_state(), self.dist)
+        return {
+            "format": 1,
+            "step": self.step,
+            "position": {"epoch": self.epoch, "batch": self.batch_in_epoch},
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng_per_rank": rngs,
+            "world_size": self.dist.world_size,
+            "config": self.config,
+        }
+
+    def load(self, state: Dict) -> None:
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = state["step"]
+        self.epoch, self.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
+        rngs = state["rng_per_rank"]
+        mine = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
+        ckpt.set_rng_state(mine)
+        self.last_good = self.step
+
+    def save(self) -> None:
+        state = self.state()  # every rank joins the RNG gather
+        if self.dist.is_main:
+            ckpt.save_checkpoint(state, self.checkpoint_path)
+        self.last_good = self.step
+
+    # -- the loop ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, batch) -> Dict[str, torch.Tensor]:
+        """One optimisation step on ``batch`` (already on the device); returns the method's outputs."""
+        self.method.train()
+        hyper = self.schedule.apply(self.step)
+        with self.autocast():
+            out = self.model(batch)
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.config["optimizer"]["clip_grad"]
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.method.parameters() if p.grad is not None]
+            out = dict(out, grad_norm=torch.nn.utils.clip_grad_norm_(params, clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.update_target(self.step, self.total_steps)
+        return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
+
+    def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
+        value = float(out["loss"].detach())
+        if not math.isfinite(value):
+            where = (
+                f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"
+                if self.last_good is not None else "no checkpoint had been written yet"
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {where}"
+            )
+        return value
+
+    def fit(self) -> Dict:
+        config = self.config
+        main = self.dist.is_main
+        max_steps = config.get("max_steps") or self.total_steps
+        end_step = min(max_steps, self.total_steps)
+        log = MetricsLog(self.run_dir, resume_step=self.step if self.step else None) if main else None
+        bar = None
+        if main and config["progress"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end_step, initial=self.step, desc=f"{config['method']}", unit="step", dynamic_ncols=True)
+        window = {"wait": 0.0, "time": 0.0, "images": 0}
+        started = time.perf_counter()
+        try:
+            while self.step < end_step and self.epoch < config["epochs"]:
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                skip = self.batch_in_epoch
+                self.loader_rng.reseed(self.config["seed"] + 1_000_003 * self.epoch + 7919 * self.dist.rank)
+                with self.loader_rng:
+                    iterator = iter(self.loader)
+                    for _ in range(skip):
+                        next(iterator)
+                prefetcher = Prefetcher(iterator, self.device, self.channels_last, self.loader_rng)
+                tick = time.perf_counter()
+                batch, waited = prefetcher.fetch()
+                last = False
+                while batch is not None and not last:
+                    out = self.train_step(prefetcher.ready(batch))
+                    images = batch.batch_size * self.dist.world_size
+                    step = self.step
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    last = self.step >= end_step
+                    epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+                    # Fetch the next batch while the device still works on this step.
+                    batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch()
+                    loss = self.check_finite(step, out)
+                    now = time.perf_counter()
+                    window["wait"] += waited
+                    window["time"] += now - tick
+                    window["images"] += images
+                    tick, waited = now, next_wait
+                    if main and (self.step % config["log_every"] == 0 or last or step == 0):
+                        row = {"step": self.step, "epoch": self.epoch, "loss": loss}
+                        row.update({k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+                        row["images_per_s"] = window["images"] / max(window["time"], 1e-9)
+                        row["data_wait"] = window["wait"] / max(window["time"], 1e-9)
+                        log.log(row)
+                        window = {"wait": 0.0, "time": 0.0, "images": 0}
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}", wait=f"{row['data_wait']:.0%}")
+                    if bar is not None:
+                        bar.update(1)
+                    if epoch_done:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                        self.save()
+                    elif last or (config["checkpoint_every"] and self.step % config["checkpoint_every"] == 0):
+                        self.save()
+                if self.batch_in_epoch and not last:
+                    # The loader ran out before len(loader) batches (a shorter shard): the epoch is over.
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        summary = {"steps": self.step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
+        if main:
+            rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
+            plot = plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss")
+            summary.update(
+                run_dir=str(self.run_dir), checkpoint=str(self.checkpoint_path), config=str(self.run_dir / "config.yaml"),
+                metrics_csv=str(self.run_dir / "metrics.csv"), metrics_jsonl=str(self.run_dir / "metrics.jsonl"),
+                loss_curve=str(plot) if plot else None,
+                tensorboard=str(self.run_dir / "tensorboard") if (self.run_dir / "tensorboard").exists() else None,
+                first_loss=rows[0]["loss"] if rows else None, last_loss=rows[-1]["loss"] if rows else None,
+            )
+        return summary

@@ -1,0 +1,131 @@
+"""Exact resume after SIGKILL, atomic checkpoints, the non-finite stop, and run-directory checks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_doubles
+from fastdense.train import main
+from fastdense.training import NonFiniteLossError, RunDirError, Trainer, load_checkpoint, save_checkpoint
+from fastdense.training import checkpoint as ckpt
+from fastdense.training import config as cfg
+
+ROOT = Path(__file__).resolve().parent.parent
+DOUBLES = Path(train_doubles.__file__)
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())]
+
+
+def _run(config, resume=False):
+    trainer = Trainer(config, resume=resume)
+    trainer.setup()
+    trainer.fit()
+    return trainer
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    train_doubles.install(monkeypatch)
+    reference = _run(train_doubles.tiny_config(tmp_path / "reference", epochs=2))
+    assert reference.step == 20
+
+    run_dir = tmp_path / "killed"
+    args = [sys.executable, str(DOUBLES), "--run-dir", str(run_dir), "--epochs", "2", "--batch-size", "4",
+            "--device", "cpu", "--preset", "full", "--no-progress", "--checkpoint-every", "3",
+            "--set", "log_every=1", "--set", "optimizer.lr=2.0", "--set", "optimizer.warmup_epochs=0.5",
+            "--set", "method_options.sleep=0.2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # same thread count as this process: same float sums
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert 6 <= killed_at < 20  # killed mid-run
+
+    config = cfg.load_yaml(run_dir / "config.yaml")
+    config["method_options"] = {}  # the sleep changes nothing but time
+    resumed = _run(config, resume=True)
+    assert resumed.step == 20
+    assert _losses(run_dir) == _losses(tmp_path / "reference")
+    ref_state, state = reference.method.state_dict(), resumed.method.state_dict()
+    assert ref_state.keys() == state.keys()
+    for name in ref_state:
+        assert torch.equal(ref_state[name], state[name]), name
+    ref_opt = reference.optimizer.state_dict()["state"]
+    opt = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(ref_opt[k]["momentum_buffer"], opt[k]["momentum_buffer"]) for k in ref_opt)
+
+
+def test_checkpoint_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
+
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"step": 2, "w": torch.zeros(10**6)}, path)
+    assert load_checkpoint(path)["step"] == 1  # the old checkpoint, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left behind
+
+
+def test_resume_clears_temporaries_of_a_killed_write(tmp_path, monkeypatch):
+    train_doubles.install(monkeypatch)
+    _run(train_doubles.tiny_config(tmp_path, max_steps=3))
+    stale = tmp_path / "checkpoints" / ".last.pt.abc.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    trainer = _run(train_doubles.tiny_config(tmp_path, max_steps=5), resume=True)
+    assert trainer.step == 5 and not stale.exists()
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)
+    config = train_doubles.tiny_config(tmp_path, checkpoint_every=2, method_options={"nan_at_call": 5})
+    trainer = Trainer(config)
+    trainer.setup()
+    with pytest.raises(NonFiniteLossError, match=r"at step 5 .*last good checkpoint \(step 4\)"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    code = main(["--run-dir", str(tmp_path / "cli"), "--preset", "full", "--device", "cpu", "--batch-size", "4",
+                 "--no-progress", "--set", "method_options.nan_at_call=0"])
+    assert code == 4
+    assert "non-finite loss (nan) at step 0" in capsys.readouterr().err
+
+
+def test_unwritable_run_dir_is_reported_before_training(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    args = ["--preset", "full", "--device", "cpu", "--batch-size", "4", "--no-progress"]
+    assert main(["--run-dir", str(blocker / "run")] + args) == 3
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_full_disk_is_reported_before_training(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 4096})())
+    steps = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(1))
+    args = ["--run-dir", str(tmp_path / "run"), "--preset", "full", "--device", "cpu", "--batch-size", "4", "--no-progress"]
+    assert main(args) == 3
+    assert "GiB free" in capsys.readouterr().err and not steps
+    with pytest.raises(RunDirError, match="needs at least 1.00 GiB"):
+        ckpt.check_run_dir(tmp_path / "other", needed_bytes=10, min_free_bytes=2**30)

@@ -1,0 +1,176 @@
+"""fastdense-train: the loop end to end, config layering, LARS and schedules, DDP on gloo."""
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import train_doubles
+from fastdense.train import main, parser
+from fastdense.training import LARS, Schedule, Trainer, param_groups, scaled_lr
+from fastdense.training import config as cfg
+
+
+def test_loop_end_to_end_writes_every_output(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)
+    run_dir = tmp_path / "run"
+    code = main(["--run-dir", str(run_dir), "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--no-progress",
+                 "--preset", "full", "--set", "log_every=1", "--set", "optimizer.lr=1.0", "--set", "optimizer.warmup_epochs=0.2"])
+    assert code == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))  # 40 images / 4 per batch x 2 epochs
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 and 0 <= r["data_wait"] for r in rows)
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])
+    assert (run_dir / "metrics.csv").read_text().splitlines()[0].startswith("step,epoch")
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 21
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 20 and state["position"] == {"epoch": 2, "batch": 0}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["optimizer"]["lr"] == 1.0 and saved["run_dir"] == str(run_dir)
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    for path in ("last.pt", "config.yaml", "metrics.csv", "metrics.jsonl", "loss.png"):
+        assert path in final
+
+
+def test_training_changes_online_and_target(tmp_path, monkeypatch):
+    train_doubles.install(monkeypatch)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, max_steps=1))
+    trainer.setup()
+    online = trainer.method.backbone.conv.weight.clone()
+    target = trainer.method.target_backbone.conv.weight.clone()
+    trainer.fit()
+    assert not torch.equal(online, trainer.method.backbone.conv.weight)
+    # EMA with m = 0.9: target' = 0.9 target + 0.1 online'
+    expected = 0.9 * target + 0.1 * trainer.method.backbone.conv.weight
+    torch.testing.assert_close(trainer.method.target_backbone.conv.weight, expected)
+
+
+def test_config_layers_and_overrides(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("epochs: 7\noptimizer: {lr: 0.5, momentum: 0.8}\n")
+    args = parser().parse_args(["--method", "lewel", "--config", str(user), "--set", "optimizer.lr=0.25",
+                                "--set", "optimizer.betas=[0.9, 0.95]", "--batch-size", "12"])
+    from fastdense.train import resolve_config
+
+    config = resolve_config(args, has_gpu=False)
+    assert config["method"] == "lewel" and config["preset"] == "cpu"  # no --data, no GPU
+    assert config["method_options"] == {"preset": "cpu"}
+    assert config["epochs"] == 7 and config["batch_size"] == 12
+    assert config["optimizer"]["lr"] == 0.25 and config["optimizer"]["momentum"] == 0.8
+    assert config["optimizer"]["betas"] == [0.9, 0.95]
+    assert config["optimizer"]["weight_decay"] == 1.5e-6  # from lewel.yaml
+    with_data = cfg.resolve("lewel", overrides={"data": "/some/folder"})
+    assert with_data["preset"] == "full" and with_data["batch_size"] == 256 and with_data["method_options"] == {}
+    assert cfg.resolve("lewel", has_gpu=True)["preset"] == "full"
+    with pytest.raises(ValueError, match="optimizer.lr"):
+        cfg.resolve("scrl", overrides={"lr": 1.0})
+    with pytest.raises(ValueError, match="method must be one of"):
+        cfg.resolve("simclr")
+    with pytest.raises(ValueError, match="key=value"):
+        cfg.parse_override("lr0.1")
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for key in cfg.OPTIONS:
+        assert f"  {key} " in text
+
+
+def test_every_method_yaml_resolves():
+    for method in cfg.METHODS:
+        for has_gpu in (False, True):
+            config = cfg.resolve(method, has_gpu=has_gpu)
+            assert config["method"] == method
+            assert config["optimizer"]["name"] in ("lars", "adamw")
+
+
+def test_lars_matches_hand_computed_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
+    opt = LARS(param_groups(model, weight_decay=0.1), lr=0.5, momentum=0.9, eta=0.02)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w, b = w0.copy(), b0.copy()
+    buf_w, buf_b = np.zeros_like(w), np.zeros_like(b)
+    for _ in range(2):
+        opt.zero_grad()
+        (model(x) ** 2).sum().backward()
+        y = x.numpy() @ w.T + b
+        gw, gb = 2 * y.T @ x.numpy(), 2 * y.sum(0)
+        gw = gw + 0.1 * w  # decay, then trust ratio, for weights only
+        gw = gw * 0.02 * np.linalg.norm(w) / np.linalg.norm(gw)
+        buf_w, buf_b = 0.9 * buf_w + gw, 0.9 * buf_b + gb  # the bias: plain momentum SGD
+        w, b = w - 0.5 * buf_w, b - 0.5 * buf_b
+        opt.step()
+        np.testing.assert_allclose(model.weight.detach().numpy(), w, rtol=1e-12)
+        np.testing.assert_allclose(model.bias.detach().numpy(), b, rtol=1e-12)
+
+
+def test_param_groups_exclude_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    decayed, excluded = param_groups(model, weight_decay=1e-6)
+    assert {id(p) for p in decayed["params"]} == {id(model[0].weight), id(model[2].weight)}
+    assert excluded["weight_decay"] == 0.0 and not excluded["lars_adapt"] and len(excluded["params"]) == 4
+
+
+def test_schedules_and_lr_scaling():
+    assert scaled_lr(0.45, 4096) == pytest.approx(0.45 * 16)
+    opt = torch.optim.SGD(param_groups(torch.nn.Linear(2, 2), 0.04), lr=1.0)
+    schedule = Schedule(opt, total_steps=110, warmup_steps=10, lr=2.0, min_lr=0.1, weight_decay=0.04, weight_decay_end=0.4)
+    assert schedule.lr_at(0) == pytest.approx(0.2) and schedule.lr_at(9) == pytest.approx(2.0)
+    assert schedule.lr_at(10) == pytest.approx(2.0) and schedule.lr_at(60) == pytest.approx(1.05)
+    assert schedule.lr_at(110) == pytest.approx(0.1)
+    hyper = schedule.apply(55)
+    assert hyper["weight_decay"] == pytest.approx(0.22)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.22) and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_full_batch(tmp_path, monkeypatch):
+    out_path = tmp_path / "ddp.pt"
+    torch.multiprocessing.spawn(train_doubles.ddp_step_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(out_path)),
+                                nprocs=2, join=True)
+    ddp = torch.load(out_path, weights_only=False)
+    train_doubles.install(monkeypatch)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path / "single", batch_size=8))
+    trainer.setup()
+    torch.manual_seed(5)
+    out = trainer.train_step(train_doubles.fixed_batch(8))
+    torch.testing.assert_close(ddp["loss"], out["loss"].detach(), rtol=1e-6, atol=1e-7)
+    grads = {n: p.grad for n, p in trainer.method.named_parameters() if p.grad is not None}
+    assert grads.keys() == ddp["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(ddp["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, value in trainer.method.state_dict().items():
+        torch.testing.assert_close(ddp["params"][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny_image_folder(tmp_path_factory):
+    from fastdense.pipelines.builtin import ensure_builtin_dataset
+
+    return ensure_builtin_dataset(tmp_path_factory.mktemp("builtin"), num_images=16, image_size=64, num_classes=4)
+
+
+@pytest.mark.parametrize("method", cfg.METHODS)
+def test_every_method_trains_end_to_end_on_the_torch_backend(method, tiny_image_folder, tmp_path):
+    run_dir = tmp_path / method
+    code = main(["--method", method, "--data", str(tiny_image_folder), "--preset", "cpu", "--backend", "torch",
+                 "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--device", "cpu", "--no-progress",
+                 "--run-dir", str(run_dir), "--set", "log_every=1"])
+    assert code == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["step"] == 2

@@ -23,7 +23,7 @@ from fastdense.evaluation import knn_accuracy, linear_probe_accuracy, train_dens
 from fastdense.evaluation.data import EvalImages, classification_splits, segmentation_splits
 from fastdense.evaluation.export import export_backbone
 from fastdense.evaluation.features import cached, extract
-from fastdense.training.checkpoint import load_trained_method
+from fastdense.evaluation.checkpoint import load_trained_method
 
 TASKS = ("linear", "knn", "dense", "export")
 

@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
     if not args.checkpoint.is_file():
         sys.exit(f"fastdense-eval: no checkpoint at {args.checkpoint}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)  # a --random-init backbone is the same one every time
     method, info = load_trained_method(args.checkpoint, random_init=args.random_init)
     backbone = method.backbone
     run_dir = args.checkpoint.parent
@@ -62,8 +63,6 @@ def main(argv=None) -> dict:
         size = args.image_size or info.get("image_size") or 224
         identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "random_init": args.random_init, "data": str(data), "masks": str(args.masks), "size": size, "dense": args.task == "dense"}
         cache_dir = run_dir / "eval_cache"
-        if args.random_init:
-            torch.manual_seed(0)  # the same random backbone every time
         if args.task == "dense":
             train_set, test_set = segmentation_splits(data, args.masks or _builtin_masks(data))
             feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), True, args.batch_size, args.num_workers, device, desc=f"{n} maps")) for split, samples in (("train", train_set), ("test", test_set))}

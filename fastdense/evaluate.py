@@ -1,0 +1,110 @@
+"""``fastdense-eval``: downstream protocols on a trained (or randomly initialised) backbone.
+
+    fastdense-eval --checkpoint RUN/checkpoint.pt --task linear     # linear probe, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoint.pt --task knn        # weighted 20-NN, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoint.pt --task dense      # 1x1 probe on feature maps, mIoU %
+    fastdense-eval --checkpoint RUN/checkpoint.pt --task export     # plain torchvision/timm state dict
+
+Features are extracted once per (weights, data, size) and cached next to the checkpoint. Results
+are printed as a table and written as JSON next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fastdense.evaluation import knn_accuracy, linear_probe_accuracy, train_dense_probe
+from fastdense.evaluation.data import EvalImages, classification_splits, segmentation_splits
+from fastdense.evaluation.export import export_backbone
+from fastdense.evaluation.features import cached, extract
+from fastdense.evaluation.checkpoint import load_trained_method
+
+TASKS = ("linear", "knn", "dense", "export")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fastdense-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastdense-train")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", type=Path, default=None, help="ImageFolder for linear/knn (train/ and val/ inside, or split 4:1); images for dense. Default: the training run's data, else the built-in dataset")
+    p.add_argument("--masks", type=Path, default=None, help="folder of PNG masks mirroring --data (dense task); not needed for the VOC layout or the built-in dataset")
+    p.add_argument("--image-size", type=int, default=None, help="evaluation resolution (default: the training recipe's first view size)")
+    p.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random initialisation (the baseline)")
+    p.add_argument("--epochs", type=int, default=None, help="probe training epochs (linear: 100, dense: 30)")
+    p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--k", type=int, default=20, help="neighbours for the knn task")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--output", type=Path, default=None, help="JSON result path (default: next to the checkpoint)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not args.checkpoint.is_file():
+        sys.exit(f"fastdense-eval: no checkpoint at {args.checkpoint}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)  # a --random-init backbone is the same one every time
+    method, info = load_trained_method(args.checkpoint, random_init=args.random_init)
+    backbone = method.backbone
+    run_dir = args.checkpoint.parent
+    tag = f"{args.task}{'_random' if args.random_init else ''}"
+    if args.task == "export":
+        path = export_backbone(backbone, run_dir / f"backbone_{backbone.name}{'_random' if args.random_init else ''}.pth")
+        result = {"task": "export", "path": str(path), "arch": backbone.name, "tensors": len(torch.load(path, weights_only=True))}
+    else:
+        data = args.data or info.get("data") or _builtin_root()
+        size = args.image_size or info.get("image_size") or 224
+        identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "random_init": args.random_init, "data": str(data), "masks": str(args.masks), "size": size, "dense": args.task == "dense"}
+        cache_dir = run_dir / "eval_cache"
+        if args.task == "dense":
+            train_set, test_set = segmentation_splits(data, args.masks or _builtin_masks(data))
+            feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), True, args.batch_size, args.num_workers, device, desc=f"{n} maps")) for split, samples in (("train", train_set), ("test", test_set))}
+            num_classes = int(max(int(f["masks"][f["masks"] != 255].max()) for f in feats.values())) + 1
+            scores = train_dense_probe(feats["train"]["maps"], feats["train"]["masks"], feats["test"]["maps"], feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
+            result = {"task": "dense", "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["per_class_iou"]}
+        else:
+            train_set, test_set, classes = classification_splits(data)
+            feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), False, args.batch_size, args.num_workers, device, desc=f"{n} features")) for split, samples in (("train", train_set), ("test", test_set))}
+            tr, te = feats["train"], feats["test"]
+            if args.task == "linear":
+                acc = linear_probe_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), epochs=args.epochs or 100)
+            else:
+                acc = knn_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), k=args.k)
+            result = {"task": args.task, "top1": acc, "classes": len(classes), "train_images": len(train_set), "test_images": len(test_set)}
+        result.update(image_size=size, data=str(data))
+    result.update(checkpoint=str(args.checkpoint), method=info.get("method"), backbone=backbone.name, random_init=args.random_init)
+    out = args.output or run_dir / f"eval_{tag}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _print_table(result)
+    print(f"fastdense-eval: wrote {out}")
+    return result
+
+
+def _builtin_root():
+    from fastdense.pipelines.builtin import ensure_builtin_dataset
+
+    return ensure_builtin_dataset()
+
+
+def _builtin_masks(data):
+    from fastdense.pipelines.builtin import masks_root
+
+    return masks_root(data)
+
+
+def _print_table(result: dict) -> None:
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in result.items() if k != "per_class_iou"]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,6 +115,24 @@ def _axis_weights(start, bin_size, grid, out_size: int, extent: int) -> torch.Te
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# On the CPU the "cpp" backend is torchvision's own C++ kernel, the op this one is a drop-in for:
+# rewriting it would add nothing. It has no 16-bit kernel, so those inputs go through float32.
+def _torchvision_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    out = torch.ops.torchvision.roi_align(input.to(compute), rois.to(compute), spatial_scale, *output_size, sampling_ratio, aligned)
+    return out.to(input.dtype)
+
+
+def _torchvision_backward(grad, input, rois, spatial_scale, sampling_ratio, aligned):
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    batch, channels, height, width = input.shape
+    grad_input = torch.ops.torchvision._roi_align_backward(
+        grad.to(compute).contiguous(), rois.to(compute), spatial_scale, grad.shape[2], grad.shape[3],
+        batch, channels, height, width, sampling_ratio, aligned,
+    )
+    return grad_input.to(input.dtype)
+
+
 # ``torch.library`` registration: one forward and one backward op, each carrying the implementation
 # chosen by ``fastdense.ops._dispatch.resolve`` as an argument, so torch.compile traces either one and
 # the backward runs on the same implementation as the forward. There is no autocast rule: the op runs
@@ -128,6 +146,8 @@ def _roi_align_op(
         from fastdense.kernels.roi_align import roi_align_forward
 
         return roi_align_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
+    if implementation == "cpp":
+        return _torchvision_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
     return roi_align_reference(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
 
 
@@ -145,6 +165,8 @@ def _roi_align_backward_op(
         from fastdense.kernels.roi_align import roi_align_backward
 
         return roi_align_backward(grad, input, rois, spatial_scale, sampling_ratio, aligned)
+    if implementation == "cpp":
+        return _torchvision_backward(grad, input, rois, spatial_scale, sampling_ratio, aligned)
     return roi_align_backward_reference(grad, input, rois, spatial_scale, sampling_ratio, aligned)
 
 
@@ -249,7 +271,8 @@ def roi_align(
 
     CUDA float16/bfloat16/float32 input runs the Triton kernels of :mod:`fastdense.kernels.roi_align`
     (float32 accumulation, input strides read in place, a deterministic backward without atomics);
-    anything else, or ``fastdense.ops.backend("reference")``, the PyTorch reference. Under autocast the
+    CPU input runs torchvision's C++ kernel (``cpp``); anything else, or
+    ``fastdense.ops.backend("reference")``, the PyTorch reference. Under autocast the
     op runs natively in the dtype it is given (a bfloat16 feature map gives bfloat16 output).
     Gradients flow to ``input`` only, as in torchvision.
 
@@ -261,8 +284,18 @@ def roi_align(
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
     available = ("triton",) if input.dtype in TRITON_DTYPES else ()
+    if not input.is_cuda and _has_torchvision():
+        available += ("cpp",)
     implementation = resolve("roi_align", (input, rois), available=available)
     return torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)
+
+
+def _has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+    except ImportError:
+        return False
+    return True
 
 
 def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:

@@ -90,7 +90,7 @@ def _floor(flops, nbytes, dtype, bandwidth):
     return floor_ms(flops, nbytes, PEAK_FLOPS[dtype], bandwidth)
 
 
-def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference):
+def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference, tensor_core_fp32=False):
     g = torch.Generator(device=device).manual_seed(b + n + d)
     q32 = torch.randn(b, n, d, device=device, generator=g)
     c32 = torch.randn(b, m, d, device=device, generator=g)
@@ -105,6 +105,8 @@ def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference):
     baseline_agree = _agreement(torch.cdist(q32, c32).argmin(dim=2), ref32)
     flops = 2.0 * b * n * m * d
     rows = []
+    if tensor_core_fp32:
+        rows.append(bench_fp32_precisions(b, n, m, d, q32, c32, ref32, flops, device))
     for k in ks:
         with ops.backend("triton"):
             kernel32 = lambda: ops.nearest_neighbor_pairs(q32, c32, k)  # noqa: E731
@@ -130,6 +132,32 @@ def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference):
             "index_agreement_fp32": agree32, "index_agreement_bf16": agree16, "index_agreement_baseline": baseline_agree,
         })
     return rows
+
+
+def bench_fp32_precisions(b, n, m, d, q32, c32, ref32, flops, device):
+    """float32 search on TF32 tensor cores (kernels.FP32_INPUT_PRECISION; the default is "ieee"):
+    time, throughput and index agreement with the reference for each mode."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    row = {"case": "fp32_precision", "B": b, "N": n, "M": m, "D": d, "k": ""}
+    default = nn_kernels.FP32_INPUT_PRECISION
+    try:
+        for precision in ("ieee", "tf32x3", "tf32"):
+            nn_kernels.FP32_INPUT_PRECISION = precision
+            with ops.backend("triton"):
+                row[f"index_agreement_{precision}"] = _agreement(ops.nearest_neighbor(q32, c32)[1], ref32)
+                ms = _time(lambda: ops.nearest_neighbor(q32, c32), device)
+            row[f"kernel_fp32_{precision}_ms"] = ms
+            row[f"tflops_{precision}"] = flops / ms / 1e9
+    finally:
+        nn_kernels.FP32_INPUT_PRECISION = default
+    q16, c16 = q32.bfloat16(), c32.bfloat16()
+    with ops.backend("triton"):
+        ms16 = _time(lambda: ops.nearest_neighbor(q16, c16), device)
+    row["kernel_bf16_ms"], row["tflops_bf16"] = ms16, flops / ms16 / 1e9
+    row["baseline_ms"] = _time(lambda: torch.cdist(q32, c32).argmin(dim=2), device)
+    print(row, flush=True)
+    return row
 
 
 def bench_step(b, device, bandwidth):
@@ -182,7 +210,8 @@ def main(argv=None):
     for b in batches:
         for n in sizes:
             for d in widths:
-                rows += bench_shape(b, n, n, d, [k for k in ks if k <= n], device, bandwidth, time_reference=True)
+                largest = n == sizes[-1] and d == widths[-1] and b == batches[-1]
+                rows += bench_shape(b, n, n, d, [k for k in ks if k <= n], device, bandwidth, time_reference=True, tensor_core_fp32=largest)
     for b in step_batches:
         rows.append(bench_step(b, device, bandwidth))
     columns = ["case", "B", "N", "D", "k", "baseline_ms", "reference_ms", "kernel_fp32_ms", "kernel_bf16_ms", "speedup_fp32", "speedup_bf16",

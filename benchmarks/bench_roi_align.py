@@ -11,7 +11,13 @@ back (timed). Each row reports both medians, the ratio, and the fraction of the 
 the forward, and in addition the output gradient read plus the input gradient written for the backward.
 Correctness against torchvision is checked on the same inputs before timing.
 
-    PYTHONPATH=. python3 benchmarks/bench_roi_align.py            # GPU, full set
+By default the SCRL shapes are an 8-row orthogonal array over the six two-valued axes (B, output,
+sampling, aligned, dtype, layout): every value of every axis, and every pair of values of any two
+axes, appears; ``--full`` times the whole 64-row product. Each row is printed and the JSON rewritten
+as soon as it is measured, so an interrupted run keeps what it has.
+
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py            # GPU, 8 SCRL + 2 detection rows (< 100 s)
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py --full     # GPU, 64 SCRL + 4 detection rows
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --quick    # CPU (Triton interpreter), seconds
 """
 
@@ -34,9 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchvision  # noqa: E402
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import _fmt, floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
 
 L2_BYTES = 50 * 2**20
+GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
+COLUMNS = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction"]
 
 
 def scrl_rois(num_images: int, per_image: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -93,6 +101,18 @@ def make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, devi
     return inputs, next_input, ours, theirs
 
 
+def scrl_settings(axes, full: bool):
+    """The full product of six two-valued axes, or the 8-run two-level orthogonal array (factors
+    a, b, c, ab, ac, bc): every pair of values of any two axes occurs twice."""
+    if full:
+        return list(itertools.product(*axes))
+    runs = []
+    for a, b, c in itertools.product((0, 1), repeat=3):
+        levels = (a, b, c, a ^ b, a ^ c, b ^ c)
+        runs.append(tuple(axis[level] for axis, level in zip(axes, levels)))
+    return runs
+
+
 def run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(0)
@@ -104,14 +124,16 @@ def run(args) -> None:
             cases.append(("scrl", (2, 16, 7, 7), scrl_rois(2, 3, 224, generator), output, -1, False, 1 / 32, dtype, memory))
         cases.append(("detection", (1, 2, 33, 20), detection_rois(1, 3, 132, 80, generator), "7x7", 2, True, 1 / 4, torch.float32, "nchw"))
     else:
-        for batch, output, sampling, aligned, dtype, memory in itertools.product(
-            (64, 256), ("1x1-pooled", "7x7"), (-1, 2), (False, True), (torch.float32, torch.bfloat16), ("nchw", "channels_last")
-        ):
+        axes = ((64, 256), ("1x1-pooled", "7x7"), (-1, 2), (False, True), (torch.float32, torch.bfloat16), ("nchw", "channels_last"))
+        for batch, output, sampling, aligned, dtype, memory in scrl_settings(axes, args.full):
             cases.append(("scrl", (batch, 2048, 7, 7), scrl_rois(batch, 10, 224, generator), output, sampling, aligned, 1 / 32, dtype, memory))
-        for dtype, memory in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
+        detection_settings = itertools.product(axes[4], axes[5]) if args.full else zip(axes[4], axes[5])
+        for dtype, memory in detection_settings:
             cases.append(("detection", (8, 256, 200, 304), detection_rois(8, 512, 800, 1216, generator), "7x7", 2, True, 1 / 4, dtype, memory))
 
     cases = [case for case in cases if args.only in (None, case[0])]
+    name_of_results = "roi_align" + ("_quick" if args.quick else "_full" if args.full else "")
+    print(f"{len(cases)} cases on {device}", flush=True)
     rows = []
     for name, shape, rois, output, sampling, aligned, scale, dtype, memory in cases:
         inputs, next_input, ours, theirs = make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, device, generator)
@@ -132,8 +154,8 @@ def run(args) -> None:
             ("fwd", fwd_bytes, lambda f: f(next_input())),
             ("fwdbwd", both_bytes, lambda f: torch.autograd.grad(f(xi := next_input()), xi, grad)),
         ):
-            ours_ms = time_ms(lambda: fn(ours), device, repeats=args.repeats, warmup=1)
-            theirs_ms = time_ms(lambda: fn(theirs), device, repeats=args.repeats, warmup=1)
+            ours_ms = time_ms(lambda: fn(ours), device, repeats=args.repeats, warmup=1, gpu_window_ms=GPU_WINDOW_MS)
+            theirs_ms = time_ms(lambda: fn(theirs), device, repeats=args.repeats, warmup=1, gpu_window_ms=GPU_WINDOW_MS)
             floor = floor_ms(0.0, nbytes, 0.0, bandwidth)
             row.update({
                 f"{label}_ms": ours_ms, f"{label}_torchvision_ms": theirs_ms, f"{label}_speedup": theirs_ms / ours_ms,
@@ -141,15 +163,16 @@ def run(args) -> None:
             })
         rows.append(row)
         del inputs
-    columns = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction"]
-    print_table(rows, columns)
-    path = write_results("roi_align" + ("_quick" if args.quick else ""), device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
-    print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)")
+        print(f"[{time.perf_counter() - start_time:5.0f} s] " + "  ".join(f"{c}={_fmt(row[c])}" for c in COLUMNS), flush=True)
+        path = write_results(name_of_results, device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
+    print_table(rows, COLUMNS)
+    print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few cases (CPU, seconds)")
+    parser.add_argument("--full", action="store_true", help="GPU: every combination of the SCRL axes (64 rows) and 4 detection rows")
     parser.add_argument("--only", choices=("scrl", "detection"), help="run one family of shapes")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
     run(parser.parse_args())

@@ -31,12 +31,12 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn()``."""
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, warmup: int = 3, gpu_window_ms: float = 100) -> float:
+    """Median milliseconds of ``fn()`` (on the GPU, do_bench runs for about ``gpu_window_ms``)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=max(1, gpu_window_ms // 4), rep=gpu_window_ms, return_mode="median"))
     for _ in range(warmup):
         fn()
     samples = []

@@ -4,13 +4,14 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
 
 * ``_nearest_neighbor_kernel``: one program per (group, block of query rows), where a group is one
   image of one pair. It walks the candidates tile by tile, scores them with ``|c|^2 - 2 q.c`` on
-  ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision="ieee"`` for float32
-  so TF32 never creeps in) or, for D <= ``DIRECT_MAX_D`` (locations, D = 2), with exact squared
+  ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision=FP32_INPUT_PRECISION``, "ieee"
+  by default, for float32 so TF32 never creeps in unasked) or, for D <= ``DIRECT_MAX_D`` (locations, D = 2), with exact squared
   differences, and keeps a running minimum and its index. Lower candidate index wins ties: tiles are
   visited in ascending order, a later tile must be strictly better, and the in-tile argmin breaks
   ties to the left. The ``B x N x M`` matrix is never written. The winning candidate's distance is
   then recomputed from differences, so the returned distance does not carry the cancellation error
-  of the expansion.
+  of the expansion. When every row stride and offset is a multiple of 16 elements the scan runs in
+  a branch where the compiler can see that, so tiles stream in with vector asynchronous copies.
 * ``_select_rows_kernel``: one program per group. Row ``i`` is kept when fewer than ``k`` rows come
   before it in the order (distance, row); kept rows are written in ascending row order with a
   running prefix count, so no sort is needed.
@@ -21,22 +22,87 @@ and 3x3 grids) and different widths (D = 512 features and D = 2 locations) share
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from fastdense.ops._dispatch import triton_interpreted
 
 # Squared differences are exact and cheap for the location case (D = 2); above this width the
 # tensor-core expansion wins.
 DIRECT_MAX_D = 8
+# How float32 inputs enter tl.dot for the search (the returned distance is always recomputed exactly
+# from differences). "ieee": exact float32 products on the CUDA cores, the default, since CONVENTIONS
+# allows index disagreement only on ties within 1e-6. "tf32x3": three TF32 tensor-core products,
+# about float32 accuracy (the search's error is dominated by the |c|^2 - 2 q.c expansion either way).
+# "tf32": one TF32 product (10-bit mantissa), fastest, but near neighbours closer than ~1e-3
+# relative may swap; opt in knowingly.
+FP32_INPUT_PRECISION = "ieee"
 # Group table columns: query offset, candidate offset (elements), N, M, D, output row offset.
 _NN_COLUMNS = 6
 # Selection table columns: distance row offset, N, k, output offset.
 _SELECT_COLUMNS = 4
+
+
+@triton.jit
+def _direct_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Running argmin of exact squared differences, for narrow rows (locations, D = 2)."""
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_N], tl.int64)
+    for col0 in range(0, m, BLOCK_M):
+        cols = col0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < m
+        c_rows = c_base + cols.to(tl.int64) * d
+        score = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k in range(0, d):
+            qk = tl.load(q_rows + k, mask=row_ok, other=0.0).to(tl.float32)
+            ck = tl.load(c_rows + k, mask=col_ok, other=0.0).to(tl.float32)
+            diff = qk[:, None] - ck[None, :]
+            score += diff * diff
+        best, best_index = _keep_better(score, col_ok, col0, best, best_index)
+    return best_index
+
+
+@triton.jit
+def _keep_better(score, col_ok, col0, best, best_index):
+    """Fold one tile of scores into the running minimum; a later tile must be strictly better."""
+    score = tl.where(col_ok[None, :], score, float("inf"))
+    tile_best, tile_index = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best < best
+    return tl.where(better, tile_best, best), tl.where(better, tile_index + col0, best_index)
+
+
+@triton.jit
+def _dot_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr):
+    """Running (min score, argmin) of ``|c|^2 - 2 q.c`` over all candidates, for a block of query rows."""
+    best = tl.full([BLOCK_N], float("inf"), tl.float32)
+    best_index = tl.zeros([BLOCK_N], tl.int64)  # loop-carried: the type of tile_index + col0
+    for col0 in range(0, m, BLOCK_M):
+        cols = col0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < m
+        c_rows = c_base + cols.to(tl.int64) * d
+        dots = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        c_square = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, d, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < d
+            q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            c_tile = tl.load(c_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT_IN_FLOAT32:
+                q_tile = q_tile.to(tl.float32)
+                c_tile = c_tile.to(tl.float32)
+            dots = tl.dot(q_tile, tl.trans(c_tile), dots, input_precision=INPUT_PRECISION)
+            c_float = c_tile.to(tl.float32)
+            c_square += tl.sum(c_float * c_float, axis=1)
+        # |q|^2 is the same for every candidate of a row, so the argmin does not need it.
+        best, best_index = _keep_better(c_square[None, :] - 2.0 * dots, col_ok, col0, best, best_index)
+    return best_index
 
 
 @triton.jit
@@ -68,40 +134,18 @@ def _nearest_neighbor_kernel(
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         q_rows = q_ptr + q_off + rows.to(tl.int64) * d
-        best = tl.full([BLOCK_N], float("inf"), tl.float32)
-        best_index = tl.zeros([BLOCK_N], tl.int64)  # loop-carried: the type of tile_index + col0
-        for col0 in range(0, m, BLOCK_M):
-            cols = col0 + tl.arange(0, BLOCK_M)
-            col_ok = cols < m
-            c_rows = c_ptr + c_off + cols.to(tl.int64) * d
-            if d <= DIRECT_MAX_D:
-                score = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                for k in range(0, d):
-                    qk = tl.load(q_rows + k, mask=row_ok, other=0.0).to(tl.float32)
-                    ck = tl.load(c_rows + k, mask=col_ok, other=0.0).to(tl.float32)
-                    diff = qk[:, None] - ck[None, :]
-                    score += diff * diff
-            else:
-                dots = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-                c_square = tl.zeros([BLOCK_M], tl.float32)
-                for k0 in range(0, d, BLOCK_D):
-                    ks = k0 + tl.arange(0, BLOCK_D)
-                    k_ok = ks < d
-                    q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                    c_tile = tl.load(c_rows[:, None] + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                    if DOT_IN_FLOAT32:
-                        q_tile = q_tile.to(tl.float32)
-                        c_tile = c_tile.to(tl.float32)
-                    dots = tl.dot(q_tile, tl.trans(c_tile), dots, input_precision=INPUT_PRECISION)
-                    c_float = c_tile.to(tl.float32)
-                    c_square += tl.sum(c_float * c_float, axis=1)
-                # |q|^2 is the same for every candidate of a row, so the argmin does not need it.
-                score = c_square[None, :] - 2.0 * dots
-            score = tl.where(col_ok[None, :], score, float("inf"))
-            tile_best, tile_index = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_best < best
-            best = tl.where(better, tile_best, best)
-            best_index = tl.where(better, tile_index + col0, best_index)
+        if d <= DIRECT_MAX_D:
+            best_index = _direct_scan(q_rows, c_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M)
+        elif (d % 16 == 0) & (q_off % 16 == 0) & (c_off % 16 == 0):
+            # The same scan with the row stride and offsets rebuilt as visible multiples of 16: the
+            # compiler can then prove 16-byte alignment and issue vector (and asynchronous, pipelined)
+            # loads; with a stride read from the table it must load element by element.
+            d16 = (d // 16) * 16
+            q_rows16 = q_ptr + (q_off // 16) * 16 + rows.to(tl.int64) * d16
+            c_base16 = c_ptr + (c_off // 16) * 16
+            best_index = _dot_scan(q_rows16, c_base16, row_ok, m, d16, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
+        else:
+            best_index = _dot_scan(q_rows, c_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
 
         matched = c_ptr + c_off + best_index.to(tl.int64) * d
         squared = tl.zeros([BLOCK_N], tl.float32)
@@ -145,19 +189,48 @@ def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out
 
 
 def _tuning_configs() -> List[triton.Config]:
+    """Hopper GEMM-like tiles for the tensor-core scan, and small tiles for small problems."""
     configs = []
     for block_n, block_m, block_d, warps, stages in (
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 3),
+        (128, 64, 32, 8, 4),
+        (64, 128, 64, 4, 3),
+        (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 3),
-        (64, 128, 32, 4, 3),
-        (128, 64, 32, 8, 3),
-        (128, 128, 32, 8, 3),
         (16, 32, 64, 4, 2),
     ):
         configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages))
     return configs
 
 
-_tuned_kernel = triton.autotune(configs=_tuning_configs(), key=["n_key", "m_key", "d_key"])(_nearest_neighbor_kernel)
+# Work (n_key * m_key * d_key) below which only tiles of at most 64 x 64 are tried: the whole
+# problem is a few tiles, and timing every config would cost more than any of them saves.
+_SMALL_WORK = 256 * 256 * 1024
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    n_key, m_key, d_key = named_args["n_key"], named_args["m_key"], named_args["d_key"]
+    if n_key * m_key * d_key > _SMALL_WORK:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_N"] <= max(16, n_key) and c.kwargs["BLOCK_M"] <= max(32, m_key) and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] <= 64 * 64]
+    return small or configs[-1:]
+
+
+def _autotune_timer(kernel_call, quantiles):
+    """A short timing window per config: the winners differ by large factors, not by percent."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _autotune(kernel):
+    options = {"configs": _tuning_configs(), "key": ["n_key", "m_key", "d_key"], "prune_configs_by": {"early_config_prune": _prune_configs}}
+    if "do_bench" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2
+        options["do_bench"] = _autotune_timer
+    return triton.autotune(**options)(kernel)
+
+
+_tuned_kernel = _autotune(_nearest_neighbor_kernel)
 _SELECT_BLOCK_MAX = 128
 
 _TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -223,7 +296,7 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
 
     table = _cached_table(key, build)
     max_n = max(s[1] for s in shapes)
-    precision = "ieee" if buffer.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
+    precision = FP32_INPUT_PRECISION if buffer.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
     # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
     dot_in_float32 = triton_interpreted() and buffer.dtype == torch.bfloat16

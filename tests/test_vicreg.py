@@ -34,7 +34,7 @@ def _float64_terms(x: torch.Tensor, eps: float = 1e-4):
         var = (centred * centred).sum(dim=0) / (n - 1)
         variances.append(torch.clamp(1 - torch.sqrt(var + eps), min=0).mean())
         cov = torch.einsum("na,nb->ab", centred, centred) / (n - 1)
-        off = cov * (1 - torch.eye(dim, dtype=torch.float64))
+        off = cov * (1 - torch.eye(dim, dtype=torch.float64, device=cov.device))
         covariances.append((off * off).sum() / dim)
     return torch.stack(variances).mean(), torch.stack(covariances).mean()
 

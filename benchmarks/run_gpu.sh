@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# One script for a GPU machine: the GPU tests, then every benchmark, each writing its JSON.
-# Runs on the torch/triton/torchvision already installed there (no reinstall):
-#   FASTDENSE_BENCH_OUT=benchmarks/results bash benchmarks/run_gpu.sh [pytest -k expression]
+# One script for a GPU machine: the GPU tests, then every GPU benchmark, each writing its JSON and log
+# to $FASTDENSE_BENCH_OUT (default benchmarks/results). Runs on the torch/triton/torchvision already
+# installed there (no reinstall). Each step has its own time limit so one slow step cannot starve the rest.
+#   FASTDENSE_BENCH_OUT=benchmarks/results bash benchmarks/run_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${FASTDENSE_BENCH_OUT:-benchmarks/results}"
+export FASTDENSE_BENCH_OUT="$out"
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "warning: C++ extension did not build; C++ paths fall back to the reference"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "warning: the C++ extension did not build"
 
 status=0
-python3 -m pytest -q -x --timeout 900 -p no:cacheprovider ${1:+-k "$1"} \
-    tests/test_nearest_neighbor.py tests/test_vicreg.py tests/test_roi_align.py 2>&1 | tee "$out/gpu_tests.log" || status=1
-for bench in nearest_neighbor vicreg roi_align; do
-    [ -f "benchmarks/bench_$bench.py" ] || continue
-    echo "== bench_$bench"
-    timeout 240 python3 "benchmarks/bench_$bench.py" || status=1
-done
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, show the tail
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1 || { echo "   exit $?"; status=1; }
+    tail -n 4 "$out/$name.log"
+}
+step gpu_tests_kernels "${TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_vicreg.py
+step bench_nearest_neighbor 120 python3 benchmarks/bench_nearest_neighbor.py
+step bench_vicreg 90 python3 benchmarks/bench_vicreg.py
+step bench_roi_align 100 python3 benchmarks/bench_roi_align.py
+step bench_train_step 120 python3 benchmarks/bench_train_step.py
 exit $status

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One script for a GPU machine: the GPU tests, then every GPU benchmark, each writing its JSON and log
-# to $FASTDENSE_BENCH_OUT (default benchmarks/results). Runs on the torch/triton/torchvision already
+# (and one log, gpu_run.log) to $FASTDENSE_BENCH_OUT (default benchmarks/results). Runs on the torch/triton/torchvision already
 # installed there (no reinstall). Each step has its own time limit so one slow step cannot starve the rest.
 #   FASTDENSE_BENCH_OUT=benchmarks/results bash benchmarks/run_gpu.sh
 set -uo pipefail
@@ -14,12 +14,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "warning: the C++ extension did not build"
 
 status=0
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, show the tail
+log="$out/gpu_run.log"
+: > "$log"
+step() {  # step NAME SECONDS COMMAND...: run with a limit, append to $out/gpu_run.log, show the tail
     local name=$1 limit=$2
     shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1 || { echo "   exit $?"; status=1; }
-    tail -n 4 "$out/$name.log"
+    echo "== $name (limit ${limit}s)" | tee -a "$log"
+    timeout "$limit" "$@" > "$out/.step.log" 2>&1 || { echo "   exit $?" | tee -a "$log"; status=1; }
+    cat "$out/.step.log" >> "$log"
+    tail -n 4 "$out/.step.log"
+    rm -f "$out/.step.log"
 }
 step gpu_tests_kernels "${TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_vicreg.py
 step bench_nearest_neighbor 120 python3 benchmarks/bench_nearest_neighbor.py

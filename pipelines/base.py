@@ -1,0 +1,72 @@
+"""What every loader shares: the epoch's sample order per shard, and the skipped-file report.
+
+Order: one permutation of the whole dataset per ``(seed, epoch)``, the same on every shard; shard
+``k`` of ``n`` takes positions ``k, k + n, k + 2n, ...``. With ``drop_last=False`` the shards are
+disjoint and together hold every sample once (their sizes differ by at most one); with
+``drop_last=True`` every shard keeps ``len // n`` samples, so all ranks run the same number of full
+batches (distributed training needs that), and at most ``n - 1`` samples sit out the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Tuple
+
+import numpy as np
+
+LOG = logging.getLogger("fastdense.pipelines")
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1, shuffle: bool = True, drop_last: bool = False) -> np.ndarray:
+    """Dataset indices (int64) that shard ``shard_id`` visits in ``epoch``, in order.
+
+    >>> [epoch_order(10, 0, 0, k, 3, shuffle=False).tolist() for k in range(3)]
+    [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    """
+    check_sharding(shard_id, num_shards)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_samples)
+    else:
+        order = np.arange(num_samples)
+    if drop_last:
+        order = order[: (num_samples // num_shards) * num_shards]
+    return order[shard_id::num_shards].astype(np.int64)
+
+
+def check_sharding(shard_id: int, num_shards: int) -> None:
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+    if not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be an int in [0, num_shards={num_shards}), got {shard_id!r}")
+
+
+def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (seed, epoch, index, ...), stable across processes."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class SkipReport:
+    """Unreadable files met during one epoch: ``skipped`` is a list of ``(path, reason)``.
+
+    Loaders call :meth:`reset` when an epoch starts, :meth:`add` per failure, and :meth:`report`
+    when it ends; the report is a warning on the ``fastdense.pipelines`` logger naming every path.
+    """
+
+    def __init__(self):
+        self.skipped: List[Tuple[str, str]] = []
+
+    def reset(self) -> None:
+        self.skipped = []
+
+    def add(self, path, reason: str) -> None:
+        self.skipped.append((str(path), str(reason)))
+
+    def report(self, epoch: int, total: int) -> None:
+        if not self.skipped:
+            return
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
+        LOG.warning("epoch %d: skipped %d of %d files that could not be read:\n%s", epoch, len(self.skipped), total, lines)

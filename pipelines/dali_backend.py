@@ -16,25 +16,26 @@ its own per-view coin: ``fn.color_twist`` (brightness, contrast, saturation, hue
 as one fixed colour transform, not in torchvision's random order; grayscale folds in as saturation
 0), ``fn.gaussian_blur`` and solarize as arithmetic. ``photometric=False`` leaves only geometry.
 
-Order and sharding: each epoch permutes the readable files with ``(seed, epoch)``; the reader splits
-that list into ``num_shards`` contiguous shards, so the shards of one epoch are disjoint and together
-complete, and the same seed gives the same order and the same crops.
+Order and sharding: the same as every backend (:func:`fastdense.pipelines.base.epoch_order` over the
+readable files): each epoch builds a pipeline whose file reader gets exactly this shard's files in
+this epoch's order, so shards are disjoint and together complete. Every random operator has an
+explicit seed derived from ``(seed, epoch, shard, view)``, so the same seed gives the same crops, and
+switching photometric augmentation on or off does not change them.
 
 Unreadable files: DALI aborts the pipeline on a decode error, so files are checked once when the
 loader is built (:mod:`fastdense.pipelines.validate`: header, structure and JPEG end marker, cached)
 and left out of the reader. They are listed in ``loader.skipped`` as ``(path, reason)`` and reported
-with a warning at the end of every epoch.
+on the ``fastdense.pipelines`` logger at the end of every epoch.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from fastdense.pipelines.base import SkipReport, check_sharding, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -58,14 +59,15 @@ def _import_dali():
     return fn, pipeline_def, types, dali_math
 
 
-def epoch_seed(seed: int, epoch: int, shard_id: int = 0) -> int:
-    """A 31-bit seed for one epoch (and one shard), stable across runs and machines."""
-    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(shard_id)]).generate_state(1)[0]
-    return int(mixed) & 0x7FFFFFFF
+def operator_seed(*keys: int) -> int:
+    """A 31-bit operator seed from integer keys, stable across runs and machines."""
+    return sample_seed(*keys) & 0x7FFFFFFF
 
 
-def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_gpu: bool, photometric: bool, mean, std):
-    """One view inside the pipeline: ``(pixels CHW float, window [x0, y0, w, h, flip])``."""
+def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_gpu: bool, photometric: bool, mean, std, seeds):
+    """One view inside the pipeline: ``(pixels CHW float, window [x0, y0, w, h, flip])``.
+
+    ``seeds`` are the keys of this view's random operators (seed, epoch, shard, view)."""
 
     def to_device(node):
         return node.gpu() if on_gpu else node
@@ -73,9 +75,11 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     def as_float(node):
         return fn.cast(node, dtype=types.FLOAT)
 
-    anchor, size = fn.random_crop_generator(shape, random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio))
+    anchor, size = fn.random_crop_generator(
+        shape, random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio), seed=operator_seed(*seeds, 0)
+    )
     y0, x0, h, w = anchor[0], anchor[1], size[0], size[1]
-    flip = fn.random.coin_flip(probability=float(spec.flip_p), dtype=types.INT32)
+    flip = fn.random.coin_flip(probability=float(spec.flip_p), dtype=types.INT32, seed=operator_seed(*seeds, 1))
     # A reversed x range makes fn.resize mirror the window: view x = 0 samples source x = x0 + w.
     x_start = x0 + flip * w
     x_end = x0 + w - flip * w
@@ -93,7 +97,7 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     )
     view = dali_math.clamp(view, 0.0, 255.0)  # cubic overshoot, as PIL clips it
     if photometric:
-        view = _photometric_graph(fn, types, view, spec, to_device, as_float)
+        view = _photometric_graph(fn, types, view, spec, to_device, as_float, seeds)
     view = fn.crop_mirror_normalize(
         view,
         dtype=types.FLOAT,
@@ -105,20 +109,24 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     return view, window
 
 
-def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float):
+def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float, seeds):
     """The BYOL colour pipeline on a float ``[0, 255]`` HWC view, one coin per operation and sample."""
+    counter = iter(range(2, 100))
+
+    def uniform(low, high):
+        return fn.random.uniform(range=[low, high], seed=operator_seed(*seeds, next(counter)))
 
     def coin(p):
-        return as_float(fn.random.coin_flip(probability=float(p), dtype=types.INT32))
+        return as_float(fn.random.coin_flip(probability=float(p), dtype=types.INT32, seed=operator_seed(*seeds, next(counter))))
 
     def factor(strength, applied):
-        drawn = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+        drawn = uniform(max(0.0, 1.0 - strength), 1.0 + strength)
         return 1.0 + applied * (drawn - 1.0)
 
     if spec.jitter_p > 0 or spec.grayscale_p > 0:
         jitter = coin(spec.jitter_p)
         strength_b, strength_c, strength_s, strength_h = spec.jitter
-        hue_degrees = jitter * fn.random.uniform(range=[-strength_h, strength_h]) * 360.0
+        hue_degrees = jitter * uniform(-strength_h, strength_h) * 360.0
         keep_colour = 1.0 - coin(spec.grayscale_p)
         view = fn.color_twist(
             view,
@@ -129,7 +137,7 @@ def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float):
             dtype=types.FLOAT,
         )
     if spec.blur_p > 0:
-        sigma = fn.random.uniform(range=list(spec.blur_sigma))
+        sigma = uniform(spec.blur_sigma[0], spec.blur_sigma[1])
         blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel_size, sigma=sigma)
         view = view + to_device(coin(spec.blur_p)) * (blurred - view)
     if spec.solarize_p > 0:
@@ -144,7 +152,7 @@ class DaliLoader:
     Arguments are those of :func:`fastdense.pipelines.make_loader` (without ``backend``). ``device``
     ``None`` uses the current CUDA device when there is one (GPU decode and augmentation) and the
     CPU otherwise; ``num_workers`` is DALI's thread count. ``len(loader)`` is this shard's number of
-    batches per epoch; the last batch may be smaller.
+    batches per epoch; with ``drop_last=False`` the last batch may be smaller.
 
     >>> loader = DaliLoader(data="/data/train", recipe="scrl", batch_size=64)  # doctest: +SKIP
     >>> batch = next(iter(loader))                                             # doctest: +SKIP
@@ -163,12 +171,15 @@ class DaliLoader:
         num_workers: int = 4,
         device=None,
         photometric: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = True,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard_id, int) and 0 <= shard_id < num_shards):
-            raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={shard_id!r}, num_shards={num_shards!r}")
+        check_sharding(shard_id, num_shards)
         _import_dali()
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
         self.recipe = get_recipe(recipe)
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -186,22 +197,30 @@ class DaliLoader:
         self.classes = index.classes
         paths = [path for path, _ in index.samples]
         self.labels = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
-        self.skipped: List[Tuple[str, str]] = [(str(p), reason) for p, reason in find_unreadable(paths, index.root, self.num_threads)]
-        bad = {path for path, _ in self.skipped}
+        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads)]
+        self._report = SkipReport()
+        bad = {path for path, _ in self.unreadable}
         self.readable = np.array([i for i, p in enumerate(paths) if str(p) not in bad], dtype=np.int64)
         if len(self.readable) == 0:
-            raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(self.skipped)} unreadable)")
+            raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(self.unreadable)} unreadable)")
         self.paths = [str(p) for p in paths]
         self.epoch = 0
 
-    # -- sizes -----------------------------------------------------------------------------------
-    def shard_size(self) -> int:
-        """Samples this shard reads per epoch (DALI's split: ``[N * i // S, N * (i + 1) // S)``)."""
-        n = len(self.readable)
-        return n * (self.shard_id + 1) // self.num_shards - n * self.shard_id // self.num_shards
+    @property
+    def skipped(self) -> List[Tuple[str, str]]:
+        """``(path, reason)`` of the files left out of the current (or last finished) epoch."""
+        return self._report.skipped
+
+    def epoch_samples(self, epoch: int) -> np.ndarray:
+        """Dataset indices this shard reads in ``epoch``, in order (whole batches with ``drop_last``)."""
+        order = self.readable[epoch_order(len(self.readable), self.seed, epoch, self.shard_id, self.num_shards, self.shuffle, self.drop_last)]
+        if self.drop_last:
+            order = order[: len(order) // self.batch_size * self.batch_size]
+        return order
 
     def __len__(self) -> int:
-        return math.ceil(self.shard_size() / self.batch_size)
+        shard = len(epoch_order(len(self.readable), self.seed, 0, self.shard_id, self.num_shards, False, self.drop_last))
+        return num_batches(shard, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and crops the next iteration produces."""
@@ -210,7 +229,7 @@ class DaliLoader:
     # -- pipeline --------------------------------------------------------------------------------
     def _build(self, epoch: int):
         fn, pipeline_def, types, dali_math = _import_dali()
-        order = self.readable[np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(len(self.readable))]
+        order = self.epoch_samples(epoch)
         on_gpu = self.device.type == "cuda"
         interp = getattr(types, INTERPOLATIONS[self.recipe.interpolation])
         recipe, photometric = self.recipe, self.photometric
@@ -219,25 +238,23 @@ class DaliLoader:
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=self.device.index if on_gpu else None,
-            seed=epoch_seed(self.seed, epoch, self.shard_id),
+            seed=operator_seed(self.seed, epoch, self.shard_id),
             prefetch_queue_depth=2,
         )
         def graph():
             encoded, sample_index = fn.readers.file(
                 files=[self.paths[i] for i in order],
                 labels=[int(i) for i in order],
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
                 random_shuffle=False,
                 pad_last_batch=False,
-                stick_to_shard=True,
                 name=READER_NAME,
             )
             shape = fn.peek_image_shape(encoded)
             images = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
             outputs = [sample_index, shape]
-            for spec in recipe.views:
-                outputs.extend(_view_graph(fn, types, dali_math, images, shape, spec, interp, on_gpu, photometric, recipe.mean, recipe.std))
+            for v, spec in enumerate(recipe.views):
+                seeds = (self.seed, epoch, self.shard_id, v)
+                outputs.extend(_view_graph(fn, types, dali_math, images, shape, spec, interp, on_gpu, photometric, recipe.mean, recipe.std, seeds))
             return tuple(outputs)
 
         pipe = graph()
@@ -254,6 +271,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         epoch = self.epoch
+        self._report.reset()
         pipe = self._build(epoch)
         iterator = DALIGenericIterator(
             pipe, self.output_names(), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
@@ -265,9 +283,9 @@ class DaliLoader:
         finally:
             del iterator, pipe
         self.epoch = epoch + 1
-        if self.skipped:
-            shown = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
-            warnings.warn(f"dali backend skipped {len(self.skipped)} unreadable file(s) this epoch:\n{shown}", stacklevel=2)
+        for path, reason in self.unreadable:
+            self._report.add(path, reason)
+        self._report.report(epoch, len(self.paths))
 
     def _to_batch(self, out: dict, sizes: List[int]) -> ViewBatch:
         index = out["index"].reshape(-1).to(torch.int64).cpu()

@@ -19,18 +19,21 @@ gives the same crops. The crop is resized with OpenCV's ``INTER_AREA`` (FFCV's r
 recipe's interpolation. Photometric augmentation and normalisation then run batched on the target
 device (:mod:`fastdense.pipelines.photometric`).
 
-Sharding: a fixed seeded permutation of the stored samples is split into ``num_shards`` contiguous
-parts (disjoint, together complete); FFCV's random order shuffles each shard per epoch.
+Order and sharding: the same as every backend (:func:`fastdense.pipelines.base.epoch_order` over the
+stored samples), handed to FFCV as a custom traversal order, so shards are disjoint and together
+complete. ``data`` may also be an image folder: it is then written once to a ``.beton`` in the
+cache (``$FASTDENSE_CACHE/beton``, keyed by the folder's files, sizes and modification times).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import math
 import os
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -40,14 +43,16 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
+from fastdense.pipelines.base import SkipReport, check_sharding, epoch_order, num_batches
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
-from fastdense.pipelines.validate import check_image_file
+from fastdense.pipelines.validate import cache_dir, check_image_file
 
 #: bytes appended to every view after its pixels: five little-endian int32 ``(x0, y0, w, h, flip)``
 WINDOW_BYTES = 20
 MIN_PAGE_SIZE = 1 << 23
+LOG = logging.getLogger("fastdense.pipelines")
 
 
 def _import_ffcv():
@@ -159,9 +164,8 @@ def write_beton(
     writer.from_indexed_dataset(_FolderSamples(keep, max_resolution), chunksize=16)
     Path(str(path) + ".skipped.json").write_text(json.dumps(skipped, indent=1))
     if skipped:
-        print(f"write_beton: skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
-        for file, reason in skipped:
-            print(f"  {file}: {reason}", file=sys.stderr)
+        lines = "\n".join(f"  {file}: {reason}" for file, reason in skipped)
+        LOG.warning("write_beton: skipped %d of %d files that could not be read:\n%s", len(skipped), len(index.samples), lines)
     return {"written": len(keep), "skipped": skipped}
 
 
@@ -374,19 +378,50 @@ def _view_crop_decoder_class():
 # ---------------------------------------------------------------------------------------------
 
 
-def epoch_generator(seed: int, epoch: int, shard_id: int) -> torch.Generator:
-    """The CPU generator for one epoch's photometric draws on one shard."""
-    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(shard_id), 1]).generate_state(2)
-    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+def beton_for_folder(folder) -> Path:
+    """The cached ``.beton`` of an image folder, written on first use (and again when files change)."""
+    index = scan_image_folder(folder)
+    digest = hashlib.sha1(str(index.root.resolve()).encode())
+    for path, label in index.samples:
+        info = os.stat(path)
+        digest.update(f"{path}|{label}|{info.st_size}|{info.st_mtime_ns}".encode())
+    path = cache_dir() / "beton" / f"{index.root.name}-{digest.hexdigest()[:16]}.beton"
+    if not path.is_file():
+        partial = path.with_name(path.name + f".{os.getpid()}.partial")
+        write_beton(index.root, partial)
+        os.replace(str(partial) + ".skipped.json", str(path) + ".skipped.json")
+        os.replace(partial, path)
+    return path
+
+
+def _traversal_order_class():
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class EpochOrder(TraversalOrder):
+        """FFCV traversal order following :func:`fastdense.pipelines.base.epoch_order`."""
+
+        def __init__(self, loader, seed, shard_id, num_shards, shuffle, drop_last, batch_size):
+            super().__init__(loader)
+            self.options = (seed, shard_id, num_shards, shuffle, drop_last)
+            self.batch_size = batch_size
+
+        def sample_order(self, epoch: int):
+            seed, shard_id, num_shards, shuffle, drop_last = self.options
+            order = epoch_order(len(self.indices), seed, epoch, shard_id, num_shards, shuffle, drop_last)
+            if drop_last:
+                order = order[: len(order) // self.batch_size * self.batch_size]
+            return self.indices[order]
+
+    return EpochOrder
 
 
 class FfcvLoader:
     """Batches of augmented views from a ``.beton`` file written by :func:`write_beton`.
 
     Arguments are those of :func:`fastdense.pipelines.make_loader` (without ``backend``); ``data`` is
-    the ``.beton`` path and ``num_workers`` FFCV's thread count. ``device`` ``None`` means CUDA if
-    present, else CPU. ``len(loader)`` is this shard's number of batches per epoch (the last may be
-    smaller).
+    a ``.beton`` path (or an image folder, converted once into the cache) and ``num_workers`` FFCV's
+    thread count. ``device`` ``None`` means CUDA if present, else CPU. ``len(loader)`` is this
+    shard's number of batches per epoch.
 
     >>> loader = FfcvLoader(data="/data/train.beton", recipe="scrl", batch_size=64)  # doctest: +SKIP
     >>> batch = next(iter(loader))                                                   # doctest: +SKIP
@@ -403,20 +438,21 @@ class FfcvLoader:
         num_workers: int = 4,
         device=None,
         photometric: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = True,
     ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard_id, int) and 0 <= shard_id < num_shards):
-            raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={shard_id!r}, num_shards={num_shards!r}")
+        check_sharding(shard_id, num_shards)
         path = Path(data).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"beton file {str(path)!r} does not exist (write one with fastdense.pipelines.write_beton)")
-        if not path.is_file():
-            raise ValueError(f"data for the ffcv backend must be a .beton file written by write_beton, got the folder {str(path)!r}")
+            raise FileNotFoundError(f"data {str(path)!r} does not exist (a .beton file written by fastdense.pipelines.write_beton, or an image folder)")
+        if path.is_dir():
+            path = beton_for_folder(path)
         _import_ffcv()
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.ndarray import NDArrayDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
         from ffcv.reader import Reader
 
@@ -426,16 +462,15 @@ class FfcvLoader:
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.photometric = bool(photometric)
+        self.drop_last = bool(drop_last)
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sidecar = Path(str(path) + ".skipped.json")
-        self.skipped: List[Tuple[str, str]] = [tuple(item) for item in json.loads(sidecar.read_text())] if sidecar.is_file() else []
+        self.unreadable: List[Tuple[str, str]] = [tuple(item) for item in json.loads(sidecar.read_text())] if sidecar.is_file() else []
+        self._report = SkipReport()
 
-        num_samples = Reader(str(path)).num_samples
-        if num_samples == 0:
+        self.num_stored = Reader(str(path)).num_samples
+        if self.num_stored == 0:
             raise ValueError(f"beton file {str(path)!r} holds no sample")
-        order = np.random.default_rng(np.random.SeedSequence([self.seed & 0xFFFFFFFF, 7])).permutation(num_samples)
-        shard = order[num_samples * shard_id // num_shards : num_samples * (shard_id + 1) // num_shards]
-        self.num_samples = len(shard)
         self.clock = np.array([self.seed, 0], dtype=np.int64)
         decoder_class = _view_crop_decoder_class()
         pipelines = {
@@ -451,56 +486,64 @@ class FfcvLoader:
             str(path),
             batch_size=batch_size,
             num_workers=max(1, int(num_workers)),
-            order=OrderOption.RANDOM,
+            order=_traversal_order_class(),
+            order_kwargs=dict(seed=self.seed, shard_id=shard_id, num_shards=num_shards, shuffle=bool(shuffle), drop_last=self.drop_last, batch_size=batch_size),
             seed=self.seed,
-            indices=np.sort(shard).astype(np.uint64),  # FFCV indexes metadata with uint64
             pipelines=pipelines,
-            drop_last=False,
+            drop_last=False,  # the traversal order already keeps whole batches only when asked
             os_cache=True,
             batches_ahead=2,
         )
         self.epoch = 0
 
+    @property
+    def skipped(self) -> List[Tuple[str, str]]:
+        """``(path, reason)`` of the files left out of the current (or last finished) epoch."""
+        return self._report.skipped
+
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        shard = len(epoch_order(self.num_stored, self.seed, 0, self.shard_id, self.num_shards, False, self.drop_last))
+        return num_batches(shard, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and crops the next iteration produces."""
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[ViewBatch]:
-        from fastdense.pipelines.photometric import apply_photometric, normalize
+        from fastdense.pipelines.torch_backend import finish_views
 
         epoch = self.epoch
+        self._report.reset()
         self.clock[1] = epoch
         self.loader.next_epoch = epoch
-        generator = epoch_generator(self.seed, epoch, self.shard_id)
-        views_key = {name: k for k, name in enumerate(self.output_names)}
-        for outputs in self.loader:
-            packed = [outputs[views_key["image"]]] + [outputs[views_key[f"view{v}"]] for v in range(1, self.recipe.num_views)]
-            views, windows = [], []
-            for spec, out in zip(self.recipe.views, packed):
-                pixels, window = read_windows(np.asarray(out), spec.size)
-                view = torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-                if self.photometric:
-                    view = apply_photometric(view, spec, generator)
-                views.append(normalize(view, self.recipe.mean, self.recipe.std).contiguous(memory_format=torch.channels_last))
+        position = {name: k for k, name in enumerate(self.output_names)}
+        sizes = [spec.size for spec in self.recipe.views]
+        for batch_number, outputs in enumerate(self.loader):
+            packed = [outputs[position["image"]]] + [outputs[position[f"view{v}"]] for v in range(1, len(sizes))]
+            views_hwc, windows = [], []
+            for size, out in zip(sizes, packed):
+                pixels, window = read_windows(np.asarray(out), size)
+                views_hwc.append(torch.from_numpy(pixels).to(self.device, non_blocking=True))
                 windows.append(torch.from_numpy(window.copy()))
-            windows = torch.stack(windows, dim=1).to(torch.float32)  # [B, V, 5]
-            size = torch.tensor([spec.size for spec in self.recipe.views], dtype=torch.float32)
-            x0, y0, w, h, flip = windows.unbind(-1)
-            index = torch.from_numpy(np.asarray(outputs[views_key["index"]]).reshape(-1).astype(np.int64))
+            views = finish_views(views_hwc, self.recipe, self.photometric, self.seed, epoch, self.shard_id, batch_number)
+            x0, y0, w, h, flip = torch.stack(windows, dim=1).to(torch.float32).unbind(-1)  # each [B, V]
+            size = torch.tensor(sizes, dtype=torch.float32)
             yield ViewBatch(
                 views=views,
                 matrices=crop_matrix(x0, y0, w, h, size, size, flip.bool()).to(self.device),
-                source_size=torch.from_numpy(np.asarray(outputs[views_key["source_size"]]).astype(np.int64)).to(self.device),
-                index=index.to(self.device),
-                label=torch.from_numpy(np.asarray(outputs[views_key["label"]]).reshape(-1).astype(np.int64)).to(self.device),
+                source_size=self._column(outputs[position["source_size"]], 2),
+                index=self._column(outputs[position["index"]]),
+                label=self._column(outputs[position["label"]]),
             )
         self.epoch = epoch + 1
-        if self.skipped:
-            shown = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)
-            warnings.warn(f"ffcv backend: {len(self.skipped)} unreadable file(s) were skipped when the .beton was written:\n{shown}", stacklevel=2)
+        for path, reason in self.unreadable:
+            self._report.add(path, reason)
+        self._report.report(epoch, self.num_stored + len(self.unreadable))
+
+    def _column(self, values, width: int = 0) -> torch.Tensor:
+        array = np.asarray(values).astype(np.int64)  # a copy: FFCV reuses its buffers
+        array = array.reshape(-1, width) if width else array.reshape(-1)
+        return torch.from_numpy(array).to(self.device)
 
 
 # ---------------------------------------------------------------------------------------------

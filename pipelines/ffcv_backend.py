@@ -394,25 +394,28 @@ def beton_for_folder(folder) -> Path:
     return path
 
 
-def _traversal_order_class():
+def _traversal_order(seed: int, shard_id: int, num_shards: int, shuffle: bool, drop_last: bool, batch_size: int):
+    """An FFCV traversal order following :func:`fastdense.pipelines.base.epoch_order`.
+
+    FFCV 1.0.2 accepts a custom order only as a ``TraversalOrder`` *instance* that it then calls with
+    the loader (``order(loader)``), so the object is made first and bound to its loader on call."""
     from ffcv.traversal_order.base import TraversalOrder
 
     class EpochOrder(TraversalOrder):
-        """FFCV traversal order following :func:`fastdense.pipelines.base.epoch_order`."""
+        def __init__(self):  # bound to a loader by __call__
+            pass
 
-        def __init__(self, loader, seed, shard_id, num_shards, shuffle, drop_last, batch_size):
-            super().__init__(loader)
-            self.options = (seed, shard_id, num_shards, shuffle, drop_last)
-            self.batch_size = batch_size
+        def __call__(self, loader):
+            TraversalOrder.__init__(self, loader)
+            return self
 
         def sample_order(self, epoch: int):
-            seed, shard_id, num_shards, shuffle, drop_last = self.options
             order = epoch_order(len(self.indices), seed, epoch, shard_id, num_shards, shuffle, drop_last)
             if drop_last:
-                order = order[: len(order) // self.batch_size * self.batch_size]
+                order = order[: len(order) // batch_size * batch_size]
             return self.indices[order]
 
-    return EpochOrder
+    return EpochOrder()
 
 
 class FfcvLoader:
@@ -486,8 +489,7 @@ class FfcvLoader:
             str(path),
             batch_size=batch_size,
             num_workers=max(1, int(num_workers)),
-            order=_traversal_order_class(),
-            order_kwargs=dict(seed=self.seed, shard_id=shard_id, num_shards=num_shards, shuffle=bool(shuffle), drop_last=self.drop_last, batch_size=batch_size),
+            order=_traversal_order(self.seed, shard_id, num_shards, bool(shuffle), self.drop_last, batch_size),
             seed=self.seed,
             pipelines=pipelines,
             drop_last=False,  # the traversal order already keeps whole batches only when asked

@@ -14,4 +14,11 @@ fi
 
 PIP="python3 -m pip install --disable-pip-version-check -q"
 $PIP "torch==2.14.1" "torchvision==0.29.1"
-$PIP --no-build-isolation -e ".[dev,timm]"
+# FFCV 1.0.2 is an sdist whose setup.py declares opencv-python (GUI build) and benchmark-only
+# packages; its runtime needs are numba and OpenCV (headless here), and it compiles against the
+# system libturbojpeg/OpenCV above. Install those, then FFCV itself without its declared deps.
+if ! python3 -c "import ffcv" >/dev/null 2>&1; then
+    $PIP "numba>=0.61" "opencv-python-headless>=4.8"
+    $PIP --no-deps --no-build-isolation "ffcv==1.0.2"
+fi
+$PIP --no-build-isolation -e ".[dev,timm,dali]"

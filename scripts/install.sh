@@ -21,4 +21,11 @@ $PIP "torch==2.14.1" "torchvision==0.29.1"
 # --no-build-isolation builds against the torch installed above, so the build requirements of
 # pyproject.toml must be present too (setuptools >= 64 for editable installs of extensions).
 $PIP "setuptools>=69" wheel
-$PIP --no-build-isolation -e ".[dev,timm]"
+# FFCV 1.0.2 is an sdist whose setup.py declares opencv-python (GUI build) and benchmark-only
+# packages; its runtime needs are numba and OpenCV (headless here), and it compiles against the
+# system libturbojpeg/OpenCV above. Install those, then FFCV itself without its declared deps.
+if ! python3 -c "import ffcv" >/dev/null 2>&1; then
+    $PIP "numba>=0.61" "opencv-python-headless>=4.8"
+    $PIP --no-deps --no-build-isolation "ffcv==1.0.2"
+fi
+$PIP --no-build-isolation -e ".[dev,timm,dali,train-logs]"

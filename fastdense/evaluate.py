@@ -94,9 +94,9 @@ def _builtin_root():
 
 
 def _builtin_masks(data):
-    from fastdense.pipelines.builtin import masks_root
-
-    return masks_root(data)
+    """The built-in dataset keeps its masks beside its images: ``<root>/images`` and ``<root>/masks``."""
+    masks = Path(data).parent / "masks"
+    return masks if masks.is_dir() else None
 
 
 def _print_table(result: dict) -> None:

@@ -58,3 +58,34 @@ def test_export_loads_into_torchvision(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     backbone.eval(), model.eval()
     assert torch.equal(model(x), backbone(x).mean(dim=(2, 3)))
+
+
+def test_fastdense_eval_runs_every_task_on_a_trained_checkpoint(tmp_path):
+    """End to end: a 2-step SCRL run on a tiny built-in dataset, then every task of the CLI, each
+    writing its JSON next to the checkpoint; the random-init baseline is reproducible."""
+    import json
+
+    from fastdense.evaluate import main as evaluate
+    from fastdense.pipelines.builtin import ensure_builtin_dataset
+    from fastdense.train import main as train
+
+    data = ensure_builtin_dataset(tmp_path / "builtin", num_images=20, image_size=64, num_classes=4)
+    run_dir = tmp_path / "run"
+    assert train(["--method", "scrl", "--data", str(data), "--preset", "cpu", "--backend", "torch", "--batch-size", "4",
+                  "--workers", "0", "--max-steps", "2", "--device", "cpu", "--no-progress", "--run-dir", str(run_dir)]) == 0
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "64", "--epochs", "2"]
+    for task in ("linear", "knn", "dense"):
+        result = evaluate(common + ["--task", task])
+        assert json.loads((checkpoint.parent / f"eval_{task}.json").read_text()) == json.loads(json.dumps(result))
+        score = result["miou"] if task == "dense" else result["top1"]
+        assert 0.0 <= score <= 100.0
+    import shutil
+
+    first = evaluate(common + ["--task", "knn", "--random-init"])
+    shutil.rmtree(checkpoint.parent / "eval_cache")  # recompute the features, not reload them
+    assert evaluate(common + ["--task", "knn", "--random-init"]) == first
+    exported = evaluate(["--checkpoint", str(checkpoint), "--task", "export"])
+    model = torchvision.models.resnet18()
+    missing, unexpected = model.load_state_dict(torch.load(exported["path"], weights_only=True), strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected

@@ -164,10 +164,11 @@ def tiny_image_folder(tmp_path_factory):
     return ensure_builtin_dataset(tmp_path_factory.mktemp("builtin"), num_images=16, image_size=64, num_classes=4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
 @pytest.mark.parametrize("method", cfg.METHODS)
-def test_every_method_trains_end_to_end_on_the_torch_backend(method, tiny_image_folder, tmp_path):
+def test_every_method_trains_end_to_end(method, backend, tiny_image_folder, tmp_path):
     run_dir = tmp_path / method
-    code = main(["--method", method, "--data", str(tiny_image_folder), "--preset", "cpu", "--backend", "torch",
+    code = main(["--method", method, "--data", str(tiny_image_folder), "--preset", "cpu", "--backend", backend,
                  "--batch-size", "4", "--workers", "0", "--max-steps", "2", "--device", "cpu", "--no-progress",
                  "--run-dir", str(run_dir), "--set", "log_every=1"])
     assert code == 0

@@ -60,6 +60,37 @@ def _import_ffcv():
         import ffcv  # noqa: F401
     except ImportError as error:  # pragma: no cover - depends on the machine
         raise ImportError("the ffcv backend needs FFCV 1.0.2: see scripts/install.sh (pip install 'fastdense[ffcv]')") from error
+    _stop_ffcv_mutating_numba_types()
+
+
+def _stop_ffcv_mutating_numba_types() -> None:
+    """Make FFCV's OS-cache reader declare a *new* read-only array type.
+
+    FFCV 1.0.2's ``OSCacheManager.state_type`` sets ``mutable = False`` on ``numba.uint8[::1]``, the
+    one interned type every numba function uses for a contiguous uint8 array. That changes the
+    type's hash after numba has stored it in dispatchers' signature dictionaries, so the next
+    compilation that looks one up (the second loader in a process) raises ``KeyError`` inside
+    FFCV's loader thread, and the main thread then waits for a batch forever. The replacement
+    reads the same bytes with the same (read-only) types, built without touching shared ones."""
+    from ffcv.memory_managers.os_cache import OSCacheManager
+    from ffcv.pipeline.compiler import Compiler
+    from numba import types
+
+    if getattr(OSCacheManager, "_fastdense_patched", False):
+        return
+    readonly_bytes = types.Array(types.uint8, 1, "C", readonly=True)
+    state_type = types.Tuple([readonly_bytes, types.uint64[::1], types.uint64[::1]])
+
+    def compile_reader(self):
+        def read(address, mem_state):
+            size = mem_state[2][np.searchsorted(mem_state[1], address)]
+            return mem_state[0][address:address + size]
+
+        return Compiler.compile(read, readonly_bytes(types.uint64, state_type))
+
+    OSCacheManager.state_type = property(lambda self: state_type)
+    OSCacheManager.compile_reader = compile_reader
+    OSCacheManager._fastdense_patched = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ def require_backend(name: str) -> str:
     return name
 
 
-def open_loader(backend: str, folder: Path, tmp_path: Path, **options):
-    """A loader over an image folder; ffcv reads it through a .beton written first."""
+def open_loader(backend: str, folder: Path, tmp_path: Path, beton_write_mode: str = "jpg", **options):
+    """A loader over an image folder; ffcv reads it through a .beton written first, its pixels
+    stored as ``beton_write_mode`` ("jpg" re-encodes them, "raw" keeps them exactly)."""
     data = folder
     if backend == "ffcv":
         data = tmp_path / "data.beton"
-        pipelines.write_beton(folder, data)
+        pipelines.write_beton(folder, data, write_mode=beton_write_mode)
     options.setdefault("num_workers", 0)
     options.setdefault("device", "cpu")
     return make_loader(backend, data=data, **options)
@@ -180,11 +181,15 @@ def test_crops_to_matrices_follow_conventions():
 @pytest.mark.parametrize("recipe_name", ["scrl", "lewel", "vicregl", "selfpatch", "plain"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_round_trip_every_view(backend, recipe_name, flip, coordinate_folder, tmp_path):
-    """Each view pixel's colour says where in the source it came from; the matrix must agree."""
+    """Each view pixel's colour says where in the source it came from; the matrix must agree.
+
+    FFCV stores the decoded sources losslessly here: its own JPEG decoder shifts red and blue by
+    about one level, which this colour code reads as a shift of ~2 source pixels in x. JPEG storage
+    is covered by the other ffcv tests (seeds, shards, unreadable files)."""
     require_backend(backend)
     folder, sources = coordinate_folder
     recipe = with_flips(get_recipe(recipe_name), 1.0 if flip == "flip" else 0.0)
-    loader = open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, drop_last=False, shuffle=False)
+    loader = open_loader(backend, folder, tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=len(sources), photometric=False, drop_last=False, shuffle=False)
     batches = list(loader)
     assert sum(b.batch_size for b in batches) == len(sources) and not loader.skipped
     for batch in batches:
@@ -277,12 +282,15 @@ def test_loader_crops_stay_in_recipe_ranges(backend, scene_folder, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
-    """Unreadable files are skipped and reported by path; readable files of any mode load correctly."""
+    """Unreadable files are skipped and reported by path; readable files of any mode load correctly.
+
+    FFCV stores pixels losslessly here for the coordinate image's position check (see
+    test_round_trip_every_view); test_pipelines_dali_ffcv loads this corpus from JPEG storage."""
     require_backend(backend)
     recipe = dataclasses.replace(small("plain"), views=(ViewSpec(32, (0.3, 1.0)), ViewSpec(16, (0.1, 0.5))))
     paths = [p for p, _ in scan_image_folder(bad_corpus["root"]).samples]
     with caplog.at_level(logging.WARNING, logger="fastdense.pipelines"):
-        loader = open_loader(backend, bad_corpus["root"], tmp_path, recipe=recipe, batch_size=4, photometric=False, drop_last=False, shuffle=False)
+        loader = open_loader(backend, bad_corpus["root"], tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, photometric=False, drop_last=False, shuffle=False)
         batches = list(loader)
     skipped = {Path(path) for path, _ in loader.skipped}
     assert skipped == set(bad_corpus["unreadable"]), f"skipped {sorted(map(str, skipped))}"

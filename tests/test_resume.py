@@ -33,6 +33,17 @@ def _run(config, resume=False):
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, monkeypatch):
+    # Bit-identical sums need the same thread count in this process and the killed one, whatever
+    # earlier tests or libraries in this process did to it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _sigkill_then_resume(tmp_path, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sigkill_then_resume(tmp_path, monkeypatch):
     train_doubles.install(monkeypatch)
     reference = _run(train_doubles.tiny_config(tmp_path / "reference", epochs=2))
     assert reference.step == 20
@@ -42,7 +53,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, monkeypatch):
             "--device", "cpu", "--preset", "full", "--no-progress", "--checkpoint-every", "3",
             "--set", "log_every=1", "--set", "optimizer.lr=2.0", "--set", "optimizer.warmup_epochs=0.5",
             "--set", "method_options.sleep=0.2"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # same thread count as this process: same float sums
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")  # one thread, as in this process
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120

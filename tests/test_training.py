@@ -164,7 +164,7 @@ def tiny_image_folder(tmp_path_factory):
     return ensure_builtin_dataset(tmp_path_factory.mktemp("builtin"), num_images=16, image_size=64, num_classes=4)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
 @pytest.mark.parametrize("method", cfg.METHODS)
 def test_every_method_trains_end_to_end(method, backend, tiny_image_folder, tmp_path):
     run_dir = tmp_path / method

@@ -553,12 +553,12 @@ class FfcvLoader:
         sizes = [spec.size for spec in self.recipe.views]
         for batch_number, outputs in enumerate(self.loader):
             packed = [outputs[position["image"]]] + [outputs[position[f"view{v}"]] for v in range(1, len(sizes))]
-            views_hwc, windows = [], []
+            views_nchw, windows = [], []
             for size, out in zip(sizes, packed):
                 pixels, window = read_windows(np.asarray(out), size)
-                views_hwc.append(torch.from_numpy(pixels).to(self.device, non_blocking=True))
+                views_nchw.append(torch.from_numpy(pixels).to(self.device, non_blocking=True).permute(0, 3, 1, 2))
                 windows.append(torch.from_numpy(window.copy()))
-            views = finish_views(views_hwc, self.recipe, self.photometric, self.seed, epoch, self.shard_id, batch_number)
+            views = finish_views(views_nchw, self.recipe, self.photometric, self.seed, epoch, self.shard_id, batch_number)
             x0, y0, w, h, flip = torch.stack(windows, dim=1).to(torch.float32).unbind(-1)  # each [B, V]
             size = torch.tensor(sizes, dtype=torch.float32)
             yield ViewBatch(

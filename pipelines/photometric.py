@@ -130,11 +130,14 @@ def apply_params(images: torch.Tensor, params: PhotometricParams, blur_kernel_si
     return out
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(images - mean) / std`` per channel, for ``[B, 3, H, W]`` images on any device."""
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False) -> torch.Tensor:
+    """``(images - mean) / std`` per channel, for ``[B, 3, H, W]`` images on any device; with
+    ``inplace``, written over ``images`` (on CPU a fresh batch-sized buffer costs more than the maths)."""
     _check_images(images)
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    if inplace:
+        return images.sub_(mean_t).div_(std_t)
     return (images - mean_t) / std_t
 
 

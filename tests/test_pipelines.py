@@ -26,7 +26,7 @@ from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import PhotometricParams, apply_params, apply_photometric, normalize, sample_params
 from fastdense.pipelines.recipes import RECIPES, Recipe, ViewSpec, get_recipe
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, unnormalize
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, save_image, unnormalize
 
 PIPELINES_DIR = Path(pipelines.__file__).resolve().parent
 BACKENDS = ["torch", "dali", "ffcv"]
@@ -172,6 +172,32 @@ def test_crops_to_matrices_follow_conventions():
     assert m.shape == (1, 2, 3, 3) and m.dtype == torch.float32
     torch.testing.assert_close(m[0, 0], torch.tensor([[100 / 224, 0, 10], [0, 50 / 224, 20], [0, 0, 1.0]]))
     torch.testing.assert_close(m[0, 1], torch.tensor([[-2.0, 0, 94], [0, 2.0, 5], [0, 0, 1.0]]))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("orientation", COORDINATE_ORIENTATIONS)
+def test_torch_backend_views_equal_torchvision_resized_crop(orientation, interpolation, tmp_path):
+    """Each view is the reference repositories' ``resized_crop`` of the upright image, then the flip:
+    within one grey level per resampling pass (PyTorch's uint8 antialiased resize against PIL's)."""
+    from PIL import Image, ImageOps
+
+    from fastdense.pipelines.torch_backend import decode_views
+
+    scene, _ = builtin.render_scene(3, 1, 160, 6, seed=2)
+    specs = [ViewSpec(48, (0.05, 1.0), flip_p=0.5), ViewSpec(24, (0.05, 0.3), flip_p=0.5), ViewSpec(200, (0.5, 1.0), flip_p=0.5)]
+    mode = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    for path in [save_image(scene[:123], tmp_path / "scene.png", orientation=orientation),
+                 save_image(scene[:123], tmp_path / "scene.jpg", orientation=orientation, quality=95)]:
+        upright = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        for seed in range(6):
+            views, crops, size = decode_views(path, specs, interpolation, np.random.default_rng(seed))
+            assert size == (upright.height, upright.width)
+            for view, (x0, y0, w, h, flip), spec in zip(views, crops, specs):
+                expected = TF.resized_crop(upright, int(y0), int(x0), int(h), int(w), [spec.size, spec.size], mode)
+                expected = np.asarray(TF.hflip(expected) if flip else expected).astype(int)
+                assert view.shape == (3, spec.size, spec.size) and view.dtype == torch.uint8 and view.is_contiguous()
+                error = np.abs(view.permute(1, 2, 0).numpy().astype(int) - expected)
+                assert error.max() <= 2 and error.mean() < 0.05, (path.name, seed, spec.size, error.max(), error.mean())
 
 
 # ------------------------------------------------------------------------------------- round trip
@@ -375,6 +401,9 @@ def test_apply_photometric_per_sample_specs_and_validation():
     with pytest.raises(ValueError, match="one per image"):
         apply_photometric(images, [plain, strong])
     torch.testing.assert_close(normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), images * 2 - 1)
+    copy = images.clone()
+    assert normalize(copy, (0.25, 0.5, 0.75), (0.5, 2.0, 4.0), inplace=True) is copy
+    torch.testing.assert_close(copy, normalize(images, (0.25, 0.5, 0.75), (0.5, 2.0, 4.0)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

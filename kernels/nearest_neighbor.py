@@ -18,6 +18,13 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
 
 Pairs are described by small int64 tables (one row per group), so views of different sizes (7x7
 and 3x3 grids) and different widths (D = 512 features and D = 2 locations) share a launch.
+
+The inputs are read where they lie, never gathered into one buffer: the matching kernel takes one
+base pointer (one of the inputs) and reaches every other input through its element offset from
+that base, as grouped-GEMM kernels do across allocations in the device's flat address space. The
+group table holds only what the shapes decide (each row's input slots and offsets inside them), so
+it is built and uploaded once per shape; the slots' offsets from the base change with the data
+pointers every step and travel in a tiny per-call tensor, uploaded without a host sync.
 """
 
 from __future__ import annotations
@@ -43,8 +50,10 @@ DIRECT_MAX_D = 8
 # "tf32": one TF32 product (10-bit mantissa), fastest, but near neighbours closer than ~1e-3
 # relative may swap; opt in knowingly.
 FP32_INPUT_PRECISION = "ieee"
-# Group table columns: query offset, candidate offset (elements), N, M, D, output row offset.
-_NN_COLUMNS = 6
+# Group table columns: query slot, candidate slot, query and candidate offset (elements) inside their
+# slot's tensor, N, M, D, output row offset. A slot's own offset from the base pointer is read from
+# the per-call slot table.
+_NN_COLUMNS = 8
 # Selection table columns: distance row offset, N, k, output offset.
 _SELECT_COLUMNS = 4
 
@@ -107,9 +116,9 @@ def _dot_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.c
 
 @triton.jit
 def _nearest_neighbor_kernel(
-    q_ptr,
-    c_ptr,
+    base_ptr,
     groups_ptr,
+    slot_offsets_ptr,
     dist_ptr,
     index_ptr,
     n_key,
@@ -122,32 +131,35 @@ def _nearest_neighbor_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
 ):
-    entry = groups_ptr + tl.program_id(0) * 6
-    q_off = tl.load(entry)
-    c_off = tl.load(entry + 1)
-    n = tl.load(entry + 2)
-    m = tl.load(entry + 3)
-    d = tl.load(entry + 4)
-    out_off = tl.load(entry + 5)
+    entry = groups_ptr + tl.program_id(0) * 8
+    # int64 throughout: an input's offset from the base spans the address space and may be negative.
+    q_off = tl.load(slot_offsets_ptr + tl.load(entry)) + tl.load(entry + 2)
+    c_off = tl.load(slot_offsets_ptr + tl.load(entry + 1)) + tl.load(entry + 3)
+    n = tl.load(entry + 4)
+    m = tl.load(entry + 5)
+    d = tl.load(entry + 6)
+    out_off = tl.load(entry + 7)
     row0 = tl.program_id(1) * BLOCK_N
     if row0 < n:
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
-        q_rows = q_ptr + q_off + rows.to(tl.int64) * d
+        q_rows = base_ptr + q_off + rows.to(tl.int64) * d
         if d <= DIRECT_MAX_D:
-            best_index = _direct_scan(q_rows, c_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M)
+            best_index = _direct_scan(q_rows, base_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M)
         elif (d % 16 == 0) & (q_off % 16 == 0) & (c_off % 16 == 0):
             # The same scan with the row stride and offsets rebuilt as visible multiples of 16: the
-            # compiler can then prove 16-byte alignment and issue vector (and asynchronous, pipelined)
-            # loads; with a stride read from the table it must load element by element.
+            # compiler can then prove 16-byte alignment (the launcher picks an aligned base when it
+            # can) and issue vector (and asynchronous, pipelined) loads; with a stride read from the
+            # table it must load element by element. Negative offsets are exact multiples too, so
+            # the division's rounding direction does not matter.
             d16 = (d // 16) * 16
-            q_rows16 = q_ptr + (q_off // 16) * 16 + rows.to(tl.int64) * d16
-            c_base16 = c_ptr + (c_off // 16) * 16
+            q_rows16 = base_ptr + (q_off // 16) * 16 + rows.to(tl.int64) * d16
+            c_base16 = base_ptr + (c_off // 16) * 16
             best_index = _dot_scan(q_rows16, c_base16, row_ok, m, d16, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
         else:
-            best_index = _dot_scan(q_rows, c_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
+            best_index = _dot_scan(q_rows, base_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
 
-        matched = c_ptr + c_off + best_index.to(tl.int64) * d
+        matched = base_ptr + c_off + best_index.to(tl.int64) * d
         squared = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, d, BLOCK_D):
             ks = k0 + tl.arange(0, BLOCK_D)
@@ -250,26 +262,66 @@ def _cached_table(key: tuple, build) -> torch.Tensor:
     return table
 
 
-def _pack(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
-    """One flat buffer holding each distinct tensor once (a view is often the query of one pair and
-    the candidates of another), and each input's element offset into it."""
-    slot: Dict[int, int] = {}
-    distinct: List[torch.Tensor] = []
+def _inputs_addressable_from_one_base(device: torch.device) -> bool:
+    """Whether the kernel can reach every input from one base pointer.
+
+    On a GPU all allocations share one flat address space. Triton's interpreter runs the kernel on
+    host memory: it hands each tensor argument's storage over with ``storage.cpu()``, which is the
+    storage itself for CPU tensors (their real addresses, so offsets into other allocations hold)
+    but a copy of only the argument's own storage for device tensors, where an offset into another
+    allocation would point at device memory the host cannot read.
+    """
+    return device.type == "cpu" or not triton_interpreted()
+
+
+def _address_in_place(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int], List[torch.Tensor]]:
+    """A base tensor and each input's element offset from it, with no copy of contiguous inputs.
+
+    Non-contiguous inputs are copied (once each, however often they are passed); the copies are
+    returned so that the caller keeps them alive across the launch. The base is an input whose
+    address is 16-byte aligned where there is one, so that Triton specializes the base pointer as
+    aligned and the kernel's vector-load branch serves every input whose offset allows it.
+    """
+    copies: Dict[Tuple[int, tuple, tuple], torch.Tensor] = {}
+    dense: List[torch.Tensor] = []
     for t in tensors:
-        if id(t) not in slot:
-            slot[id(t)] = len(distinct)
-            distinct.append(t)
-    if len(distinct) == 1:
-        flat = distinct[0].contiguous().reshape(-1)
-        starts = [0]
-    else:
-        parts = [t.reshape(-1) for t in distinct]
-        flat = torch.cat(parts)
-        starts, total = [], 0
-        for p in parts:
-            starts.append(total)
-            total += p.numel()
-    return flat, [starts[slot[id(t)]] for t in tensors]
+        if not t.is_contiguous():
+            key = (t.data_ptr(), tuple(t.shape), t.stride())
+            if key not in copies:
+                copies[key] = t.contiguous()
+            t = copies[key]
+        dense.append(t)
+    base = next((t for t in dense if t.data_ptr() % 16 == 0), dense[0])
+    itemsize = base.element_size()
+    offsets = []
+    for t in dense:
+        byte_offset = t.data_ptr() - base.data_ptr()
+        # One launch serves one dtype, and torch never places an element off its own size's alignment.
+        assert t.dtype == base.dtype and byte_offset % itemsize == 0, (t.dtype, base.dtype, byte_offset)
+        offsets.append(byte_offset // itemsize)
+    return base, offsets, list(copies.values())
+
+
+def _address_in_one_buffer(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int], List[torch.Tensor]]:
+    """The fallback for the interpreter on device tensors: every input copied into one flat buffer,
+    so that all offsets stay inside the one storage the interpreter moves to the host."""
+    parts = [t.reshape(-1) for t in tensors]
+    flat = torch.cat(parts)
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += part.numel()
+    return flat, offsets, []
+
+
+def _upload_slot_offsets(offsets: List[int], device: torch.device) -> torch.Tensor:
+    """The per-call slot offsets on ``device``: a pinned staging copy and an asynchronous upload,
+    so the host never waits for the GPU (the caching host allocator keeps the staging block until
+    the copy has run)."""
+    host = torch.tensor(offsets, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _bucket(x: int) -> int:
@@ -281,26 +333,35 @@ def _bucket(x: int) -> int:
 
 
 def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None:
-    """Fill ``dist``/``index`` (flat, float32/int64) for pairs of one dtype, output rows at ``out_rows``."""
-    buffer, offsets = _pack(list(queries) + list(candidates))
-    q_offsets, c_offsets = offsets[: len(queries)], offsets[len(queries):]
+    """Fill ``dist``/``index`` (flat, float32/int64) for pairs of one dtype, output rows at ``out_rows``.
+
+    Slot ``i`` is ``queries[i]``, slot ``len(queries) + i`` is ``candidates[i]``: positions, not
+    identities, so the group table depends on shapes alone. A tensor passed twice (a view that is the
+    query of one pair and the candidates of another) fills two slots with the same offset and is
+    read in place either way.
+    """
+    inputs = list(queries) + list(candidates)
+    device = inputs[0].device
+    address = _address_in_place if _inputs_addressable_from_one_base(device) else _address_in_one_buffer
+    base, slot_offsets, temporaries = address(inputs)
     shapes = tuple((q.shape[0], q.shape[1], c.shape[1], q.shape[2]) for q, c in zip(queries, candidates))
-    key = ("nn", buffer.device, tuple(q_offsets), tuple(c_offsets), tuple(out_rows), shapes)
+    key = ("nn", device, tuple(out_rows), shapes)
 
     def build() -> torch.Tensor:
         rows = []
-        for (b_count, n, m, d), q_off, c_off, out in zip(shapes, q_offsets, c_offsets, out_rows):
+        for pair, ((b_count, n, m, d), out) in enumerate(zip(shapes, out_rows)):
             for b in range(b_count):
-                rows.append((q_off + b * n * d, c_off + b * m * d, n, m, d, out + b * n))
-        return torch.tensor(rows, dtype=torch.int64).to(buffer.device)
+                rows.append((pair, len(shapes) + pair, b * n * d, b * m * d, n, m, d, out + b * n))
+        return torch.tensor(rows, dtype=torch.int64).to(device)
 
     table = _cached_table(key, build)
+    slots = _upload_slot_offsets(slot_offsets, device)
     max_n = max(s[1] for s in shapes)
-    precision = FP32_INPUT_PRECISION if buffer.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
+    precision = FP32_INPUT_PRECISION if base.dtype == torch.float32 else None  # fp16/bf16: tensor cores, fp32 accumulation
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
     # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
-    dot_in_float32 = triton_interpreted() and buffer.dtype == torch.bfloat16
-    args = (buffer, buffer, table, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)))
+    dot_in_float32 = triton_interpreted() and base.dtype == torch.bfloat16
+    args = (base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)))
     if triton_interpreted():
         # The interpreter would time every config, and its cost is per operation, not per element:
         # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
@@ -311,6 +372,10 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
     else:
         grid = lambda meta: (table.shape[0], triton.cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
         _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
+    # The copies of non-contiguous inputs are read through the base pointer only, so nothing else
+    # holds them: released here, after the launch is queued (the caching allocator reuses their
+    # blocks only for work queued later on this stream; the interpreter has finished by now).
+    del temporaries
 
 
 def nearest_neighbor_many(queries: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:

@@ -418,7 +418,7 @@ def compile_for_sm90(kernel, signature, constants, **options):
 
 config = max(nn_kernels._tuning_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"])  # the most registers
 for dtype, precision in (("fp32", "ieee"), ("bf16", None)):
-    signature = {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "groups_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
+    signature = {"base_ptr": f"*{dtype}", "groups_ptr": "*i64", "slot_offsets_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
                  "n_key": "i32", "m_key": "i32", "d_key": "i32", "BLOCK_N": "", "BLOCK_M": "", "BLOCK_D": "",
                  "DIRECT_MAX_D": "", "INPUT_PRECISION": "", "DOT_IN_FLOAT32": ""}
     constants = dict(config.kwargs, DIRECT_MAX_D=nn_kernels.DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=False)
@@ -471,6 +471,132 @@ def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feat
         ops.nearest_neighbor_pairs_many(queries, candidates, ks)
     assert (matching.launches, selection.launches) == (expected_matching_launches, 1)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs are read in place: no packing copy
+
+
+class _LaunchRecorder(_LaunchCounter):
+    """Counts launches and keeps each launch's positional arguments."""
+
+    def __init__(self, kernel):
+        super().__init__(kernel)
+        self.args = []
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def record(*args, **kwargs):
+            self.args.append(args)
+            return launch(*args, **kwargs)
+
+        return record
+
+
+def scattered_pairs(device):
+    """Same-dtype pairs whose inputs lie all over memory: separate allocations; views of one storage
+    at unaligned and aligned offsets, some below the aligned base the launcher picks (so their
+    offsets from it are negative); one view that is the query of one pair and the candidates of
+    another; a non-contiguous input passed twice; and a narrow (D = 2) pair in the same launch."""
+    g = torch.Generator().manual_seed(11)
+    store = torch.randn(1024, generator=g).to(device)
+    unaligned = store[1:97].view(2, 3, 16)  # 4 bytes past a 16-byte boundary: never the base
+    aligned = store[256:384].view(2, 4, 16)  # the first 16-byte aligned input: the base
+    below = store[208:240].view(2, 1, 16)  # 48 elements below the base, a multiple of 16
+    separate = torch.randn(2, 5, 16, generator=g).to(device)
+    strided = torch.randn(2, 16, 6, generator=g).to(device).transpose(1, 2)
+    near, far = torch.randn(2, 7, 2, generator=g).to(device), torch.randn(2, 4, 2, generator=g).to(device)
+    assert not strided.is_contiguous()
+    queries = [unaligned, aligned, aligned, below, separate, strided, strided, near]
+    candidates = [aligned, unaligned, separate, aligned, strided, below, separate, far]
+    return queries, candidates
+
+
+def record_launch(monkeypatch):
+    """Spies on the matching kernel's launches, on torch.cat and on the copies .contiguous() makes."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    name = "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel"
+    recorder = _LaunchRecorder(getattr(nn_kernels, name))
+    monkeypatch.setattr(nn_kernels, name, recorder)
+    calls = {"cat": 0, "contiguous copies": 0}
+    cat, contiguous = torch.cat, torch.Tensor.contiguous
+
+    def counting_cat(*args, **kwargs):
+        calls["cat"] += 1
+        return cat(*args, **kwargs)
+
+    def counting_contiguous(t, *args, **kwargs):
+        out = contiguous(t, *args, **kwargs)
+        calls["contiguous copies"] += out.data_ptr() != t.data_ptr()
+        return out
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+    return recorder, calls
+
+
+def assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts):
+    for q, c, start in zip(queries, candidates, starts):
+        ref_dist, ref_index = nearest_neighbor_reference(q, c)
+        rows = slice(start, start + q.shape[0] * q.shape[1])
+        torch.testing.assert_close(dist[rows].view(ref_dist.shape), ref_dist, rtol=1e-5, atol=1e-5)
+        assert_indices_agree(q, c, index[rows].view(ref_index.shape), ref_index)
+
+
+def test_launch_reads_inputs_in_place(monkeypatch, device):
+    from fastdense.kernels.nearest_neighbor import nearest_neighbor_many
+
+    queries, candidates = scattered_pairs(device)
+    recorder, calls = record_launch(monkeypatch)
+    dist, index, starts = nearest_neighbor_many(queries, candidates)
+    assert recorder.launches == 1 and calls == {"cat": 0, "contiguous copies": 1}, calls
+    base, _, slot_offsets = recorder.args[0][:3]
+    assert base.data_ptr() == queries[1].data_ptr(), "the base must be an input itself (the first aligned one)"
+    itemsize = base.element_size()
+    expected = [(t.data_ptr() - base.data_ptr()) // itemsize for t in queries + candidates if t.is_contiguous()]
+    got = [offset for offset, t in zip(slot_offsets.tolist(), queries + candidates) if t.is_contiguous()]
+    assert got == expected and min(got) < 0
+    assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
+
+    # Through the public op (which detaches: new tensor objects over the same memory), no copy either.
+    ks = [1, 2, 3, 1, 4, 6, 5, 7]
+    calls.update({"cat": 0, "contiguous copies": 0})  # the reference checks above concatenate
+    with ops.backend("triton"):
+        pairs = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+    assert calls == {"cat": 0, "contiguous copies": 1}, calls
+    assert recorder.args[1][0].data_ptr() == queries[1].data_ptr()
+    for q, c, k, (rows, match) in zip(queries, candidates, ks, pairs):
+        assert_pairs_agree(q, c, k, rows, match)
+
+
+def test_group_table_is_cached_by_shapes_and_offsets_come_per_call(monkeypatch, device):
+    """A training loop's new tensors every step reuse the cached table, and are still read right."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    queries, candidates = scattered_pairs(device)
+    nn_kernels.nearest_neighbor_many(queries, candidates)
+    cached = dict(nn_kernels._TABLE_CACHE)
+    g = torch.Generator().manual_seed(12)
+    fresh_queries = [torch.randn(q.shape, generator=g).to(device) for q in queries]
+    fresh_candidates = [torch.randn(c.shape, generator=g).to(device) for c in candidates]
+    dist, index, starts = nn_kernels.nearest_neighbor_many(fresh_queries, fresh_candidates)
+    assert nn_kernels._TABLE_CACHE.keys() == cached.keys() and all(nn_kernels._TABLE_CACHE[k] is t for k, t in cached.items())
+    assert_matches_reference_pair_by_pair(fresh_queries, fresh_candidates, dist, index, starts)
+
+
+def test_interpreter_on_device_tensors_falls_back_to_one_buffer(monkeypatch, device):
+    """Where one base cannot reach every input (the interpreter on GPU tensors), the inputs are
+    gathered into one buffer, with the same results."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    queries, candidates = scattered_pairs(device)
+    monkeypatch.setattr(nn_kernels, "_inputs_addressable_from_one_base", lambda device: False)
+    recorder, calls = record_launch(monkeypatch)
+    dist, index, starts = nn_kernels.nearest_neighbor_many(queries, candidates)
+    assert calls["cat"] == 1 and recorder.args[0][0].numel() == sum(t.numel() for t in queries + candidates)
+    assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
 
 def test_docstring_examples_run():
     import doctest

@@ -127,8 +127,9 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
     one input dtype share one matching launch, whatever their sizes and widths, and every pair shares
     one selection launch: a VICRegL step's 56 matchings (2 global 7x7 and 6 local 3x3 views, in
     feature space D = 512 and in location D = 2) take two launches when features and locations are
-    both float32, three when the features are bfloat16. A tensor passed several times (a view that
-    is the query of one pair and the candidates of another) is read from one copy.
+    both float32, three when the features are bfloat16. The kernel reads contiguous inputs where
+    they lie (a view that is the query of one pair and the candidates of another included) and
+    copies nothing but non-contiguous inputs, once each.
 
     >>> import torch, fastdense.ops as ops
     >>> a, b = torch.tensor([[[0.0], [5.0], [1.0]]]), torch.tensor([[[1.1], [4.0]]])

@@ -291,14 +291,13 @@ def _address_in_place(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Li
                 copies[key] = t.contiguous()
             t = copies[key]
         dense.append(t)
-    base = next((t for t in dense if t.data_ptr() % 16 == 0), dense[0])
-    itemsize = base.element_size()
-    offsets = []
-    for t in dense:
-        byte_offset = t.data_ptr() - base.data_ptr()
-        # One launch serves one dtype, and torch never places an element off its own size's alignment.
-        assert t.dtype == base.dtype and byte_offset % itemsize == 0, (t.dtype, base.dtype, byte_offset)
-        offsets.append(byte_offset // itemsize)
+    addresses = [t.data_ptr() for t in dense]
+    base_slot = next((slot for slot, address in enumerate(addresses) if address % 16 == 0), 0)
+    base, itemsize = dense[base_slot], dense[base_slot].element_size()
+    byte_offsets = [address - addresses[base_slot] for address in addresses]
+    # One launch serves one dtype, and torch never places an element off its own size's alignment.
+    assert all(offset % itemsize == 0 for offset in byte_offsets), (itemsize, byte_offsets)
+    offsets = [offset // itemsize for offset in byte_offsets]
     return base, offsets, list(copies.values())
 
 
@@ -317,7 +316,8 @@ def _address_in_one_buffer(tensors: Sequence[torch.Tensor]) -> Tuple[torch.Tenso
 def _upload_slot_offsets(offsets: List[int], device: torch.device) -> torch.Tensor:
     """The per-call slot offsets on ``device``: a pinned staging copy and an asynchronous upload,
     so the host never waits for the GPU (the caching host allocator keeps the staging block until
-    the copy has run)."""
+    the copy has run). Not meant for CUDA-graph capture: a replay would copy from a staging block
+    that may hold other data by then."""
     host = torch.tensor(offsets, dtype=torch.int64)
     if device.type != "cuda":
         return host.to(device)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import fastdense.ops as ops
 from fastdense.geometry import crop_matrix
 from fastdense.methods import METHODS, build_method, method_options, recipe_for
 from fastdense.methods.ema import cosine_momentum
@@ -281,6 +282,36 @@ def test_vicregl_step_changes_online_network():
     changed = [not torch.equal(a, b) for a, b in zip(before, method.parameters())]
     assert all(changed[:3]) and changed[-1]
     method.update_target(1, 10)  # no target: a no-op that must not fail
+
+
+def test_vicregl_step_matches_all_pairs_in_one_launch():
+    """A whole VICRegL step (2 global + 2 local views: 6 ordered pairs, both spaces, both ways = 24
+    matchings) takes one matching launch and one selection launch on the Triton backend (float32
+    features and positions share a launch), and its loss equals the reference backend's."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    torch.manual_seed(0)
+    method = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-4", num_matches=[3, 2])
+    batch = make_batch([64, 64, 32, 32], batch=2, dtype=torch.float32)
+    launches = {"matching": 0, "selection": 0}
+
+    def counted(kernel, name):
+        class Counted:
+            def __getitem__(self, grid):
+                launches[name] += 1
+                return kernel[grid]
+        return Counted()
+
+    kernel_name = "_tuned_kernel" if torch.cuda.is_available() else "_nearest_neighbor_kernel"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nn_kernels, kernel_name, counted(getattr(nn_kernels, kernel_name), "matching"))
+        patch.setattr(nn_kernels, "_select_rows_kernel", counted(nn_kernels._select_rows_kernel, "selection"))
+        with ops.backend("triton"):
+            fast = method(batch)["local_loss"]
+    assert launches == {"matching": 1, "selection": 1}
+    with ops.backend("reference"):
+        reference = method(batch)["local_loss"]
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_rows_single_process_is_identity():

@@ -30,7 +30,7 @@ from fastdense.methods.gather import gather_rows
 from fastdense.methods.options import check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp, parse_spec, per_location
-from fastdense.ops import nearest_neighbor_pairs, vicreg_covariance, vicreg_invariance, vicreg_variance
+from fastdense.ops import nearest_neighbor_pairs_many, vicreg_covariance, vicreg_invariance, vicreg_variance
 
 Terms = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # invariance, variance, covariance
 
@@ -120,7 +120,8 @@ class VICRegL(Method):
             maps = self.backbone(torch.cat(group))  # [n * B, C, h, w]
             h, w = maps.shape[-2:]
             embeddings += self.expander(maps.mean(dim=(2, 3))).chunk(len(group))
-            local = per_location(self.local_projector, maps.flatten(2)).transpose(1, 2)
+            # Row-major [n * B, hw, D_l]: the matching kernel reads its inputs in place when contiguous.
+            local = per_location(self.local_projector, maps.flatten(2)).transpose(1, 2).contiguous()
             local_features += local.chunk(len(group))
             for v in range(first, first + len(group)):
                 positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, size))
@@ -145,22 +146,26 @@ class VICRegL(Method):
 
     def local_loss(self, features: List[torch.Tensor], positions: List[torch.Tensor]) -> torch.Tensor:
         pairs = self.ordered_pairs(len(features))
-        totals = [0.0, 0.0, 0.0]
+        forward_k, backward_k = self.options["num_matches"]
+        # Every ordered pair is matched in feature space and in location, both ways; all those
+        # matchings go to the op at once (one or two kernel launches, not one per matching).
+        keys = {"features": [f.detach() for f in features], "positions": [p.detach() for p in positions]}
+        requests = []  # (features of the kept rows, their candidates, keys, candidate keys, k)
         for i, j in pairs:
-            for keys in ("features", "positions"):
-                key_i, key_j = (features[i], features[j]) if keys == "features" else (positions[i], positions[j])
-                all_matches = keys == "features" and self.options["l2_all_matches"]
-                forward = self.matched(features[i], features[j], key_i, key_j, self.options["num_matches"][0], all_matches)
-                backward = self.matched(features[j], features[i], key_j, key_i, self.options["num_matches"][1], all_matches)
-                for t, (a, b) in enumerate(zip(vicreg_terms(*forward), vicreg_terms(*backward))):
-                    totals[t] = totals[t] + (a + b) / 2
+            for space in ("features", "positions"):
+                all_rows = space == "features" and self.options["l2_all_matches"]
+                for a, b, k in ((i, j, forward_k), (j, i, backward_k)):
+                    query = keys[space][a]
+                    requests.append((a, b, query, keys[space][b], query.shape[1] if all_rows else min(k, query.shape[1])))
+        matches = nearest_neighbor_pairs_many([r[2] for r in requests], [r[3] for r in requests], [r[4] for r in requests])
+        matched = [(pick_rows(features[a], rows), pick_rows(features[b], nearest)) for (a, b, *_), (rows, nearest) in zip(requests, matches)]
+        totals = [0.0, 0.0, 0.0]
+        for forward, backward in zip(matched[::2], matched[1::2]):
+            for t, (x, y) in enumerate(zip(vicreg_terms(*forward), vicreg_terms(*backward))):
+                totals[t] = totals[t] + (x + y) / 2
         return self.weighted(tuple(total / len(pairs) for total in totals))
 
-    @staticmethod
-    def matched(features: torch.Tensor, candidates: torch.Tensor, keys: torch.Tensor, candidate_keys: torch.Tensor, k: int, all_rows: bool):
-        """``(features[rows], candidates[nearest])``, each ``[B, k, D]``: the ``k`` rows of ``keys`` closest
-        to their nearest ``candidate_keys`` row (all rows when ``all_rows``), paired with that row."""
-        k = keys.shape[1] if all_rows else min(k, keys.shape[1])
-        rows, nearest = nearest_neighbor_pairs(keys.detach(), candidate_keys.detach(), k)
-        pick = lambda x, index: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-        return pick(features, rows), pick(candidates, nearest)
+
+def pick_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [B, N, D]`` at rows ``index [B, k]``: ``[B, k, D]``, differentiable in ``x``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -141,6 +141,10 @@ class Trainer:
         if (sync_bn == "auto" and self.dist.enabled) or sync_bn is True:
             method = distributed.convert_sync_batchnorm(method, device)
         self.method = method
+        if self.dist.enabled:
+            # Every rank built the same weights from `seed`; from here on each rank draws its own
+            # stream (drop-path masks and the like), as one process does for different images.
+            ckpt.seed_everything(ckpt.rank_seed(config["seed"], self.dist.rank))
         self.loader = build_loader(config, method, self.dist.rank, self.dist.world_size, device)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:

@@ -327,6 +327,7 @@ def resume_worker(rank, port, root, phase):
         trainer, _ = _resume_run(f"{root}/split", interrupted, max_steps=STOP_AT)
         assert trainer.step == STOP_AT
         out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
+        out["non_finite"] = _non_finite_on_one_rank(f"{root}/nan", rank)
     else:
         resumed = []
         trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
@@ -339,18 +340,33 @@ def resume_worker(rank, port, root, phase):
     dist.destroy_process_group()
 
 
+def _non_finite_on_one_rank(run_dir, rank):
+    """Rank 1's loss turns NaN at step 3 (0-based): every rank must stop there, none may wait."""
+    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=2))
+    trainer.setup()
+    trainer.method.nan_at_call = 3 if rank == 1 else -1
+    try:
+        trainer.fit()
+    except loop.NonFiniteLossError as error:
+        return str(error)
+    return None
+
+
 def _same_rng(a, b):
     return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and all(
         (x == y).all() if hasattr(x, "shape") else x == y for x, y in zip(a["numpy"], b["numpy"]))
 
 
-def test_two_rank_run_stopped_then_resumed_is_bit_identical(tmp_path):
+def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_rank(tmp_path):
     _spawn(resume_worker, str(tmp_path), "first")
     saved = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert saved["step"] == STOP_AT and saved["position"] == {"epoch": 1, "batch": 2} and saved["world_size"] == WORLD
     _spawn(resume_worker, str(tmp_path), "second")
     first = torch.load(tmp_path / "first.pt", weights_only=False)
     second = torch.load(tmp_path / "second.pt", weights_only=False)
+    for rank in range(WORLD):
+        assert "non-finite loss (nan) at step 3 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
+    assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
     rngs = saved["rng_per_rank"]
     assert not _same_rng(rngs[0], rngs[1]), "the ranks' random streams should differ"
     for rank in range(WORLD):

@@ -243,7 +243,9 @@ class Trainer:
         return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
 
     def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
-        value = float(out["loss"].detach())
+        """The step's loss over the global batch (the mean of every rank's); raises on every rank
+        together when it is not finite, so no rank is left waiting in a collective."""
+        value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
         if not math.isfinite(value):
             where = (
                 f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"

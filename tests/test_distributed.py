@@ -217,13 +217,15 @@ def method_config(method, run_dir, batch_size):
 
 def run_steps(trainer, batches):
     """``train_step`` on each batch; the losses, the last step's gradients and the final state."""
-    losses = []
+    losses, boxes = [], []
     for batch in batches:
         out = trainer.train_step(batch)
         losses.append(loop.distributed.all_reduce_mean(out["loss"].detach(), trainer.dist))
+        if "boxes_per_image" in out:  # SCRL: boxes per rank
+            boxes.append(loop.distributed.gather_objects(round(float(out["boxes_per_image"]) * batch.batch_size), trainer.dist))
         trainer.step += 1
     grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
-    return {"losses": losses, "grads": grads, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}}
+    return {"losses": losses, "boxes": boxes, "grads": grads, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}}
 
 
 def methods_worker(rank, port, run_dir, out_path):
@@ -259,6 +261,8 @@ def test_one_step_on_two_processes_equals_full_batch(method, two_process_steps, 
     single = run_steps(trainer, method_batches(method))
     ddp = two_process_steps[method]
     assert (ddp["num_bn"] > 0) == (method != "selfpatch")
+    if method == "scrl":  # ranks with different numbers of boxes, and a rank with none
+        assert ddp["boxes"] == [[30, 20], [20, 0]] and single["boxes"] == [[50], [20]]
     for step, (a, b) in enumerate(zip(ddp["losses"], single["losses"])):
         assert_relative(a, b, f"loss of step {step}")
     assert ddp["grads"].keys() == single["grads"].keys()
@@ -357,7 +361,7 @@ def _same_rng(a, b):
         (x == y).all() if hasattr(x, "shape") else x == y for x, y in zip(a["numpy"], b["numpy"]))
 
 
-def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_rank(tmp_path):
+def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_rank(tmp_path, monkeypatch):
     _spawn(resume_worker, str(tmp_path), "first")
     saved = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert saved["step"] == STOP_AT and saved["position"] == {"epoch": 1, "batch": 2} and saved["world_size"] == WORLD
@@ -367,6 +371,11 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     for rank in range(WORLD):
         assert "non-finite loss (nan) at step 3 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
     assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
+    train_doubles.install(monkeypatch)
+    alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
+    with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process
+        alone.setup()
+    assert alone.step == 2 and alone.fit()["steps"] == 4
     rngs = saved["rng_per_rank"]
     assert not _same_rng(rngs[0], rngs[1]), "the ranks' random streams should differ"
     for rank in range(WORLD):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -206,8 +207,16 @@ class Trainer:
         self.step = state["step"]
         self.epoch, self.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
         rngs = state["rng_per_rank"]
-        mine = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
-        ckpt.set_rng_state(mine)
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            # Shards and per-rank streams cannot continue exactly; give each rank a fresh stream of
+            # its own rather than one rank's stream to all.
+            warnings.warn(
+                f"the checkpoint was written by {len(rngs)} processes and this run has {self.dist.world_size}: "
+                "training continues from the checkpoint's weights, step and epoch, but not bit-exactly"
+            )
+            ckpt.seed_everything(ckpt.rank_seed(self.config["seed"] + self.step, self.dist.rank))
         self.last_good = self.step
 
     def save(self) -> None:

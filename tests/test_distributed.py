@@ -1,9 +1,9 @@
 """Two gloo processes against one process: SyncBatchNorm on CPU, one training step of every method,
 and a two-rank interrupted-then-resumed run.
 
-Each test spawns one pair of processes (``torch.multiprocessing.spawn``) and runs everything it
-needs inside it; rank 0 saves the results, and the test process computes the single-process,
-full-batch reference. The method steps run in float64, so "equal" means equal to ~1e-10, far below
+Each test spawns a pair of processes (``torch.multiprocessing.spawn``; the resume test a second,
+fresh pair to resume) and runs everything it needs inside it; rank 0 saves the results, and the
+test process computes the single-process, full-batch reference. The method steps run in float64, so "equal" means equal to ~1e-10, far below
 what any missing synchronisation (per-rank BatchNorm statistics, per-rank VICReg variance, a local
 DINO centre, a per-rank box mean) would change.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import socket
 
 import pytest
 import torch
@@ -33,12 +32,6 @@ from fastdense.training import loop
 WORLD = 2
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_env(rank, port):
     """The variables torchrun sets for each process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -46,7 +39,7 @@ def _torchrun_env(rank, port):
 
 
 def _spawn(worker, *args):
-    torch.multiprocessing.spawn(worker, args=(_free_port(),) + args, nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(worker, args=(train_doubles.free_port(),) + args, nprocs=WORLD, join=True)
 
 
 def _rows(rank, n):

@@ -37,6 +37,10 @@ class SCRL(EmaTargetMethod):
     initialises the target independently; ``"copy"``: start from the online weights);
     ``view_sizes`` (recipe resize map).
 
+    Distributed, one step equals the whole batch in one process: an image's boxes depend on its
+    dataset index and a draw counter (buffers ``box_seed``, ``box_draws``), not on its rank, and the
+    loss is the mean over the boxes of all ranks.
+
     >>> from fastdense.methods import build_method
     >>> method = build_method("scrl", preset="cpu")
     >>> method.recipe.views[0].size

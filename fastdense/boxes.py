@@ -72,6 +72,23 @@ def draw_scrl_randoms(batch_size: int, generator: Optional[torch.Generator] = No
     return torch.randint(-(2**63), 2**63 - 1, (batch_size,), dtype=torch.int64, generator=generator)
 
 
+def keyed_scrl_randoms(seed: int, draw: int, index: torch.Tensor) -> torch.Tensor:
+    """Keys like :func:`draw_scrl_randoms`, each a hash of ``(seed, draw, index[b])``.
+
+    An image's boxes then depend on the image (its dataset index) and the draw number, not on its
+    position in the batch or on which process holds it: a batch split over ranks samples the same
+    boxes as the whole batch in one process.
+
+    >>> a = keyed_scrl_randoms(7, 0, torch.tensor([3, 4, 5]))
+    >>> torch.equal(a[1:], keyed_scrl_randoms(7, 0, torch.tensor([4, 5]))), bool(a[0] != keyed_scrl_randoms(7, 1, torch.tensor([3]))[0])
+    (True, True)
+    """
+    mix = lambda z: _finalize64((z + _GOLDEN_GAMMA) & _MASK64)  # noqa: E731
+    base = mix(mix(int(seed) & _MASK64) ^ (int(draw) & _MASK64))
+    keys = [mix(base ^ (int(i) & _MASK64)) for i in index.reshape(-1).tolist()]
+    return torch.tensor([k - (1 << 64) if k >> 63 else k for k in keys], dtype=torch.int64)
+
+
 def sample_scrl_boxes(
     matrices: torch.Tensor,
     view_size: Union[int, Tuple[int, int]] = (224, 224),
@@ -195,11 +212,14 @@ class _SplitMix64:
     def randint(self, low: int, high: int) -> int:
         """An integer in ``[low, high)`` (``numpy.random.randint``'s range), by multiply-shift."""
         self.state = (self.state + _GOLDEN_GAMMA) & _MASK64
-        z = self.state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        z ^= z >> 31
-        return low + (((z >> 32) * (high - low)) >> 32)
+        return low + (((_finalize64(self.state) >> 32) * (high - low)) >> 32)
+
+
+def _finalize64(z: int) -> int:
+    """SplitMix64's output function: a bijective mix of a 64-bit word."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def _sample_reference(params, keys, view_h, view_w, num_boxes, min_size, iou_threshold, max_tries):

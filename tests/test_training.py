@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -132,15 +131,9 @@ def test_schedules_and_lr_scaling():
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.22) and opt.param_groups[1]["weight_decay"] == 0.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_full_batch(tmp_path, monkeypatch):
     out_path = tmp_path / "ddp.pt"
-    torch.multiprocessing.spawn(train_doubles.ddp_step_worker, args=(2, _free_port(), str(tmp_path / "ddp"), str(out_path)),
+    torch.multiprocessing.spawn(train_doubles.ddp_step_worker, args=(2, train_doubles.free_port(), str(tmp_path / "ddp"), str(out_path)),
                                 nprocs=2, join=True)
     ddp = torch.load(out_path, weights_only=False)
     train_doubles.install(monkeypatch)

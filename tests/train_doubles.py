@@ -141,6 +141,15 @@ def fixed_batch(batch_size=8, size=16, seed=99):
     return ViewBatch(views=views, matrices=eye, source_size=torch.full((batch_size, 2), size), index=torch.arange(batch_size))
 
 
+def free_port() -> int:
+    """A TCP port that was free a moment ago, for MASTER_PORT."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(run_dir, **overrides):
     """A resolved config for the doubles (the scrl YAML underneath, CPU, no progress bar)."""
     from fastdense.training import config as cfg

@@ -34,6 +34,25 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     >>> gather_rows(torch.ones(2, 3)).shape  # single process
     torch.Size([2, 3])
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return x
     return _GatherRows.apply(x)
+
+
+def world_size() -> int:
+    """Processes in the default group; 1 without an initialised torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(value: int, device=None) -> int:
+    """``value`` summed over every rank (``value`` itself in a single process), through a tensor on
+    ``device`` (the device the process group's backend reduces: CUDA for NCCL, CPU for gloo).
+
+    >>> sum_over_ranks(3)  # single process
+    3
+    """
+    if world_size() == 1:
+        return int(value)
+    total = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fastdense.methods.ema import EmaTargetMethod, byol_loss, make_target
+from fastdense.methods.gather import sum_over_ranks, world_size
 from fastdense.methods.options import check_choice, check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp
@@ -35,6 +36,10 @@ class SCRL(EmaTargetMethod):
     ``box_iou_threshold`` / ``box_max_tries``; ``target_init`` (``"random"``: the reference
     initialises the target independently; ``"copy"``: start from the online weights);
     ``view_sizes`` (recipe resize map).
+
+    Distributed, one step equals the whole batch in one process: an image's boxes depend on its
+    dataset index and a draw counter (buffers ``box_seed``, ``box_draws``), not on its rank, and the
+    loss is the mean over the boxes of all ranks.
 
     >>> from fastdense.methods import build_method
     >>> method = build_method("scrl", preset="cpu")
@@ -85,6 +90,10 @@ class SCRL(EmaTargetMethod):
         fresh = opts["target_init"] == "random"
         self.target_backbone = make_target(self.backbone, build_backbone(opts["backbone"]) if fresh else None)
         self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"]) if fresh else None)
+        # Box randoms are keyed by (box_seed, box_draws, dataset index): an image gets the same boxes
+        # whichever rank holds it, and the state dict carries the stream for exact resume.
+        self.register_buffer("box_seed", torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+        self.register_buffer("box_draws", torch.zeros((), dtype=torch.int64))
 
     def ema_pairs(self):
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
@@ -95,9 +104,15 @@ class SCRL(EmaTargetMethod):
         return 32.0 * view_width / 224.0 if size is None else float(size)
 
     def sample_boxes(self, batch, generator=None):
-        from fastdense.boxes import sample_scrl_boxes
+        """SCRL boxes for ``batch``; with ``generator`` the keys come from it (:func:`draw_scrl_randoms`),
+        else from the image indices and this method's draw counter, which advances by one."""
+        from fastdense.boxes import keyed_scrl_randoms, sample_scrl_boxes
 
         height, width = batch.views[0].shape[-2:]
+        keys = None
+        if generator is None:
+            keys = keyed_scrl_randoms(int(self.box_seed), int(self.box_draws), batch.index.cpu())
+            self.box_draws += 1
         return sample_scrl_boxes(
             batch.matrices[:, :2].float(),
             view_size=(height, width),
@@ -106,6 +121,7 @@ class SCRL(EmaTargetMethod):
             iou_threshold=self.options["box_iou_threshold"],
             max_tries=self.options["box_max_tries"],
             generator=generator,
+            random=keys,
         )
 
     def forward(self, batch, rois: Sequence[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -122,12 +138,17 @@ class SCRL(EmaTargetMethod):
         online = self.backbone(torch.cat([view1, view2]))
         with torch.no_grad():
             target = self.target_backbone(torch.cat([view1, view2]))
-        if rois[0].shape[0] == 0:  # no image had a large enough overlap: nothing to learn this step
+        # The mean over the boxes of the global batch. Each rank returns its share of the sum, scaled
+        # by the number of ranks, because DDP averages gradients over ranks; ranks may hold
+        # different numbers of boxes, even none, and still run the heads (their BatchNorms may be
+        # synchronised collectives).
+        all_boxes = sum_over_ranks(rois[0].shape[0], online.device)
+        if all_boxes == 0:  # no image had a large enough overlap: nothing to learn this step
             return {"loss": online.sum() * 0.0}
         q1, q2 = (self.predictor(self.projector(self.pool(f, r))) for f, r in zip(online.split(batch), rois))
         with torch.no_grad():
             z1, z2 = (self.target_projector(self.pool(t, r)) for t, r in zip(target.split(batch), rois))
-        loss = (byol_loss(q1, z2) + byol_loss(q2, z1)).mean()
+        loss = (byol_loss(q1, z2) + byol_loss(q2, z1)).sum() / (all_boxes / world_size())
         return {"loss": loss}
 
     def pool(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:

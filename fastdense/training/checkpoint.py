@@ -84,6 +84,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for ``rank``'s own random stream, distinct for every (seed, rank) pair.
+
+    >>> rank_seed(0, 1) != rank_seed(0, 2) != rank_seed(1, 1)
+    True
+    """
+    words = np.random.SeedSequence([seed % 2**63, rank, 0x5EED]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
 def check_run_dir(run_dir, needed_bytes: int, min_free_bytes: Optional[int] = None) -> None:
     """Create ``run_dir`` and prove it takes a synced write; refuse when free space is short.
 

@@ -34,7 +34,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "channels_last": ("auto", "auto (on GPU for CNN backbones), true or false"),
     "compile": (False, "wrap the method in torch.compile"),
     "sync_batchnorm": ("auto", "auto (when the recipe uses it and more than one process trains), true, false"),
-    "ddp_find_unused_parameters": (True, "DDP tolerates parameters without a gradient in a step (e.g. no SCRL boxes on a rank)"),
+    "ddp_find_unused_parameters": (True, "DDP tolerates parameters without a gradient in a step (e.g. a step without SCRL boxes on any rank)"),
     "optimizer.name": ("lars", "lars or adamw"),
     "optimizer.lr": (0.3, "base learning rate for a global batch of optimizer.lr_batch images"),
     "optimizer.lr_batch": (256, "the batch the base lr refers to: lr = optimizer.lr * global_batch / lr_batch"),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from fastdense.training import sync_batchnorm
 
 
 @dataclass
@@ -43,11 +44,14 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm statistics over the global batch; PyTorch's SyncBatchNorm runs on GPUs only."""
-    if device.type != "cuda":
-        warnings.warn("SyncBatchNorm needs CUDA tensors; on CPU every process keeps per-process BatchNorm statistics")
-        return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """BatchNorm statistics over the global batch: PyTorch's SyncBatchNorm on GPUs, and on CPUs
+    (gloo, where PyTorch's raises) :class:`fastdense.training.sync_batchnorm.CPUSyncBatchNorm`.
+
+    Every BatchNorm of ``model`` is converted, EMA targets included, so a train-mode target
+    normalises over the global batch as well."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return sync_batchnorm.convert(model)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -141,6 +142,10 @@ class Trainer:
         if (sync_bn == "auto" and self.dist.enabled) or sync_bn is True:
             method = distributed.convert_sync_batchnorm(method, device)
         self.method = method
+        if self.dist.enabled:
+            # Every rank built the same weights from `seed`; from here on each rank draws its own
+            # stream (drop-path masks and the like), as one process does for different images.
+            ckpt.seed_everything(ckpt.rank_seed(config["seed"], self.dist.rank))
         self.loader = build_loader(config, method, self.dist.rank, self.dist.world_size, device)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -202,8 +207,16 @@ class Trainer:
         self.step = state["step"]
         self.epoch, self.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
         rngs = state["rng_per_rank"]
-        mine = rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0]
-        ckpt.set_rng_state(mine)
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            # Shards and per-rank streams cannot continue exactly; give each rank a fresh stream of
+            # its own rather than one rank's stream to all.
+            warnings.warn(
+                f"the checkpoint was written by {len(rngs)} processes and this run has {self.dist.world_size}: "
+                "training continues from the checkpoint's weights, step and epoch, but not bit-exactly"
+            )
+            ckpt.seed_everything(ckpt.rank_seed(self.config["seed"] + self.step, self.dist.rank))
         self.last_good = self.step
 
     def save(self) -> None:
@@ -239,7 +252,9 @@ class Trainer:
         return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
 
     def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
-        value = float(out["loss"].detach())
+        """The step's loss over the global batch (the mean of every rank's); raises on every rank
+        together when it is not finite, so no rank is left waiting in a collective."""
+        value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
         if not math.isfinite(value):
             where = (
                 f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"

@@ -1,0 +1,392 @@
+"""Two gloo processes against one process: SyncBatchNorm on CPU, one training step of every method,
+and a two-rank interrupted-then-resumed run.
+
+Each test spawns a pair of processes (``torch.multiprocessing.spawn``; the resume test a second,
+fresh pair to resume) and runs everything it needs inside it; rank 0 saves the results, and the
+test process computes the single-process, full-batch reference. The method steps run in float64, so "equal" means equal to ~1e-10, far below
+what any missing synchronisation (per-rank BatchNorm statistics, per-rank VICReg variance, a local
+DINO centre, a per-rank box mean) would change.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import train_doubles
+from test_methods import tiny_resnet_like
+from fastdense.geometry import crop_matrix
+from fastdense.pipelines.batch import ViewBatch
+from fastdense.training import CPUSyncBatchNorm, Trainer
+from fastdense.training.sync_batchnorm import convert
+from fastdense.training import checkpoint as ckpt
+from fastdense.training import config as cfg
+from fastdense.training import loop
+
+WORLD = 2
+
+
+def _torchrun_env(rank, port):
+    """The variables torchrun sets for each process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _spawn(worker, *args):
+    torch.multiprocessing.spawn(worker, args=(train_doubles.free_port(),) + args, nprocs=WORLD, join=True)
+
+
+def _rows(rank, n):
+    per_rank = n // WORLD
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _all_gather_cat(x):
+    pieces = [None] * WORLD
+    dist.all_gather_object(pieces, x.detach())
+    return torch.cat(pieces)
+
+
+# --------------------------------------------------------------------------------- SyncBatchNorm
+
+# (name, module, input shape, rows per rank): rank 1 of the last case holds no rows at all.
+BN_CASES = [
+    ("bn2d_f64", lambda: nn.BatchNorm2d(5, momentum=0.3).double(), (8, 5, 3, 4), (4, 4), torch.float64),
+    ("bn2d_f32_cumulative", lambda: nn.BatchNorm2d(5, momentum=None), (8, 5, 3, 4), (4, 4), torch.float32),
+    ("bn1d_uneven_empty_rank", lambda: nn.BatchNorm1d(6).double(), (7, 6), (7, 0), torch.float64),
+]
+
+
+def _bn_case(name, make, shape, dtype):
+    torch.manual_seed(sum(map(ord, name)))
+    module = make()
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_()
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 5).to(dtype)  # a mean far from 0
+    upstream = [torch.randn(*shape, dtype=torch.float64).to(dtype) for _ in range(2)]
+    return module, x, upstream
+
+
+def _bn_steps(module, x, upstream):
+    """Two training steps (the second sees the first's running statistics), then one in eval mode."""
+    outs, input_grads, param_grads = [], [], []
+    for g in upstream:
+        x_step = x.clone().requires_grad_(True)
+        module.zero_grad()
+        y = module(x_step)
+        (y * g).sum().backward()
+        outs.append(y.detach())
+        input_grads.append(x_step.grad)
+        param_grads.append(torch.cat([module.weight.grad, module.bias.grad]))
+    module.eval()
+    with torch.no_grad():
+        outs.append(module(x))
+    module.train()
+    stats = [module.running_mean.clone(), module.running_var.clone(), module.num_batches_tracked.clone()]
+    return outs, input_grads, param_grads, stats
+
+
+def sync_bn_worker(rank, port, out_path):
+    _torchrun_env(rank, port)
+    dist.init_process_group("gloo")
+    results = {}
+    for name, make, shape, split, dtype in BN_CASES:
+        module, x, upstream = _bn_case(name, make, shape, dtype)
+        module = convert(module)
+        start = sum(split[:rank])
+        rows = slice(start, start + split[rank])
+        outs, input_grads, param_grads, stats = _bn_steps(module, x[rows], [g[rows] for g in upstream])
+        for grad in param_grads:  # DDP's job: the objective is the sum of every rank's loss
+            dist.all_reduce(grad)
+        results[name] = ([_all_gather_cat(o) for o in outs], [_all_gather_cat(g) for g in input_grads], param_grads, stats)
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
+    out_path = tmp_path / "bn.pt"
+    _spawn(sync_bn_worker, str(out_path))
+    synced = torch.load(out_path, weights_only=False)
+    for name, make, shape, _, dtype in BN_CASES:
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=2e-6)
+        expected = _bn_steps(*_bn_case(name, make, shape, dtype))
+        for part, got, want in zip(("output", "input grad", "weight/bias grad", "running stats"), synced[name], expected):
+            for step, (a, b) in enumerate(zip(got, want)):
+                torch.testing.assert_close(a, b, **tol, msg=f"{name}: {part} {step}")
+
+
+def test_sync_batchnorm_is_plain_batchnorm_without_process_group():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    synced = convert(copy.deepcopy(plain))
+    assert type(synced[1]) is CPUSyncBatchNorm
+    x = torch.randn(3, 3, 5, 5)
+    torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
+    assert synced.state_dict().keys() == plain.state_dict().keys()
+    torch.testing.assert_close(synced[1].running_var, plain[1].running_var, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ one step of each method
+
+# SelfPatch's student uses drop-path: its per-image masks come from each process's random stream,
+# so a split batch draws different (equally distributed) masks than the whole batch in one
+# process. That is the only source of difference, so the exact statement is made without it.
+METHOD_OPTIONS = {"scrl": {}, "vicregl": {}, "lewel": {}, "selfpatch": {"drop_path_rate": 0.0}}
+VIEW_SIZES = {"scrl": [96, 96], "vicregl": [128, 128, 64, 64], "lewel": [96, 96], "selfpatch": [64, 64, 48, 48]}
+BATCH = 8
+
+
+def view_batch(sizes, seed, disjoint=()):
+    """``BATCH`` images of float64 noise; random crops of a 256 px source, flipped at random. For the
+    images in ``disjoint`` the two first views do not overlap (SCRL samples no boxes there)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    views = [torch.randn(BATCH, 3, s, s, generator=g, dtype=torch.float64) for s in sizes]
+    x0, y0 = rand(BATCH, len(sizes)) * 60, rand(BATCH, len(sizes)) * 60
+    width, height = 120 + rand(BATCH, len(sizes)) * 70, 120 + rand(BATCH, len(sizes)) * 70
+    for b in disjoint:  # view 0 in the left half, view 1 in the right half
+        width[b, :2], x0[b, 0], x0[b, 1] = 100.0, 10.0, 140.0
+    flip = rand(BATCH, len(sizes)) < 0.5
+    out = torch.tensor(sizes, dtype=torch.float64).expand(BATCH, -1)
+    matrices = crop_matrix(x0, y0, width, height, out, out, flip=flip).float()
+    return ViewBatch(views, matrices, torch.full((BATCH, 2), 256), torch.arange(100, 100 + BATCH))
+
+
+def method_batches(method):
+    sizes = VIEW_SIZES[method]
+    if method == "scrl":  # 30 + 20 boxes over the two ranks, then 20 + 0
+        return [view_batch(sizes, 1, disjoint=(1, 5, 6)), view_batch(sizes, 2, disjoint=(0, 2, 4, 5, 6, 7))]
+    return [view_batch(sizes, 3)]
+
+
+def shard(batch, rank):
+    rows = _rows(rank, batch.batch_size)
+    return ViewBatch([v[rows] for v in batch.views], batch.matrices[rows], batch.source_size[rows], batch.index[rows])
+
+
+class _LengthOnlyLoader:
+    """The trainer's schedules need ``len(loader)``; the tests feed batches to ``train_step`` directly."""
+
+    def __len__(self):
+        return 10
+
+
+def _build_float64(config):
+    from fastdense.methods import build_method
+
+    return build_method(config["method"], **dict(config.get("method_options") or {})).double()
+
+
+def _loader(config, method, rank, world_size, device):
+    return _LengthOnlyLoader()
+
+
+def _use_float64_methods(monkeypatch=None):
+    """Float64 methods on their CPU presets, with test_methods' small ResNet-shaped trunk (BatchNorm
+    in every stage) in place of ResNet-18, so that four methods train in seconds."""
+    patches = [(loop, "build_method", _build_float64), (loop, "build_loader", _loader)]
+    patches += [(importlib.import_module(f"fastdense.methods.{m}"), "build_backbone", tiny_resnet_like) for m in ("scrl", "vicregl", "lewel")]
+    for module, name, value in patches:
+        if monkeypatch is None:
+            setattr(module, name, value)
+        else:
+            monkeypatch.setattr(module, name, value)
+
+
+def method_config(method, run_dir, batch_size):
+    options = {"preset": "cpu", **METHOD_OPTIONS[method]}
+    return cfg.resolve(method, overrides={"run_dir": str(run_dir), "device": "cpu", "progress": False, "preset": "cpu",
+                                          "batch_size": batch_size, "method_options": options})
+
+
+def run_steps(trainer, batches):
+    """``train_step`` on each batch; the losses, the last step's gradients and the final state."""
+    losses, boxes = [], []
+    for batch in batches:
+        out = trainer.train_step(batch)
+        losses.append(loop.distributed.all_reduce_mean(out["loss"].detach(), trainer.dist))
+        if "boxes_per_image" in out:  # SCRL: boxes per rank
+            boxes.append(loop.distributed.gather_objects(round(float(out["boxes_per_image"]) * batch.batch_size), trainer.dist))
+        trainer.step += 1
+    grads = {n: p.grad.clone() for n, p in trainer.method.named_parameters() if p.grad is not None}
+    return {"losses": losses, "boxes": boxes, "grads": grads, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}}
+
+
+def methods_worker(rank, port, run_dir, out_path):
+    _torchrun_env(rank, port)
+    _use_float64_methods()
+    results = {}
+    for method in METHOD_OPTIONS:
+        trainer = Trainer(method_config(method, f"{run_dir}/{method}", BATCH // WORLD))
+        trainer.setup()
+        assert trainer.dist.world_size == WORLD
+        synced = [type(m) for m in trainer.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert all(t is CPUSyncBatchNorm for t in synced), f"{method}: {set(synced)}"
+        results[method] = dict(run_steps(trainer, [shard(b, rank) for b in method_batches(method)]), num_bn=len(synced))
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_steps(tmp_path_factory):
+    pytest.importorskip("timm")
+    tmp = tmp_path_factory.mktemp("ddp_methods")
+    _spawn(methods_worker, str(tmp / "runs"), str(tmp / "out.pt"))
+    return torch.load(tmp / "out.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("method", list(METHOD_OPTIONS))
+def test_one_step_on_two_processes_equals_full_batch(method, two_process_steps, tmp_path, monkeypatch):
+    _use_float64_methods(monkeypatch)
+    trainer = Trainer(method_config(method, tmp_path, BATCH))
+    trainer.setup()
+    single = run_steps(trainer, method_batches(method))
+    ddp = two_process_steps[method]
+    assert (ddp["num_bn"] > 0) == (method != "selfpatch")
+    if method == "scrl":  # ranks with different numbers of boxes, and a rank with none
+        assert ddp["boxes"] == [[30, 20], [20, 0]] and single["boxes"] == [[50], [20]]
+    for step, (a, b) in enumerate(zip(ddp["losses"], single["losses"])):
+        assert_relative(a, b, f"loss of step {step}")
+    assert ddp["grads"].keys() == single["grads"].keys()
+    for name, grad in single["grads"].items():
+        assert_relative(ddp["grads"][name], grad, f"gradient of {name}", tol=FLOAT32_INSIDE.get(name, 1e-10))
+    assert ddp["state"].keys() == single["state"].keys()
+    for name, value in single["state"].items():  # weights after the update, EMA targets, BN statistics, centres
+        assert_relative(ddp["state"][name], value, name)
+
+
+# timm resamples a ViT's position embedding to each view's grid in float32, even in a float64
+# model, so the gradient reaching it is each process's partial sum rounded to float32 (relative
+# 6e-8 here) rather than the whole batch's sum: the one tensor held to float32 precision.
+FLOAT32_INSIDE = {"student.backbone.trunk.pos_embed": 1e-6}
+
+
+def assert_relative(actual, expected, what, tol=1e-10, floor=1e-13):
+    """``|actual - expected| <= tol |expected| + floor`` in the L2 norm (CONVENTIONS.md's measure;
+    the floor covers float64 rounding noise in tensors that are zero in exact arithmetic, such as
+    the gradient of a bias that a BatchNorm follows); integer buffers exactly."""
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+        return
+    error, size = float((actual - expected).norm()), float(expected.norm())
+    assert error <= tol * size + floor, f"{what}: error {error:.3g}, norm {size:.3g}"
+
+
+# ------------------------------------------------------------------------- two-rank exact resume
+
+STOP_AT = 7  # 5 steps per epoch and rank: the interrupted run stops inside the second epoch
+
+
+def _recording(trainer, record):
+    """Wrap ``trainer.train_step`` to keep each step's batch indices and loss."""
+    step = trainer.train_step
+
+    def train_step(batch):
+        out = step(batch)
+        record.append((batch.index.tolist(), out["loss"].detach().clone()))
+        return out
+
+    trainer.train_step = train_step
+    return trainer
+
+
+def _resume_run(run_dir, record, resume=False, **overrides):
+    trainer = _recording(Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0, **overrides), resume=resume), record)
+    trainer.setup()
+    rng_after_setup = ckpt.rng_state(include_cuda=False)
+    trainer.fit()
+    return trainer, rng_after_setup
+
+
+def _final(trainer):
+    opt = trainer.optimizer.state_dict()["state"]
+    return {"model": trainer.method.state_dict(), "momentum": [opt[k]["momentum_buffer"] for k in sorted(opt)]}
+
+
+def resume_worker(rank, port, root, phase):
+    _torchrun_env(rank, port)
+    train_doubles.install()
+    out = {}
+    if phase == "first":
+        whole, interrupted = [], []
+        out["whole_final"] = _final(_resume_run(f"{root}/whole", whole)[0])
+        trainer, _ = _resume_run(f"{root}/split", interrupted, max_steps=STOP_AT)
+        assert trainer.step == STOP_AT
+        out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
+        out["non_finite"] = _non_finite_on_one_rank(f"{root}/nan", rank)
+    else:
+        resumed = []
+        trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
+        out.update(resumed=resumed, rng_after_load=rng, resumed_final=_final(trainer), position=(trainer.epoch, trainer.step))
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        torch.save(gathered, f"{root}/{phase}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _non_finite_on_one_rank(run_dir, rank):
+    """Rank 1's loss turns NaN at step 3 (0-based): every rank must stop there, none may wait."""
+    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=2))
+    trainer.setup()
+    trainer.method.nan_at_call = 3 if rank == 1 else -1
+    try:
+        trainer.fit()
+    except loop.NonFiniteLossError as error:
+        return str(error)
+    return None
+
+
+def _same_rng(a, b):
+    return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and all(
+        (x == y).all() if hasattr(x, "shape") else x == y for x, y in zip(a["numpy"], b["numpy"]))
+
+
+def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_rank(tmp_path, monkeypatch):
+    _spawn(resume_worker, str(tmp_path), "first")
+    saved = ckpt.load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert saved["step"] == STOP_AT and saved["position"] == {"epoch": 1, "batch": 2} and saved["world_size"] == WORLD
+    _spawn(resume_worker, str(tmp_path), "second")
+    first = torch.load(tmp_path / "first.pt", weights_only=False)
+    second = torch.load(tmp_path / "second.pt", weights_only=False)
+    for rank in range(WORLD):
+        assert "non-finite loss (nan) at step 3 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
+    assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
+    train_doubles.install(monkeypatch)
+    alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
+    with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process
+        alone.setup()
+    assert alone.step == 2 and alone.fit()["steps"] == 4
+    rngs = saved["rng_per_rank"]
+    assert not _same_rng(rngs[0], rngs[1]), "the ranks' random streams should differ"
+    for rank in range(WORLD):
+        mine, later = first[rank], second[rank]
+        # Each rank's random state went into the checkpoint and came back to that rank.
+        assert _same_rng(rngs[rank], mine["rng_at_stop"]), rank
+        assert _same_rng(later["rng_after_load"], rngs[rank]), rank
+        whole = mine["whole"]
+        assert len(whole) == 10 and len(mine["interrupted"]) == STOP_AT and len(later["resumed"]) == 10 - STOP_AT
+        # Loader position: the resumed rank continues with the batches the whole run saw next.
+        split = mine["interrupted"] + later["resumed"]
+        assert [indices for indices, _ in split] == [indices for indices, _ in whole], rank
+        # Losses and final weights, bit for bit, on every rank.
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(split, whole)), rank
+        assert later["position"] == (2, 10)
+        final, expected = later["resumed_final"], mine["whole_final"]
+        assert final["model"].keys() == expected["model"].keys()
+        assert all(torch.equal(final["model"][k], expected["model"][k]) for k in expected["model"]), rank
+        assert all(torch.equal(a, b) for a, b in zip(final["momentum"], expected["momentum"])), rank
+        for other in range(rank + 1, WORLD):  # every step, the ranks trained on different images
+            assert all(not set(a) & set(b) for (a, _), (b, _) in zip(whole, first[other]["whole"]))

@@ -33,6 +33,7 @@ number of workers or on which worker served a sample.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -204,7 +205,12 @@ class _Collate:
         if not good:
             out["views"] = None
             return out
-        out["views"] = [torch.stack([item["views"][v] for item in good]) for v in range(self.recipe.num_views)]
+        out["views"] = []
+        for v in range(self.recipe.num_views):
+            views = [item["views"][v] for item in good]
+            # uint8 views that leave the worker as they are go straight into shared memory.
+            stacked = torch.empty(0, dtype=torch.uint8) if self.finish_in_worker else batch_buffer((len(views), *views[0].shape), torch.uint8)
+            out["views"].append(torch.stack(views, out=stacked))
         out["crops"] = torch.from_numpy(np.stack([item["crops"] for item in good]))
         out["size"] = torch.tensor([item["size"] for item in good], dtype=torch.int64)
         out["index"] = torch.tensor([item["index"] for item in good], dtype=torch.int64)
@@ -215,15 +221,24 @@ class _Collate:
 
 
 def finish_views(views: List[torch.Tensor], recipe: Recipe, photometric: bool, seed: int, epoch: int, shard_id: int, batch_number: int):
-    """uint8 ``[B, 3, H, W]`` views (any strides) -> normalised float views of the same layout, colour-augmented."""
+    """uint8 ``[B, 3, H, W]`` views (any strides) -> normalised float views, colour-augmented."""
     finished = []
     for v, (view, spec) in enumerate(zip(views, recipe.views)):
-        images = view.float().div_(255)
+        images = batch_buffer(view.shape, torch.float32, view.device).copy_(view).div_(255)
         if photometric:
             generator = torch.Generator().manual_seed(sample_seed(seed, epoch, shard_id, batch_number, v))
-            images = apply_photometric(images, spec, generator)
+            images = images.copy_(apply_photometric(images, spec, generator))
         finished.append(normalize(images, recipe.mean, recipe.std, inplace=True))  # images is this loop's own buffer
     return finished
+
+
+def batch_buffer(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """An empty batch tensor; in a ``DataLoader`` worker, in shared memory from the start (as
+    ``default_collate`` does), so the batch reaches the main process without another copy."""
+    if torch.utils.data.get_worker_info() is None or torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 class TorchLoader:

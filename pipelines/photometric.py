@@ -52,6 +52,10 @@ class PhotometricParams:
     def to(self, device) -> "PhotometricParams":
         return PhotometricParams(**{k: v.to(device) for k, v in self.__dict__.items()})
 
+    def __getitem__(self, rows) -> "PhotometricParams":
+        """The parameters of images ``rows`` (a slice or an index tensor)."""
+        return PhotometricParams(**{k: v[rows] for k, v in self.__dict__.items()})
+
 
 def sample_params(spec: ViewSpec, batch: int, generator: Optional[torch.Generator] = None) -> PhotometricParams:
     """Draw parameters for ``batch`` images under ``spec`` from a CPU ``generator``."""

@@ -417,6 +417,25 @@ def test_photometric_never_moves_geometry(backend, scene_folder, tmp_path):
         assert not torch.equal(v1[0], v2[0])
 
 
+@pytest.mark.parametrize("photometric", [True, False])
+def test_finish_views_in_chunks_equals_whole_batch(photometric):
+    """The torch backend colours and normalises a CPU batch a few images at a time: the result is
+    the whole-batch ``apply_photometric`` with the same draws, then ``normalize``."""
+    from fastdense.pipelines.base import sample_seed
+    from fastdense.pipelines.torch_backend import CPU_CHUNK, finish_views
+
+    recipe = get_recipe("vicregl")
+    batch = 2 * CPU_CHUNK + 3
+    views = [(_images(batch=batch, size=spec.size // 4, seed=v) * 255).round().to(torch.uint8) for v, spec in enumerate(recipe.views[:3])]
+    views[1] = views[1].contiguous(memory_format=torch.channels_last)  # FFCV hands over channels-last views
+    finished = finish_views(views, recipe, photometric, seed=5, epoch=2, shard_id=1, batch_number=4)
+    for v, (view, spec, out) in enumerate(zip(views, recipe.views, finished)):
+        expected = view.float() / 255
+        if photometric:
+            expected = apply_photometric(expected, spec, torch.Generator().manual_seed(sample_seed(5, 2, 1, 4, v)))
+        torch.testing.assert_close(out, normalize(expected, recipe.mean, recipe.std), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 def test_photometric_gpu_equals_cpu():
     spec = RECIPES["vicregl"].views[2]

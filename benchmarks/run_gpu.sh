@@ -2,7 +2,8 @@
 # One script for a GPU machine: the GPU tests, then every GPU benchmark, each writing its JSON and log
 # (and one log, gpu_run.log) to $FASTDENSE_BENCH_OUT (default benchmarks/results). Runs on the torch/triton/torchvision already
 # installed there (no reinstall). Each step has its own time limit so one slow step cannot starve the rest.
-#   FASTDENSE_BENCH_OUT=benchmarks/results bash benchmarks/run_gpu.sh
+#   FASTDENSE_BENCH_OUT=benchmarks/results bash benchmarks/run_gpu.sh                    # every step
+#   FASTDENSE_BENCH_OUT=$OUT bash benchmarks/run_gpu.sh tests_nn bench_nearest_neighbor   # some steps
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -15,7 +16,7 @@ python3 setup.py -q build_ext --inplace >/dev/null 2>&1 || echo "warning: the C+
 
 status=0
 log="$out/gpu_run.log"
-: > "$log"
+[[ -f "$log" ]] || : > "$log"  # appended to, so that several calls build one log
 step() {  # step NAME SECONDS COMMAND...: run with a limit, append to $out/gpu_run.log, show the tail
     local name=$1 limit=$2
     shift 2
@@ -25,9 +26,21 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, append to $out/gpu_r
     tail -n 4 "$out/.step.log"
     rm -f "$out/.step.log"
 }
-step gpu_tests_kernels "${TEST_LIMIT:-120}" python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_vicreg.py
-step bench_nearest_neighbor 120 python3 benchmarks/bench_nearest_neighbor.py
-step bench_vicreg 90 python3 benchmarks/bench_vicreg.py
-step bench_roi_align 100 python3 benchmarks/bench_roi_align.py
-step bench_train_step 120 python3 benchmarks/bench_train_step.py
+# Steps by name; `bash benchmarks/run_gpu.sh tests_nn bench_vicreg` runs just those (one device call
+# has 10 minutes: the whole list takes about 12, so split it over two calls).
+declare -A STEPS=(
+    [tests_nn]="180 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_methods.py::test_vicregl_step_matches_all_pairs_in_one_launch"
+    [tests_vicreg]="120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_vicreg.py tests/test_vicreg_distributed.py"
+    [tests_roi]="150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_roi_align.py"
+    [bench_nearest_neighbor]="120 python3 benchmarks/bench_nearest_neighbor.py"
+    [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
+    [bench_roi_align]="100 python3 benchmarks/bench_roi_align.py"
+    [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
+)
+ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_vicreg bench_roi_align bench_train_step)
+for name in "${@:-${ORDER[@]}}"; do
+    [[ -n "${STEPS[$name]:-}" ]] || { echo "unknown step $name (steps: ${ORDER[*]})"; exit 2; }
+    # shellcheck disable=SC2086
+    step "$name" ${STEPS[$name]}
+done
 exit $status

@@ -248,6 +248,26 @@ def test_bad_input(kwargs, error, message):
         ops.roi_align(**args)
 
 
+def test_check_boxes_false_skips_only_the_value_checks(monkeypatch):
+    """``check_boxes=False`` (SCRL's call) reads no box value on the host: no ``.tolist()`` on the
+    boxes, so no host sync on a GPU; shapes and arguments are still checked, and valid boxes give
+    the same result."""
+    rois = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0], [1, 1.0, 0.5, 4.0, 3.0]])
+    expected = ops.roi_align(GOOD_X, rois, 2, aligned=True)
+    synced = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: synced.append(self.shape) or real_tolist(self))
+    torch.testing.assert_close(ops.roi_align(GOOD_X, rois, 2, aligned=True, check_boxes=False), expected)
+    torch.testing.assert_close(ops.roi_pool_vectors(GOOD_X, rois, check_boxes=False), ops.roi_align(GOOD_X, rois, 1, check_boxes=False).flatten(1))
+    assert synced == []
+    ops.roi_align(GOOD_X, rois, 2)
+    assert synced, "the default call checks the boxes' values"
+    with pytest.raises(ValueError, match=r"boxes.*\[K, 5\]"):
+        ops.roi_align(GOOD_X, torch.zeros(3, 4), 2, check_boxes=False)
+    with pytest.raises(ValueError, match="output_size"):
+        ops.roi_align(GOOD_X, rois, 0, check_boxes=False)
+
+
 def test_bad_device():
     meta_boxes = GOOD_ROIS.to("meta")
     with pytest.raises(ValueError, match="boxes must be on the device of input"):

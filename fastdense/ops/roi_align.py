@@ -212,8 +212,8 @@ def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio) -> Tuple[int, int]:
-    """Validate; return ``output_size`` as ``(height, width)``."""
+def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes: bool = True) -> Tuple[int, int]:
+    """Validate (the boxes' values too when ``check_boxes``); return ``output_size`` as ``(height, width)``."""
     check_tensor(input, "input", "[N, C, H, W]", dims=4)
     if rois.device != input.device:
         raise ValueError(f"boxes must be on the device of input ({input.device}), got {rois.device}")
@@ -225,7 +225,7 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
-    if rois.numel():
+    if check_boxes and rois.numel():
         # One device-to-host transfer for all three checks: on a GPU each would be a sync of its own.
         index = rois[:, 0]
         bad_index, inverted, not_finite = torch.stack([
@@ -249,6 +249,7 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    check_boxes: bool = True,
 ) -> torch.Tensor:
     """Region of Interest Align: a drop-in for :func:`torchvision.ops.roi_align`.
 
@@ -265,6 +266,11 @@ def roi_align(
         spatial_scale: feature-map size over box-coordinate size (1/32 for ResNet layer4 boxes in pixels).
         sampling_ratio: samples per bin and axis; ``<= 0`` for adaptive.
         aligned: half-pixel offset (see above).
+        check_boxes: verify that batch indices are integers in ``[0, N)``, that ``x1 <= x2`` and
+            ``y1 <= y2`` and that coordinates are finite, raising ``ValueError`` otherwise. On a GPU
+            that costs a device-to-host transfer, a host sync every call; pass ``False`` for boxes
+            valid by construction (SCRL's sampler) to keep the call asynchronous, as torchvision's
+            is. Invalid boxes are then undefined behaviour, as in torchvision.
 
     Returns:
         ``[K, C, output_size[0], output_size[1]]`` in the input's dtype.
@@ -282,7 +288,7 @@ def roi_align(
     tensor([[[[2.5000]]]])
     """
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
-    output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
+    output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes)
     available = ("triton",) if input.dtype in TRITON_DTYPES else ()
     if not input.is_cuda and _has_torchvision():
         available += ("cpp",)
@@ -298,8 +304,10 @@ def _has_torchvision() -> bool:
     return True
 
 
-def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> torch.Tensor:
-    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box).
+def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+                     check_boxes: bool = True) -> torch.Tensor:
+    """SCRL's pooled form: RoIAlign with a 1x1 output, as ``[K, C]`` vectors (one per box); the
+    arguments are :func:`roi_align`'s.
 
     >>> import torch, fastdense.ops as ops
     >>> feats = torch.ones(2, 8, 7, 7)
@@ -307,7 +315,7 @@ def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float 
     >>> ops.roi_pool_vectors(feats, boxes, spatial_scale=1 / 32).shape
     torch.Size([2, 8])
     """
-    return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned).flatten(1)
+    return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned, check_boxes).flatten(1)
 
 
 class RoIAlign(nn.Module):

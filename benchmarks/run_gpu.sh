@@ -36,6 +36,9 @@ declare -A STEPS=(
     [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
     [bench_roi_align]="100 python3 benchmarks/bench_roi_align.py"
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
+    # Needs DALI, which the GPU image lacks: scripts/gpu_wheels.sh here, carry the pieces, then
+    # scripts/gpu_install_wheels.sh there (installs into /tmp/site). Not in the default list.
+    [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
 )
 ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_vicreg bench_roi_align bench_train_step)
 for name in "${@:-${ORDER[@]}}"; do

@@ -68,7 +68,7 @@ def cos64(a, b):
 
 
 def assert_close(actual, expected, tol=1e-9):
-    actual, expected = float(actual), float(expected)
+    actual, expected = float(torch.as_tensor(actual).detach()), float(torch.as_tensor(expected).detach())
     assert abs(actual - expected) <= tol * max(1.0, abs(expected)), (actual, expected)
 
 

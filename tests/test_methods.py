@@ -148,7 +148,7 @@ def test_scrl_cpu_preset_real_resnet_trains():
     first = method(batch, rois=rois)["loss"]
     first.backward()
     opt.step()
-    assert float(method(batch, rois=rois)["loss"]) < float(first)
+    assert float(method(batch, rois=rois)["loss"].detach()) < float(first.detach())
 
 
 def test_scrl_target_copy_option_and_min_size_scaling():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 
 import pytest
@@ -289,12 +290,12 @@ STOP_AT = 7  # 5 steps per epoch and rank: the interrupted run stops inside the 
 
 
 def _recording(trainer, record):
-    """Wrap ``trainer.train_step`` to keep each step's batch indices and loss."""
+    """Wrap ``trainer.train_step`` to keep each step's batch indices, loss and per-rank metric."""
     step = trainer.train_step
 
     def train_step(batch):
         out = step(batch)
-        record.append((batch.index.tolist(), out["loss"].detach().clone()))
+        record.append((batch.index.tolist(), out["loss"].detach().clone(), float(out["q_std"])))
         return out
 
     trainer.train_step = train_step
@@ -371,6 +372,14 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     assert alone.step == 2 and alone.fit()["steps"] == 4
     rngs = saved["rng_per_rank"]
     assert not _same_rng(rngs[0], rngs[1]), "the ranks' random streams should differ"
+    # Rank 0 logs each step's loss and the method's own metric (q_std) averaged over the ranks.
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == list(range(1, 11))
+    for row in logged:
+        per_rank = [first[rank]["whole"][row["step"] - 1] for rank in range(WORLD)]
+        assert row["loss"] == pytest.approx(sum(float(loss) for _, loss, _ in per_rank) / WORLD, rel=1e-6)
+        assert row["q_std"] == pytest.approx(sum(q for *_, q in per_rank) / WORLD, rel=1e-12)
+        assert per_rank[0][2] != per_rank[1][2]
     for rank in range(WORLD):
         mine, later = first[rank], second[rank]
         # Each rank's random state went into the checkpoint and came back to that rank.
@@ -380,13 +389,13 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
         assert len(whole) == 10 and len(mine["interrupted"]) == STOP_AT and len(later["resumed"]) == 10 - STOP_AT
         # Loader position: the resumed rank continues with the batches the whole run saw next.
         split = mine["interrupted"] + later["resumed"]
-        assert [indices for indices, _ in split] == [indices for indices, _ in whole], rank
+        assert [indices for indices, *_ in split] == [indices for indices, *_ in whole], rank
         # Losses and final weights, bit for bit, on every rank.
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(split, whole)), rank
+        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(split, whole)), rank
         assert later["position"] == (2, 10)
         final, expected = later["resumed_final"], mine["whole_final"]
         assert final["model"].keys() == expected["model"].keys()
         assert all(torch.equal(final["model"][k], expected["model"][k]) for k in expected["model"]), rank
         assert all(torch.equal(a, b) for a, b in zip(final["momentum"], expected["momentum"])), rank
         for other in range(rank + 1, WORLD):  # every step, the ranks trained on different images
-            assert all(not set(a) & set(b) for (a, _), (b, _) in zip(whole, first[other]["whole"]))
+            assert all(not set(a) & set(b) for (a, *_), (b, *_) in zip(whole, first[other]["whole"]))

@@ -249,7 +249,21 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.update_target(self.step, self.total_steps)
+        # The same on every rank (the loss is averaged in check_finite); the method's other outputs
+        # are per rank, and averaged over ranks when logged.
+        self.shared_outputs = {"loss", "grad_norm", *hyper}
         return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
+
+    def logged_outputs(self, out: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """The step's scalar outputs besides the loss; the method's own ones averaged over ranks
+        (a collective: every rank calls this at the same steps)."""
+        scalars = {k: v for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}
+        per_rank = sorted(k for k in scalars if k not in self.shared_outputs)
+        values = {k: float(v.detach()) for k, v in scalars.items() if k in self.shared_outputs}
+        if per_rank:
+            stacked = torch.stack([scalars[k].detach().to(out["loss"].device, torch.float64).reshape(()) for k in per_rank])
+            values.update(zip(per_rank, distributed.all_reduce_mean(stacked, self.dist).tolist()))
+        return values
 
     def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
         """The step's loss over the global batch (the mean of every rank's); raises on every rank
@@ -308,9 +322,11 @@ class Trainer:
                     window["time"] += now - tick
                     window["images"] += images
                     tick, waited = now, next_wait
-                    if main and (self.step % config["log_every"] == 0 or last or step == 0):
+                    log_now = self.step % config["log_every"] == 0 or last or step == 0
+                    logged = self.logged_outputs(out) if log_now else {}
+                    if main and log_now:
                         row = {"step": self.step, "epoch": self.epoch, "loss": loss}
-                        row.update({k: float(v.detach()) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1})
+                        row.update(logged)
                         row["images_per_s"] = window["images"] / max(window["time"], 1e-9)
                         row["data_wait"] = window["wait"] / max(window["time"], 1e-9)
                         log.log(row)

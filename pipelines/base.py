@@ -33,6 +33,13 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shard_id: int = 0, num_
     return order[shard_id::num_shards].astype(np.int64)
 
 
+def check_loader_args(batch_size: int, shard_id: int, num_shards: int) -> None:
+    """The arguments every backend's loader shares, checked before any work starts."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_sharding(shard_id, num_shards)
+
+
 def check_sharding(shard_id: int, num_shards: int) -> None:
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")

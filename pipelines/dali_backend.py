@@ -35,7 +35,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from fastdense.pipelines.base import SkipReport, check_sharding, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -174,9 +174,7 @@ class DaliLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        check_sharding(shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards)
         _import_dali()
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)

@@ -43,7 +43,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
-from fastdense.pipelines.base import SkipReport, check_sharding, epoch_order, num_batches
+from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -475,9 +475,7 @@ class FfcvLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        check_sharding(shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards)
         path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data {str(path)!r} does not exist (a .beton file written by fastdense.pipelines.write_beton, or an image folder)")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdense.pipelines.base import SkipReport, check_sharding, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.crops import crops_to_matrices, sample_crop
 from fastdense.pipelines.folder import scan_image_folder
@@ -267,11 +267,9 @@ class TorchLoader:
 
     def __init__(self, data, recipe="scrl", batch_size: int = 256, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  num_workers: int = 8, device=None, photometric: bool = True, shuffle: bool = True, drop_last: bool = True):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_loader_args(batch_size, shard_id, num_shards)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
-        check_sharding(shard_id, num_shards)
         self.index = scan_image_folder(data)
         self.recipe = get_recipe(recipe)
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards

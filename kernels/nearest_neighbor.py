@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from fastdense.kernels._launch import cdiv
 from fastdense.ops._dispatch import triton_interpreted
 
 # Squared differences are exact and cheap for the location case (D = 2); above this width the
@@ -367,10 +368,10 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
         # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
         blocks = {"BLOCK_N": min(args[5], 64), "BLOCK_M": min(args[6], 64), "BLOCK_D": min(max(args[7], 16), 1024)}
         blocks["BLOCK_N"], blocks["BLOCK_M"] = max(blocks["BLOCK_N"], 16), max(blocks["BLOCK_M"], 16)
-        grid = (table.shape[0], triton.cdiv(max_n, blocks["BLOCK_N"]))
+        grid = (table.shape[0], cdiv(max_n, blocks["BLOCK_N"]))
         _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     else:
-        grid = lambda meta: (table.shape[0], triton.cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (table.shape[0], cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
         _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     # The copies of non-contiguous inputs are read through the base pointer only, so nothing else
     # holds them: released here, after the launch is queued (the caching allocator reuses their

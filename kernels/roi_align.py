@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdense.kernels._launch import cdiv, next_power_of_2
+
 # Largest padded map (pixels) that one program keeps whole in registers for the forward.
 MAX_TILE = 1024
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
@@ -273,7 +275,7 @@ def _prepared_rois(rois: torch.Tensor) -> torch.Tensor:
 
 
 def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
-    tile_h, tile_w = triton.next_power_of_2(height), triton.next_power_of_2(width)
+    tile_h, tile_w = next_power_of_2(height), next_power_of_2(width)
     if bins > 1:  # tl.dot needs at least 16 along every dimension
         tile_w = max(tile_w, 16 // min(tile_h, 16))
     return tile_h, tile_w
@@ -288,9 +290,9 @@ def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
     sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more channels than exist,
     and tl.dot's minimum of 16 when there is more than one bin."""
     minimum = 16 if out_h * out_w > 1 else 1
-    block_c = max(minimum, min(triton.next_power_of_2(channels), max(1, 2048 // tile)))
-    ph_pad = triton.next_power_of_2(out_h)
-    pw_pad = max(triton.next_power_of_2(out_w), minimum // min(ph_pad, minimum))
+    block_c = max(minimum, min(next_power_of_2(channels), max(1, 2048 // tile)))
+    ph_pad = next_power_of_2(out_h)
+    pw_pad = max(next_power_of_2(out_w), minimum // min(ph_pad, minimum))
     return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
 
 
@@ -307,15 +309,15 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     if tile_h * tile_w <= MAX_TILE:
         order, offsets = group_by_image(rois, num)
         blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
-        _image_forward_kernel[(num, triton.cdiv(channels, blocks["BLOCK_C"]))](
+        _image_forward_kernel[(num, cdiv(channels, blocks["BLOCK_C"]))](
             input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
             TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), **blocks, **common,
         )
     else:
-        block_bins = triton.next_power_of_2(out_h * out_w)
+        block_bins = next_power_of_2(out_h * out_w)
         # Four gathered corners live beside the accumulator: half the usual block keeps them in registers.
-        block_c = max(1, min(triton.next_power_of_2(channels), 2048 // max(block_bins, 16)))
-        _box_forward_kernel[(rois.shape[0], triton.cdiv(channels, block_c))](
+        block_c = max(1, min(next_power_of_2(channels), 2048 // max(block_bins, 16)))
+        _box_forward_kernel[(rois.shape[0], cdiv(channels, block_c))](
             input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
             BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
         )
@@ -338,9 +340,9 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     if per_bin:
         tile_h = min(tile_h, LARGE_TILE[0])
         tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
-    tiles_w = triton.cdiv(width, tile_w)
+    tiles_w = cdiv(width, tile_w)
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
-    grid = (num, triton.cdiv(channels, blocks["BLOCK_C"]), triton.cdiv(height, tile_h) * tiles_w)
+    grid = (num, cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w)
     _image_backward_kernel[grid](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
         PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),

@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdense.kernels._launch import cdiv
+
+
 # How float32 tiles are multiplied: "tf32" (operands rounded to TF32; ~4e-4 relative gradient
 # error), "tf32x3" (float32-level accuracy, 3x the tensor-core work) or "ieee" (no tensor cores).
 FP32_DOT_PRECISION = "tf32"
@@ -245,7 +248,7 @@ def column_stats(x: torch.Tensor, eps: float):
     hinge = torch.empty_like(mean)
     block_d = 64 if x.is_cuda and not _interpreted() else 128
     block_n = 32 if x.is_cuda and not _interpreted() else 64
-    grid = (slots, triton.cdiv(dim, block_d))
+    grid = (slots, cdiv(dim, block_d))
     _column_stats_kernel[grid](
         x, mean, sumsq, hinge, n, dim, x.stride(0), x.stride(1), x.stride(2), float(eps),
         BLOCK_N=block_n, BLOCK_D=block_d, ACC=_tl_dtype(x.dtype), num_warps=4,
@@ -291,7 +294,7 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
     x = a.x
     block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
     slots = x.shape[1]
-    grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(b.rows, block_n))
+    grid = (slots, cdiv(a.rows, block_m), cdiv(b.rows, block_n))
     acc = accumulator_dtype(x.dtype)
     partial = torch.zeros(grid, device=x.device, dtype=acc)
     precision = _dot_precision(x, mean.shape[1])
@@ -315,7 +318,7 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     if x.is_cuda and not _interpreted() and x.dtype != torch.float64:
         block_m, block_n, block_k = 128, 64, 32
     slots = x.shape[1]
-    grid = (slots, triton.cdiv(a.rows, block_m), triton.cdiv(a.inner, block_n))
+    grid = (slots, cdiv(a.rows, block_m), cdiv(a.inner, block_n))
     precision = _dot_precision(x, mean.shape[1])
     has_product = product is not None
     b = b if has_product else a

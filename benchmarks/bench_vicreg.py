@@ -84,12 +84,14 @@ def float64_terms(x: torch.Tensor):
     return _variance(centred, n), (off / ((n - 1) ** 2 * dim)).mean()
 
 
-def kernel_cost(n: int, slots: int, dim: int, itemsize: int):
+def kernel_cost(x: torch.Tensor):
     """(forward FLOPs, forward+backward FLOPs, forward bytes, forward+backward bytes) of the kernels."""
+    xs = _slots(x)
+    slots, n, dim, itemsize = xs.shape[0], xs.shape[1], xs.shape[2], x.element_size()
     side, inner = (n, dim) if kernels.use_gram_form(n, dim) else (dim, n)
     product = 2.0 * side * side * inner * slots
     forward = product / 2  # the upper triangle of the symmetric product
-    kept = kernels.product_fits(side, side, slots, 4)
+    kept = kernels.packed_product_fits(xs.transpose(0, 1), side)
     backward = product * (1 if kept else 2)  # (recompute +) apply
     x_bytes = n * slots * dim * itemsize
     return forward, forward + backward, 3 * x_bytes, 3 * x_bytes + 4 * x_bytes
@@ -125,7 +127,7 @@ def bench_shape(n, slots, dim, dtype, device, repeats, tf32_flops, bandwidth, pr
     row["speedup_fwd"] = row["eager_fwd_ms"] / row["fastdense_fwd_ms"]
     row["speedup_fwdbwd"] = row["eager_fwdbwd_ms"] / row["fastdense_fwdbwd_ms"]
     row["speedup_vs_gram_torch_fwdbwd"] = row["gram_torch_fwdbwd_ms"] / row["fastdense_fwdbwd_ms"]
-    fwd_flops, total_flops, fwd_bytes, total_bytes = kernel_cost(n, slots, dim, x.element_size())
+    fwd_flops, total_flops, fwd_bytes, total_bytes = kernel_cost(x)
     row["floor_fwd_ms"] = floor_ms(fwd_flops, fwd_bytes, peak_flops, bandwidth)
     row["floor_fwdbwd_ms"] = floor_ms(total_flops, total_bytes, peak_flops, bandwidth)
     row["floor_fraction_fwdbwd"] = row["floor_fwdbwd_ms"] / row["fastdense_fwdbwd_ms"] if row["floor_fwdbwd_ms"] else float("nan")

@@ -12,6 +12,9 @@ so one set of kernels serves both forms:
   so ``off`` is summed directly with no cancellation (``nD²`` multiply-adds).
 
 Neither form materialises ``Xc``; the product is tiled and reduced to one partial sum per tile.
+When the backward will need ``A Aᵀ`` and its upper triangle fits the memory budget, the forward
+also writes the upper-triangle tiles (packed, ``[S, T(T+1)/2, BLOCK, BLOCK]``), and the backward
+reads the lower ones transposed: it then costs one product, not two (recompute and apply).
 The gradient needs no centring projection: the rows of ``Xc`` sum to zero, hence so do the columns
 of ``4 (A Aᵀ) A`` and of the variance gradient.
 
@@ -27,7 +30,7 @@ Float64 tiles avoid ``tl.dot`` (not every GPU lowers it) and multiply by broadca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -41,9 +44,10 @@ from fastdense.kernels._launch import cdiv
 FP32_DOT_PRECISION = "tf32"
 # Fewer columns than this use "tf32x3" instead of "tf32" (2 columns: 5e-3 error in TF32).
 TF32_MIN_COLUMNS = 64
-# The forward keeps A·Aᵀ for the backward when it is at most this big; otherwise the backward
-# recomputes it in row chunks of at most this size (the extra-memory budget of the op).
-SAVED_PRODUCT_BYTES = 8 << 20
+# The forward keeps A·Aᵀ (its upper-triangle tiles) for the backward when they take at most this
+# much; otherwise the backward recomputes it in row chunks of at most this size. 12 MiB keeps the
+# whole product of n = 2048 rows (8.5 MiB of tiles) inside the op's 16 MiB extra-memory budget.
+SAVED_PRODUCT_BYTES = 12 << 20
 
 
 @triton.jit
@@ -112,18 +116,25 @@ def _column_stats_kernel(
 
 
 @triton.jit
+def _packed_tile_index(tile_row, tile_col, tiles_per_side):
+    """Slot of upper-triangle tile ``(tile_row <= tile_col)`` when the tiles are stored row by row."""
+    return tile_row * tiles_per_side - (tile_row * (tile_row - 1)) // 2 + (tile_col - tile_row)
+
+
+@triton.jit
 def _product_tiles_kernel(
     a_ptr, b_ptr, mean_ptr, partial_ptr, product_ptr,
     rows_a, rows_b, inner, row_offset, mean_s,
     sa_s, sa_r, sa_k, sb_s, sb_r, sb_k,
     sp_s, sp_r, sp_c,
     SYMMETRIC: tl.constexpr, MEAN_ON_ROWS: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """One ``[BLOCK_M, BLOCK_N]`` tile of ``P = A Bᵀ`` (centred on the fly): writes ``Σ P²`` of the tile
     (doubled for off-diagonal tiles when ``A = B`` and only the upper triangle is visited) and,
-    when asked, the tile itself (and its mirror) into ``product``."""
+    when asked, the tile itself into ``product``: into its packed upper-triangle slot when
+    ``PACKED`` (symmetric only), else at its place in a dense ``[S, rows_a, rows_b]`` (and its mirror)."""
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -154,12 +165,28 @@ def _product_tiles_kernel(
         squares = tl.where(pid_n != pid_m, 2.0 * squares, squares)
     tl.store(partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n, squares)
     if STORE_PRODUCT:
-        mask = (rows[:, None] < rows_a) & (cols[None, :] < rows_b)
         base = product_ptr + slot * sp_s
-        tl.store(base + rows[:, None] * sp_r + cols[None, :] * sp_c, acc, mask=mask)
-        if SYMMETRIC:
-            mirror = mask & (pid_n != pid_m)
-            tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mirror)
+        if PACKED:
+            # Rows and columns past the data are zero (masked loads), so whole tiles are stored.
+            tile = _packed_tile_index(pid_m, pid_n, tl.num_programs(1))
+            local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tl.store(base + tile * (BLOCK_M * BLOCK_N) + local, acc)
+        else:
+            mask = (rows[:, None] < rows_a) & (cols[None, :] < rows_b)
+            tl.store(base + rows[:, None] * sp_r + cols[None, :] * sp_c, acc, mask=mask)
+            if SYMMETRIC:
+                mirror = mask & (pid_n != pid_m)
+                tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mirror)
+
+
+@triton.jit
+def _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc,
+                        MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """``acc + p @ B[js, cols]`` with ``B`` centred on the fly (``p``: a ``[rows, js]`` block of ``P``)."""
+    if ROUND_TF32:
+        p = _round_to_tf32(p)
+    b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
+    return _matmul_tile(p, b, acc, USE_DOT, DOT_PRECISION)
 
 
 @triton.jit
@@ -167,12 +194,15 @@ def _apply_product_kernel(
     a_ptr, b_ptr, product_ptr, mean_ptr, coef_ptr, scale_ptr, out_ptr,
     rows_a, rows_b, inner, row_offset, mean_s,
     sa_s, sa_r, sa_k, sb_s, sb_r, sb_k, sp_s, sp_r, sp_c, so_s, so_r, so_k,
-    HAS_PRODUCT: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
+    HAS_PRODUCT: tl.constexpr, PACKED_BLOCK: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """``out = scale · (P B) + coef ⊙ A`` for a ``[BLOCK_M, BLOCK_N]`` tile of ``A``'s shape, with
-    ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` is per column of ``X``."""
+    ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` is per column of ``X``.
+
+    ``PACKED_BLOCK > 0``: ``P`` is symmetric and given as its packed upper-triangle tiles of that
+    size (``BLOCK_M`` and ``BLOCK_K`` divide it); blocks left of the diagonal are read transposed."""
     slot = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,14 +218,30 @@ def _apply_product_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         p_base = product_ptr + slot * sp_s
         b_base = b_ptr + slot * sb_s
-        for start in range(0, rows_b, BLOCK_K):
-            js = start + tl.arange(0, BLOCK_K)
-            p_mask = (rows[:, None] < rows_a) & (js[None, :] < rows_b)
-            p = tl.load(p_base + rows[:, None] * sp_r + js[None, :] * sp_c, mask=p_mask, other=0.0).to(ACC)
-            if ROUND_TF32:
-                p = _round_to_tf32(p)
-            b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC, ROUND_TF32)
-            acc = _matmul_tile(p, b, acc, USE_DOT, DOT_PRECISION)
+        if PACKED_BLOCK > 0:
+            tiles_per_side = tl.cdiv(rows_b, PACKED_BLOCK)
+            tile_row = (tl.program_id(1) * BLOCK_M) // PACKED_BLOCK
+            local_rows = (tl.program_id(1) * BLOCK_M) % PACKED_BLOCK + tl.arange(0, BLOCK_M)
+            diagonal_start = tile_row * PACKED_BLOCK
+            # Left of the diagonal block: P[rows, js] = tile(js's, rows')[js, rows], read transposed.
+            for start in range(0, diagonal_start, BLOCK_K):
+                js = start + tl.arange(0, BLOCK_K)
+                tile = _packed_tile_index(start // PACKED_BLOCK, tile_row, tiles_per_side)
+                local_js = start % PACKED_BLOCK + tl.arange(0, BLOCK_K)
+                p = tl.load(p_base + tile * (PACKED_BLOCK * PACKED_BLOCK) + local_js[None, :] * PACKED_BLOCK + local_rows[:, None]).to(ACC)
+                acc = _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc, MEAN_ON_ROWS, ACC, USE_DOT, DOT_PRECISION, ROUND_TF32)
+            for start in range(diagonal_start, rows_b, BLOCK_K):
+                js = start + tl.arange(0, BLOCK_K)
+                tile = _packed_tile_index(tile_row, start // PACKED_BLOCK, tiles_per_side)
+                local_js = start % PACKED_BLOCK + tl.arange(0, BLOCK_K)
+                p = tl.load(p_base + tile * (PACKED_BLOCK * PACKED_BLOCK) + local_rows[:, None] * PACKED_BLOCK + local_js[None, :]).to(ACC)
+                acc = _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc, MEAN_ON_ROWS, ACC, USE_DOT, DOT_PRECISION, ROUND_TF32)
+        else:
+            for start in range(0, rows_b, BLOCK_K):
+                js = start + tl.arange(0, BLOCK_K)
+                p_mask = (rows[:, None] < rows_a) & (js[None, :] < rows_b)
+                p = tl.load(p_base + rows[:, None] * sp_r + js[None, :] * sp_c, mask=p_mask, other=0.0).to(ACC)
+                acc = _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc, MEAN_ON_ROWS, ACC, USE_DOT, DOT_PRECISION, ROUND_TF32)
         result += tl.load(scale_ptr).to(ACC) * acc
     mask = (rows[:, None] < rows_a) & (cols[None, :] < inner)
     tl.store(out_ptr + slot * so_s + rows[:, None] * so_r + cols[None, :] * so_k, result, mask=mask)
@@ -288,9 +334,24 @@ def use_gram_form(n: int, dim: int) -> bool:
     return n < dim
 
 
+def packed_product_shape(x: torch.Tensor, side: int) -> Tuple[int, int, int, int]:
+    """``[S, T(T+1)/2, BLOCK, BLOCK]``: the upper-triangle tiles of a symmetric ``[side, side]`` product
+    per slot of ``x [n, S, D]``, in the tile size its products run with (``T = ceil(side / BLOCK)``)."""
+    block = _tile_config(x)[0]
+    per_side = cdiv(side, block)
+    return x.shape[1], per_side * (per_side + 1) // 2, block, block
+
+
+def packed_product_fits(x: torch.Tensor, side: int) -> bool:
+    shape = packed_product_shape(x, side)
+    return shape[0] * shape[1] * shape[2] * shape[3] * torch.finfo(accumulator_dtype(x.dtype)).bits // 8 <= SAVED_PRODUCT_BYTES
+
+
 def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``Σ (A Bᵀ)²`` per slot, ``[S]`` in the accumulator dtype (diagonal excluded for the direct form);
-    fills ``product [S, rows_a, rows_b]`` with ``A Bᵀ`` when given."""
+    """``Σ (A Bᵀ)²`` per slot, ``[S]`` in the accumulator dtype (diagonal excluded for the direct form).
+
+    When given, ``product`` receives ``A Bᵀ``: a dense ``[S, rows_a, rows_b]``, or (symmetric only)
+    the packed upper-triangle tiles of :func:`packed_product_shape`."""
     x = a.x
     block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
     slots = x.shape[1]
@@ -299,12 +360,15 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
     partial = torch.zeros(grid, device=x.device, dtype=acc)
     precision = _dot_precision(x, mean.shape[1])
     store = product is not None
+    packed = store and product.dim() == 4
+    if packed and (not symmetric or tuple(product.shape) != packed_product_shape(x, a.rows)):
+        raise ValueError(f"a packed product needs a symmetric product of shape {packed_product_shape(x, a.rows)}, got {tuple(product.shape)}")
     target = product if store else partial
-    sp = product.stride() if store else (0, 0, 0)
+    sp = product.stride()[:3] if store else (0, 0, 0)
     _product_tiles_kernel[grid](
         a.x, b.x, mean, partial, target,
         a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp,
-        SYMMETRIC=symmetric, MEAN_ON_ROWS=a.transposed, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store,
+        SYMMETRIC=symmetric, MEAN_ON_ROWS=a.transposed, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store, PACKED=packed,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
         DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
@@ -312,7 +376,8 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
 
 
 def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tensor], mean, coef, scale, out: Operand) -> None:
-    """``out = scale (A Bᵀ) B + coef ⊙ A`` (``product = A Bᵀ``; without it, just ``coef ⊙ A``)."""
+    """``out = scale (A Bᵀ) B + coef ⊙ A`` (``product = A Bᵀ``, dense or packed as written by
+    :func:`product_square_sums`; without it, just ``coef ⊙ A``)."""
     x = a.x
     block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
     if x.is_cuda and not _interpreted() and x.dtype != torch.float64:
@@ -321,13 +386,16 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     grid = (slots, cdiv(a.rows, block_m), cdiv(a.inner, block_n))
     precision = _dot_precision(x, mean.shape[1])
     has_product = product is not None
+    packed_block = product.shape[-1] if has_product and product.dim() == 4 else 0
+    if packed_block and (packed_block % block_m or packed_block % block_k or a.rows != b.rows):
+        raise ValueError(f"packed product tiles of {packed_block} need row blocks dividing them and a symmetric product")
     b = b if has_product else a
     product = product if has_product else coef
-    sp = product.stride() if has_product else (0, 0, 0)
+    sp = product.stride()[:3] if has_product else (0, 0, 0)
     _apply_product_kernel[grid](
         a.x, b.x, product, mean, coef, scale, out.x,
         a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp, *out.strides(),
-        HAS_PRODUCT=has_product, MEAN_ON_ROWS=a.transposed,
+        HAS_PRODUCT=has_product, PACKED_BLOCK=packed_block, MEAN_ON_ROWS=a.transposed,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
         DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
@@ -377,5 +445,7 @@ __all__ = [
     "apply_product",
     "covariance_gradient",
     "product_fits",
+    "packed_product_shape",
+    "packed_product_fits",
     "covariance_flops",
 ]

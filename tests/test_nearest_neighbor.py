@@ -404,17 +404,8 @@ def test_kernel_never_allocates_the_distance_matrix(device):
 
 _SM90_COMPILE_SCRIPT = r"""
 import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90 import compile_for_sm90
 from fastdense.kernels import nearest_neighbor as nn_kernels
-
-def compile_for_sm90(kernel, signature, constants, **options):
-    constexprs = {(list(signature).index(name),): value for name, value in constants.items()}
-    signature = {name: "constexpr" if name in constants else kind for name, kind in signature.items()}
-    # pointers 16-byte aligned, as Triton specializes them at a real launch
-    attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 config = max(nn_kernels._tuning_configs(), key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"])  # the most registers
 for dtype, precision in (("fp32", "ieee"), ("bf16", None)):
@@ -434,18 +425,10 @@ print("compiled")
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_h100():
-    """The interpreter is lenient about types (a loop-carried value changing type, for instance);
-    compiling to sm_90 machine code catches that without a GPU. A fresh process without
-    TRITON_INTERPRET, so the kernels and the helpers they call are ordinary compilable functions."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    """Compiling to sm_90 machine code catches what the interpreter lets through (see tests/sm90.py)."""
+    from sm90 import run_compile_script
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 

@@ -161,6 +161,21 @@ def test_triton_backward_recomputes_in_chunks(n, dim, device, monkeypatch):
     _check_triton(_spread(n, dim, device=device))
 
 
+@pytest.mark.parametrize("shape, dtype", [((150, 190), torch.float32), ((190, 150), torch.float32), ((130, 2, 140), torch.float32), ((70, 90), torch.float64)])
+def test_triton_backward_reads_the_packed_product(shape, dtype, device, monkeypatch):
+    # Three tiles a side: the backward reads tiles left of the diagonal transposed, the rest as
+    # stored, and computes no product of its own.
+    x = _spread(*shape, dtype=dtype, device=device)
+    x3 = x if x.dim() == 3 else x[:, None]
+    side = min(x3.shape[0], x3.shape[2])
+    assert kernels.packed_product_shape(x3, side)[1] == 6 and kernels.packed_product_fits(x3, side)
+    calls = []
+    product_square_sums = kernels.product_square_sums
+    monkeypatch.setattr(kernels, "product_square_sums", lambda *a, **k: calls.append(k.get("product")) or product_square_sums(*a, **k))
+    _check_triton(x)
+    assert len(calls) == 1 and calls[0].shape == kernels.packed_product_shape(x3, side), "forward keeps the tiles, backward reuses them"
+
+
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 def test_triton_float32_precision_modes_reach_1e5(precision, device, monkeypatch):
     monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", precision)
@@ -298,3 +313,41 @@ def test_bad_eps_and_invariance_arguments():
 def test_forcing_an_absent_backend_is_an_error():
     with ops.backend("cpp"), pytest.raises(RuntimeError, match="no cpp implementation"):
         ops.vicreg_variance_covariance(torch.zeros(4, 3))
+
+
+# ----------------------------------------------------------------------------- sm_90 lowering
+
+_SM90_COMPILE_SCRIPT = r"""
+import triton.language as tl
+from sm90 import compile_for_sm90
+from fastdense.kernels import vicreg as kernels
+
+def types(pointers, ints):
+    return {p: "*fp32" for p in pointers} | {i: "i32" for i in ints}
+
+block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 3  # _tile_config on a GPU, float32
+common = dict(ACC=tl.float32, USE_DOT=True, DOT_PRECISION="tf32", ROUND_TF32=True, MEAN_ON_ROWS=False)
+products = ["a_ptr", "b_ptr", "mean_ptr", "partial_ptr", "product_ptr"]
+product_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c"]
+for packed in (True, False):
+    constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    compiled = compile_for_sm90(kernels._product_tiles_kernel, types(products, product_ints), constants, num_warps=warps, num_stages=stages)
+    assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "product tiles: no tensor-core MMA, or spills"
+applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "coef_ptr", "scale_ptr", "out_ptr"]
+apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
+for packed_block in (block_m, 0):
+    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
+    compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints), constants, num_warps=warps, num_stages=stages)
+    assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "apply: no tensor-core MMA, or spills"
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
+def test_kernels_compile_for_h100():
+    """The GPU configuration of the product and apply kernels lowers to sm_90 tensor-core code
+    without register spills (see tests/sm90.py)."""
+    from sm90 import run_compile_script
+
+    result = run_compile_script(_SM90_COMPILE_SCRIPT)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -57,13 +57,14 @@ def _as_slots(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 2 else x
 
 
-def _saves_product(x: torch.Tensor) -> bool:
+def _saved_product_shape(x: torch.Tensor):
+    """Shape of the packed ``A Aᵀ`` tiles the forward keeps for the backward, or None when they
+    would not fit the memory budget (the backward then recomputes the product)."""
     from fastdense.kernels import vicreg as kernels
 
     n, slots, dim = x.shape
     side = n if kernels.use_gram_form(n, dim) else dim
-    itemsize = torch.finfo(kernels.accumulator_dtype(x.dtype)).bits // 8
-    return kernels.product_fits(side, side, slots, itemsize)
+    return kernels.packed_product_shape(x, side) if kernels.packed_product_fits(x, side) else None
 
 
 def _operand(x: torch.Tensor):
@@ -85,8 +86,9 @@ def _variance_covariance_op(x: torch.Tensor, eps: float, with_covariance: bool) 
     if not with_covariance:
         return variance, torch.zeros_like(variance), mean, sumsq, product
     a = _operand(x)
-    if _saves_product(x):
-        product = torch.empty(slots, a.rows, a.rows, device=x.device, dtype=mean.dtype)
+    saved_shape = _saved_product_shape(x)
+    if saved_shape is not None:
+        product = torch.empty(saved_shape, device=x.device, dtype=mean.dtype)
     squares = kernels.product_square_sums(a, a, mean, symmetric=True, product=product if product.numel() else None)
     off_diagonal = squares.double()
     if not a.transposed:  # Gram form: ‖Xcᵀ Xc‖² includes the diagonal d
@@ -99,8 +101,8 @@ def _variance_covariance_op(x: torch.Tensor, eps: float, with_covariance: bool) 
 def _(x, eps, with_covariance):
     n, slots, dim = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    side = (n if n < dim else dim) if with_covariance and _saves_product(x) else 0
-    product = x.new_empty((slots, side, side) if side else (0,), dtype=acc)
+    saved_shape = _saved_product_shape(x) if with_covariance else None
+    product = x.new_empty(saved_shape if saved_shape is not None else (0,), dtype=acc)
     scalar = x.new_empty((), dtype=acc)
     return scalar, scalar.clone(), x.new_empty(slots, dim, dtype=acc), x.new_empty(slots, dim, dtype=acc), product
 

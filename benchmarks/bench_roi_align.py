@@ -290,12 +290,12 @@ def _grouping_times(device, generator):
     for per_image, images in ((10, 64), (10, 256), (16, 256), (32, 256), (64, 256), (128, 256)):
         rois = scrl_rois(images, per_image, 224, generator)
         rois = rois[torch.randperm(rois.shape[0], generator=generator)].to(device)
-        kernel_order, kernel_offsets = kernels.group_by_image_kernel(rois, images)
-        sort_order, sort_offsets = kernels.group_by_image_sort(rois, images)
+        kernel_order, kernel_offsets = kernels.group_by_rank(rois, images)
+        sort_order, sort_offsets = kernels.group_by_sort(rois, images)
         assert torch.equal(kernel_order, sort_order) and torch.equal(kernel_offsets, sort_offsets)
         entry = dict(boxes=int(rois.shape[0]), images=images)
-        entry["kernel_ms"] = time_ms(lambda: kernels.group_by_image_kernel(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
-        entry["sort_ms"] = time_ms(lambda: kernels.group_by_image_sort(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
+        entry["kernel_ms"] = time_ms(lambda: kernels.group_by_rank(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
+        entry["sort_ms"] = time_ms(lambda: kernels.group_by_sort(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
         print(f"grouping {entry}", flush=True)
         results.append(entry)
     return results

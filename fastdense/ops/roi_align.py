@@ -1,5 +1,13 @@
 """RoIAlign (He et al., Mask R-CNN) with exactly the semantics of ``torchvision.ops.roi_align``, and
-SCRL's pooled form."""
+SCRL's pooled form.
+
+Wiring: the ``fastdense::roi_align`` / ``fastdense::roi_align_backward`` custom ops carry every
+implementation (reference, torchvision's C++ kernel, Triton) for torch.compile, tracing and opcheck.
+The Triton forward groups the boxes by image once and hands that grouping to the backward. Eager
+Triton calls on plain tensors, the training loop's case, take a plain autograd.Function to the same
+launchers instead: the custom op's Python autograd and redispatch layers would cost the host as much
+as everything else in the call (``benchmarks/bench_roi_align.py --host`` measures it).
+"""
 
 from __future__ import annotations
 
@@ -274,15 +282,21 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
     if check_boxes and rois.numel():
-        # One device-to-host transfer for all three checks: on a GPU each would be a sync of its own.
+        bad_index_message = f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}"
+        if input.shape[0] == 0:
+            raise ValueError(bad_index_message)
+        # One device-to-host transfer for all three checks (on a GPU each would be a sync of its own),
+        # in few ops: an integer in [0, N) is the only value that clamping to [0, N - 1] and flooring
+        # leave unchanged (NaN compares unequal to itself); x * 0 is 0 for finite x and NaN for
+        # infinities and NaN, so the sum is NaN exactly when a coordinate is not finite.
         index = rois[:, 0]
         bad_index, inverted, not_finite = torch.stack([
-            ((index < 0) | (index >= input.shape[0]) | (index != index.floor())).any(),
-            ((rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])).any(),
-            ~torch.isfinite(rois).all(),
+            (index.clamp(0, input.shape[0] - 1).floor_() != index).any(),
+            (rois[:, 3:5] < rois[:, 1:3]).any(),
+            rois.mul(0).sum().isnan(),
         ]).tolist()
         if bad_index:
-            raise ValueError(f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}")
+            raise ValueError(bad_index_message)
         if inverted:
             raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
         if not_finite:

@@ -240,6 +240,7 @@ def test_backward_reuses_the_forward_grouping(monkeypatch, device, path):
             out = torch.ops.fastdense.roi_align(x, rois, 2, 2, 1.0, -1, False, "triton")[0]
         (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert groupings == [rois.shape[0]]
+    assert ("EagerTritonRoIAlign" in type(out.grad_fn).__name__) == (path == "eager")
     expected, expected_grad = torchvision_forward_backward(x, rois, torch.ones_like(out), (2, 2), 1.0, -1, False)
     assert relative_error(out, expected) <= 1e-5 and relative_error(grad_x, expected_grad) <= 1e-5
 

@@ -144,7 +144,10 @@ def test_triton_no_boxes(device):
         out = ops.roi_align(x, torch.zeros(0, 5, device=device), (7, 7))
         assert out.shape == (0, 3, 7, 7)
         (grad_x,) = torch.autograd.grad(out.sum(), x)
-    assert torch.equal(grad_x, torch.zeros_like(x))
+        pooled = ops.roi_pool_vectors(x, torch.zeros(0, 5, device=device))
+        assert pooled.shape == (0, 3)
+        (grad_pooled,) = torch.autograd.grad(pooled.sum(), x)
+    assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_pooled, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 7, 7), (2, 2, 33, 19)])
@@ -163,14 +166,17 @@ def test_triton_backward_is_bit_identical_across_runs(device, shape):
 
 def test_pooled_form_and_module(device):
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 5, 7, 7, generator=generator).to(device)
+    x = torch.randn(2, 5, 7, 7, generator=generator).to(device).requires_grad_()
     boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [40.0, 60.0, 150.0, 100.0]], device=device), torch.tensor([[10.0, 20.0, 30.0, 200.0]], device=device)]
     expected = torchvision.ops.roi_align(x, boxes, 1, 1 / 32, -1, False).flatten(1)
+    grad = torch.randn(5, 3, generator=generator).to(device).t()  # non-contiguous
     with ops.backend("triton"):
         pooled = ops.roi_pool_vectors(x, boxes, 1 / 32)
+        (grad_x,) = torch.autograd.grad(pooled, x, grad)
         module_out = ops.RoIAlign(1, 1 / 32)(x, boxes)
     assert pooled.shape == (3, 5)
     assert relative_error(pooled, expected) <= 1e-5
+    assert relative_error(grad_x, torch.autograd.grad(expected, x, grad)[0]) <= 1e-5
     assert relative_error(module_out.flatten(1), expected) <= 1e-5
 
 

@@ -220,14 +220,16 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
     serves torch.compile, tracing, tensor subclasses and functorch transforms."""
 
     @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, flat):
         from fastdense.kernels.roi_align import prepare_rois, roi_align_forward
 
         rois = prepare_rois(rois)
         out, order, offsets = roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
         ctx.save_for_backward(input, rois, order, offsets)
         ctx.params = (spatial_scale, sampling_ratio, aligned)
-        return out
+        ctx.output_shape = out.shape
+        # SCRL's pooled [K, C] straight from here: no flatten node of its own in the graph.
+        return out.flatten(1) if flat else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -235,7 +237,8 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
         from fastdense.kernels.roi_align import roi_align_backward
 
         input, rois, order, offsets = ctx.saved_tensors
-        return roi_align_backward(grad, input, rois, order, offsets, *ctx.params), None, None, None, None, None
+        grad = grad.reshape(ctx.output_shape)
+        return roi_align_backward(grad, input, rois, order, offsets, *ctx.params), None, None, None, None, None, None
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
@@ -349,6 +352,11 @@ def roi_align(
     >>> ops.roi_align(feats, [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], output_size=1, aligned=True)
     tensor([[[[2.5000]]]])
     """
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, check_boxes, flat=False)
+
+
+def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, check_boxes, flat: bool) -> torch.Tensor:
+    """:func:`roi_align`, as ``[K, C * PH * PW]`` when ``flat``."""
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes)
     available = ("triton",) if input.dtype in TRITON_DTYPES else ()
@@ -356,8 +364,9 @@ def roi_align(
         available += ("cpp",)
     implementation = resolve("roi_align", (input, rois), available=available)
     if implementation == "triton" and _plain_eager(input, rois):
-        return _EagerTritonRoIAlign.apply(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned))
-    return torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)[0]
+        return _EagerTritonRoIAlign.apply(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), flat)
+    out = torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)[0]
+    return out.flatten(1) if flat else out
 
 
 def _has_torchvision() -> bool:
@@ -379,7 +388,7 @@ def roi_pool_vectors(input: torch.Tensor, boxes: BoxesArg, spatial_scale: float 
     >>> ops.roi_pool_vectors(feats, boxes, spatial_scale=1 / 32).shape
     torch.Size([2, 8])
     """
-    return roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned, check_boxes).flatten(1)
+    return _roi_align(input, boxes, 1, spatial_scale, sampling_ratio, aligned, check_boxes, flat=True)
 
 
 class RoIAlign(nn.Module):

@@ -41,11 +41,12 @@ from fastdense.kernels._launch import cdiv, next_power_of_2
 MAX_TILE = 1024
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
-# Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison
-# (K^2 compares over K / GROUP_BLOCK programs of GROUP_SCAN-wide steps: about 67 M at the limit,
-# microseconds on an H100, and a chain of K / GROUP_SCAN = 64 dependent steps per program). Above
-# it the quadratic work outgrows torch.sort's O(K log K) in its 3-4 launches plus searchsorted.
-# `bench_roi_align.py --host` times both on a GPU around this limit.
+# Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
+# K^2 compares over K / GROUP_BLOCK programs: SCRL's 2560 boxes are 6.6 M (about a microsecond of an
+# H100's integer throughput, so the launch's latency is what counts); at the limit 67 M, some 15 us,
+# about what torch.sort's 3-4 launches plus searchsorted take, and quadratic beyond it, so above it
+# the sort serves. `bench_roi_align.py --host` times both on a GPU around this limit (an estimate
+# until then).
 GROUP_KERNEL_MAX_BOXES = 8192
 GROUP_BLOCK = 32
 GROUP_SCAN = 128
@@ -290,7 +291,8 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, K, num_images, rank_programs
     """Programs below ``rank_programs`` place ``BLOCK`` boxes each: box ``j`` goes to ``order[rank]``,
     ``rank`` being the number of boxes before it in (image, position) order, a permutation with each
     image's boxes in their original order. The others write ``offsets[b]``, the number of boxes
-    with image below ``b``, for ``BLOCK`` images each."""
+    with image below ``b``, for ``BLOCK`` images each. Integer keys are totally ordered (a float key
+    could be NaN), so ``order`` is a permutation, valid box indices, whatever the batch indices hold."""
     program = tl.program_id(0)
     if program < rank_programs:
         mine = program * BLOCK + tl.arange(0, BLOCK)

@@ -21,6 +21,23 @@ as soon as it is measured, so an interrupted run keeps what it has.
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py            # GPU, 8 SCRL + 2 detection rows (< 100 s)
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --full     # GPU, 64 SCRL + 4 detection rows
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --quick    # CPU (Triton interpreter), seconds
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py --host     # host overhead per call (CPU or GPU)
+
+``--host`` measures what one call costs the host, at SCRL's pooled case (10 boxes per image, 1x1
+output, ``check_boxes`` False and True), forward and forward+backward, with ``torch.set_num_threads(1)``:
+
+- on CPU (no GPU), the Triton path under the interpreter with every ``*_kernel`` of
+  :mod:`fastdense.kernels.roi_align` replaced by a launcher that does nothing: what remains is the
+  Python, dispatcher and aten work around the launches (``us`` columns: the median over rounds of the
+  mean per call), the aten ops the profiler records per call (nested ones included) and the number of
+  kernel launches (each costs the host a Triton launch on a GPU, not counted in the time here);
+- on a GPU, the real kernels: ``enqueue_us`` is the host time per call while the GPU is kept busy
+  (a ``torch.cuda._sleep`` queued first, so no call ever waits for the GPU: the rate at which the
+  host can issue calls), ``synced_us`` the time per call with a synchronisation after each (latency:
+  host and GPU work back to back). ``check_boxes=True`` syncs inside the call, so it has only
+  ``synced_us``. It also times, with
+  ``do_bench``, the two ways of grouping the boxes by image over a range of box counts (the threshold
+  between them is ``GROUP_KERNEL_MAX_BOXES`` in the kernels' module).
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -172,13 +190,133 @@ def run(args) -> None:
     print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)", flush=True)
 
 
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing but count."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        self.launches += 1
+
+
+def _per_call_us(fn, calls: int, rounds: int, before=None, after=None) -> float:
+    """Median over ``rounds`` of the mean microseconds per call of ``fn`` over ``calls`` calls."""
+    samples = []
+    for _ in range(rounds):
+        if before:
+            before()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        if after:
+            after()
+    return statistics.median(samples)
+
+
+def _aten_ops_per_call(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+def host_overhead(args) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generator = torch.Generator().manual_seed(0)
+    batches = (4,) if args.quick else (64, 256)
+    channels = 2048 if device.type == "cuda" else 16
+    # On a GPU, few enough calls per round that their launches fit the device's launch queue behind
+    # the sleep (a full queue would block the host and time the GPU instead).
+    calls, rounds = (20, 3) if args.quick else ((50, 15) if device.type == "cuda" else (200, 15))
+    stubs = {}
+    if device.type == "cpu":
+        import fastdense.kernels.roi_align as kernels
+
+        for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
+            stubs[name] = _NoLaunch()
+            setattr(kernels, name, stubs[name])
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, channels, 7, 7, generator=generator).to(device).requires_grad_()
+        rois = scrl_rois(batch, 10, 224, generator).to(device)
+        grad = torch.randn(rois.shape[0], channels, generator=generator).to(device)
+        for check_boxes in (False, True):
+            def forward():
+                with ops.backend("triton"):
+                    return ops.roi_pool_vectors(x, rois, 1 / 32, check_boxes=check_boxes)
+
+            def forward_backward():
+                return torch.autograd.grad(forward(), x, grad)
+
+            row = dict(shape=f"{batch}x{channels}x7x7", boxes=int(rois.shape[0]), check_boxes=check_boxes)
+            for label, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
+                for _ in range(3):
+                    fn()  # warm-up: compiles the kernels on a GPU
+                if device.type == "cuda":
+                    if not check_boxes:  # the checked call waits for the GPU inside: no enqueue rate
+                        busy = lambda: torch.cuda._sleep(int(2e8))  # noqa: E731  (~0.1 s of GPU time: the calls never wait)
+                        row[f"{label}_enqueue_us"] = _per_call_us(fn, calls, rounds, before=busy, after=torch.cuda.synchronize)
+                    synced = lambda: (fn(), torch.cuda.synchronize())  # noqa: E731
+                    row[f"{label}_synced_us"] = _per_call_us(synced, calls, rounds, before=torch.cuda.synchronize)
+                else:
+                    row[f"{label}_us"] = _per_call_us(fn, calls, rounds)
+                    launches = sum(stub.launches for stub in stubs.values())
+                    fn()
+                    row[f"{label}_launches"] = sum(stub.launches for stub in stubs.values()) - launches
+                row[f"{label}_aten_ops"] = _aten_ops_per_call(fn)
+            rows.append(row)
+            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
+    if device.type == "cuda":
+        extra["grouping"] = _grouping_times(device, generator)
+    path = write_results("roi_align_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
+    print_table(rows, list(rows[0]))
+    print(f"wrote {path}", flush=True)
+
+
+# (boxes per image, images): SCRL's 640 and 2560 boxes, then up to 4x past the kernel's limit.
+GROUPING_CASES = ((10, 64), (10, 256), (16, 256), (32, 256), (64, 256), (128, 256))
+
+
+def _grouping_times(device, generator):
+    """GPU: device time of grouping the boxes by image with the Triton kernel and with torch.sort,
+    over box counts around ``GROUP_KERNEL_MAX_BOXES`` (where the kernel hands over to the sort)."""
+    import fastdense.kernels.roi_align as kernels
+
+    if not hasattr(kernels, "GROUP_KERNEL_MAX_BOXES"):
+        return []
+    results = []
+    for per_image, images in GROUPING_CASES:
+        rois = scrl_rois(images, per_image, 224, generator)
+        rois = rois[torch.randperm(rois.shape[0], generator=generator)].to(device)
+        kernel_order, kernel_offsets = kernels.group_by_rank(rois, images)
+        sort_order, sort_offsets = kernels.group_by_sort(rois, images)
+        assert torch.equal(kernel_order, sort_order) and torch.equal(kernel_offsets, sort_offsets)
+        entry = dict(boxes=int(rois.shape[0]), images=images)
+        entry["kernel_ms"] = time_ms(lambda: kernels.group_by_rank(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
+        entry["sort_ms"] = time_ms(lambda: kernels.group_by_sort(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)
+        print(f"grouping {entry}", flush=True)
+        results.append(entry)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few cases (CPU, seconds)")
     parser.add_argument("--full", action="store_true", help="GPU: every combination of the SCRL axes (64 rows) and 4 detection rows")
     parser.add_argument("--only", choices=("scrl", "detection"), help="run one family of shapes")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
-    run(parser.parse_args())
+    parser.add_argument("--host", action="store_true", help="host time per call at the SCRL pooled case (see the module docstring); --quick: B=4")
+    args = parser.parse_args()
+    host_overhead(args) if args.host else run(args)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,19 @@ the bin's sample rows and columns). Three kernels use that:
   visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation order, so gradients are bit-identical run
   after run; ``grad_input`` needs no zero-fill.
 
+Both per-image kernels need the boxes grouped by image (``order``, ``offsets``). ``_group_kernel``
+computes that in one launch (each box's rank among the boxes ordered by (image, position); O(K^2)
+compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above), once per forward:
+:func:`roi_align_forward` returns it and :func:`roi_align_backward` takes it, so the backward does
+no grouping of its own.
+
 Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
 weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Tuple
 
@@ -34,6 +41,15 @@ from fastdense.kernels._launch import cdiv, next_power_of_2
 MAX_TILE = 1024
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
+# Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
+# K^2 compares over K / GROUP_BLOCK programs: SCRL's 2560 boxes are 6.6 M (about a microsecond of an
+# H100's integer throughput, so the launch's latency is what counts); at the limit 67 M, some 15 us,
+# about what torch.sort's 3-4 launches plus searchsorted take, and quadratic beyond it, so above it
+# the sort serves. `bench_roi_align.py --host` times both on a GPU around this limit (an estimate
+# until then).
+GROUP_KERNEL_MAX_BOXES = 8192
+GROUP_BLOCK = 32
+GROUP_SCAN = 128
 # Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -264,16 +280,67 @@ def _image_backward_kernel(
 
 
 def group_by_image(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(order, offsets)``: ``rois[order]`` is grouped by image, and image ``b``'s boxes are
-    ``order[offsets[b]:offsets[b + 1]]``, in their original order. On the device, without a host sync."""
+    """``(order, offsets)``, int32: ``rois[order]`` is grouped by image (the batch index truncated to an
+    integer, as ``.long()`` does), and image ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in
+    their original order. On the device, without a host sync. ``rois``: ``[K, 5]`` float32, contiguous."""
+    if rois.shape[0] <= GROUP_KERNEL_MAX_BOXES:
+        return group_by_rank(rois, num_images)
+    return group_by_sort(rois, num_images)
+
+
+@triton.jit
+def _group_kernel(rois_ptr, order_ptr, offsets_ptr, K, num_images, rank_programs, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+    """Programs below ``rank_programs`` place ``BLOCK`` boxes each: box ``j`` goes to ``order[rank]``,
+    ``rank`` being the number of boxes before it in (image, position) order, a permutation with each
+    image's boxes in their original order. The others write ``offsets[b]``, the number of boxes
+    with image below ``b``, for ``BLOCK`` images each. Integer keys are totally ordered (a float key
+    could be NaN), so ``order`` is a permutation, valid box indices, whatever the batch indices hold."""
+    program = tl.program_id(0)
+    if program < rank_programs:
+        mine = program * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(rois_ptr + mine * 5, mask=mine < K, other=0.0).to(tl.int64)
+    else:
+        mine = (program - rank_programs) * BLOCK + tl.arange(0, BLOCK)
+        key = mine.to(tl.int64)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, K, SCAN):
+        other = start + tl.arange(0, SCAN)
+        other_key = tl.load(rois_ptr + other * 5, mask=other < K, other=0.0).to(tl.int64)
+        before = other_key[None, :] < key[:, None]
+        if program < rank_programs:
+            before = before | ((other_key[None, :] == key[:, None]) & (other[None, :] < mine[:, None]))
+        count += tl.sum((before & (other < K)[None, :]).to(tl.int32), axis=1)
+    if program < rank_programs:
+        tl.store(order_ptr + count, mine, mask=mine < K)
+    else:
+        tl.store(offsets_ptr + mine, count, mask=mine <= num_images)
+
+
+def group_by_rank(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_by_image` in one launch of ``_group_kernel`` (any number of boxes, but quadratic work)."""
+    boxes = rois.shape[0]
+    order = torch.empty(boxes, dtype=torch.int32, device=rois.device)
+    offsets = torch.empty(num_images + 1, dtype=torch.int32, device=rois.device)
+    rank_programs = cdiv(boxes, GROUP_BLOCK)
+    _group_kernel[(rank_programs + cdiv(num_images + 1, GROUP_BLOCK),)](
+        rois, order, offsets, boxes, num_images, rank_programs, BLOCK=GROUP_BLOCK, SCAN=GROUP_SCAN,
+    )
+    return order, offsets
+
+
+def group_by_sort(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_by_image` with a stable torch.sort and searchsorted (several launches, O(K log K))."""
     image = rois[:, 0].to(torch.int64)
     sorted_image, order = torch.sort(image, stable=True)
     offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
     return order.to(torch.int32), offsets.to(torch.int32)
 
 
-def _prepared_rois(rois: torch.Tensor) -> torch.Tensor:
-    return rois.detach().to(torch.float32).contiguous()
+def prepare_rois(rois: torch.Tensor) -> torch.Tensor:
+    """``rois`` as the kernels read them: float32, contiguous (no copy, no op when already so)."""
+    if rois.dtype == torch.float32 and rois.is_contiguous():
+        return rois
+    return rois.to(torch.float32).contiguous()
 
 
 def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
@@ -298,45 +365,24 @@ def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
     return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
 
 
-def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """``[K, C, PH, PW]`` RoIAlign of ``input [N, C, H, W]`` (any strides) over ``rois [K, 5]``."""
-    num, channels, height, width = input.shape
-    out_h, out_w = output_size
-    out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
-    if out.numel() == 0:
-        return out
-    rois = _prepared_rois(rois)
-    common = dict(PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned))
+# The launch configurations depend on shapes and dtype only; a training loop repeats a few of them.
+@functools.lru_cache(maxsize=256)
+def _forward_config(channels: int, height: int, width: int, out_h: int, out_w: int, dtype: torch.dtype, sampling_ratio: int, aligned: bool):
+    """``(whole_map, grid_channels, constexprs)`` of the forward launch."""
+    common = dict(PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned)
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     if tile_h * tile_w <= MAX_TILE:
-        order, offsets = group_by_image(rois, num)
         blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
-        _image_forward_kernel[(num, cdiv(channels, blocks["BLOCK_C"]))](
-            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale),
-            TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), **blocks, **common,
-        )
-    else:
-        block_bins = next_power_of_2(out_h * out_w)
-        # Four gathered corners live beside the accumulator: half the usual block keeps them in registers.
-        block_c = max(1, min(next_power_of_2(channels), 2048 // max(block_bins, 16)))
-        _box_forward_kernel[(rois.shape[0], cdiv(channels, block_c))](
-            input, rois, out, channels, height, width, *input.stride(), float(spatial_scale),
-            BLOCK_C=block_c, BLOCK_BINS=block_bins, **common,
-        )
-    return out
+        return True, cdiv(channels, blocks["BLOCK_C"]), dict(TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(dtype), **blocks, **common)
+    block_bins = next_power_of_2(out_h * out_w)
+    # Four gathered corners live beside the accumulator: half the usual block keeps them in registers.
+    block_c = max(1, min(next_power_of_2(channels), 2048 // max(block_bins, 16)))
+    return False, cdiv(channels, block_c), dict(BLOCK_C=block_c, BLOCK_BINS=block_bins, **common)
 
 
-def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """Gradient of :func:`roi_align_forward` with respect to ``input`` (same shape, dtype and strides),
-    deterministic."""
-    num, channels, height, width = input.shape
-    out_h, out_w = grad.shape[-2:]
-    grad_input = torch.empty_like(input)
-    if grad_input.numel() == 0:
-        return grad_input
-    rois = _prepared_rois(rois)
-    grad = grad.to(input.dtype).contiguous()
-    order, offsets = group_by_image(rois, num)
+@functools.lru_cache(maxsize=256)
+def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: int, dtype: torch.dtype, sampling_ratio: int, aligned: bool):
+    """``(grid_channels, grid_tiles, tiles_w, constexprs)`` of the backward launch."""
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     per_bin = tile_h * tile_w > MAX_TILE
     if per_bin:
@@ -344,10 +390,50 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
         tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
     tiles_w = cdiv(width, tile_w)
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
-    grid = (num, cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w)
-    _image_backward_kernel[grid](
-        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w,
-        PH=out_h, PW=out_w, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
-        TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(input.dtype), PER_BIN=per_bin, **blocks,
+    constexprs = dict(
+        PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned,
+        TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, **blocks,
+    )
+    return cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w, tiles_w, constexprs
+
+
+def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool):
+    """``(out, order, offsets)``: ``out [K, C, PH, PW]`` is the RoIAlign of ``input [N, C, H, W]`` (any
+    strides) over ``rois [K, 5]``; ``(order, offsets)`` is :func:`group_by_image` of the boxes, for
+    :func:`roi_align_backward`."""
+    num, channels, height, width = input.shape
+    out_h, out_w = output_size
+    rois = prepare_rois(rois)
+    order, offsets = group_by_image(rois, num)
+    out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
+    if out.numel() == 0:
+        return out, order, offsets
+    whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
+    if whole_map:
+        _image_forward_kernel[(num, grid_channels)](
+            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
+        )
+    else:
+        _box_forward_kernel[(rois.shape[0], grid_channels)](
+            input, rois, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
+        )
+    return out, order, offsets
+
+
+def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                       spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """Gradient of :func:`roi_align_forward` with respect to ``input`` (same shape, dtype and strides),
+    deterministic; ``order`` and ``offsets`` are the forward's grouping of ``rois``."""
+    num, channels, height, width = input.shape
+    out_h, out_w = grad.shape[-2:]
+    grad_input = torch.empty_like(input)
+    if grad_input.numel() == 0:
+        return grad_input
+    rois = prepare_rois(rois)
+    if grad.dtype != input.dtype or not grad.is_contiguous():
+        grad = grad.to(input.dtype).contiguous()
+    grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
+    _image_backward_kernel[(num, grid_channels, grid_tiles)](
+        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
     )
     return grad_input

@@ -144,7 +144,10 @@ def test_triton_no_boxes(device):
         out = ops.roi_align(x, torch.zeros(0, 5, device=device), (7, 7))
         assert out.shape == (0, 3, 7, 7)
         (grad_x,) = torch.autograd.grad(out.sum(), x)
-    assert torch.equal(grad_x, torch.zeros_like(x))
+        pooled = ops.roi_pool_vectors(x, torch.zeros(0, 5, device=device))
+        assert pooled.shape == (0, 3)
+        (grad_pooled,) = torch.autograd.grad(pooled.sum(), x)
+    assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_pooled, torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 7, 7), (2, 2, 33, 19)])
@@ -163,15 +166,89 @@ def test_triton_backward_is_bit_identical_across_runs(device, shape):
 
 def test_pooled_form_and_module(device):
     generator = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 5, 7, 7, generator=generator).to(device)
+    x = torch.randn(2, 5, 7, 7, generator=generator).to(device).requires_grad_()
     boxes = [torch.tensor([[0.0, 0.0, 224.0, 224.0], [40.0, 60.0, 150.0, 100.0]], device=device), torch.tensor([[10.0, 20.0, 30.0, 200.0]], device=device)]
     expected = torchvision.ops.roi_align(x, boxes, 1, 1 / 32, -1, False).flatten(1)
+    grad = torch.randn(5, 3, generator=generator).to(device).t()  # non-contiguous
     with ops.backend("triton"):
         pooled = ops.roi_pool_vectors(x, boxes, 1 / 32)
+        (grad_x,) = torch.autograd.grad(pooled, x, grad)
         module_out = ops.RoIAlign(1, 1 / 32)(x, boxes)
     assert pooled.shape == (3, 5)
     assert relative_error(pooled, expected) <= 1e-5
+    assert relative_error(grad_x, torch.autograd.grad(expected, x, grad)[0]) <= 1e-5
     assert relative_error(module_out.flatten(1), expected) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grouping the boxes by image: one ranking launch (up to GROUP_KERNEL_MAX_BOXES boxes), else torch.sort
+
+
+def grouping_cases():
+    """``(name, image column, num_images)``: awkward box counts around the kernel's blocks, images
+    without boxes, unsorted and non-integer (truncated) batch indices, one image holding everything."""
+    generator = torch.Generator().manual_seed(7)
+    shuffled = torch.randint(0, 5, (70,), generator=generator).float()
+    return [
+        ("no boxes", torch.zeros(0), 3),
+        ("one box", torch.tensor([2.0]), 3),
+        ("one image, many boxes", torch.zeros(45), 1),
+        ("unsorted, empty images", shuffled, 9),
+        ("fractional indices", torch.tensor([1.9, 0.2, 1.0, -0.5, 2.99, 0.0, 1.5]), 3),
+        ("more offsets than a block", torch.randint(0, 40, (33,), generator=generator).float(), 40),
+        ("several scan steps", torch.randint(0, 3, (300,), generator=generator).float(), 3),
+    ]
+
+
+@pytest.mark.parametrize("name, image, num_images", grouping_cases(), ids=[case[0] for case in grouping_cases()])
+def test_grouping_kernel_matches_stable_sort(device, name, image, num_images):
+    from fastdense.kernels.roi_align import group_by_rank, group_by_sort
+
+    rois = torch.cat([image[:, None], torch.rand(image.shape[0], 4)], dim=1).to(device)
+    order, offsets = group_by_rank(rois, num_images)
+    expected_order, expected_offsets = group_by_sort(rois, num_images)
+    assert order.dtype == offsets.dtype == torch.int32
+    assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets)
+
+
+def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
+    import fastdense.kernels.roi_align as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "group_by_rank", lambda *args: calls.append("rank") or kernels.group_by_sort(*args))
+    rois = torch.cat([torch.tensor([1.0, 0.0, 1.0, 0.0])[:, None], torch.rand(4, 4)], dim=1).to(device)
+    monkeypatch.setattr(kernels, "GROUP_KERNEL_MAX_BOXES", 4)
+    kernels.group_by_image(rois, 2)
+    assert calls == ["rank"]
+    monkeypatch.setattr(kernels, "GROUP_KERNEL_MAX_BOXES", 3)
+    order, offsets = kernels.group_by_image(rois, 2)
+    assert calls == ["rank"]
+    assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 4]
+    # The whole op on the fallback.
+    check_against_torchvision("triton", device, (2, 3), 2, True, 1.0, torch.float32, "nchw", shape=(3, 2, 6, 7), per_image=2)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_backward_reuses_the_forward_grouping(monkeypatch, device, path):
+    """One grouping per forward+backward, on the eager path and through the custom op's autograd."""
+    import fastdense.kernels.roi_align as kernels
+
+    groupings = []
+    real_group_by_image = kernels.group_by_image
+    monkeypatch.setattr(kernels, "group_by_image", lambda *args: groupings.append(args[0].shape[0]) or real_group_by_image(*args))
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 6, 7, generator=generator).to(device).requires_grad_()
+    rois = random_rois(3, 6, 7, 1.0, 2, generator).to(device=device, dtype=torch.float32)
+    with ops.backend("triton"):
+        if path == "eager":
+            out = ops.roi_align(x, rois, (2, 2), check_boxes=False)
+        else:
+            out = torch.ops.fastdense.roi_align(x, rois, 2, 2, 1.0, -1, False, "triton")[0]
+        (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert groupings == [rois.shape[0]]
+    assert ("EagerTritonRoIAlign" in type(out.grad_fn).__name__) == (path == "eager")
+    expected, expected_grad = torchvision_forward_backward(x, rois, torch.ones_like(out), (2, 2), 1.0, -1, False)
+    assert relative_error(out, expected) <= 1e-5 and relative_error(grad_x, expected_grad) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,14 +261,35 @@ def test_opcheck_reference():
     torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, 2, 2, 1.0, -1, False, "reference"))
 
 
+def test_opcheck_triton(device):
+    """The Triton implementation's fake (output, order, offsets) and autograd registrations."""
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    rois = torch.tensor([[1, 0.5, 0.5, 3.5, 4.0], [0, 1.0, 0.0, 5.0, 2.0], [1, 0.0, 1.0, 2.0, 2.0]], device=device)
+    torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, 2, 2, 1.0, -1, False, "triton"))
+
+
 def test_torch_compile_matches_eager():
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     rois = torch.tensor([[0, 0.5, 0.5, 3.5, 4.0], [1, 1.0, 0.0, 5.0, 2.0]])
-    fn = lambda t: torch.ops.fastdense.roi_align(t, rois, 2, 2, 1.0, -1, False, "reference").square().sum()  # noqa: E731
+    fn = lambda t: torch.ops.fastdense.roi_align(t, rois, 2, 2, 1.0, -1, False, "reference")[0].square().sum()  # noqa: E731
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     (grad_eager,) = torch.autograd.grad(fn(x), x)
     (grad_compiled,) = torch.autograd.grad(compiled(x), x)
     assert torch.allclose(grad_eager, grad_compiled)
+
+
+def test_torch_compile_of_the_triton_path_matches_eager(device):
+    """Eager calls take the autograd.Function straight to the launchers; compiled ones the custom op
+    (with its fake grouping outputs): same kernels, bit-identical results."""
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    rois = torch.tensor([[1, 0.5, 0.5, 3.5, 4.0], [0, 1.0, 0.0, 5.0, 2.0], [1, 0.0, 1.0, 2.0, 2.0]], device=device)
+    fn = lambda t: ops.roi_align(t, rois, 2, check_boxes=False).square().sum()  # noqa: E731
+    with ops.backend("triton"):
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        eager_loss, compiled_loss = fn(x), compiled(x)
+        (grad_eager,) = torch.autograd.grad(eager_loss, x)
+        (grad_compiled,) = torch.autograd.grad(compiled_loss, x)
+    assert torch.equal(eager_loss, compiled_loss) and torch.equal(grad_eager, grad_compiled)
 
 
 def test_autocast_runs_natively_in_the_input_dtype():
@@ -229,10 +327,13 @@ GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
         (dict(boxes=torch.tensor([[2, 0.0, 0.0, 1.0, 1.0]])), ValueError, r"batch indices in \[0, 1\]"),
         (dict(boxes=torch.tensor([[-1, 0.0, 0.0, 1.0, 1.0]])), ValueError, "batch indices"),
         (dict(boxes=torch.tensor([[0.5, 0.0, 0.0, 1.0, 1.0]])), ValueError, "integer batch indices"),
+        (dict(boxes=torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [float("nan"), 0.0, 0.0, 1.0, 1.0]])), ValueError, "integer batch indices"),
+        (dict(input=torch.randn(0, 3, 5, 5), boxes=torch.tensor([[-1, 0.0, 0.0, 1.0, 1.0]])), ValueError, r"batch indices in \[0, -1\]"),
         (dict(boxes=torch.tensor([[0, 2.0, 0.0, 1.0, 1.0]])), ValueError, "x1 <= x2"),
         (dict(boxes=torch.tensor([[0, 0.0, 2.0, 1.0, 1.0]])), ValueError, "y1 <= y2"),
         (dict(boxes=torch.tensor([[0, 0.0, 0.0, float("inf"), 1.0]])), ValueError, "finite"),
         (dict(boxes=torch.tensor([[0, float("nan"), 0.0, 1.0, 1.0]])), ValueError, "finite"),
+        (dict(boxes=torch.tensor([[1, 0.0, 0.0, 1.0, 1.0], [0, float("-inf"), 0.0, 1.0, 1.0]])), ValueError, "finite"),
         (dict(output_size=0), ValueError, "output_size"),
         (dict(output_size=(2, 2, 2)), ValueError, "output_size"),
         (dict(output_size=(2.0, 2)), ValueError, "output_size"),

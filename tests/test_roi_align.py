@@ -425,3 +425,40 @@ def test_cpp_backend_is_torchvision_on_cpu(dtype):
     from fastdense.ops._dispatch import resolve
 
     assert resolve("roi_align", (x,), available=("triton", "cpp")) == "cpp"
+
+
+# ----------------------------------------------------------------------------- sm_90 lowering
+
+_SM90_COMPILE_SCRIPT = r"""
+import torch
+from sm90 import compile_for_sm90
+from fastdense.kernels import roi_align as kernels
+
+geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
+grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32"}
+for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for pooled in (1, 7):  # SCRL's [K, C] form and the 7x7 output, on [B, 2048, 7, 7] maps
+        _, _, forward = kernels._forward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
+        types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+        ptx = compile_for_sm90(kernels._image_forward_kernel, types, forward).asm["ptx"]
+        assert "st.local" not in ptx, f"forward {dtype} {pooled}x{pooled}: register spills"
+        assert pooled == 1 or "mma" in ptx, f"forward {dtype} {pooled}x{pooled}: no tensor-core MMA"
+        _, _, _, backward = kernels._backward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
+        types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
+        ptx = compile_for_sm90(kernels._image_backward_kernel, types, backward).asm["ptx"]
+        assert "st.local" not in ptx, f"backward {dtype} {pooled}x{pooled}: register spills"
+        assert pooled == 1 or "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
+types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
+assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
+def test_kernels_compile_for_h100():
+    """SCRL's launch configurations lower to sm_90 code without register spills, float32 7x7 on
+    tensor cores (3xTF32) like bfloat16 (see tests/sm90.py)."""
+    from sm90 import run_compile_script
+
+    result = run_compile_script(_SM90_COMPILE_SCRIPT)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -12,6 +12,9 @@ the forward, and in addition the output gradient read plus the input gradient wr
 Correctness against torchvision is checked on the same inputs before timing. fastdense is also timed
 with ``check_boxes=False`` (``*_unchecked_*`` columns): no host sync for the boxes' value check, as SCRL
 calls it and as torchvision always runs.
+On a GPU both sides are also replayed from CUDA graphs (``*_graph_*`` columns: fastdense unchecked,
+torchvision as above): the GPU time alone, whose bandwidth fraction is the kernels' own, free of the
+host's per-call work that dominates these sub-millisecond calls when they are launched one by one.
 
 By default the SCRL shapes are an 8-row orthogonal array over the six two-valued axes (B, output,
 sampling, aligned, dtype, layout): every value of every axis, and every pair of values of any two
@@ -64,7 +67,7 @@ from benchmarks.common import _fmt, floor_ms, measured_bandwidth, print_table, t
 
 L2_BYTES = 50 * 2**20
 GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
-COLUMNS = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction", "fwdbwd_unchecked_ms", "fwdbwd_unchecked_speedup"]
+COLUMNS = ["case", "shape", "output", "sampling", "aligned", "dtype", "layout", "fwd_rel_err", "bwd_rel_err", "fwd_ms", "fwd_speedup", "fwd_bandwidth_fraction", "fwdbwd_ms", "fwdbwd_speedup", "fwdbwd_bandwidth_fraction", "fwdbwd_unchecked_ms", "fwdbwd_unchecked_speedup", "fwdbwd_graph_speedup", "fwdbwd_graph_bandwidth_fraction"]
 
 
 def scrl_rois(num_images: int, per_image: int, image_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -118,6 +121,28 @@ def make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, devi
     return inputs, next_input, ours, theirs
 
 
+def graph_ms(fn, inputs, device) -> float:
+    """GPU milliseconds per ``fn(x)``, replayed from one CUDA graph that calls it once per rotated
+    input: the kernels' time without the host's per-call work (NaN on CPU, or if capture fails)."""
+    if device.type != "cuda":
+        return float("nan")
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels and warm the allocator outside the capture
+            for x in inputs:
+                fn(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for x in inputs:
+                fn(x)
+    except Exception as error:  # a capture failure costs these columns, not the run
+        print(f"  (no CUDA graph: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})", flush=True)
+        return float("nan")
+    return time_ms(graph.replay, device, gpu_window_ms=GPU_WINDOW_MS) / len(inputs)
+
+
 def scrl_settings(axes, full: bool):
     """The full product of six two-valued axes, or the 8-run two-level orthogonal array (factors
     a, b, c, ab, ac, bc): every pair of values of any two axes occurs twice."""
@@ -167,9 +192,9 @@ def run(args) -> None:
             case=name, shape="x".join(map(str, shape)), boxes=int(rois.shape[0]), output=output, sampling=sampling, aligned=aligned,
             dtype=str(dtype).replace("torch.", ""), layout=memory, fwd_rel_err=fwd_error, bwd_rel_err=bwd_error,
         )
-        for label, nbytes, fn in (
-            ("fwd", fwd_bytes, lambda f: f(next_input())),
-            ("fwdbwd", both_bytes, lambda f: torch.autograd.grad(f(xi := next_input()), xi, grad)),
+        for label, nbytes, fn, on in (
+            ("fwd", fwd_bytes, lambda f: f(next_input()), lambda f, x: f(x)),
+            ("fwdbwd", both_bytes, lambda f: torch.autograd.grad(f(xi := next_input()), xi, grad), lambda f, x: torch.autograd.grad(f(x), x, grad)),
         ):
             ours_ms = time_ms(lambda: fn(ours), device, repeats=args.repeats, warmup=1, gpu_window_ms=GPU_WINDOW_MS)
             theirs_ms = time_ms(lambda: fn(theirs), device, repeats=args.repeats, warmup=1, gpu_window_ms=GPU_WINDOW_MS)
@@ -177,10 +202,16 @@ def run(args) -> None:
             # Without the boxes' value check (one host sync per call), as SCRL calls it and as
             # torchvision always runs.
             unchecked_ms = time_ms(lambda: fn(lambda x: ours(x, check_boxes=False)), device, repeats=args.repeats, warmup=1, gpu_window_ms=GPU_WINDOW_MS)
+            # GPU time alone (CUDA graphs, both sides): what the kernels reach once the host's
+            # per-call work is out of the way (a captured training step, or a large enough batch).
+            graph_ours = graph_ms(lambda x: on(lambda t: ours(t, check_boxes=False), x), inputs, device)
+            graph_theirs = graph_ms(lambda x: on(theirs, x), inputs, device)
             row.update({
                 f"{label}_ms": ours_ms, f"{label}_torchvision_ms": theirs_ms, f"{label}_speedup": theirs_ms / ours_ms,
                 f"{label}_floor_ms": floor, f"{label}_bandwidth_fraction": floor / ours_ms if floor > 0 else float("nan"),
                 f"{label}_unchecked_ms": unchecked_ms, f"{label}_unchecked_speedup": theirs_ms / unchecked_ms,
+                f"{label}_graph_ms": graph_ours, f"{label}_graph_torchvision_ms": graph_theirs, f"{label}_graph_speedup": graph_theirs / graph_ours,
+                f"{label}_graph_bandwidth_fraction": floor / graph_ours if floor > 0 else float("nan"),
             })
         rows.append(row)
         del inputs

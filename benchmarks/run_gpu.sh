@@ -34,7 +34,7 @@ declare -A STEPS=(
     [tests_roi]="150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_roi_align.py"
     [bench_nearest_neighbor]="120 python3 benchmarks/bench_nearest_neighbor.py"
     [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
-    [bench_roi_align]="100 python3 benchmarks/bench_roi_align.py"
+    [bench_roi_align]="160 python3 benchmarks/bench_roi_align.py"
     [bench_roi_align_host]="90 python3 benchmarks/bench_roi_align.py --host"
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
     # Needs DALI, which the GPU image lacks: scripts/gpu_wheels.sh here, carry the pieces, then

@@ -137,7 +137,7 @@ def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
 
 @triton.jit
 def _image_forward_kernel(
-    x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
+    x_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -155,13 +155,14 @@ def _image_forward_kernel(
     last = tl.load(offsets_ptr + image + 1)
     for j in range(first, last):
         box = tl.load(order_ptr + j)
-        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
         out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-        weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
         if PH * PW == 1:
-            value = tl.sum(tile.to(tl.float32) * weights, axis=1) / count
+            weights = tl.load(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + pixel)  # over the count already
+            value = tl.sum(tile.to(tl.float32) * weights[None, :], axis=1)
             tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
         else:
+            _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
             # Every bin at once: [channels, pixels] x [pixels, bins].
             values = tile
             if DOT_FP32:
@@ -226,11 +227,11 @@ def _box_forward_kernel(
 
 @triton.jit
 def _image_backward_kernel(
-    grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
+    grad_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    PER_BIN: tl.constexpr,
+    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -245,38 +246,83 @@ def _image_backward_kernel(
     last = tl.load(offsets_ptr + image + 1)
     for j in range(first, last):
         box = tl.load(order_ptr + j)
-        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
-        # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
-        # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
-        meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
-        meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
-        if meets_rows & meets_cols:
-            grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-            if PH * PW == 1:
-                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
-                g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
-                acc += g[:, None] * weights
-            elif PER_BIN:
-                # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
-                # each, rather than multiplying by the mostly-zero weights of every bin.
-                for ph in range(0, PH):
-                    bin_top = start_y + ph * bin_h
-                    if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
-                        weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
-                        for pw in range(0, PW):
-                            bin_left = start_x + pw * bin_w
-                            if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
-                                weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
-                                weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
-                                g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
-                                acc += g[:, None] * weight[None, :]
-            else:
-                weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
-                offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
-                g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
-                acc += _weighted_sum(g, weights, DOT_FP32) / count
+        if WEIGHTS_GIVEN:  # 1x1 output, one tile for the whole map: the forward's per-box weights
+            weights = tl.load(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + pixel)
+            g = tl.load(grad_ptr + box.to(tl.int64) * C + channels, mask=c_ok, other=0.0).to(tl.float32)
+            acc += g[:, None] * weights[None, :]
+        else:
+            _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+            # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
+            # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
+            meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
+            meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
+            if meets_rows & meets_cols:
+                grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+                if PH * PW == 1:
+                    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+                    g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
+                    acc += g[:, None] * weights
+                elif PER_BIN:
+                    # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
+                    # each, rather than multiplying by the mostly-zero weights of every bin.
+                    for ph in range(0, PH):
+                        bin_top = start_y + ph * bin_h
+                        if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
+                            weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
+                            for pw in range(0, PW):
+                                bin_left = start_x + pw * bin_w
+                                if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
+                                    weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
+                                    weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
+                                    g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
+                                    acc += g[:, None] * weight[None, :]
+                else:
+                    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+                    offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+                    g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
+                    acc += _weighted_sum(g, weights, DOT_FP32) / count
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
+
+
+@triton.jit
+def _pooled_weights_kernel(rois_ptr, weights_ptr, H, W, spatial_scale,
+                           SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Row ``box`` of ``weights [K, TILE_H * TILE_W]``: what each pixel of the whole map contributes to
+    the box's 1x1 output, already over the sample count."""
+    box = tl.program_id(0)
+    _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, 1, 1, SAMPLING, ALIGNED)
+    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, 1, 1, 1, 1, TILE_H, TILE_W)
+    tl.store(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + tl.arange(0, TILE_H * TILE_W)[None, :], weights / count)
+
+
+def uses_pooled_weights(height: int, width: int, out_h: int, out_w: int) -> bool:
+    """SCRL's case, a 1x1 output from a map that one program holds whole: each box's bilinear weights
+    are computed once (:func:`pooled_weights`) and read by every channel block of both passes,
+    instead of being recomputed by each (64 blocks at C = 2048)."""
+    tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
+    return out_h * out_w == 1 and tile_h * tile_w <= MAX_TILE
+
+
+def pooled_weights_shape(boxes: int, height: int, width: int, out_h: int, out_w: int) -> Tuple[int, ...]:
+    """Shape of the forward's ``weights``: ``[K, TILE_H * TILE_W]`` where :func:`uses_pooled_weights`, else ``[0]``."""
+    if not uses_pooled_weights(height, width, out_h, out_w):
+        return (0,)
+    tile_h, tile_w = _whole_map_tile(height, width, 1)
+    return (boxes, tile_h * tile_w)
+
+
+def pooled_weights(rois: torch.Tensor, height: int, width: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): each box's weight per pixel
+    in its 1x1 RoIAlign output, the sample count included. One launch, one program per box."""
+    tile_h, tile_w = _whole_map_tile(height, width, 1)
+    weights = torch.empty(pooled_weights_shape(rois.shape[0], height, width, 1, 1), dtype=torch.float32, device=rois.device)
+    if rois.shape[0]:
+        _pooled_weights_kernel[(rois.shape[0],)](
+            rois, weights, height, width, float(spatial_scale),
+            SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), TILE_H=tile_h, TILE_W=tile_w, num_warps=1,
+        )
+    return weights
 
 
 def group_by_image(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -391,39 +437,44 @@ def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: 
     tiles_w = cdiv(width, tile_w)
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
     constexprs = dict(
-        PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned,
-        TILE_H=tile_h, TILE_W=tile_w, DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, **blocks,
+        PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned, TILE_H=tile_h, TILE_W=tile_w,
+        DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, WEIGHTS_GIVEN=uses_pooled_weights(height, width, out_h, out_w), **blocks,
     )
     return cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w, tiles_w, constexprs
 
 
 def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool):
-    """``(out, order, offsets)``: ``out [K, C, PH, PW]`` is the RoIAlign of ``input [N, C, H, W]`` (any
-    strides) over ``rois [K, 5]``; ``(order, offsets)`` is :func:`group_by_image` of the boxes, for
+    """``(out, order, offsets, weights)``: ``out [K, C, PH, PW]`` is the RoIAlign of ``input [N, C, H, W]``
+    (any strides) over ``rois [K, 5]``; ``(order, offsets)`` is :func:`group_by_image` of the boxes and
+    ``weights`` their :func:`pooled_weights` where :func:`uses_pooled_weights` (else empty), both for
     :func:`roi_align_backward`."""
     num, channels, height, width = input.shape
     out_h, out_w = output_size
     rois = prepare_rois(rois)
     order, offsets = group_by_image(rois, num)
+    if uses_pooled_weights(height, width, out_h, out_w):
+        weights = pooled_weights(rois, height, width, spatial_scale, sampling_ratio, aligned)
+    else:
+        weights = rois.new_empty(0)
     out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
     if out.numel() == 0:
-        return out, order, offsets
+        return out, order, offsets, weights
     whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     if whole_map:
         _image_forward_kernel[(num, grid_channels)](
-            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
+            input, rois, order, offsets, weights, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
         )
     else:
         _box_forward_kernel[(rois.shape[0], grid_channels)](
             input, rois, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
         )
-    return out, order, offsets
+    return out, order, offsets, weights
 
 
 def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
-                       spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+                       weights: torch.Tensor, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
     """Gradient of :func:`roi_align_forward` with respect to ``input`` (same shape, dtype and strides),
-    deterministic; ``order`` and ``offsets`` are the forward's grouping of ``rois``."""
+    deterministic; ``order``, ``offsets`` and ``weights`` are what the forward returned with it."""
     num, channels, height, width = input.shape
     out_h, out_w = grad.shape[-2:]
     grad_input = torch.empty_like(input)
@@ -434,6 +485,6 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
         grad = grad.to(input.dtype).contiguous()
     grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     _image_backward_kernel[(num, grid_channels, grid_tiles)](
-        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
+        grad, rois, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
     )
     return grad_input

@@ -261,11 +261,13 @@ def test_opcheck_reference():
     torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, 2, 2, 1.0, -1, False, "reference"))
 
 
-def test_opcheck_triton(device):
-    """The Triton implementation's fake (output, order, offsets) and autograd registrations."""
+@pytest.mark.parametrize("output", [2, 1])
+def test_opcheck_triton(device, output):
+    """The Triton implementation's fake (output, order, offsets, weights) and autograd registrations;
+    the 1x1 output keeps per-box weights for its backward."""
     x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
     rois = torch.tensor([[1, 0.5, 0.5, 3.5, 4.0], [0, 1.0, 0.0, 5.0, 2.0], [1, 0.0, 1.0, 2.0, 2.0]], device=device)
-    torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, 2, 2, 1.0, -1, False, "triton"))
+    torch.library.opcheck(torch.ops.fastdense.roi_align, (x, rois, output, output, 1.0, -1, False, "triton"))
 
 
 def test_torch_compile_matches_eager():
@@ -278,12 +280,16 @@ def test_torch_compile_matches_eager():
     assert torch.allclose(grad_eager, grad_compiled)
 
 
-def test_torch_compile_of_the_triton_path_matches_eager(device):
+@pytest.mark.parametrize("pooled", [False, True])
+def test_torch_compile_of_the_triton_path_matches_eager(device, pooled):
     """Eager calls take the autograd.Function straight to the launchers; compiled ones the custom op
-    (with its fake grouping outputs): same kernels, bit-identical results."""
+    (with its fake plan outputs): same kernels, bit-identical results."""
     x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
     rois = torch.tensor([[1, 0.5, 0.5, 3.5, 4.0], [0, 1.0, 0.0, 5.0, 2.0], [1, 0.0, 1.0, 2.0, 2.0]], device=device)
-    fn = lambda t: ops.roi_align(t, rois, 2, check_boxes=False).square().sum()  # noqa: E731
+    if pooled:
+        fn = lambda t: ops.roi_pool_vectors(t, rois, check_boxes=False).square().sum()  # noqa: E731
+    else:
+        fn = lambda t: ops.roi_align(t, rois, 2, check_boxes=False).square().sum()  # noqa: E731
     with ops.backend("triton"):
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
         eager_loss, compiled_loss = fn(x), compiled(x)
@@ -435,7 +441,7 @@ from sm90 import compile_for_sm90
 from fastdense.kernels import roi_align as kernels
 
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
-grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32"}
+grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32", "weights_ptr": "*fp32"}
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     for pooled in (1, 7):  # SCRL's [K, C] form and the 7x7 output, on [B, 2048, 7, 7] maps
         _, _, forward = kernels._forward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
@@ -448,6 +454,8 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ptx = compile_for_sm90(kernels._image_backward_kernel, types, backward).asm["ptx"]
         assert "st.local" not in ptx, f"backward {dtype} {pooled}x{pooled}: register spills"
         assert pooled == 1 or "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
+types = {"rois_ptr": "*fp32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
+assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]
 types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
 assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]
 print("compiled")

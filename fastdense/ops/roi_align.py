@@ -3,7 +3,8 @@ SCRL's pooled form.
 
 Wiring: the ``fastdense::roi_align`` / ``fastdense::roi_align_backward`` custom ops carry every
 implementation (reference, torchvision's C++ kernel, Triton) for torch.compile, tracing and opcheck.
-The Triton forward groups the boxes by image once and hands that grouping to the backward. Eager
+The Triton forward groups the boxes by image once (and, for SCRL's 1x1 output, computes each box's
+bilinear weights once) and hands that plan to the backward. Eager
 Triton calls on plain tensors, the training loop's case, take a plain autograd.Function to the same
 launchers instead: the custom op's Python autograd and redispatch layers would cost the host as much
 as everything else in the call (``benchmarks/bench_roi_align.py --host`` measures it).
@@ -144,14 +145,15 @@ def _torchvision_backward(grad, input, rois, spatial_scale, sampling_ratio, alig
 # ``torch.library`` registration: one forward and one backward op, each carrying the implementation
 # chosen by ``fastdense.ops._dispatch.resolve`` as an argument, so torch.compile traces either one and
 # the backward runs on the same implementation as the forward. The Triton forward also returns its
-# grouping of the boxes by image (``order``, ``offsets``; empty for the other implementations), which
-# the backward takes instead of grouping again. There is no autocast rule: the op runs natively in
+# plan (``order``, ``offsets``: the boxes grouped by image; ``weights``: the 1x1 case's per-box
+# bilinear weights; empty for the other implementations), which the backward takes instead of
+# computing it again. There is no autocast rule: the op runs natively in
 # the dtype it is given (float16/bfloat16 stay so, with float32 accumulation inside).
 @torch.library.custom_op("fastdense::roi_align", mutates_args=())
 def _roi_align_op(
     input: torch.Tensor, rois: torch.Tensor, output_height: int, output_width: int,
     spatial_scale: float, sampling_ratio: int, aligned: bool, implementation: str,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if implementation == "triton":
         from fastdense.kernels.roi_align import roi_align_forward
 
@@ -160,53 +162,57 @@ def _roi_align_op(
         out = _torchvision_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
     else:
         out = roi_align_reference(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
-    return out, *_no_grouping(rois)
+    return out, *_no_plan(rois)
 
 
-def _no_grouping(rois: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _no_plan(rois: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (order, offsets, weights) of implementations that keep nothing for their backward."""
     empty = rois.new_empty(0, dtype=torch.int32)
-    return empty, empty.clone()
+    return empty, empty.clone(), rois.new_empty(0, dtype=torch.float32)
 
 
 @_roi_align_op.register_fake
 def _(input, rois, output_height, output_width, spatial_scale, sampling_ratio, aligned, implementation):
     out = input.new_empty(rois.shape[0], input.shape[1], output_height, output_width)
     if implementation == "triton":
-        return out, rois.new_empty(rois.shape[0], dtype=torch.int32), rois.new_empty(input.shape[0] + 1, dtype=torch.int32)
-    return out, *_no_grouping(rois)
+        from fastdense.kernels.roi_align import pooled_weights_shape
+
+        weights = rois.new_empty(pooled_weights_shape(rois.shape[0], *input.shape[-2:], output_height, output_width), dtype=torch.float32)
+        return out, rois.new_empty(rois.shape[0], dtype=torch.int32), rois.new_empty(input.shape[0] + 1, dtype=torch.int32), weights
+    return out, *_no_plan(rois)
 
 
 @torch.library.custom_op("fastdense::roi_align_backward", mutates_args=())
 def _roi_align_backward_op(
-    grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+    grad: torch.Tensor, input: torch.Tensor, rois: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
     spatial_scale: float, sampling_ratio: int, aligned: bool, implementation: str,
 ) -> torch.Tensor:
     if implementation == "triton":
         from fastdense.kernels.roi_align import roi_align_backward
 
-        return roi_align_backward(grad, input, rois, order, offsets, spatial_scale, sampling_ratio, aligned)
+        return roi_align_backward(grad, input, rois, order, offsets, weights, spatial_scale, sampling_ratio, aligned)
     if implementation == "cpp":
         return _torchvision_backward(grad, input, rois, spatial_scale, sampling_ratio, aligned)
     return roi_align_backward_reference(grad, input, rois, spatial_scale, sampling_ratio, aligned)
 
 
 @_roi_align_backward_op.register_fake
-def _(grad, input, rois, order, offsets, spatial_scale, sampling_ratio, aligned, implementation):
+def _(grad, input, rois, order, offsets, weights, spatial_scale, sampling_ratio, aligned, implementation):
     return torch.empty_like(input)
 
 
 def _setup_context(ctx, inputs, output):
     input, rois, _, _, spatial_scale, sampling_ratio, aligned, implementation = inputs
-    _, order, offsets = output
-    ctx.save_for_backward(input, rois, order, offsets)
+    _, *plan = output
+    ctx.save_for_backward(input, rois, *plan)
     ctx.params = (spatial_scale, sampling_ratio, aligned, implementation)
 
 
-def _backward(ctx, grad, _order_grad, _offsets_grad):
-    input, rois, order, offsets = ctx.saved_tensors
+def _backward(ctx, grad, *_plan_grads):
+    input, rois, *plan = ctx.saved_tensors
     grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastdense.roi_align_backward(grad, input, rois, order, offsets, *ctx.params)
+        grad_input = torch.ops.fastdense.roi_align_backward(grad, input, rois, *plan, *ctx.params)
     return grad_input, None, None, None, None, None, None, None
 
 
@@ -217,7 +223,7 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
     """The Triton implementation for eager calls on plain tensors, straight to the launchers: the custom
     op's Python autograd and redispatch layers cost the host more than the launchers' own work
     (0.13 ms per forward+backward on a 2-core CI machine, against 0.02 ms for both launchers). Same
-    kernels, same grouping reuse; the custom op above serves torch.compile, tracing, tensor
+    kernels, same reuse of the forward's plan; the custom op above serves torch.compile, tracing, tensor
     subclasses and functorch transforms."""
 
     @staticmethod
@@ -225,8 +231,8 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
         from fastdense.kernels.roi_align import prepare_rois, roi_align_forward
 
         rois = prepare_rois(rois)
-        out, order, offsets = roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
-        ctx.save_for_backward(input, rois, order, offsets)
+        out, *plan = roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        ctx.save_for_backward(input, rois, *plan)
         ctx.params = (spatial_scale, sampling_ratio, aligned)
         ctx.output_shape = out.shape
         # SCRL's pooled [K, C] straight from here: no flatten node of its own in the graph.
@@ -237,9 +243,9 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
     def backward(ctx, grad):
         from fastdense.kernels.roi_align import roi_align_backward
 
-        input, rois, order, offsets = ctx.saved_tensors
+        input, rois, *plan = ctx.saved_tensors
         grad = grad.reshape(ctx.output_shape)
-        return roi_align_backward(grad, input, rois, order, offsets, *ctx.params), None, None, None, None, None, None
+        return roi_align_backward(grad, input, rois, *plan, *ctx.params), None, None, None, None, None, None
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:

@@ -31,3 +31,15 @@ def test_auto_picks_by_device():
     x = torch.zeros(2)
     assert resolve("op", (x,), available=("triton", "cpp")) == "cpp"
     assert resolve("op", (x,), available=("triton",)) == "reference"
+
+
+def test_launch_arithmetic_matches_triton():
+    # The launchers' plain-Python cdiv / next_power_of_2 stand in for Triton's (slow to call from Python).
+    import triton
+
+    from fastdense.kernels._launch import cdiv, next_power_of_2
+
+    for value in range(0, 3000):
+        assert next_power_of_2(value) == triton.next_power_of_2(value), value
+        for divisor in (1, 3, 16, 64, 128):
+            assert cdiv(value, divisor) == triton.cdiv(value, divisor), (value, divisor)

@@ -176,6 +176,17 @@ def test_triton_backward_reads_the_packed_product(shape, dtype, device, monkeypa
     assert len(calls) == 1 and calls[0].shape == kernels.packed_product_shape(x3, side), "forward keeps the tiles, backward reuses them"
 
 
+@pytest.mark.parametrize("shape", [(300, 320), (320, 300)])
+def test_triton_gpu_tile_sizes(shape, device, monkeypatch):
+    # The GPU's 128-wide tiles with 32-deep steps: the backward walks each packed tile in several
+    # steps (the interpreter's own 64-wide tiles take one), left of the diagonal and right of it.
+    if not HAS_CUDA:
+        monkeypatch.setattr(kernels, "_tile_config", lambda x: (128, 128, 32, 8, 3, True))
+    x = _spread(*shape, device=device)
+    assert kernels.packed_product_shape(x[:, None], min(shape))[1:] == (6, 128, 128)
+    _check_triton(x)
+
+
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 def test_triton_float32_precision_modes_reach_1e5(precision, device, monkeypatch):
     monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", precision)

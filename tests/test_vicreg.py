@@ -187,6 +187,32 @@ def test_triton_gpu_tile_sizes(shape, device, monkeypatch):
     _check_triton(x)
 
 
+class _RecordLaunches:
+    """Wraps a ``@triton.jit`` kernel: records each launch's keyword arguments, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("shape, even", [((192, 256), True), ((256, 192), True), ((128, 3, 64), True), ((190, 256), False), ((192, 250), False)])
+def test_triton_even_tiles_drop_the_masks(shape, even, device, monkeypatch):
+    # Blocks that divide the shape take the unmasked loads; anything else keeps them. Same results.
+    products = _RecordLaunches(kernels._product_tiles_kernel)
+    applies = _RecordLaunches(kernels._apply_product_kernel)
+    monkeypatch.setattr(kernels, "_product_tiles_kernel", products)
+    monkeypatch.setattr(kernels, "_apply_product_kernel", applies)
+    _check_triton(_spread(*shape, device=device))
+    assert [launch["EVEN"] for launch in products.launches] == [even]
+    assert [launch["EVEN"] for launch in applies.launches] == [even]
+
+
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
 def test_triton_float32_precision_modes_reach_1e5(precision, device, monkeypatch):
     monkeypatch.setattr(kernels, "FP32_DOT_PRECISION", precision)
@@ -340,14 +366,14 @@ block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 3  # _tile_config on
 common = dict(ACC=tl.float32, USE_DOT=True, DOT_PRECISION="tf32", ROUND_TF32=True, MEAN_ON_ROWS=False)
 products = ["a_ptr", "b_ptr", "mean_ptr", "partial_ptr", "product_ptr"]
 product_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c"]
-for packed in (True, False):
-    constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+for packed, even in ((True, True), (False, False)):
+    constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     compiled = compile_for_sm90(kernels._product_tiles_kernel, types(products, product_ints), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "product tiles: no tensor-core MMA, or spills"
 applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "coef_ptr", "scale_ptr", "out_ptr"]
 apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
-for packed_block in (block_m, 0):
-    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
+for packed_block, even in ((block_m, True), (0, False)):
+    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
     compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "apply: no tensor-core MMA, or spills"
 print("compiled")

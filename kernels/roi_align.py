@@ -2,7 +2,7 @@
 
 Bilinear sampling is separable: the samples of output bin ``(ph, pw)`` of box ``k`` give input pixel
 ``(h, w)`` the weight ``a_y[ph, h] * a_x[pw, w] / count`` (``a_y``, ``a_x``: summed bilinear weights of
-the bin's sample rows and columns). Three kernels use that:
+the bin's sample rows and columns). Three kernels do the pooling:
 
 - ``_image_forward_kernel`` (maps up to ``MAX_TILE`` pixels, SCRL's ``[B, 2048, 7, 7]``): one program
   per (image, channel block) holds the whole map of its channels in registers, reads it once, and
@@ -12,14 +12,18 @@ the bin's sample rows and columns). Three kernels use that:
 - ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
   loops over that image's boxes and accumulates their gradients into its tile in registers, then
   writes the tile once. Whole small maps take every bin of a box in one tl.dot; tiles of large maps
-  visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation order, so gradients are bit-identical run
-  after run; ``grad_input`` needs no zero-fill.
+  visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation
+  order, so gradients are bit-identical run after run; ``grad_input`` needs no zero-fill.
 
-Both per-image kernels need the boxes grouped by image (``order``, ``offsets``). ``_group_kernel``
-computes that in one launch (each box's rank among the boxes ordered by (image, position); O(K^2)
-compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above), once per forward:
-:func:`roi_align_forward` returns it and :func:`roi_align_backward` takes it, so the backward does
-no grouping of its own.
+The forward also makes a plan that :func:`roi_align_forward` returns and :func:`roi_align_backward`
+takes, so the backward recomputes none of it:
+
+- ``order``, ``offsets``: the boxes grouped by image, which both per-image kernels need.
+  ``_group_kernel`` computes them in one launch (each box's rank among the boxes ordered by
+  (image, position); O(K^2) compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above).
+- ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, from
+  ``_pooled_weights_kernel`` (one program per box). The pooling kernels then spend a box on one
+  weighted reduction instead of rebuilding its bilinear weights in every channel block.
 
 Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
 weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).

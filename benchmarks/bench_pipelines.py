@@ -6,14 +6,17 @@ Images: generated scenes, 500x375 JPEG at quality 90 (ImageNet-like), cached und
 ``geometry`` (crop, resize, flip, normalise) and ``full`` (plus the colour pipeline; the baseline
 runs it with PIL in its workers, fastdense batched on the loader's device).
 
-    PYTHONPATH=. python3 benchmarks/bench_pipelines.py            # GPU machine: all backends
+    PYTHONPATH=. python3 benchmarks/bench_pipelines.py            # GPU machine: all backends, 10,000 files
     PYTHONPATH=. python3 benchmarks/bench_pipelines.py --quick    # CPU, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +32,35 @@ from fastdense.pipelines.recipes import get_recipe
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 
 
+# Distinct scenes at most; larger sets repeat them as hard links. Decoding costs the same for a
+# repeated file, and a GPU loader needs tens of thousands of files for an epoch of a few seconds,
+# which would take minutes to render.
+UNIQUE_IMAGES = 2000
+
+
+def _render_bench_image(index: int, path: Path) -> None:
+    image, _ = render_scene(index, index % 10, 500, 10, seed=1)
+    Image.fromarray(image[:375]).save(path, quality=90)
+
+
 def bench_images(count: int) -> Path:
-    """``count`` 500x375 JPEGs (q90) in two class folders, generated once and cached."""
+    """``count`` 500x375 JPEGs (q90) in two class folders, generated once (in parallel) and cached;
+    file ``i`` is scene ``i % UNIQUE_IMAGES``."""
     root = cache_dir() / f"bench-500x375-q90-{count}"
     if (root / "done").is_file():
         return root
-    for index in range(count):
-        folder = root / f"class{index % 2}"
+    paths = [root / f"class{index % 2}" / f"{index:06d}.jpg" for index in range(count)]
+    for folder in {path.parent for path in paths}:
         folder.mkdir(parents=True, exist_ok=True)
-        image, _ = render_scene(index, index % 10, 500, 10, seed=1)
-        Image.fromarray(image[:375]).save(folder / f"{index:06d}.jpg", quality=90)
+    unique = min(count, UNIQUE_IMAGES)
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_render_bench_image, range(unique), paths[:unique], chunksize=16))
+    for index in range(unique, count):
+        source = paths[index % unique]
+        try:
+            os.link(source, paths[index])
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, paths[index])
     (root / "done").write_text("ok")
     return root
 
@@ -91,7 +113,7 @@ def main():
     parser.add_argument("--backends", default="torch,dali,ffcv")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = args.images or (96 if args.quick else 5000)
+    images = args.images or (96 if args.quick else 10000 if device.type == "cuda" else 5000)
     workers = args.workers if args.workers is not None else (2 if args.quick else 8)
     batch_size = args.batch_size or (16 if args.quick else 256)
     root = bench_images(images)

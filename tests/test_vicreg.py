@@ -373,7 +373,7 @@ for packed, even in ((True, True), (False, False)):
 applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "coef_ptr", "scale_ptr", "out_ptr"]
 apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
 for packed_block, even in ((block_m, True), (0, False)):
-    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32)
+    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "apply: no tensor-core MMA, or spills"
 print("compiled")

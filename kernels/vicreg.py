@@ -48,6 +48,11 @@ TF32_MIN_COLUMNS = 64
 # much; otherwise the backward recomputes it in row chunks of at most this size. 12 MiB keeps the
 # whole product of n = 2048 rows (8.5 MiB of tiles) inside the op's 16 MiB extra-memory budget.
 SAVED_PRODUCT_BYTES = 12 << 20
+# The backward's ``(A Aᵀ) A`` tiles on a GPU. Its loop is issue-bound on the CUDA-core work per element
+# it loads, centres and rounds: a 128x128 output tile does 64 multiply-adds per such element, 128x64
+# only 43 (sm_90 PTX: 122-143 against 88-107 multiply-adds per warp instruction). 16 deep, not 32:
+# at 32 ptxas spills (255 registers); at 16 it does not. Both divide the packed product's tiles.
+GPU_APPLY_BLOCKS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16)
 
 
 @triton.jit
@@ -287,6 +292,13 @@ def _tile_config(x: torch.Tensor):
     return 64, 64, 64, 4, 1, True
 
 
+def _apply_blocks(x: torch.Tensor):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the backward's ``(A Aᵀ) A`` tiles on ``x``."""
+    if x.is_cuda and not _interpreted() and x.dtype != torch.float64:
+        return GPU_APPLY_BLOCKS["BLOCK_M"], GPU_APPLY_BLOCKS["BLOCK_N"], GPU_APPLY_BLOCKS["BLOCK_K"]
+    return _tile_config(x)[:3]
+
+
 def _dot_precision(x: torch.Tensor, dim: int) -> str:
     """TF32 only where its rounding errors average out over many columns: with few columns the
     penalty is a handful of (possibly cancelling) dot products, and the products are cheap anyway."""
@@ -392,10 +404,8 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     """``out = scale (A Bᵀ) B + coef ⊙ A`` (``product = A Bᵀ``, dense or packed as written by
     :func:`product_square_sums`; without it, just ``coef ⊙ A``)."""
     x = a.x
-    # The product's tiles: on sm_90 a 128x128 output tile does 64 multiply-adds per element it loads,
-    # centres and rounds, against 43 for 128x64, and the loop is issue-bound on that CUDA-core work
-    # (PTX at 128x64: 88-107 multiply-adds per warp instruction; at 128x128: 144-167).
-    block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
+    _, _, _, warps, stages, use_dot = _tile_config(x)
+    block_m, block_n, block_k = _apply_blocks(x)
     slots = x.shape[1]
     grid = (slots, cdiv(a.rows, block_m), cdiv(a.inner, block_n))
     precision = _dot_precision(x, mean.shape[1])

@@ -7,8 +7,10 @@ without ``TRITON_INTERPRET``, so that the kernels are ordinary compilable functi
 """
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -28,6 +30,21 @@ def compile_for_sm90(kernel, types, constants, **options):
     constexprs = {(names.index(name),): value for name, value in constants.items()}
     attrs = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def spill_bytes(compiled) -> int:
+    """Bytes of register spill stores in ``compiled``'s sm_90 code. ptxas, not Triton, allocates
+    registers, so spills never show in the PTX: assemble it again with the bundled ptxas, verbose."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "kernel.ptx"
+        source.write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(source), "-o", str(Path(scratch) / "kernel.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    found = re.findall(r"(\d+) bytes spill stores", report)
+    if not found:
+        raise RuntimeError(f"no spill report from ptxas: {report[-500:]}")
+    return sum(int(count) for count in found)
 
 
 def run_compile_script(script: str) -> subprocess.CompletedProcess:

@@ -437,7 +437,7 @@ def test_cpp_backend_is_torchvision_on_cpu(dtype):
 
 _SM90_COMPILE_SCRIPT = r"""
 import torch
-from sm90 import compile_for_sm90
+from sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import roi_align as kernels
 
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
@@ -446,13 +446,15 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     for pooled in (1, 7):  # SCRL's [K, C] form and the 7x7 output, on [B, 2048, 7, 7] maps
         _, _, forward = kernels._forward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
         types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
-        ptx = compile_for_sm90(kernels._image_forward_kernel, types, forward).asm["ptx"]
-        assert "st.local" not in ptx, f"forward {dtype} {pooled}x{pooled}: register spills"
+        compiled = compile_for_sm90(kernels._image_forward_kernel, types, forward)
+        ptx = compiled.asm["ptx"]
+        assert spill_bytes(compiled) == 0, f"forward {dtype} {pooled}x{pooled}: register spills"
         assert pooled == 1 or "mma" in ptx, f"forward {dtype} {pooled}x{pooled}: no tensor-core MMA"
         _, _, _, backward = kernels._backward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
         types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
-        ptx = compile_for_sm90(kernels._image_backward_kernel, types, backward).asm["ptx"]
-        assert "st.local" not in ptx, f"backward {dtype} {pooled}x{pooled}: register spills"
+        compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
+        ptx = compiled.asm["ptx"]
+        assert spill_bytes(compiled) == 0, f"backward {dtype} {pooled}x{pooled}: register spills"
         assert pooled == 1 or "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
 types = {"rois_ptr": "*fp32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]

@@ -178,10 +178,12 @@ def test_triton_backward_reads_the_packed_product(shape, dtype, device, monkeypa
 
 @pytest.mark.parametrize("shape", [(300, 320), (320, 300)])
 def test_triton_gpu_tile_sizes(shape, device, monkeypatch):
-    # The GPU's 128-wide tiles with 32-deep steps: the backward walks each packed tile in several
-    # steps (the interpreter's own 64-wide tiles take one), left of the diagonal and right of it.
+    # The GPU's 128-wide tiles with 32-deep (product) and 16-deep (backward) steps: the backward
+    # walks each packed tile in several steps (the interpreter's own 64-wide tiles take one), left
+    # of the diagonal and right of it.
     if not HAS_CUDA:
         monkeypatch.setattr(kernels, "_tile_config", lambda x: (128, 128, 32, 8, 3, True))
+        monkeypatch.setattr(kernels, "_apply_blocks", lambda x: tuple(kernels.GPU_APPLY_BLOCKS.values()))
     x = _spread(*shape, device=device)
     assert kernels.packed_product_shape(x[:, None], min(shape))[1:] == (6, 128, 128)
     _check_triton(x)
@@ -356,7 +358,7 @@ def test_forcing_an_absent_backend_is_an_error():
 
 _SM90_COMPILE_SCRIPT = r"""
 import triton.language as tl
-from sm90 import compile_for_sm90
+from sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import vicreg as kernels
 
 def types(pointers, ints):
@@ -369,13 +371,13 @@ product_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa
 for packed, even in ((True, True), (False, False)):
     constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     compiled = compile_for_sm90(kernels._product_tiles_kernel, types(products, product_ints), constants, num_warps=warps, num_stages=stages)
-    assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "product tiles: no tensor-core MMA, or spills"
+    assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "product tiles: no tensor-core MMA, or spills"
 applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "coef_ptr", "scale_ptr", "out_ptr"]
 apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
 for packed_block, even in ((block_m, True), (0, False)):
-    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, **kernels.GPU_APPLY_BLOCKS)
     compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints), constants, num_warps=warps, num_stages=stages)
-    assert "wgmma" in compiled.asm["ptx"] and "st.local" not in compiled.asm["ptx"], "apply: no tensor-core MMA, or spills"
+    assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "apply: no tensor-core MMA, or spills"
 print("compiled")
 """
 

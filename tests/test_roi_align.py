@@ -228,26 +228,30 @@ def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
     check_against_torchvision("triton", device, (2, 3), 2, True, 1.0, torch.float32, "nchw", shape=(3, 2, 6, 7), per_image=2)
 
 
+@pytest.mark.parametrize("output", [2, 1])
 @pytest.mark.parametrize("path", ["eager", "custom_op"])
-def test_backward_reuses_the_forward_grouping(monkeypatch, device, path):
-    """One grouping per forward+backward, on the eager path and through the custom op's autograd."""
+def test_backward_reuses_the_forward_plan(monkeypatch, device, path, output):
+    """One grouping (and for a 1x1 output one set of box weights) per forward+backward, on the eager
+    path and through the custom op's autograd."""
     import fastdense.kernels.roi_align as kernels
 
-    groupings = []
-    real_group_by_image = kernels.group_by_image
+    groupings, weights = [], []
+    real_group_by_image, real_pooled_weights = kernels.group_by_image, kernels.pooled_weights
     monkeypatch.setattr(kernels, "group_by_image", lambda *args: groupings.append(args[0].shape[0]) or real_group_by_image(*args))
+    monkeypatch.setattr(kernels, "pooled_weights", lambda *args: weights.append(args[0].shape[0]) or real_pooled_weights(*args))
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(3, 2, 6, 7, generator=generator).to(device).requires_grad_()
     rois = random_rois(3, 6, 7, 1.0, 2, generator).to(device=device, dtype=torch.float32)
     with ops.backend("triton"):
         if path == "eager":
-            out = ops.roi_align(x, rois, (2, 2), check_boxes=False)
+            out = ops.roi_align(x, rois, (output, output), check_boxes=False)
         else:
-            out = torch.ops.fastdense.roi_align(x, rois, 2, 2, 1.0, -1, False, "triton")[0]
+            out = torch.ops.fastdense.roi_align(x, rois, output, output, 1.0, -1, False, "triton")[0]
         (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
     assert groupings == [rois.shape[0]]
+    assert weights == ([rois.shape[0]] if output == 1 else [])
     assert ("EagerTritonRoIAlign" in type(out.grad_fn).__name__) == (path == "eager")
-    expected, expected_grad = torchvision_forward_backward(x, rois, torch.ones_like(out), (2, 2), 1.0, -1, False)
+    expected, expected_grad = torchvision_forward_backward(x, rois, torch.ones_like(out), (output, output), 1.0, -1, False)
     assert relative_error(out, expected) <= 1e-5 and relative_error(grad_x, expected_grad) <= 1e-5
 
 

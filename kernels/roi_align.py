@@ -320,7 +320,7 @@ def pooled_weights(rois: torch.Tensor, height: int, width: int, spatial_scale: f
     """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): each box's weight per pixel
     in its 1x1 RoIAlign output, the sample count included. One launch, one program per box."""
     tile_h, tile_w = _whole_map_tile(height, width, 1)
-    weights = torch.empty(pooled_weights_shape(rois.shape[0], height, width, 1, 1), dtype=torch.float32, device=rois.device)
+    weights = torch.empty(rois.shape[0], tile_h * tile_w, dtype=torch.float32, device=rois.device)
     if rois.shape[0]:
         _pooled_weights_kernel[(rois.shape[0],)](
             rois, weights, height, width, float(spatial_scale),

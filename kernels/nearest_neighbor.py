@@ -3,7 +3,8 @@
 Two kernels, each launched once for any number of (query, candidates) pairs:
 
 * ``_nearest_neighbor_kernel``: one program per (group, block of query rows), where a group is one
-  image of one pair. It walks the candidates tile by tile, scores them with ``|c|^2 - 2 q.c`` on
+  image of one pair; a group's row blocks are consecutive programs, so they run side by side and
+  read each candidate tile from L2 rather than each from memory. It walks the candidates tile by tile, scores them with ``|c|^2 - 2 q.c`` on
   ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision=FP32_INPUT_PRECISION``, "ieee"
   by default, for float32 so TF32 never creeps in unasked) or, for D <= ``DIRECT_MAX_D`` (locations, D = 2), with exact squared
   differences, and keeps a running minimum and its index. Lower candidate index wins ties: tiles are
@@ -125,6 +126,7 @@ def _nearest_neighbor_kernel(
     n_key,
     m_key,
     d_key,
+    max_n,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -132,7 +134,13 @@ def _nearest_neighbor_kernel(
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FLOAT32: tl.constexpr,
 ):
-    entry = groups_ptr + tl.program_id(0) * 8
+    # A group's row blocks are adjacent in launch order: they scan the same candidates in the same
+    # order at about the same time, so all but the first find each candidate tile in L2. (With the
+    # group as the fast grid axis, the blocks running at once belonged to ~260 different images and
+    # every one of them streamed its candidates from memory.)
+    row_blocks = tl.cdiv(max_n, BLOCK_N)
+    group = tl.program_id(0) // row_blocks
+    entry = groups_ptr + group * 8
     # int64 throughout: an input's offset from the base spans the address space and may be negative.
     q_off = tl.load(slot_offsets_ptr + tl.load(entry)) + tl.load(entry + 2)
     c_off = tl.load(slot_offsets_ptr + tl.load(entry + 1)) + tl.load(entry + 3)
@@ -140,7 +148,7 @@ def _nearest_neighbor_kernel(
     m = tl.load(entry + 5)
     d = tl.load(entry + 6)
     out_off = tl.load(entry + 7)
-    row0 = tl.program_id(1) * BLOCK_N
+    row0 = (tl.program_id(0) % row_blocks) * BLOCK_N
     if row0 < n:
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < n
@@ -201,21 +209,53 @@ def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out
         taken += tl.sum(chosen_int, axis=0)
 
 
-def _tuning_configs() -> List[triton.Config]:
-    """Hopper GEMM-like tiles for the tensor-core scan, and small tiles for small problems."""
-    configs = []
-    for block_n, block_m, block_d, warps, stages in (
+# Tiles tried by the autotuner, per kind of dot: (BLOCK_N, BLOCK_M, BLOCK_D, warps, stages). Each set
+# holds only tiles that ptxas fits in registers for sm_90, give or take a few parked addresses
+# (tests/sm90.spill_bytes; the sm_90 test checks every one). float32 operands take twice the
+# registers of 16-bit ones: the one list for all kinds held 128 x 128 float32 tiles that spilled 0.5
+# to 9 KB a thread, which cost tuning time (compiled and timed on every first call of a shape).
+_TILES = {
+    # fp16/bf16 on tensor cores (wgmma). 64 x 256 re-reads each query block 4 times over M = 784
+    # instead of 7 (the query re-reads dominate memory traffic once the candidates come from L2).
+    "tensor_core": (
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),
+        (64, 256, 64, 8, 3),
+        (64, 256, 32, 8, 4),
         (128, 64, 64, 4, 3),
         (128, 64, 32, 8, 4),
         (64, 128, 64, 4, 3),
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 3),
         (16, 32, 64, 4, 2),
-    ):
-        configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages))
-    return configs
+    ),
+    # float32: exact products on the CUDA cores ("ieee") or TF32 tensor cores ("tf32", and "tf32x3"
+    # with three products a step); the same tiles fit both.
+    "float32": (
+        (128, 64, 32, 8, 4),
+        (128, 64, 16, 8, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 16, 4, 4),
+        (16, 32, 64, 4, 2),
+    ),
+}
+
+
+def _dot_kind(input_precision) -> str:
+    """Which tile set serves a launch: ``input_precision`` is None for fp16/bf16 inputs."""
+    return "tensor_core" if input_precision is None else "float32"
+
+
+def _config(tile) -> triton.Config:
+    block_n, block_m, block_d, warps, stages = tile
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
+
+
+def _tuning_configs(kind: str = None) -> List[triton.Config]:
+    """The autotuner's configs for one kind of dot, or for all kinds (each tile once)."""
+    kinds = [kind] if kind else list(_TILES)
+    tiles = list(dict.fromkeys(tile for k in kinds for tile in _TILES[k]))
+    return [_config(tile) for tile in tiles]
 
 
 # Work (n_key * m_key * d_key) below which only tiles of at most 64 x 64 are tried: the whole
@@ -224,6 +264,8 @@ _SMALL_WORK = 256 * 256 * 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    kind = set(_TILES[_dot_kind(kwargs["INPUT_PRECISION"])])
+    configs = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in kind]
     n_key, m_key, d_key = named_args["n_key"], named_args["m_key"], named_args["d_key"]
     if n_key * m_key * d_key > _SMALL_WORK:
         return configs
@@ -237,7 +279,8 @@ def _autotune_timer(kernel_call, quantiles):
 
 
 def _autotune(kernel):
-    options = {"configs": _tuning_configs(), "key": ["n_key", "m_key", "d_key"], "prune_configs_by": {"early_config_prune": _prune_configs}}
+    # INPUT_PRECISION is part of the key: float32 launches in different modes tune separately.
+    options = {"configs": _tuning_configs(), "key": ["n_key", "m_key", "d_key", "INPUT_PRECISION"], "prune_configs_by": {"early_config_prune": _prune_configs}}
     if "do_bench" in inspect.signature(triton.autotune).parameters:  # triton >= 3.2
         options["do_bench"] = _autotune_timer
     return triton.autotune(**options)(kernel)
@@ -362,16 +405,16 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
     # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
     dot_in_float32 = triton_interpreted() and base.dtype == torch.bfloat16
-    args = (base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)))
+    args = (base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)), max_n)
     if triton_interpreted():
         # The interpreter would time every config, and its cost is per operation, not per element:
         # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
         blocks = {"BLOCK_N": min(args[5], 64), "BLOCK_M": min(args[6], 64), "BLOCK_D": min(max(args[7], 16), 1024)}
         blocks["BLOCK_N"], blocks["BLOCK_M"] = max(blocks["BLOCK_N"], 16), max(blocks["BLOCK_M"], 16)
-        grid = (table.shape[0], cdiv(max_n, blocks["BLOCK_N"]))
+        grid = (table.shape[0] * cdiv(max_n, blocks["BLOCK_N"]),)
         _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     else:
-        grid = lambda meta: (table.shape[0], cdiv(max_n, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (table.shape[0] * cdiv(max_n, meta["BLOCK_N"]),)  # noqa: E731
         _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     # The copies of non-contiguous inputs are read through the base pointer only, so nothing else
     # holds them: released here, after the launch is queued (the caching allocator reuses their

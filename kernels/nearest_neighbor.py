@@ -264,7 +264,7 @@ _SMALL_WORK = 256 * 256 * 1024
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    kind = set(_TILES[_dot_kind(kwargs["INPUT_PRECISION"])])
+    kind = set(_TILES[_dot_kind(kwargs.get("INPUT_PRECISION"))])
     configs = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages) in kind]
     n_key, m_key, d_key = named_args["n_key"], named_args["m_key"], named_args["d_key"]
     if n_key * m_key * d_key > _SMALL_WORK:

@@ -376,6 +376,12 @@ def _bucket(x: int) -> int:
     return bucket
 
 
+def _interpreter_blocks(n_key: int, m_key: int, d_key: int) -> Dict[str, int]:
+    """The interpreter's one config: it would time every autotuner config, and its cost is per
+    operation, not per element, so tiles as wide as the data (few loop trips) are the fast choice."""
+    return {"BLOCK_N": max(min(n_key, 64), 16), "BLOCK_M": max(min(m_key, 64), 16), "BLOCK_D": min(max(d_key, 16), 1024)}
+
+
 def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None:
     """Fill ``dist``/``index`` (flat, float32/int64) for pairs of one dtype, output rows at ``out_rows``.
 
@@ -407,10 +413,7 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
     dot_in_float32 = triton_interpreted() and base.dtype == torch.bfloat16
     args = (base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)), max_n)
     if triton_interpreted():
-        # The interpreter would time every config, and its cost is per operation, not per element:
-        # one fixed config with tiles as wide as the data (few loop trips) is the fast choice there.
-        blocks = {"BLOCK_N": min(args[5], 64), "BLOCK_M": min(args[6], 64), "BLOCK_D": min(max(args[7], 16), 1024)}
-        blocks["BLOCK_N"], blocks["BLOCK_M"] = max(blocks["BLOCK_N"], 16), max(blocks["BLOCK_M"], 16)
+        blocks = _interpreter_blocks(*args[5:8])
         grid = (table.shape[0] * cdiv(max_n, blocks["BLOCK_N"]),)
         _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     else:

@@ -198,6 +198,27 @@ def test_every_tuning_config_matches_reference(device, monkeypatch):
                 check_triton_against_reference((3, 257, 301, d, dtypes[i % len(dtypes)]), device, non_contiguous=d == 131)
 
 
+def _tile_cases():
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    for kind, dtype in (("tensor_core", torch.bfloat16), ("float32", torch.float32)):
+        for config in nn_kernels._tuning_configs(kind):
+            yield pytest.param(config, dtype, id=f"{kind}-{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_D']}")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU, test_every_tuning_config_matches_reference runs the tiles for real")
+@pytest.mark.parametrize("config,dtype", list(_tile_cases()))
+def test_every_tuning_tile_in_the_interpreter(config, dtype, device, monkeypatch):
+    """The GPU's tiles on CPU: the interpreter otherwise runs one small tile of its own. Two row
+    blocks and two candidate tiles, the second of each partial, on the vector branch (D 96) and off it."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    monkeypatch.setattr(nn_kernels, "_interpreter_blocks", lambda *keys: dict(config.kwargs))
+    n, m = config.kwargs["BLOCK_N"] + 22, config.kwargs["BLOCK_M"] + 14
+    for d in (96, 40):
+        check_triton_against_reference((2, n, m, d, dtype), device, non_contiguous=d == 40)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32x3"])
 def test_float32_tensor_core_precision_matches_reference(precision, device, monkeypatch):

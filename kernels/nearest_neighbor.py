@@ -4,8 +4,8 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
 
 * ``_nearest_neighbor_kernel``: one program per (group, block of query rows), where a group is one
   image of one pair; a group's row blocks are consecutive programs, so they run side by side and
-  read each candidate tile from L2 rather than each from memory. It walks the candidates tile by tile, scores them with ``|c|^2 - 2 q.c`` on
-  ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision=FP32_INPUT_PRECISION``, "ieee"
+  read each candidate tile from L2 rather than each from memory. It walks the candidates tile by
+  tile, scores them with ``|c|^2 - 2 q.c`` on ``tl.dot`` (tensor cores for fp16/bf16, fp32 accumulation; ``input_precision=FP32_INPUT_PRECISION``, "ieee"
   by default, for float32 so TF32 never creeps in unasked) or, for D <= ``DIRECT_MAX_D`` (locations, D = 2), with exact squared
   differences, and keeps a running minimum and its index. Lower candidate index wins ties: tiles are
   visited in ascending order, a later tile must be strictly better, and the in-tile argmin breaks
@@ -215,8 +215,9 @@ def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out
 # registers of 16-bit ones: the one list for all kinds held 128 x 128 float32 tiles that spilled 0.5
 # to 9 KB a thread, which cost tuning time (compiled and timed on every first call of a shape).
 _TILES = {
-    # fp16/bf16 on tensor cores (wgmma). 64 x 256 re-reads each query block 4 times over M = 784
-    # instead of 7 (the query re-reads dominate memory traffic once the candidates come from L2).
+    # fp16/bf16 on tensor cores (wgmma). 64 x 256 reads each query block 4 times over M = 784, not
+    # 7: once the candidates come from L2, those re-reads are most of the memory traffic (counted,
+    # not timed).
     "tensor_core": (
         (128, 128, 64, 8, 3),
         (128, 128, 32, 8, 4),

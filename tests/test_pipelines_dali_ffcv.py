@@ -95,6 +95,39 @@ def test_dali_round_trip_lossless(coordinate_pngs, interpolation, monkeypatch, t
     assert stats["views_checked"] >= len(SIZES)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the GPU pipeline runs for real (benchmarks/bench_pipelines.py)")
+@pytest.mark.parametrize("recipe", ["scrl", "vicregl", "lewel", "selfpatch"])
+def test_dali_gpu_pipeline_is_well_formed(recipe, coordinate_pngs, monkeypatch, tmp_path):
+    """The GPU pipeline without a GPU: ``Pipeline.build`` asserts CUDA, but the graph can still be
+    defined (``_build_graph``, DALI's own step before the backend), and that checks what a first GPU
+    run would trip on. Named arguments must stay on the CPU. Every operator must have an
+    implementation on the device it landed on (an operator follows a GPU input to the GPU, and one
+    without a GPU kernel fails only when the pipeline is built), with its inputs where that
+    implementation reads them. Decoding is nvJPEG's (mixed), and the pixel work after it runs on the GPU."""
+    from nvidia.dali import backend
+    from nvidia.dali.pipeline import Pipeline
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(Pipeline, "build", Pipeline._build_graph)
+    implemented = {"cpu": set(backend.RegisteredCPUOps()), "gpu": set(backend.RegisteredGPUOps()), "mixed": set(backend.RegisteredMixedOps())}
+    root, _ = coordinate_pngs
+    for photometric in (True, False):
+        loader = make_loader("dali", data=root, recipe=recipe, batch_size=2, num_workers=1, device="cuda:0", photometric=photometric)
+        operators = loader._build(0)._ops
+        placed = {(op._op.schema_name, op._op.device) for op in operators}
+        assert {(name, device) for name, device in placed if name not in implemented[device]} == set()
+        for op in operators:
+            schema, device = backend.GetSchema(op._op.schema_name), op._op.device
+            for i, given in enumerate(node.device for node in op.inputs[: op.spec.NumRegularInput()]):
+                wanted = schema.GetInputDevice(i, None, device)
+                wanted = "cpu" if wanted == "mixed" else wanted  # a mixed operator reads CPU input
+                assert wanted in (given, "any"), f"{op._op.schema_name} on {device}: input {i} is on {given}, wants {wanted}"
+        assert ("decoders__Image", "mixed") in placed
+        on_gpu = ["Resize", "CropMirrorNormalize"] + (["ColorTwist"] if photometric else [])
+        for name in on_gpu:
+            assert (name, "gpu") in placed and (name, "cpu") not in placed, (name, sorted(placed))
+
+
 def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
     corpus = build_bad_corpus(tmp_path / "corpus")

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchvision  # noqa: E402
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import _fmt, floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import _fmt, floor_ms, host_cost, measured_bandwidth, print_table, stub_kernels, time_ms, write_results  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
@@ -221,43 +220,6 @@ def run(args) -> None:
     print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)", flush=True)
 
 
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing but count."""
-
-    def __init__(self):
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        return self._launch
-
-    def _launch(self, *args, **kwargs):
-        self.launches += 1
-
-
-def _per_call_us(fn, calls: int, rounds: int, before=None, after=None) -> float:
-    """Median over ``rounds`` of the mean microseconds per call of ``fn`` over ``calls`` calls."""
-    samples = []
-    for _ in range(rounds):
-        if before:
-            before()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-        if after:
-            after()
-    return statistics.median(samples)
-
-
-def _aten_ops_per_call(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
-
-
 def host_overhead(args) -> None:
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -271,9 +233,7 @@ def host_overhead(args) -> None:
     if device.type == "cpu":
         import fastdense.kernels.roi_align as kernels
 
-        for name in [n for n in vars(kernels) if n.endswith("_kernel")]:
-            stubs[name] = _NoLaunch()
-            setattr(kernels, name, stubs[name])
+        stubs = stub_kernels(kernels)
     rows = []
     for batch in batches:
         x = torch.randn(batch, channels, 7, 7, generator=generator).to(device).requires_grad_()
@@ -289,20 +249,9 @@ def host_overhead(args) -> None:
 
             row = dict(shape=f"{batch}x{channels}x7x7", boxes=int(rois.shape[0]), check_boxes=check_boxes)
             for label, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
-                for _ in range(3):
-                    fn()  # warm-up: compiles the kernels on a GPU
-                if device.type == "cuda":
-                    if not check_boxes:  # the checked call waits for the GPU inside: no enqueue rate
-                        busy = lambda: torch.cuda._sleep(int(2e8))  # noqa: E731  (~0.1 s of GPU time: the calls never wait)
-                        row[f"{label}_enqueue_us"] = _per_call_us(fn, calls, rounds, before=busy, after=torch.cuda.synchronize)
-                    synced = lambda: (fn(), torch.cuda.synchronize())  # noqa: E731
-                    row[f"{label}_synced_us"] = _per_call_us(synced, calls, rounds, before=torch.cuda.synchronize)
-                else:
-                    row[f"{label}_us"] = _per_call_us(fn, calls, rounds)
-                    launches = sum(stub.launches for stub in stubs.values())
-                    fn()
-                    row[f"{label}_launches"] = sum(stub.launches for stub in stubs.values()) - launches
-                row[f"{label}_aten_ops"] = _aten_ops_per_call(fn)
+                # The checked call waits for the GPU inside: it has no enqueue rate.
+                cost = host_cost(fn, device, stubs, calls, rounds, enqueue=not check_boxes)
+                row.update({f"{label}_{key}": value for key, value in cost.items()})
             rows.append(row)
             print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
     extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}

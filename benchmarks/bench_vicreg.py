@@ -13,6 +13,16 @@ A second table counts covariance FLOPs and bytes communicated per rank for the d
 
     PYTHONPATH=. python3 benchmarks/bench_vicreg.py            # GPU: PERFORMANCE.md shapes
     PYTHONPATH=. python3 benchmarks/bench_vicreg.py --quick    # CPU (Triton interpreter), tiny shapes
+    PYTHONPATH=. python3 benchmarks/bench_vicreg.py --host     # host time per call (CPU or GPU)
+
+``--host`` measures what one call of ``vicreg_variance_covariance`` (and its backward) costs the host,
+with ``torch.set_num_threads(1)``. Sub-millisecond calls launched one by one are bound by it: the
+GPU waits for the host. On CPU (no GPU) every ``*_kernel`` of :mod:`fastdense.kernels.vicreg` is
+replaced by a launcher that does nothing, so what remains is the Python, dispatcher and aten work
+around the launches (``us``), with the aten ops the profiler records (nested ones included) and the
+kernel launches per call (each costs the host a Triton launch on a GPU, not counted here). On a GPU,
+with the real kernels: ``enqueue_us``, the host time per call while a queued ``torch.cuda._sleep``
+keeps the GPU busy, and ``synced_us``, host and GPU back to back.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import floor_ms, host_cost, measured_bandwidth, peak_extra_bytes, print_table, stub_kernels, time_ms, write_results  # noqa: E402
 from fastdense.kernels import vicreg as kernels  # noqa: E402
 from fastdense.ops.vicreg_distributed import communication_bytes, covariance_flops_per_rank  # noqa: E402
 
@@ -165,11 +175,46 @@ def distributed_rows(world: int, rows_per_rank: int, dim: int, device, repeats: 
     return row
 
 
+HOST_SHAPES = ((2048, 1, 8192), (256, 1, 2048), (2048, 49, 512))  # the target, a small Gram form, VICRegL's local slots
+
+
+def host_overhead(args) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stubs = stub_kernels(kernels) if device.type == "cpu" else {}
+    calls, rounds = (20, 5) if args.quick else (50, 15)
+    rows = []
+    for n, slots, dim in HOST_SHAPES[:1] if args.quick else HOST_SHAPES:
+        x = torch.randn(n, dim, device=device) if slots == 1 else torch.randn(n, slots, dim, device=device)
+        xg = x.clone().requires_grad_(True)
+
+        def forward():
+            with ops.backend("triton"):
+                return ops.vicreg_variance_covariance(xg)
+
+        def forward_backward():
+            variance, covariance = forward()
+            return torch.autograd.grad(25 * variance + covariance, xg)
+
+        row = dict(n=n, slots=slots, dim=dim)
+        for label, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
+            row.update({f"{label}_{key}": value for key, value in host_cost(fn, device, stubs, calls, rounds).items()})
+        rows.append(row)
+        print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
+    path = write_results("vicreg_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
+    print_table(rows, list(rows[0]))
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU / Triton interpreter), seconds")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16, fp16 (every shape)")
+    parser.add_argument("--host", action="store_true", help="host time per call (see the module docstring); --quick: the first shape only")
     args = parser.parse_args()
+    if args.host:
+        return host_overhead(args)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -114,3 +114,77 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+# ----------------------------------------------------------------------------- host time per call
+
+
+class NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing but count."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        self.launches += 1
+
+
+def per_call_us(fn, calls: int, rounds: int, before=None, after=None) -> float:
+    """Median over ``rounds`` of the mean microseconds per call of ``fn`` over ``calls`` calls."""
+    samples = []
+    for _ in range(rounds):
+        if before:
+            before()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        if after:
+            after()
+    return statistics.median(samples)
+
+
+def aten_ops_per_call(fn) -> int:
+    """The aten ops (nested ones included) the profiler records in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("aten::"))
+
+
+def stub_kernels(module) -> Dict[str, NoLaunch]:
+    """Replace every ``*_kernel`` of ``module`` by a :class:`NoLaunch` (host timing on a CPU)."""
+    stubs = {name: NoLaunch() for name in vars(module) if name.endswith("_kernel")}
+    for name, stub in stubs.items():
+        setattr(module, name, stub)
+    return stubs
+
+
+def host_cost(fn, device: torch.device, stubs: Dict[str, NoLaunch], calls: int, rounds: int, enqueue: bool = True) -> Dict[str, float]:
+    """What one call of ``fn`` costs the host, after a warm-up (which compiles kernels on a GPU).
+
+    On a GPU: ``enqueue_us`` while a queued ``torch.cuda._sleep`` keeps the GPU busy, so no call waits
+    for it (skipped unless ``enqueue``: a call that synchronises inside has no such rate), and
+    ``synced_us`` with a synchronisation after each call. On a CPU, with the kernels stubbed: ``us``
+    and ``launches``. Both: ``aten_ops``, as the profiler records them (nested ones included)."""
+    for _ in range(3):
+        fn()
+    cost = {}
+    if device.type == "cuda":
+        if enqueue:
+            busy = lambda: torch.cuda._sleep(int(2e8))  # noqa: E731  (~0.1 s of GPU time)
+            cost["enqueue_us"] = per_call_us(fn, calls, rounds, before=busy, after=torch.cuda.synchronize)
+        synced = lambda: (fn(), torch.cuda.synchronize())  # noqa: E731
+        cost["synced_us"] = per_call_us(synced, calls, rounds, before=torch.cuda.synchronize)
+    else:
+        cost["us"] = per_call_us(fn, calls, rounds)
+        launches = sum(stub.launches for stub in stubs.values())
+        fn()
+        cost["launches"] = sum(stub.launches for stub in stubs.values()) - launches
+    cost["aten_ops"] = aten_ops_per_call(fn)
+    return cost

@@ -11,7 +11,10 @@ so one set of kernels serves both forms:
 - Direct form: ``A Aᵀ`` is the ``D x D`` covariance itself; its diagonal is masked inside the tile,
   so ``off`` is summed directly with no cancellation (``nD²`` multiply-adds).
 
-Neither form materialises ``Xc``; the product is tiled and reduced to one partial sum per tile.
+Neither form materialises ``Xc``; the product is tiled and reduced to one partial sum per tile,
+which a one-program kernel adds up (in float64) with the column hinges into the two terms. The
+backward's per-column coefficients come from ``d`` and the two incoming gradients inside its
+kernel: a forward+backward is four launches and a handful of allocations, not dozens of small ops.
 When the backward will need ``A Aᵀ`` and its upper triangle fits the memory budget, the forward
 also writes the upper-triangle tiles (packed, ``[S, T(T+1)/2, BLOCK, BLOCK]``), and the backward
 reads the lower ones transposed: it then costs one product, not two (recompute and apply).
@@ -45,9 +48,13 @@ FP32_DOT_PRECISION = "tf32"
 # Fewer columns than this use "tf32x3" instead of "tf32" (2 columns: 5e-3 error in TF32).
 TF32_MIN_COLUMNS = 64
 # The forward keeps A·Aᵀ (its upper-triangle tiles) for the backward when they take at most this
-# much; otherwise the backward recomputes it in row chunks of at most this size. 12 MiB keeps the
-# whole product of n = 2048 rows (8.5 MiB of tiles) inside the op's 16 MiB extra-memory budget.
+# much, or at most SAVED_PRODUCT_FRACTION of x itself (counted in the accumulator dtype) if that is
+# more; otherwise the backward recomputes it in row chunks of at most SAVED_PRODUCT_BYTES. 12 MiB keeps
+# the whole product of n = 2048 rows (8.5 MiB of tiles) inside the op's 16 MiB extra-memory budget; a
+# quarter of x keeps VICRegL's 49 local slots of 512 columns (31 MiB of tiles against 196 MiB of x),
+# which would otherwise be recomputed in 8 chunks, two launches each.
 SAVED_PRODUCT_BYTES = 12 << 20
+SAVED_PRODUCT_FRACTION = 0.25
 # The backward's ``(A Aᵀ) A`` tiles on a GPU. Its loop is issue-bound on the CUDA-core work per element
 # it loads, centres and rounds: a 128x128 output tile does 64 multiply-adds per such element, 128x64
 # only 43 (sm_90 PTX: 122-143 against 88-107 multiply-adds per warp instruction). 16 deep, not 32:
@@ -154,8 +161,10 @@ def _product_tiles_kernel(
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
+    partial = partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
     if SYMMETRIC:
         if pid_n < pid_m:
+            tl.store(partial, tl.zeros([], dtype=ACC))  # its mirror counts it twice
             return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,7 +188,7 @@ def _product_tiles_kernel(
     squares = tl.sum(acc * acc)
     if SYMMETRIC:
         squares = tl.where(pid_n != pid_m, 2.0 * squares, squares)
-    tl.store(partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n, squares)
+    tl.store(partial, squares)
     if STORE_PRODUCT:
         base = product_ptr + slot * sp_s
         if PACKED:
@@ -196,6 +205,34 @@ def _product_tiles_kernel(
 
 
 @triton.jit
+def _finish_forward_kernel(
+    partial_ptr, sumsq_ptr, hinge_ptr, out_ptr, tiles, slots_dim, batch_rows, dim,
+    WITH_COVARIANCE: tl.constexpr, GRAM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``out = [variance, covariance]`` from the per-column hinges, the product's per-tile square
+    sums and (Gram form) ``d``: one program, sums in float64, because ``‖A Aᵀ‖² − Σ d²`` cancels."""
+    offsets = tl.arange(0, BLOCK)
+    hinge = tl.zeros([BLOCK], dtype=tl.float64)
+    squares = tl.zeros([BLOCK], dtype=tl.float64)
+    diagonal = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, slots_dim, BLOCK):
+        mask = start + offsets < slots_dim
+        hinge += tl.load(hinge_ptr + start + offsets, mask=mask, other=0.0).to(tl.float64)
+        if WITH_COVARIANCE and GRAM:
+            d = tl.load(sumsq_ptr + start + offsets, mask=mask, other=0.0).to(tl.float64)
+            diagonal += d * d
+    if WITH_COVARIANCE:
+        for start in range(0, tiles, BLOCK):
+            squares += tl.load(partial_ptr + start + offsets, mask=start + offsets < tiles, other=0.0).to(tl.float64)
+    count = _as_acc(slots_dim, tl.float64)
+    dof = _as_acc(batch_rows, tl.float64) - 1.0
+    # Mean over slots of each slot's off-diagonal sum / ((n - 1)² D): one sum over every slot.
+    covariance = (tl.sum(squares) - tl.sum(diagonal)) / (dof * dof * count)
+    tl.store(out_ptr, tl.sum(hinge) / count)
+    tl.store(out_ptr + 1, covariance)
+
+
+@triton.jit
 def _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc,
                         MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
                         EVEN: tl.constexpr):
@@ -207,16 +244,37 @@ def _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, 
 
 
 @triton.jit
+def _as_acc(count, ACC: tl.constexpr):
+    """An integer argument as an ``ACC`` scalar (Triton passes an argument equal to 1 as a constant)."""
+    return count + tl.zeros([], dtype=ACC)
+
+
+@triton.jit
+def _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, GRAM_COVARIANCE: tl.constexpr, ACC: tl.constexpr):
+    """Per column of ``X``: ``coef`` in ``∂L/∂X = scale (A Aᵀ) A + coef ⊙ Xc``. The hinge's part is
+    ``-g_var / (S D (n - 1)) / std`` where ``std < 1`` (relu'(0) = 0, as in autograd); the Gram form
+    adds the covariance's ``-scale d`` (the ``A diag(d)`` term). ``S`` is the grid's slot count."""
+    dof = _as_acc(batch_rows, ACC) - 1.0
+    std = tl.sqrt(sumsq / dof + eps)
+    hinge_scale = tl.load(grad_variance_ptr).to(ACC) / (_as_acc(tl.num_programs(0), ACC) * _as_acc(dim, ACC) * dof)
+    coef = tl.where(std < 1.0, -hinge_scale / std, 0.0)
+    if GRAM_COVARIANCE:
+        coef = coef - scale * sumsq
+    return coef
+
+
+@triton.jit
 def _apply_product_kernel(
-    a_ptr, b_ptr, product_ptr, mean_ptr, coef_ptr, scale_ptr, out_ptr,
-    rows_a, rows_b, inner, row_offset, mean_s,
+    a_ptr, b_ptr, product_ptr, mean_ptr, sumsq_ptr, grad_variance_ptr, grad_covariance_ptr, out_ptr,
+    rows_a, rows_b, inner, row_offset, mean_s, batch_rows, dim, eps,
     sa_s, sa_r, sa_k, sb_s, sb_r, sb_k, sp_s, sp_r, sp_c, so_s, so_r, so_k,
     HAS_PRODUCT: tl.constexpr, PACKED_BLOCK: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, EVEN: tl.constexpr,
 ):
     """``out = scale · (P B) + coef ⊙ A`` for a ``[BLOCK_M, BLOCK_N]`` tile of ``A``'s shape, with
-    ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` is per column of ``X``.
+    ``P = A Bᵀ`` given and ``A``, ``B`` centred on the fly; ``coef`` (per column of ``X``) and
+    ``scale`` come from ``d`` and the two terms' gradients (:func:`_gradient_coefficients`).
 
     ``PACKED_BLOCK > 0``: ``P`` is symmetric and given as its packed upper-triangle tiles of that
     size (``BLOCK_M`` and ``BLOCK_K`` divide it); blocks left of the diagonal are read transposed."""
@@ -226,10 +284,15 @@ def _apply_product_kernel(
     a_offset = row_offset if MEAN_ON_ROWS else 0
     b_mean = mean_ptr + slot * mean_s
     a = _load_centred(a_ptr + slot * sa_s, rows, cols, sa_r, sa_k, rows_a, inner, b_mean + a_offset, MEAN_ON_ROWS, ACC, False)
+    dof = _as_acc(batch_rows, ACC) - 1.0
+    scale = 4.0 * tl.load(grad_covariance_ptr).to(ACC) / (dof * dof * _as_acc(dim, ACC) * _as_acc(tl.num_programs(0), ACC))
     if MEAN_ON_ROWS:
-        coef = tl.load(coef_ptr + slot * mean_s + a_offset + rows, mask=rows < rows_a, other=0.0)[:, None]
+        sumsq = tl.load(sumsq_ptr + slot * mean_s + a_offset + rows, mask=rows < rows_a, other=0.0)
+        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, False, ACC)[:, None]
     else:
-        coef = tl.load(coef_ptr + slot * mean_s + cols, mask=cols < inner, other=0.0)[None, :]
+        sumsq = tl.load(sumsq_ptr + slot * mean_s + cols, mask=cols < inner, other=0.0)
+        # With the covariance (HAS_PRODUCT), the Gram form's coefficient carries its -scale d.
+        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, HAS_PRODUCT, ACC)[None, :]
     result = coef * a
     if HAS_PRODUCT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -259,7 +322,7 @@ def _apply_product_kernel(
                 p_mask = (rows[:, None] < rows_a) & (js[None, :] < rows_b)
                 p = tl.load(p_base + rows[:, None] * sp_r + js[None, :] * sp_c, mask=p_mask, other=0.0).to(ACC)
                 acc = _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, acc, MEAN_ON_ROWS, ACC, USE_DOT, DOT_PRECISION, ROUND_TF32, EVEN)
-        result += tl.load(scale_ptr).to(ACC) * acc
+        result += scale * acc
     mask = (rows[:, None] < rows_a) & (cols[None, :] < inner)
     tl.store(out_ptr + slot * so_s + rows[:, None] * so_r + cols[None, :] * so_k, result, mask=mask)
 
@@ -313,9 +376,7 @@ def column_stats(x: torch.Tensor, eps: float):
     """``(mean, d, hinge)``, each ``[S, D]`` in the accumulator dtype, for ``x [n, S, D]``."""
     n, slots, dim = x.shape
     acc = accumulator_dtype(x.dtype)
-    mean = torch.empty(slots, dim, device=x.device, dtype=acc)
-    sumsq = torch.empty_like(mean)
-    hinge = torch.empty_like(mean)
+    mean, sumsq, hinge = torch.empty(3, slots, dim, device=x.device, dtype=acc).unbind()
     block_d = 64 if x.is_cuda and not _interpreted() else 128
     block_n = 32 if x.is_cuda and not _interpreted() else 64
     grid = (slots, cdiv(dim, block_d))
@@ -367,12 +428,15 @@ def packed_product_shape(x: torch.Tensor, side: int) -> Tuple[int, int, int, int
 
 
 def packed_product_fits(x: torch.Tensor, side: int) -> bool:
+    itemsize = torch.finfo(accumulator_dtype(x.dtype)).bits // 8
     shape = packed_product_shape(x, side)
-    return shape[0] * shape[1] * shape[2] * shape[3] * torch.finfo(accumulator_dtype(x.dtype)).bits // 8 <= SAVED_PRODUCT_BYTES
+    budget = max(SAVED_PRODUCT_BYTES, SAVED_PRODUCT_FRACTION * x.numel() * itemsize)
+    return shape[0] * shape[1] * shape[2] * shape[3] * itemsize <= budget
 
 
-def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``Σ (A Bᵀ)²`` per slot, ``[S]`` in the accumulator dtype (diagonal excluded for the direct form).
+def product_tile_squares(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ (A Bᵀ)²`` per tile, ``[S, tiles_a, tiles_b]`` in the accumulator dtype (diagonal excluded
+    for the direct form; with ``symmetric``, tiles below the diagonal hold 0 and those above count twice).
 
     When given, ``product`` receives ``A Bᵀ``: a dense ``[S, rows_a, rows_b]``, or (symmetric only)
     the packed upper-triangle tiles of :func:`packed_product_shape`."""
@@ -380,8 +444,7 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
     block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
     slots = x.shape[1]
     grid = (slots, cdiv(a.rows, block_m), cdiv(b.rows, block_n))
-    acc = accumulator_dtype(x.dtype)
-    partial = torch.zeros(grid, device=x.device, dtype=acc)
+    partial = torch.empty(grid, device=x.device, dtype=accumulator_dtype(x.dtype))
     precision = _dot_precision(x, mean.shape[1])
     store = product is not None
     packed = store and product.dim() == 4
@@ -397,16 +460,44 @@ def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: b
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
         DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
-    return partial.sum(dim=(1, 2))
+    return partial
 
 
-def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tensor], mean, coef, scale, out: Operand) -> None:
+def product_square_sums(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``Σ (A Bᵀ)²`` per slot, ``[S]`` (see :func:`product_tile_squares`)."""
+    return product_tile_squares(a, b, mean, symmetric, product).sum(dim=(1, 2))
+
+
+def finish_forward(partial: Optional[torch.Tensor], sumsq: torch.Tensor, hinge: torch.Tensor, batch_rows: int, gram: bool) -> torch.Tensor:
+    """``[variance, covariance]`` in the accumulator dtype: the mean hinge, and the mean over slots of
+    ``(Σ partial − Σ d² (Gram form)) / ((n − 1)² D)``; covariance 0 without ``partial``."""
+    out = torch.empty(2, device=sumsq.device, dtype=sumsq.dtype)
+    with_covariance = partial is not None
+    _finish_forward_kernel[(1,)](
+        partial if with_covariance else sumsq, sumsq, hinge, out, partial.numel() if with_covariance else 0, sumsq.numel(), batch_rows, sumsq.shape[1],
+        WITH_COVARIANCE=with_covariance, GRAM=gram, BLOCK=1024, num_warps=4,
+    )
+    return out
+
+
+@dataclass
+class GradientTerms:
+    """What the backward's per-column coefficients are computed from (inside the apply kernel)."""
+
+    sumsq: torch.Tensor  # [S, D]: d, the centred column sums of squares of the whole batch
+    grad_variance: torch.Tensor  # the variance term's incoming gradient (a scalar)
+    grad_covariance: torch.Tensor  # the covariance term's
+    batch_rows: int  # n of the whole batch (all ranks' rows in the row-block form)
+    eps: float
+
+
+def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tensor], mean, terms: GradientTerms, out: Operand) -> None:
     """``out = scale (A Bᵀ) B + coef ⊙ A`` (``product = A Bᵀ``, dense or packed as written by
-    :func:`product_square_sums`; without it, just ``coef ⊙ A``)."""
+    :func:`product_square_sums`; without it, just ``coef ⊙ A``: the variance term alone)."""
     x = a.x
     _, _, _, warps, stages, use_dot = _tile_config(x)
     block_m, block_n, block_k = _apply_blocks(x)
-    slots = x.shape[1]
+    slots, dim = terms.sumsq.shape  # D of the whole X: a row chunk of Xcᵀ holds only some of its columns
     grid = (slots, cdiv(a.rows, block_m), cdiv(a.inner, block_n))
     precision = _dot_precision(x, mean.shape[1])
     has_product = product is not None
@@ -414,11 +505,12 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     if packed_block and (packed_block % block_m or packed_block % block_k or a.rows != b.rows):
         raise ValueError(f"packed product tiles of {packed_block} need row blocks dividing them and a symmetric product")
     b = b if has_product else a
-    product = product if has_product else coef
+    product = product if has_product else terms.sumsq
     sp = product.stride()[:3] if has_product else (0, 0, 0)
     _apply_product_kernel[grid](
-        a.x, b.x, product, mean, coef, scale, out.x,
-        a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp, *out.strides(),
+        a.x, b.x, product, mean, terms.sumsq, terms.grad_variance, terms.grad_covariance, out.x,
+        a.rows, b.rows, a.inner, a.offset, mean.stride(0), terms.batch_rows, dim, float(terms.eps),
+        *a.strides(), *b.strides(), *sp, *out.strides(),
         HAS_PRODUCT=has_product, PACKED_BLOCK=packed_block, MEAN_ON_ROWS=a.transposed,
         EVEN=b.rows % block_k == 0 and a.inner % block_n == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
@@ -436,10 +528,10 @@ def product_fits(rows_a: int, rows_b: int, slots: int, itemsize: int) -> bool:
     return rows_a * rows_b * slots * itemsize <= SAVED_PRODUCT_BYTES
 
 
-def covariance_gradient(a: Operand, b: Operand, saved_product: Optional[torch.Tensor], mean, coef, scale, out: Operand) -> None:
+def covariance_gradient(a: Operand, b: Operand, saved_product: Optional[torch.Tensor], mean, terms: GradientTerms, out: Operand) -> None:
     """``out = scale (A Bᵀ) B + coef ⊙ A``, recomputing ``A Bᵀ`` in row chunks when it was not saved."""
     if saved_product is not None:
-        apply_product(a, b, saved_product, mean, coef, scale, out)
+        apply_product(a, b, saved_product, mean, terms, out)
         return
     acc = accumulator_dtype(a.x.dtype)
     slots = a.x.shape[1]
@@ -450,7 +542,7 @@ def covariance_gradient(a: Operand, b: Operand, saved_product: Optional[torch.Te
         part = buffer[:, : stop - start]
         chunk = a.row_slice(start, stop)
         product_square_sums(chunk, b, mean, symmetric=False, product=part)
-        apply_product(chunk, b, part, mean, coef, scale, out.row_slice(start, stop))
+        apply_product(chunk, b, part, mean, terms, out.row_slice(start, stop))
 
 
 def covariance_flops(n_a: int, n_b: int, dim: int, slots: int = 1) -> float:
@@ -461,12 +553,16 @@ def covariance_flops(n_a: int, n_b: int, dim: int, slots: int = 1) -> float:
 __all__ = [
     "FP32_DOT_PRECISION",
     "SAVED_PRODUCT_BYTES",
+    "SAVED_PRODUCT_FRACTION",
     "TF32_MIN_COLUMNS",
+    "GradientTerms",
     "Operand",
     "accumulator_dtype",
     "column_stats",
     "use_gram_form",
     "product_square_sums",
+    "product_tile_squares",
+    "finish_forward",
     "apply_product",
     "covariance_gradient",
     "product_fits",

@@ -158,7 +158,17 @@ def test_triton_non_contiguous_input(layout, device):
 def test_triton_backward_recomputes_in_chunks(n, dim, device, monkeypatch):
     # With no room to keep A·Aᵀ, the backward recomputes it 64 rows at a time (two chunks here).
     monkeypatch.setattr(kernels, "SAVED_PRODUCT_BYTES", 64 * 100 * 4)
+    monkeypatch.setattr(kernels, "SAVED_PRODUCT_FRACTION", 0.0)
     _check_triton(_spread(n, dim, device=device))
+
+
+def test_saved_product_budget(monkeypatch):
+    """Kept: up to 12 MiB, or up to a quarter of x (in float32) when that is more."""
+    monkeypatch.setattr(kernels, "_tile_config", lambda x: (128, 128, 32, 8, 3, True))  # the GPU's 128-wide tiles
+    target, local, wide = torch.empty(2048, 1, 8192), torch.empty(2048, 49, 512), torch.empty(4096, 1, 8192)
+    assert kernels.packed_product_shape(target, 2048) == (1, 136, 128, 128) and kernels.packed_product_fits(target, 2048)  # 8.5 MiB
+    assert kernels.packed_product_shape(local, 512) == (49, 10, 128, 128) and kernels.packed_product_fits(local, 512)  # 31 of 49 MiB
+    assert not kernels.packed_product_fits(wide, 4096)  # 33 MiB, a quarter of x is 32
 
 
 @pytest.mark.parametrize("shape, dtype", [((150, 190), torch.float32), ((190, 150), torch.float32), ((130, 2, 140), torch.float32), ((70, 90), torch.float64)])
@@ -170,8 +180,8 @@ def test_triton_backward_reads_the_packed_product(shape, dtype, device, monkeypa
     side = min(x3.shape[0], x3.shape[2])
     assert kernels.packed_product_shape(x3, side)[1] == 6 and kernels.packed_product_fits(x3, side)
     calls = []
-    product_square_sums = kernels.product_square_sums
-    monkeypatch.setattr(kernels, "product_square_sums", lambda *a, **k: calls.append(k.get("product")) or product_square_sums(*a, **k))
+    product_tile_squares = kernels.product_tile_squares
+    monkeypatch.setattr(kernels, "product_tile_squares", lambda *a, **k: calls.append(k.get("product")) or product_tile_squares(*a, **k))
     _check_triton(x)
     assert len(calls) == 1 and calls[0].shape == kernels.packed_product_shape(x3, side), "forward keeps the tiles, backward reuses them"
 
@@ -249,6 +259,30 @@ def test_triton_gradcheck_custom_autograd(device):
         for shape in [(3, 4), (4, 2, 2)]:  # Gram form, then direct form per slot
             x = _spread(*shape, dtype=torch.float64, device=device).requires_grad_(True)
             assert torch.autograd.gradcheck(lambda t: ops.vicreg_variance_covariance(t, eps=1e-3), (x,))
+
+
+@pytest.mark.parametrize("shape, with_covariance", [((9, 2, 12), True), ((12, 1, 5), True), ((12, 1, 5), False)])
+def test_opcheck_triton(device, shape, with_covariance):
+    """The custom op (torch.compile's and tracing's path, on [n, S, D]): schema, fake shapes, autograd registration."""
+    x = _spread(*shape, device=device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastdense.vicreg_variance_covariance, (x, 1e-4, with_covariance))
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12), (9, 3, 12)])
+def test_eager_path_equals_the_custom_op(shape, device):
+    """Plain eager calls skip the custom ops' Python layers (an autograd.Function over the same
+    launchers): same loss and gradient, bit for bit."""
+    x = _spread(*shape, device=device)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with ops.backend("triton"):
+        variance, covariance = ops.vicreg_variance_covariance(xe)
+    assert type(variance.grad_fn).__name__ == "_EagerTritonVarianceCovarianceBackward"
+    (25 * variance + covariance).backward()
+    slots = xc if xc.dim() == 3 else xc.unsqueeze(1)
+    op_variance, op_covariance, *_ = torch.ops.fastdense.vicreg_variance_covariance(slots, 1e-4, True)
+    (25 * op_variance + op_covariance).backward()
+    assert torch.equal(variance, op_variance) and torch.equal(covariance, op_covariance)
+    assert torch.equal(xe.grad, xc.grad)
 
 
 def test_triton_under_torch_compile(device):
@@ -361,8 +395,8 @@ import triton.language as tl
 from sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import vicreg as kernels
 
-def types(pointers, ints):
-    return {p: "*fp32" for p in pointers} | {i: "i32" for i in ints}
+def types(pointers, ints, floats=()):
+    return {p: "*fp32" for p in pointers} | {i: "i32" for i in ints} | {f: "fp32" for f in floats}
 
 block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 3  # _tile_config on a GPU, float32
 common = dict(ACC=tl.float32, USE_DOT=True, DOT_PRECISION="tf32", ROUND_TF32=True, MEAN_ON_ROWS=False)
@@ -372,12 +406,15 @@ for packed, even in ((True, True), (False, False)):
     constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     compiled = compile_for_sm90(kernels._product_tiles_kernel, types(products, product_ints), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "product tiles: no tensor-core MMA, or spills"
-applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "coef_ptr", "scale_ptr", "out_ptr"]
-apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
+applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "sumsq_ptr", "grad_variance_ptr", "grad_covariance_ptr", "out_ptr"]
+apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "batch_rows", "dim", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
 for packed_block, even in ((block_m, True), (0, False)):
     constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, **kernels.GPU_APPLY_BLOCKS)
-    compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints), constants, num_warps=warps, num_stages=stages)
+    compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints, ['eps']), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "apply: no tensor-core MMA, or spills"
+finish = types(["partial_ptr", "sumsq_ptr", "hinge_ptr", "out_ptr"], ["tiles", "slots_dim", "batch_rows", "dim"])
+for gram in (True, False):
+    assert compile_for_sm90(kernels._finish_forward_kernel, finish, dict(WITH_COVARIANCE=True, GRAM=gram, BLOCK=1024), num_warps=4).asm["cubin"]
 print("compiled")
 """
 
@@ -385,8 +422,26 @@ print("compiled")
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_h100():
     """The GPU configuration of the product and apply kernels lowers to sm_90 tensor-core code
-    without register spills (see tests/sm90.py)."""
+    without register spills, and the finishing kernel's float64 sums lower too (see tests/sm90.py)."""
     from sm90 import run_compile_script
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="counts the launches of the CPU run, whose kernels are stubbed")
+def test_host_work_per_call(tmp_path):
+    """``bench_vicreg.py --host``: a forward is three launches (column statistics, product tiles,
+    the finishing sums), a forward+backward four, with few aten ops around them. Counts, not times."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTDENSE_BENCH_OUT=str(tmp_path), PYTHONPATH=str(root))
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_vicreg.py"), "--host", "--quick"], env=env, check=True, capture_output=True, timeout=300)
+    (row,) = json.loads(next(tmp_path.glob("vicreg_host_quick_*.json")).read_text())["rows"]
+    assert (row["fwd_launches"], row["fwdbwd_launches"]) == (3, 4)
+    assert row["fwd_aten_ops"] <= 25 and row["fwdbwd_aten_ops"] <= 50, row

@@ -75,6 +75,17 @@ def resolve(op: str, tensors: Iterable[torch.Tensor], available: Iterable[str]) 
     return requested
 
 
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Whether this call runs eagerly on plain tensors: not traced by torch.compile or make_fx, no
+    dispatch mode active, no tensor subclass and no functorch wrapper. Such calls may skip a custom
+    op's Python autograd and redispatch layers, which cost the host more than the kernels' launches."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    )
+
+
 def _check_name(name: str, what: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"{what} must be one of {BACKENDS}, got {name!r}")

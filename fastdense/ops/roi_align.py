@@ -17,7 +17,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from fastdense.ops._dispatch import resolve
+from fastdense.ops._dispatch import plain_eager, resolve
 from fastdense.ops._validate import check_tensor
 
 BoxesArg = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -248,16 +248,6 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
         return roi_align_backward(grad, input, rois, *plan, *ctx.params), None, None, None, None, None, None
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Whether this call runs eagerly on plain tensors: not traced by torch.compile or make_fx, no
-    dispatch mode active, no tensor subclass and no functorch wrapper."""
-    return (
-        not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-    )
-
-
 def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
     """``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` from a ``[K, 5]`` tensor or a list of ``[k_i, 4]``."""
     if torch.is_tensor(boxes):
@@ -370,7 +360,7 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     if not input.is_cuda and _has_torchvision():
         available += ("cpp",)
     implementation = resolve("roi_align", (input, rois), available=available)
-    if implementation == "triton" and _plain_eager(input, rois):
+    if implementation == "triton" and plain_eager(input, rois):
         return _EagerTritonRoIAlign.apply(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), flat)
     out = torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)[0]
     return out.flatten(1) if flat else out

@@ -42,6 +42,18 @@ def _centred(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     return x.to(mean.dtype) - mean
 
 
+def _gradient_coefficients(sumsq, grad_variance, grad_covariance, n: int, eps: float):
+    """``(coef, scale)`` per column so that ``∂L/∂X = scale (Xc Xcᵀ) Xc + coef ⊙ Xc`` (the Gram form,
+    covariance included): the Triton apply kernel computes the same inside (``_gradient_coefficients``
+    of :mod:`fastdense.kernels.vicreg`)."""
+    slots, dim = sumsq.shape
+    std = torch.sqrt(sumsq / (n - 1) + eps)
+    # relu'(0) = 0, as in autograd: only columns with std < 1 receive the hinge's gradient.
+    coef = -(grad_variance.to(sumsq.dtype) / (slots * dim * (n - 1))) * (std < 1).to(sumsq.dtype) / std
+    scale = 4 * grad_covariance.to(sumsq.dtype) / ((n - 1) ** 2 * dim * slots)
+    return coef - scale * sumsq, scale
+
+
 class _RowBlockVarianceCovariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps: float, group, use_triton: bool):
@@ -91,18 +103,18 @@ class _RowBlockVarianceCovariance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_variance, grad_covariance):
         from fastdense.kernels import vicreg as kernels
-        from fastdense.ops.vicreg import _gradient_coefficients
 
         x, gathered, mean, sumsq, product = ctx.saved_tensors
         eps, n, use_triton, _ = ctx.meta
-        coef, scale = _gradient_coefficients(sumsq, grad_variance, grad_covariance, n, eps, True, gram_form=True)
         product = product if product.numel() else None
         if use_triton:
             grad = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            terms = kernels.GradientTerms(sumsq, grad_variance, grad_covariance, n, eps)
             kernels.covariance_gradient(
-                kernels.Operand(x, False), kernels.Operand(gathered, False), product, mean, coef, scale, kernels.Operand(grad, False)
+                kernels.Operand(x, False), kernels.Operand(gathered, False), product, mean, terms, kernels.Operand(grad, False)
             )
             return grad, None, None, None
+        coef, scale = _gradient_coefficients(sumsq, grad_variance, grad_covariance, n, eps)
         own = _centred(x, mean)
         every = _centred(gathered, mean).transpose(0, 1)  # [S, n, D]
         if product is None:

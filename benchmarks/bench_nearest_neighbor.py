@@ -8,6 +8,11 @@ locations D = 2: 56 matchings) as one figure.
 
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py           # GPU, full table (< 90 s)
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --quick   # CPU interpreter, seconds
+    PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --host    # host time per call (CPU or GPU)
+
+``--host``: what a VICRegL step's 56 matchings (one ``nearest_neighbor_pairs_many`` call) and one
+pair cost the host, with ``torch.set_num_threads(1)``; on a CPU with the kernels stubbed (see
+``host_cost`` in ``benchmarks/common.py`` and ``bench_vicreg.py --host``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ if not torch.cuda.is_available():  # the kernels can only run in Triton's interp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import floor_ms, host_cost, measured_bandwidth, peak_extra_bytes, print_table, stub_kernels, time_ms, write_results  # noqa: E402
 
 # H100 SXM datasheet peaks (PERFORMANCE.md): dense bf16 tensor cores and plain fp32.
 PEAK_FLOPS = {torch.bfloat16: 990e12, torch.float32: 67e12}
@@ -194,10 +199,43 @@ def bench_step(b, device, bandwidth):
     }
 
 
+def host_overhead(args) -> None:
+    import fastdense.kernels.nearest_neighbor as kernels
+
+    torch.set_num_threads(1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    stubs = stub_kernels(kernels) if device.type == "cpu" else {}
+    calls, rounds = (10, 3) if args.quick else (30, 15)
+    rows = []
+    for b in (8,) if args.quick else (64, 256):
+        _, queries, candidates, ks = vicregl_step_pairs(b, device)
+        query, cands = queries[0], candidates[0]
+
+        def step():
+            with ops.backend("triton"):
+                return ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+
+        def one_pair():
+            with ops.backend("triton"):
+                return ops.nearest_neighbor_pairs(query, cands, ks[0])
+
+        for case, fn in (("vicregl_step_56_pairs", step), ("one_pair", one_pair)):
+            row = dict(case=case, B=b, **host_cost(fn, device, stubs, calls, rounds))
+            rows.append(row)
+            print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
+    path = write_results("nearest_neighbor_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
+    print_table(rows, list(rows[0]))
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter, seconds)")
+    parser.add_argument("--host", action="store_true", help="host time per call (see the module docstring)")
     args = parser.parse_args(argv)
+    if args.host:
+        return host_overhead(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default; the baseline as users run it
     bandwidth = measured_bandwidth(device)

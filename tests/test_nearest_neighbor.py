@@ -351,6 +351,20 @@ def test_ops_work_under_torch_compile():
     torch.testing.assert_close(compiled(q, c), step(q, c))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_eager_calls_equal_the_registered_ops(backend, device):
+    """Plain eager calls skip the custom ops' Python layer; the results are the registered ops'."""
+    q, c = make_inputs(2, 9, 7, 3, torch.float32, device)
+    q2, c2 = make_inputs(2, 5, 6, 2, torch.float32, device, seed=1)
+    with ops.backend(backend):
+        eager = ops.nearest_neighbor_pairs_many([q, q2], [c, c2], [4, 5])
+        rows, match = torch.ops.fastdense.nearest_neighbor_pairs_many([q, q2], [c, c2], [4, 5])
+        distance, index = ops.nearest_neighbor(q.requires_grad_(), c)
+        op_distance, op_index = torch.ops.fastdense.nearest_neighbor(q.detach(), c)
+    assert torch.equal(torch.cat([r.flatten() for r, _ in eager]), rows) and torch.equal(torch.cat([m.flatten() for _, m in eager]), match)
+    assert torch.equal(distance, op_distance) and torch.equal(index, op_index) and not distance.requires_grad
+
+
 def test_registered_op_passes_opcheck():
     q, c = make_inputs(2, 9, 7, 3, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.fastdense.nearest_neighbor.default, (q, c), test_utils=("test_schema", "test_faketensor"))

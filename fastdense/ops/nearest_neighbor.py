@@ -6,7 +6,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from fastdense.ops._dispatch import requested_backend, resolve
+from fastdense.ops._dispatch import plain_eager, requested_backend, resolve
 from fastdense.ops._validate import check_same_device, check_tensor
 
 # The Triton kernels accumulate in float32; float64 input runs on the reference.
@@ -32,14 +32,21 @@ def _backend_for(op: str, tensors: Sequence[torch.Tensor]) -> str:
     return resolve(op, tensors, available=("triton",) if triton_can_serve else ())
 
 
-@torch.library.custom_op("fastdense::nearest_neighbor", mutates_args=())
-def _nearest_neighbor_op(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend_for("nearest_neighbor", (query, candidates)) == "triton":
         from fastdense.kernels.nearest_neighbor import nearest_neighbor_many
 
         distance, index, _ = nearest_neighbor_many([query], [candidates])
         return distance.view(query.shape[:2]), index.view(query.shape[:2])
     return nearest_neighbor_reference(query, candidates)
+
+
+# The custom ops serve torch.compile, tracing, tensor subclasses and functorch transforms. Eager calls
+# on plain tensors skip their Python layer: a quarter of one pair's host time, an eighth of a VICRegL
+# step's 56 pairs (one CPU core: benchmarks/bench_nearest_neighbor.py --host).
+@torch.library.custom_op("fastdense::nearest_neighbor", mutates_args=())
+def _nearest_neighbor_op(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _nearest_neighbor(query, candidates)
 
 
 @_nearest_neighbor_op.register_fake
@@ -49,8 +56,7 @@ def _(query, candidates):
     return query.new_empty(shape, dtype=dtype), query.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.custom_op("fastdense::nearest_neighbor_pairs_many", mutates_args=())
-def _pairs_many_op(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _pairs_many(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flat int64 ``(rows, match)``, pair after pair, each pair's ``[B_i, k_i]`` block row-major (one
     buffer per output: a custom op may not return views of one another)."""
     if _backend_for("nearest_neighbor_pairs_many", list(queries) + list(candidates)) == "triton":
@@ -65,6 +71,11 @@ def _pairs_many_op(queries: List[torch.Tensor], candidates: List[torch.Tensor], 
         rows_list.append(rows.reshape(-1))
         match_list.append(index.gather(1, rows).reshape(-1))
     return torch.cat(rows_list), torch.cat(match_list)
+
+
+@torch.library.custom_op("fastdense::nearest_neighbor_pairs_many", mutates_args=())
+def _pairs_many_op(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _pairs_many(queries, candidates, ks)
 
 
 @_pairs_many_op.register_fake
@@ -99,6 +110,9 @@ def nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[tor
     (tensor([[1., 1.]]), tensor([[1, 0]]))
     """
     _check_nn_args(query, candidates)
+    if plain_eager(query, candidates):
+        with torch.no_grad():
+            return _nearest_neighbor(query, candidates)
     return _nearest_neighbor_op(query.detach(), candidates.detach())
 
 
@@ -143,7 +157,11 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
         _check_nn_args(query, cands, f"queries[{i}]", f"candidates[{i}]")
         _check_k(k, query, f"ks[{i}]", f"queries[{i}]")
         check_same_device("queries[0]", queries[0], f"queries[{i}]", query)
-    rows, match = _pairs_many_op([q.detach() for q in queries], [c.detach() for c in candidates], ks)
+    if plain_eager(*queries, *candidates):
+        with torch.no_grad():
+            rows, match = _pairs_many(queries, candidates, ks)
+    else:
+        rows, match = _pairs_many_op([q.detach() for q in queries], [c.detach() for c in candidates], ks)
     sizes = [q.shape[0] * k for q, k in zip(queries, ks)]
     return [
         (r.view(q.shape[0], k), m.view(q.shape[0], k))

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():  # the kernels can only run in Triton's interp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import floor_ms, host_cost, measured_bandwidth, peak_extra_bytes, print_table, stub_kernels, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
 
 # H100 SXM datasheet peaks (PERFORMANCE.md): dense bf16 tensor cores and plain fp32.
 PEAK_FLOPS = {torch.bfloat16: 990e12, torch.float32: 67e12}
@@ -202,14 +202,9 @@ def bench_step(b, device, bandwidth):
 def host_overhead(args) -> None:
     import fastdense.kernels.nearest_neighbor as kernels
 
-    torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stubs = stub_kernels(kernels) if device.type == "cpu" else {}
-    calls, rounds = (10, 3) if args.quick else (30, 15)
-    rows = []
+    run = HostRun("nearest_neighbor_host", kernels, args.quick, *((10, 3) if args.quick else (30, 15)))
     for b in (8,) if args.quick else (64, 256):
-        _, queries, candidates, ks = vicregl_step_pairs(b, device)
-        query, cands = queries[0], candidates[0]
+        _, queries, candidates, ks = vicregl_step_pairs(b, run.device)
 
         def step():
             with ops.backend("triton"):
@@ -217,16 +212,10 @@ def host_overhead(args) -> None:
 
         def one_pair():
             with ops.backend("triton"):
-                return ops.nearest_neighbor_pairs(query, cands, ks[0])
+                return ops.nearest_neighbor_pairs(queries[0], candidates[0], ks[0])
 
-        for case, fn in (("vicregl_step_56_pairs", step), ("one_pair", one_pair)):
-            row = dict(case=case, B=b, **host_cost(fn, device, stubs, calls, rounds))
-            rows.append(row)
-            print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
-    path = write_results("nearest_neighbor_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
-    print_table(rows, list(rows[0]))
-    print(f"wrote {path}")
+        run.add(dict(B=b), {"vicregl_step_56_pairs": step, "one_pair": one_pair})
+    run.write()
 
 
 def main(argv=None):

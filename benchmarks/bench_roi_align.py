@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchvision  # noqa: E402
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import _fmt, floor_ms, host_cost, measured_bandwidth, print_table, stub_kernels, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, _fmt, floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
@@ -221,24 +221,19 @@ def run(args) -> None:
 
 
 def host_overhead(args) -> None:
-    torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generator = torch.Generator().manual_seed(0)
-    batches = (4,) if args.quick else (64, 256)
-    channels = 2048 if device.type == "cuda" else 16
+    import fastdense.kernels.roi_align as kernels
+
+    gpu = torch.cuda.is_available()
     # On a GPU, few enough calls per round that their launches fit the device's launch queue behind
     # the sleep (a full queue would block the host and time the GPU instead).
-    calls, rounds = (20, 3) if args.quick else ((50, 15) if device.type == "cuda" else (200, 15))
-    stubs = {}
-    if device.type == "cpu":
-        import fastdense.kernels.roi_align as kernels
-
-        stubs = stub_kernels(kernels)
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, channels, 7, 7, generator=generator).to(device).requires_grad_()
-        rois = scrl_rois(batch, 10, 224, generator).to(device)
-        grad = torch.randn(rois.shape[0], channels, generator=generator).to(device)
+    calls, rounds = (20, 3) if args.quick else ((50, 15) if gpu else (200, 15))
+    run = HostRun("roi_align_host", kernels, args.quick, calls, rounds)
+    generator = torch.Generator().manual_seed(0)
+    channels = 2048 if gpu else 16
+    for batch in (4,) if args.quick else (64, 256):
+        x = torch.randn(batch, channels, 7, 7, generator=generator).to(run.device).requires_grad_()
+        rois = scrl_rois(batch, 10, 224, generator).to(run.device)
+        grad = torch.randn(rois.shape[0], channels, generator=generator).to(run.device)
         for check_boxes in (False, True):
             def forward():
                 with ops.backend("triton"):
@@ -247,19 +242,10 @@ def host_overhead(args) -> None:
             def forward_backward():
                 return torch.autograd.grad(forward(), x, grad)
 
+            # The checked call waits for the GPU inside: it has no enqueue rate.
             row = dict(shape=f"{batch}x{channels}x7x7", boxes=int(rois.shape[0]), check_boxes=check_boxes)
-            for label, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
-                # The checked call waits for the GPU inside: it has no enqueue rate.
-                cost = host_cost(fn, device, stubs, calls, rounds, enqueue=not check_boxes)
-                row.update({f"{label}_{key}": value for key, value in cost.items()})
-            rows.append(row)
-            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
-    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
-    if device.type == "cuda":
-        extra["grouping"] = _grouping_times(device, generator)
-    path = write_results("roi_align_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
-    print_table(rows, list(rows[0]))
-    print(f"wrote {path}", flush=True)
+            run.add(row, {"fwd": forward, "fwdbwd": forward_backward}, enqueue=not check_boxes)
+    run.write({"grouping": _grouping_times(run.device, generator)} if gpu else None)
 
 
 # (boxes per image, images): SCRL's 640 and 2560 boxes, then up to 4x past the kernel's limit.

@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import floor_ms, host_cost, measured_bandwidth, peak_extra_bytes, print_table, stub_kernels, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
 from fastdense.kernels import vicreg as kernels  # noqa: E402
 from fastdense.ops.vicreg_distributed import communication_bytes, covariance_flops_per_rank  # noqa: E402
 
@@ -179,14 +179,10 @@ HOST_SHAPES = ((2048, 1, 8192), (256, 1, 2048), (2048, 49, 512))  # the target, 
 
 
 def host_overhead(args) -> None:
-    torch.set_num_threads(1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    stubs = stub_kernels(kernels) if device.type == "cpu" else {}
-    calls, rounds = (20, 5) if args.quick else (50, 15)
-    rows = []
+    run = HostRun("vicreg_host", kernels, args.quick, *((20, 5) if args.quick else (50, 15)))
     for n, slots, dim in HOST_SHAPES[:1] if args.quick else HOST_SHAPES:
-        x = torch.randn(n, dim, device=device) if slots == 1 else torch.randn(n, slots, dim, device=device)
-        xg = x.clone().requires_grad_(True)
+        shape = (n, dim) if slots == 1 else (n, slots, dim)
+        xg = torch.randn(*shape, device=run.device).requires_grad_(True)
 
         def forward():
             with ops.backend("triton"):
@@ -196,15 +192,8 @@ def host_overhead(args) -> None:
             variance, covariance = forward()
             return torch.autograd.grad(25 * variance + covariance, xg)
 
-        row = dict(n=n, slots=slots, dim=dim)
-        for label, fn in (("fwd", forward), ("fwdbwd", forward_backward)):
-            row.update({f"{label}_{key}": value for key, value in host_cost(fn, device, stubs, calls, rounds).items()})
-        rows.append(row)
-        print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    extra = {"threads": 1, "calls_per_round": calls, "rounds": rounds, "kernels_stubbed": sorted(stubs)}
-    path = write_results("vicreg_host" + ("_quick" if args.quick else ""), device, rows, extra=extra)
-    print_table(rows, list(rows[0]))
-    print(f"wrote {path}")
+        run.add(dict(n=n, slots=slots, dim=dim), {"fwd": forward, "fwdbwd": forward_backward})
+    run.write()
 
 
 def main():

@@ -188,3 +188,30 @@ def host_cost(fn, device: torch.device, stubs: Dict[str, NoLaunch], calls: int, 
         cost["launches"] = sum(stub.launches for stub in stubs.values()) - launches
     cost["aten_ops"] = aten_ops_per_call(fn)
     return cost
+
+
+class HostRun:
+    """A ``--host`` benchmark: one thread; on a CPU the ``*_kernel`` functions of ``kernels`` stubbed;
+    rows of :func:`host_cost` figures, printed as they come, then written to ``{name}_{device}.json``."""
+
+    def __init__(self, name: str, kernels, quick: bool, calls: int, rounds: int):
+        torch.set_num_threads(1)
+        self.name = name + ("_quick" if quick else "")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.stubs = stub_kernels(kernels) if self.device.type == "cpu" else {}
+        self.calls, self.rounds, self.rows = calls, rounds, []
+
+    def add(self, row: Dict, fns: Dict[str, Callable[[], object]], enqueue: bool = True) -> None:
+        """Append ``row`` with the host cost of each ``fns[label]`` as ``{label}_{figure}``."""
+        for label, fn in fns.items():
+            cost = host_cost(fn, self.device, self.stubs, self.calls, self.rounds, enqueue=enqueue)
+            row.update({f"{label}_{key}": value for key, value in cost.items()})
+        self.rows.append(row)
+        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+
+    def write(self, extra: Dict = None) -> Path:
+        extra = {"threads": 1, "calls_per_round": self.calls, "rounds": self.rounds, "kernels_stubbed": sorted(self.stubs), **(extra or {})}
+        path = write_results(self.name, self.device, self.rows, extra=extra)
+        print_table(self.rows, list(self.rows[0]))
+        print(f"wrote {path}", flush=True)
+        return path

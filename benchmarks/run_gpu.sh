@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, append to $out/gpu_r
     rm -f "$out/.step.log"
 }
 # Steps by name; `bash benchmarks/run_gpu.sh tests_nn bench_vicreg` runs just those (one device call
-# has 10 minutes: the whole list takes about 12, so split it over two calls).
+# has 10 minutes: the whole list takes about 14, so split it over two calls).
 declare -A STEPS=(
     [tests_nn]="180 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_methods.py::test_vicregl_step_matches_all_pairs_in_one_launch"
     [tests_vicreg]="120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_vicreg.py tests/test_vicreg_distributed.py"

@@ -55,6 +55,14 @@ TF32_MIN_COLUMNS = 64
 # which would otherwise be recomputed in 8 chunks, two launches each.
 SAVED_PRODUCT_BYTES = 12 << 20
 SAVED_PRODUCT_FRACTION = 0.25
+# A product with fewer tiles than the GPU has multiprocessors leaves most of them idle for the whole
+# inner loop (n 256 at D 8192: 3 of 132 busy). Such tiles have their inner axis cut into ranges of at
+# least SPLIT_MIN_DEPTH, each summed by its own program, when it is at least SPLIT_MIN_INNER long
+# (shorter loops cost less than the second launch that adds the ranges up).
+SPLIT_MIN_INNER = 1024
+SPLIT_MIN_DEPTH = 256
+SPLIT_SUMS_BYTES = 12 << 20  # the ranges' tile sums, held until they are added up
+INTERPRETER_MULTIPROCESSORS = 1  # the interpreter runs one program at a time: no splits (tests raise it)
 # The backward's ``(A Aᵀ) A`` tiles on a GPU. Its loop is issue-bound on the CUDA-core work per element
 # it loads, centres and rounds: a 128x128 output tile does 64 multiply-adds per such element, 128x64
 # only 43 (sm_90 PTX: 122-143 against 88-107 multiply-adds per warp instruction). 16 deep, not 32:
@@ -145,44 +153,17 @@ def _packed_tile_index(tile_row, tile_col, tiles_per_side):
 
 
 @triton.jit
-def _product_tiles_kernel(
-    a_ptr, b_ptr, mean_ptr, partial_ptr, product_ptr,
-    rows_a, rows_b, inner, row_offset, mean_s,
-    sa_s, sa_r, sa_k, sb_s, sb_r, sb_k,
-    sp_s, sp_r, sp_c,
-    SYMMETRIC: tl.constexpr, MEAN_ON_ROWS: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr,
-    PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, EVEN: tl.constexpr,
+def _store_tile_results(
+    acc, partial, slot, pid_m, pid_n, tiles_m, rows_a, rows_b, row_offset, product_ptr, sp_s, sp_r, sp_c,
+    SYMMETRIC: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr, PACKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` tile of ``P = A Bᵀ`` (centred on the fly): writes ``Σ P²`` of the tile
-    (doubled for off-diagonal tiles when ``A = B`` and only the upper triangle is visited) and,
-    when asked, the tile itself into ``product``: into its packed upper-triangle slot when
-    ``PACKED`` (symmetric only), else at its place in a dense ``[S, rows_a, rows_b]`` (and its mirror)."""
-    slot = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(2)
-    partial = partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
-    if SYMMETRIC:
-        if pid_n < pid_m:
-            tl.store(partial, tl.zeros([], dtype=ACC))  # its mirror counts it twice
-            return
+    """A finished ``[BLOCK_M, BLOCK_N]`` tile of ``P``: its ``Σ P²`` into ``partial`` (doubled for
+    off-diagonal tiles when ``A = B`` and only the upper triangle is visited) and, when asked, the
+    tile into ``product``: its packed upper-triangle slot when ``PACKED`` (symmetric only), else its
+    place in a dense ``[S, rows_a, rows_b]`` (and its mirror)."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_base = a_ptr + slot * sa_s
-    b_base = b_ptr + slot * sb_s
-    # A may be a row chunk starting at global row ``row_offset`` (means and the diagonal use global rows).
-    a_mean = mean_ptr + slot * mean_s + (row_offset if MEAN_ON_ROWS else 0)
-    b_mean = mean_ptr + slot * mean_s
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for start in range(0, inner, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        a = _load_centred(a_base, rows, ks, sa_r, sa_k, rows_a, inner, a_mean, MEAN_ON_ROWS, ACC, ROUND_TF32, EVEN)
-        # The Bᵀ tile [BLOCK_K, BLOCK_N] holds B's rows as columns, so its mean runs the other way.
-        if MEAN_ON_ROWS:
-            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, False, ACC, ROUND_TF32, EVEN)
-        else:
-            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, True, ACC, ROUND_TF32, EVEN)
-        acc = _matmul_tile(a, b, acc, USE_DOT, DOT_PRECISION)
     if MASK_DIAGONAL:
         acc = tl.where(rows[:, None] + row_offset == cols[None, :], 0.0, acc)
     squares = tl.sum(acc * acc)
@@ -193,7 +174,7 @@ def _product_tiles_kernel(
         base = product_ptr + slot * sp_s
         if PACKED:
             # Rows and columns past the data are zero (masked loads), so whole tiles are stored.
-            tile = _packed_tile_index(pid_m, pid_n, tl.num_programs(1))
+            tile = _packed_tile_index(pid_m, pid_n, tiles_m)
             local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             tl.store(base + tile * (BLOCK_M * BLOCK_N) + local, acc)
         else:
@@ -202,6 +183,81 @@ def _product_tiles_kernel(
             if SYMMETRIC:
                 mirror = mask & (pid_n != pid_m)
                 tl.store(base + cols[None, :] * sp_r + rows[:, None] * sp_c, acc, mask=mirror)
+
+
+@triton.jit
+def _product_tiles_kernel(
+    a_ptr, b_ptr, mean_ptr, partial_ptr, product_ptr, split_ptr,
+    rows_a, rows_b, inner, row_offset, mean_s, splits, split_depth,
+    sa_s, sa_r, sa_k, sb_s, sb_r, sb_k,
+    sp_s, sp_r, sp_c,
+    SYMMETRIC: tl.constexpr, MEAN_ON_ROWS: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr,
+    PACKED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr, EVEN: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``P = A Bᵀ`` (centred on the fly), or with ``SPLIT`` its sum
+    over one ``split_depth`` range of the inner axis (a multiple of ``BLOCK_K``), stored raw into
+    ``split_ptr`` for :func:`_combine_splits_kernel`. Axis 0 of the grid runs over slots x splits."""
+    slot = tl.program_id(0) // splits
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    partial = partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
+    if SYMMETRIC:
+        if pid_n < pid_m:
+            if not SPLIT:
+                tl.store(partial, tl.zeros([], dtype=ACC))  # its mirror counts it twice
+            return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    a_base = a_ptr + slot * sa_s
+    b_base = b_ptr + slot * sb_s
+    # A may be a row chunk starting at global row ``row_offset`` (means and the diagonal use global rows).
+    a_mean = mean_ptr + slot * mean_s + (row_offset if MEAN_ON_ROWS else 0)
+    b_mean = mean_ptr + slot * mean_s
+    k_start = (tl.program_id(0) % splits) * split_depth
+    k_end = tl.minimum(k_start + split_depth, inner)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for start in range(k_start, k_end, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        a = _load_centred(a_base, rows, ks, sa_r, sa_k, rows_a, inner, a_mean, MEAN_ON_ROWS, ACC, ROUND_TF32, EVEN)
+        # The Bᵀ tile [BLOCK_K, BLOCK_N] holds B's rows as columns, so its mean runs the other way.
+        if MEAN_ON_ROWS:
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, False, ACC, ROUND_TF32, EVEN)
+        else:
+            b = _load_centred(b_base, ks, cols, sb_k, sb_r, inner, rows_b, b_mean, True, ACC, ROUND_TF32, EVEN)
+        acc = _matmul_tile(a, b, acc, USE_DOT, DOT_PRECISION)
+    if SPLIT:
+        tile = (tl.program_id(0) * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tl.store(split_ptr + tile * (BLOCK_M * BLOCK_N) + local, acc)
+    else:
+        _store_tile_results(acc, partial, slot, pid_m, pid_n, tl.num_programs(1), rows_a, rows_b, row_offset, product_ptr, sp_s, sp_r, sp_c,
+                            SYMMETRIC, MASK_DIAGONAL, STORE_PRODUCT, PACKED, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    split_ptr, partial_ptr, product_ptr, splits, rows_a, rows_b, row_offset, sp_s, sp_r, sp_c,
+    SYMMETRIC: tl.constexpr, MASK_DIAGONAL: tl.constexpr, STORE_PRODUCT: tl.constexpr, PACKED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
+):
+    """A tile of ``P`` from its split sums, added in split order (the result does not depend on which
+    split finished first), then finished like an unsplit tile."""
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    partial = partial_ptr + (slot * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
+    if SYMMETRIC:
+        if pid_n < pid_m:
+            tl.store(partial, tl.zeros([], dtype=ACC))
+            return
+    local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for split in range(0, splits):
+        tile = ((slot * splits + split) * tl.num_programs(1) + pid_m) * tl.num_programs(2) + pid_n
+        acc += tl.load(split_ptr + tile * (BLOCK_M * BLOCK_N) + local)
+    _store_tile_results(acc, partial, slot, pid_m, pid_n, tl.num_programs(1), rows_a, rows_b, row_offset, product_ptr, sp_s, sp_r, sp_c,
+                        SYMMETRIC, MASK_DIAGONAL, STORE_PRODUCT, PACKED, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -434,17 +490,43 @@ def packed_product_fits(x: torch.Tensor, side: int) -> bool:
     return shape[0] * shape[1] * shape[2] * shape[3] * itemsize <= budget
 
 
+def multiprocessors(device: torch.device) -> int:
+    """How many programs run at once, about: the GPU's multiprocessor count (one product tile each:
+    their registers allow no second). The interpreter runs programs one by one."""
+    if device.type == "cuda" and not _interpreted():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
+
+
+def inner_splits(active_tiles: int, grid_tiles: int, inner: int, block_k: int, tile_bytes: int, device: torch.device) -> Tuple[int, int]:
+    """``(splits, depth)``: into how many ranges of ``depth`` (a multiple of ``block_k``) the inner
+    axis is cut so that ``active_tiles`` product tiles (of a grid of ``grid_tiles``) fill the GPU
+    (1: not cut). Only long inner axes are cut, and only as far as the split sums of the whole grid
+    fit ``SPLIT_SUMS_BYTES``."""
+    if inner < SPLIT_MIN_INNER:
+        return 1, inner
+    splits = min(multiprocessors(device) // active_tiles, inner // SPLIT_MIN_DEPTH, SPLIT_SUMS_BYTES // (grid_tiles * tile_bytes))
+    if splits < 2:
+        return 1, inner
+    depth = cdiv(cdiv(inner, splits), block_k) * block_k
+    return cdiv(inner, depth), depth
+
+
 def product_tile_squares(a: Operand, b: Operand, mean: torch.Tensor, symmetric: bool, product: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``Σ (A Bᵀ)²`` per tile, ``[S, tiles_a, tiles_b]`` in the accumulator dtype (diagonal excluded
     for the direct form; with ``symmetric``, tiles below the diagonal hold 0 and those above count twice).
 
     When given, ``product`` receives ``A Bᵀ``: a dense ``[S, rows_a, rows_b]``, or (symmetric only)
-    the packed upper-triangle tiles of :func:`packed_product_shape`."""
+    the packed upper-triangle tiles of :func:`packed_product_shape`. When there are fewer tiles than
+    the GPU has multiprocessors (``n`` up to 1024 at D 8192, one rank's rows in the row-block form), each
+    tile's inner axis is cut into ranges summed by separate programs (:func:`inner_splits`), then
+    added up in a fixed order by a second launch."""
     x = a.x
     block_m, block_n, block_k, warps, stages, use_dot = _tile_config(x)
     slots = x.shape[1]
     grid = (slots, cdiv(a.rows, block_m), cdiv(b.rows, block_n))
-    partial = torch.empty(grid, device=x.device, dtype=accumulator_dtype(x.dtype))
+    acc = accumulator_dtype(x.dtype)
+    partial = torch.empty(grid, device=x.device, dtype=acc)
     precision = _dot_precision(x, mean.shape[1])
     store = product is not None
     packed = store and product.dim() == 4
@@ -452,14 +534,23 @@ def product_tile_squares(a: Operand, b: Operand, mean: torch.Tensor, symmetric: 
         raise ValueError(f"a packed product needs a symmetric product of shape {packed_product_shape(x, a.rows)}, got {tuple(product.shape)}")
     target = product if store else partial
     sp = product.stride()[:3] if store else (0, 0, 0)
-    _product_tiles_kernel[grid](
-        a.x, b.x, mean, partial, target,
-        a.rows, b.rows, a.inner, a.offset, mean.stride(0), *a.strides(), *b.strides(), *sp,
-        SYMMETRIC=symmetric, MEAN_ON_ROWS=a.transposed, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store, PACKED=packed,
+    active = slots * (grid[1] * (grid[1] + 1) // 2 if symmetric else grid[1] * grid[2])
+    tile_bytes = block_m * block_n * torch.finfo(acc).bits // 8
+    splits, depth = inner_splits(active, slots * grid[1] * grid[2], a.inner, block_k, tile_bytes, x.device)
+    split_sums = torch.empty(slots * splits, grid[1], grid[2], block_m, block_n, device=x.device, dtype=acc) if splits > 1 else partial
+    flags = dict(SYMMETRIC=symmetric, MASK_DIAGONAL=a.transposed, STORE_PRODUCT=store, PACKED=packed, BLOCK_M=block_m, BLOCK_N=block_n)
+    _product_tiles_kernel[(slots * splits, grid[1], grid[2])](
+        a.x, b.x, mean, partial, target, split_sums,
+        a.rows, b.rows, a.inner, a.offset, mean.stride(0), splits, depth, *a.strides(), *b.strides(), *sp,
+        MEAN_ON_ROWS=a.transposed, SPLIT=splits > 1, **flags,
         EVEN=a.rows % block_m == 0 and b.rows % block_n == 0 and a.inner % block_k == 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
+        BLOCK_K=block_k, ACC=_tl_dtype(x.dtype), USE_DOT=use_dot,
         DOT_PRECISION=precision, ROUND_TF32=precision == "tf32", num_warps=warps, num_stages=stages,
     )
+    if splits > 1:
+        _combine_splits_kernel[grid](
+            split_sums, partial, target, splits, a.rows, b.rows, a.offset, *sp, **flags, ACC=_tl_dtype(x.dtype), num_warps=warps,
+        )
     return partial
 
 
@@ -518,10 +609,10 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     )
 
 
-def chunk_rows(rows_b: int, slots: int, itemsize: int, budget: int = SAVED_PRODUCT_BYTES) -> int:
-    """How many rows of ``A Bᵀ`` fit in ``budget`` bytes: a multiple of 64, at least 64."""
+def chunk_rows(rows_b: int, slots: int, itemsize: int) -> int:
+    """How many rows of ``A Bᵀ`` fit in ``SAVED_PRODUCT_BYTES``: a multiple of 64, at least 64."""
     per_row = max(1, rows_b * slots * itemsize)
-    return max(64, (budget // per_row) // 64 * 64)
+    return max(64, (SAVED_PRODUCT_BYTES // per_row) // 64 * 64)
 
 
 def product_fits(rows_a: int, rows_b: int, slots: int, itemsize: int) -> bool:
@@ -562,6 +653,8 @@ __all__ = [
     "use_gram_form",
     "product_square_sums",
     "product_tile_squares",
+    "inner_splits",
+    "multiprocessors",
     "finish_forward",
     "apply_product",
     "covariance_gradient",

@@ -156,10 +156,14 @@ def test_triton_non_contiguous_input(layout, device):
 
 @pytest.mark.parametrize("n, dim", [(70, 100), (100, 70)])
 def test_triton_backward_recomputes_in_chunks(n, dim, device, monkeypatch):
-    # With no room to keep A·Aᵀ, the backward recomputes it 64 rows at a time (two chunks here).
+    # With no room to keep A·Aᵀ, the backward recomputes it 64 rows at a time (two chunks here; the
+    # budget is read when the chunks are cut, not when the module is imported).
     monkeypatch.setattr(kernels, "SAVED_PRODUCT_BYTES", 64 * 100 * 4)
     monkeypatch.setattr(kernels, "SAVED_PRODUCT_FRACTION", 0.0)
+    applies = _RecordLaunches(kernels._apply_product_kernel)
+    monkeypatch.setattr(kernels, "_apply_product_kernel", applies)
     _check_triton(_spread(n, dim, device=device))
+    assert len(applies.launches) == 2
 
 
 def test_saved_product_budget(monkeypatch):
@@ -223,6 +227,39 @@ def test_triton_even_tiles_drop_the_masks(shape, even, device, monkeypatch):
     _check_triton(_spread(*shape, device=device))
     assert [launch["EVEN"] for launch in products.launches] == [even]
     assert [launch["EVEN"] for launch in applies.launches] == [even]
+
+
+@pytest.mark.parametrize("shape, recompute", [((70, 300), False), ((300, 70), False), ((90, 2, 200), False), ((70, 300), True), ((300, 70), True)])
+def test_triton_inner_splits(shape, recompute, device, monkeypatch):
+    # Fewer tiles than multiprocessors and a long inner axis: each tile's inner axis is cut into ranges
+    # (the last one partial here), summed by separate programs and added up in order by a second
+    # launch; in the forward (packed product kept) and in the backward's chunked recompute (dense rows).
+    if not HAS_CUDA:
+        monkeypatch.setattr(kernels, "INTERPRETER_MULTIPROCESSORS", 16)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_INNER", 128)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_DEPTH", 64)
+    if recompute:
+        monkeypatch.setattr(kernels, "SAVED_PRODUCT_BYTES", 64 * 70 * 4)  # 64 rows of the 70x70 product at a time
+        monkeypatch.setattr(kernels, "SAVED_PRODUCT_FRACTION", 0.0)
+    combines = _RecordLaunches(kernels._combine_splits_kernel)
+    monkeypatch.setattr(kernels, "_combine_splits_kernel", combines)
+    _check_triton(_spread(*shape, device=device))
+    assert len(combines.launches) == (3 if recompute else 1)  # the forward, then each of two row chunks
+
+
+def test_inner_splits_fill_the_gpu(monkeypatch):
+    """On an H100 (132 multiprocessors) with 128x128x32 float32 tiles."""
+    def splits(side_a, side_b, inner, symmetric=True):
+        active = side_a * (side_a + 1) // 2 if symmetric else side_a * side_b
+        return kernels.inner_splits(active, side_a * side_b, inner, 32, 128 * 128 * 4, torch.device("cpu"))
+
+    monkeypatch.setattr(kernels, "INTERPRETER_MULTIPROCESSORS", 132)
+    assert splits(2, 2, 8192) == (32, 256)  # n 256, D 8192: 96 programs instead of 3
+    assert splits(4, 4, 8192) == (12, 704)  # n 512: the split sums' 12 MiB budget binds
+    assert splits(8, 8, 8192) == (3, 2752)  # n 1024
+    assert splits(2, 16, 8192, symmetric=False) == (4, 2048)  # one rank's 256 rows against 2048 gathered ones
+    assert splits(16, 16, 8192) == (1, 8192)  # n 2048: already more tiles than multiprocessors
+    assert splits(2, 2, 512) == (1, 512)  # too short to be worth a second launch
 
 
 @pytest.mark.parametrize("precision", ["tf32x3", "ieee"])
@@ -400,12 +437,16 @@ def types(pointers, ints, floats=()):
 
 block_m, block_n, block_k, warps, stages = 128, 128, 32, 8, 3  # _tile_config on a GPU, float32
 common = dict(ACC=tl.float32, USE_DOT=True, DOT_PRECISION="tf32", ROUND_TF32=True, MEAN_ON_ROWS=False)
-products = ["a_ptr", "b_ptr", "mean_ptr", "partial_ptr", "product_ptr"]
-product_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c"]
-for packed, even in ((True, True), (False, False)):
-    constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+products = ["a_ptr", "b_ptr", "mean_ptr", "partial_ptr", "product_ptr", "split_ptr"]
+product_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "splits", "split_depth", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c"]
+for packed, even, split in ((True, True, False), (False, False, False), (True, True, True)):
+    constants = dict(common, SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, SPLIT=split, EVEN=even, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     compiled = compile_for_sm90(kernels._product_tiles_kernel, types(products, product_ints), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "product tiles: no tensor-core MMA, or spills"
+combine = types(["split_ptr", "partial_ptr", "product_ptr"], ["splits", "rows_a", "rows_b", "row_offset", "sp_s", "sp_r", "sp_c"])
+for packed in (True, False):
+    constants = dict(SYMMETRIC=True, MASK_DIAGONAL=False, STORE_PRODUCT=True, PACKED=packed, BLOCK_M=block_m, BLOCK_N=block_n, ACC=tl.float32)
+    assert spill_bytes(compile_for_sm90(kernels._combine_splits_kernel, combine, constants, num_warps=warps)) == 0, "combine: spills"
 applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "sumsq_ptr", "grad_variance_ptr", "grad_covariance_ptr", "out_ptr"]
 apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "batch_rows", "dim", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
 for packed_block, even in ((block_m, True), (0, False)):

@@ -262,7 +262,7 @@ def _combine_splits_kernel(
 
 @triton.jit
 def _finish_forward_kernel(
-    partial_ptr, sumsq_ptr, hinge_ptr, out_ptr, tiles, slots_dim, batch_rows, dim,
+    partial_ptr, sumsq_ptr, hinge_ptr, out_ptr, tiles, slots_dim, batch_rows,
     WITH_COVARIANCE: tl.constexpr, GRAM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """``out = [variance, covariance]`` from the per-column hinges, the product's per-tile square
@@ -565,7 +565,7 @@ def finish_forward(partial: Optional[torch.Tensor], sumsq: torch.Tensor, hinge: 
     out = torch.empty(2, device=sumsq.device, dtype=sumsq.dtype)
     with_covariance = partial is not None
     _finish_forward_kernel[(1,)](
-        partial if with_covariance else sumsq, sumsq, hinge, out, partial.numel() if with_covariance else 0, sumsq.numel(), batch_rows, sumsq.shape[1],
+        partial if with_covariance else sumsq, sumsq, hinge, out, partial.numel() if with_covariance else 0, sumsq.numel(), batch_rows,
         WITH_COVARIANCE=with_covariance, GRAM=gram, BLOCK=1024, num_warps=4,
     )
     return out

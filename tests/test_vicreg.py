@@ -453,7 +453,7 @@ for packed_block, even in ((block_m, True), (0, False)):
     constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, **kernels.GPU_APPLY_BLOCKS)
     compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints, ['eps']), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "apply: no tensor-core MMA, or spills"
-finish = types(["partial_ptr", "sumsq_ptr", "hinge_ptr", "out_ptr"], ["tiles", "slots_dim", "batch_rows", "dim"])
+finish = types(["partial_ptr", "sumsq_ptr", "hinge_ptr", "out_ptr"], ["tiles", "slots_dim", "batch_rows"])
 for gram in (True, False):
     assert compile_for_sm90(kernels._finish_forward_kernel, finish, dict(WITH_COVARIANCE=True, GRAM=gram, BLOCK=1024), num_warps=4).asm["cubin"]
 print("compiled")

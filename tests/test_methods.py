@@ -92,14 +92,17 @@ def test_scrl_loss_matches_float64():
     out = method(batch, rois=rois)
 
     with torch.no_grad():
+        # As the reference: both views in one backbone batch, the boxes of both views in one head
+        # batch (one set of BatchNorm statistics), view 2's boxes indexing images B..2B-1.
         both = torch.cat(batch.views)
-        online, target = method.backbone(both).split(3), method.target_backbone(both).split(3)
-        pooled = [torchvision.ops.roi_align(f, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for f, r in zip(online, rois)]
-        pooled_t = [torchvision.ops.roi_align(t, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for t, r in zip(target, rois)]
-        q1, q2 = (method.predictor(method.projector(p)) for p in pooled)
-        z1, z2 = (method.target_projector(p) for p in pooled_t)
+        boxes = torch.cat([rois[0], rois[1] + torch.tensor([3.0, 0, 0, 0, 0], dtype=torch.float64)])
+        pool = lambda f: torchvision.ops.roi_align(f, boxes, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1)  # noqa: E731
+        q1, q2 = method.predictor(method.projector(pool(method.backbone(both)))).chunk(2)
+        z1, z2 = method.target_projector(pool(method.target_backbone(both))).chunk(2)
         expected = ((2 - 2 * cos64(q1, z2)) + (2 - 2 * cos64(q2, z1))).sum() / 3
     assert_close(out["loss"], expected)
+    # BYOL's heads, as SCRL's reference builds them: the last Linear of each has no bias.
+    assert method.projector[-1].bias is None and method.predictor[-1].bias is None and method.target_projector[-1].bias is None
 
 
 def test_scrl_no_boxes_gives_zero_loss_with_graph():

@@ -366,6 +366,10 @@ def test_lewel_loss_matches_float64(eman):
             obj = (2 - 2 * cos64(po, ot)).mean()
             total = total + 0.5 * glob + 0.5 * obj
     assert_close(out["loss"], total)
+    # LEWEL's reference MLPs (MLP1D) are bias-free 1x1 convolutions: a bias on the neck's last layer
+    # would shift the alignment maps before their L2 normalisation.
+    heads = (method.encoder.neck, method.encoder.object_projector, method.predictor, method.object_predictor)
+    assert all(head[-1].bias is None for head in heads)
 
 
 def test_lewel_eman_target_is_eval_and_averages_buffers():

@@ -40,8 +40,10 @@ class LEWELEncoder(nn.Module):
             raise ValueError(f"lewel: num_heads ({num_heads}) must divide the backbone channels ({channels}) and the number of maps (neck output, {num_maps})")
         self.num_heads = num_heads
         self.map_scale = map_scale
-        self.neck = mlp(channels, neck_dims)
-        self.object_projector = mlp(channels, object_projector_dims)
+        # The reference's MLPs are bias-free 1x1 convolutions; the last layer's bias is the one that
+        # would matter (the hidden ones feed a BatchNorm).
+        self.neck = mlp(channels, neck_dims, last_bias=False)
+        self.object_projector = mlp(channels, object_projector_dims, last_bias=False)
 
     def alignment_maps(self, pixels: torch.Tensor) -> torch.Tensor:
         """``[B, M, P]``: each map L2-normalised over the ``M`` maps at every pixel, then a softmax over pixels."""
@@ -111,8 +113,8 @@ class LEWEL(EmaTargetMethod):
         self.base_momentum = float(opts["base_momentum"])
         self.eman = bool(opts["eman"])
         self.encoder = LEWELEncoder(opts["backbone"], opts["neck_dims"], opts["object_projector_dims"], int(opts["num_heads"]), float(opts["map_scale"]))
-        self.predictor = mlp(opts["neck_dims"][-1], opts["predictor_dims"])
-        self.object_predictor = mlp(opts["object_projector_dims"][-1], opts["object_predictor_dims"])
+        self.predictor = mlp(opts["neck_dims"][-1], opts["predictor_dims"], last_bias=False)
+        self.object_predictor = mlp(opts["object_projector_dims"][-1], opts["object_predictor_dims"], last_bias=False)
         self.target_encoder = make_target(self.encoder)
         self.train(self.training)
 

@@ -232,14 +232,16 @@ def test_vicregl_loss_matches_float64(all_matches):
     out = method(batch)
 
     with torch.no_grad():
+        # One pass per view, as the reference: BatchNorm statistics over that view's B images (and
+        # B * HW locations in the local projector), never over several views.
         z, local, pos = [], [], []
-        for group in ([0, 1], [2, 3]):
-            maps = method.backbone(torch.cat([batch.views[v] for v in group]))
+        for v, view in enumerate(batch.views):
+            maps = method.backbone(view)
             n, c, h, w = maps.shape
-            z += method.expander(maps.mean(dim=(2, 3))).chunk(2)
+            z.append(method.expander(maps.mean(dim=(2, 3))))
             rows = maps.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            local += method.local_projector(rows).reshape(n, h * w, -1).chunk(2)
-            pos += [source_positions(batch.matrices[:, v], h, w, sizes[v]) for v in group]
+            local.append(method.local_projector(rows).reshape(n, h * w, -1))
+            pos.append(source_positions(batch.matrices[:, v], h, w, sizes[v]))
 
         pairs = [(i, j) for i in range(2) for j in range(4) if j != i]
         inv_g = sum(((z[i] - z[j]) ** 2).mean() for i, j in pairs) / len(pairs)

@@ -2,7 +2,7 @@
 
 Pseudo-code (``METHODS.md``)::
 
-    maps[v] = backbone(view[v])                           # [B, C, h, w]
+    maps[v] = backbone(view[v])                           # [B, C, h, w]; one pass per view, as the reference
     z[v] = expander(avgpool(maps[v]))                     # global embeddings
     l[v] = local_projector(maps[v]) per cell              # [B, h*w, D]
     p[v] = source position of each cell centre            # from the view matrices, flips included
@@ -19,7 +19,6 @@ Invariance uses the per-GPU batch; variance and covariance use the batch gathere
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import Dict, List, Tuple
 
 import torch
@@ -111,21 +110,17 @@ class VICRegL(Method):
 
     def encode(self, batch) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         """Per view: global embedding ``[B, D]``, local features ``[B, hw, D_l]`` and cell positions
-        in source pixels ``[B, hw, 2]``. Consecutive views of one size share a backbone pass (and its
-        batch-norm statistics), as multi-crop training does."""
+        in source pixels ``[B, hw, 2]``. Each view has its own pass through the backbone and heads, as
+        in the reference (``main_vicregl.py`` ``forward_networks``), so batch-norm statistics run over
+        one view's ``B`` images (``B * hw`` locations in the local projector), never over several views."""
         embeddings, local_features, positions = [], [], []
-        first = 0
-        for size, group in groupby(batch.views, key=lambda view: tuple(view.shape[-2:])):
-            group = list(group)
-            maps = self.backbone(torch.cat(group))  # [n * B, C, h, w]
+        for v, view in enumerate(batch.views):
+            maps = self.backbone(view)  # [B, C, h, w]
             h, w = maps.shape[-2:]
-            embeddings += self.expander(maps.mean(dim=(2, 3))).chunk(len(group))
-            # Row-major [n * B, hw, D_l]: the matching kernel reads its inputs in place when contiguous.
-            local = per_location(self.local_projector, maps.flatten(2)).transpose(1, 2).contiguous()
-            local_features += local.chunk(len(group))
-            for v in range(first, first + len(group)):
-                positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, size))
-            first += len(group)
+            embeddings.append(self.expander(maps.mean(dim=(2, 3))))
+            # Row-major [B, hw, D_l]: the matching kernel reads its inputs in place when contiguous.
+            local_features.append(per_location(self.local_projector, maps.flatten(2)).transpose(1, 2).contiguous())
+            positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, tuple(view.shape[-2:])))
         return embeddings, local_features, positions
 
     def weighted(self, terms: Terms) -> torch.Tensor:

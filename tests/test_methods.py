@@ -319,6 +319,14 @@ def test_vicregl_step_matches_all_pairs_in_one_launch():
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_vicregl_real_resnet_zero_initialises_residual_branches():
+    # VICRegL's reference builds its ResNets with zero_init_residual=True (each block starts as the
+    # identity); SCRL's and LEWEL's references keep torchvision's default.
+    trunk = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-4").backbone.trunk
+    assert all(float(block.bn2.weight.detach().abs().max()) == 0.0 for layer in (trunk.layer1, trunk.layer4) for block in layer)
+    assert float(build_backbone("resnet18").trunk.layer1[0].bn2.weight.detach().abs().min()) == 1.0
+
+
 def test_gather_rows_single_process_is_identity():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_rows(x) is x

@@ -94,7 +94,9 @@ class VICRegL(Method):
         if len(matches) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in matches):
             raise ValueError(f"vicregl: option num_matches must be two positive ints, got {opts['num_matches']!r}")
         self.recipe = resized_recipe("vicregl", opts["view_sizes"])
-        self.backbone = build_backbone(opts["backbone"])
+        # The reference's ResNets start every residual branch at zero (zero_init_residual=True).
+        resnet = str(opts["backbone"]).startswith("resnet")
+        self.backbone = build_backbone(opts["backbone"], **({"zero_init_residual": True} if resnet else {}))
         self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False)
         self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False)
 

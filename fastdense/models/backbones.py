@@ -37,12 +37,13 @@ class Backbone(nn.Module):
 
 
 def build_backbone(name: str, **kwargs) -> Backbone:
-    """``resnet18``/``resnet34``/``resnet50`` (torchvision, random init), or a timm model name
-    starting with ``vit_`` or ``convnext_`` (needs ``timm``; ``kwargs`` go to ``timm.create_model``)."""
+    """``resnet18``/``resnet34``/``resnet50`` (torchvision, random init; ``kwargs`` go to the
+    constructor, e.g. ``zero_init_residual=True``), or a timm model name starting with ``vit_`` or
+    ``convnext_`` (needs ``timm``; ``kwargs`` go to ``timm.create_model``)."""
     if name in TORCHVISION_RESNETS:
         import torchvision
 
-        trunk = getattr(torchvision.models, name)(weights=None)
+        trunk = getattr(torchvision.models, name)(weights=None, **kwargs)
         trunk.fc = nn.Identity()  # kept as a module so the state dict still loads into torchvision
         channels = trunk.layer4[-1].conv3.out_channels if hasattr(trunk.layer4[-1], "conv3") else trunk.layer4[-1].conv2.out_channels
         return Backbone(name, trunk, channels, 32, "resnet")

@@ -551,6 +551,9 @@ def test_reference_defaults_and_cpu_recipes():
     assert (vicregl["alpha"], vicregl["inv_coeff"], vicregl["var_coeff"], vicregl["cov_coeff"]) == (0.75, 25.0, 25.0, 1.0)
     assert vicregl["expander"] == "8192-8192-8192" and vicregl["num_matches"] == [20, 4]
     assert method_options("lewel")["neck_dims"] == [4096, 256] and method_options("lewel")["base_momentum"] == 0.98
+    # m0 0.98 (with lr 3.6 at batch 1024, wd 1.5e-6) is the reference's EMAN recipe, which the
+    # 200-epoch results come from: the default target is that one.
+    assert method_options("lewel")["eman"] is True and build_method("lewel", preset="cpu", **SMALL_LEWEL).eman
     selfpatch = method_options("selfpatch")
     assert (selfpatch["image_out_dim"], selfpatch["patch_out_dim"], selfpatch["teacher_temp"], selfpatch["center_momentum"]) == (65536, 4096, 0.04, 0.9)
     assert [v.size for v in recipe_for("scrl").views] == [224, 224]

@@ -557,6 +557,16 @@ def test_reference_defaults_and_cpu_recipes():
     selfpatch = method_options("selfpatch")
     assert (selfpatch["image_out_dim"], selfpatch["patch_out_dim"], selfpatch["teacher_temp"], selfpatch["center_momentum"]) == (65536, 4096, 0.04, 0.9)
     assert [v.size for v in recipe_for("scrl").views] == [224, 224]
+    # VICRegL's reference recipes: ResNets train on 2 x 224 px, scale (0.08, 1); other backbones on
+    # 2 x 224 (0.4, 1) + 6 x 96 (0.08, 0.4), the local views alternating the two BYOL colour
+    # pipelines (blur 1 / solarise 0, blur 0.1 / solarise 0.2) as the global ones do.
+    photometric = lambda views: [(v.blur_p, v.solarize_p) for v in views]  # noqa: E731
+    two = recipe_for("vicregl").views
+    assert [(v.size, v.scale) for v in two] == [(224, (0.08, 1.0))] * 2 and photometric(two) == [(1.0, 0.0), (0.1, 0.2)]
+    multi = recipe_for("vicregl", backbone="convnext_small").views
+    assert [(v.size, v.scale) for v in multi] == [(224, (0.4, 1.0))] * 2 + [(96, (0.08, 0.4))] * 6
+    assert photometric(multi) == [(1.0, 0.0), (0.1, 0.2)] * 4
+    assert len(recipe_for("vicregl", multi_crop=True).views) == 8 and len(recipe_for("vicregl", "cpu").views) == 8
     assert [v.size for v in recipe_for("selfpatch", "cpu").views] == [112] * 2 + [48] * 8
     assert method_options("lewel", "cpu")["backbone"] == "resnet18"
 

@@ -28,6 +28,11 @@ class Method(nn.Module):
         """Every option with its default, as the YAML config shows them."""
         return {}
 
+    @classmethod
+    def recipe_name(cls, options: Dict) -> str:
+        """The pipeline recipe (a ``RECIPES`` name) the method trains with under ``options``."""
+        return cls.name
+
     def forward(self, batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -50,7 +50,10 @@ class VICRegL(Method):
     classification); ``inv_coeff``/``var_coeff``/``cov_coeff`` (25/25/1); ``num_matches``
     (``[20, 4]``: locations kept when matching a global view to another view, and back; clamped to
     the number of cells); ``l2_all_matches`` (``False``: top-k in feature space as the authors
-    intend; ``True``: the reference code's default, every location); ``view_sizes``.
+    intend; ``True``: the reference code's default, every location); ``multi_crop`` (``None``: the
+    reference's recipe for the backbone, two 224 px views of scale (0.08, 1) for ResNets and
+    2 x 224 (0.4, 1) + 6 x 96 (0.08, 0.4) for ConvNeXts; ``True`` / ``False``: that multi-crop or
+    two-view recipe whatever the backbone); ``view_sizes``.
 
     >>> from fastdense.methods import build_method
     >>> [v.size for v in build_method("vicregl", preset="cpu").recipe.views]
@@ -72,6 +75,7 @@ class VICRegL(Method):
             "cov_coeff": 1.0,
             "num_matches": [20, 4],
             "l2_all_matches": False,
+            "multi_crop": None,
             "view_sizes": {},
         }
 
@@ -80,6 +84,7 @@ class VICRegL(Method):
             "backbone": "resnet18",
             "expander": "512-512-128",
             "local_projector": "128-128-128",
+            "multi_crop": True,
             "view_sizes": {224: 128, 96: 64},
         },
     }
@@ -93,12 +98,21 @@ class VICRegL(Method):
         matches = list(opts["num_matches"])
         if len(matches) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in matches):
             raise ValueError(f"vicregl: option num_matches must be two positive ints, got {opts['num_matches']!r}")
-        self.recipe = resized_recipe("vicregl", opts["view_sizes"])
+        if opts["multi_crop"] not in (None, True, False):
+            raise ValueError(f"vicregl: option multi_crop must be None, True or False, got {opts['multi_crop']!r}")
+        self.recipe = resized_recipe(self.recipe_name(opts), opts["view_sizes"])
         # The reference's ResNets start every residual branch at zero (zero_init_residual=True).
         resnet = str(opts["backbone"]).startswith("resnet")
         self.backbone = build_backbone(opts["backbone"], **({"zero_init_residual": True} if resnet else {}))
         self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False)
         self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False)
+
+    @classmethod
+    def recipe_name(cls, options: Dict) -> str:
+        multi_crop = options["multi_crop"]
+        if multi_crop is None:  # the reference trains ResNets on two views, ConvNeXts on eight
+            multi_crop = not str(options["backbone"]).startswith("resnet")
+        return "vicregl" if multi_crop else "vicregl_two_views"
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         if batch.num_views < 2:

@@ -327,6 +327,27 @@ def test_vicregl_real_resnet_zero_initialises_residual_branches():
     assert float(build_backbone("resnet18").trunk.layer1[0].bn2.weight.detach().abs().min()) == 1.0
 
 
+def test_vicregl_convnext_is_the_references():
+    """VICRegL's ConvNeXt: no layer scale, drop-path 0.1, a final LayerNorm on every location before
+    both the pooling and the local projector, LayerNorm (not BatchNorm) in both heads."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("vicregl", backbone="convnext_atto", expander="16-12", local_projector="8-6").double()
+    trunk = method.backbone.trunk
+    blocks = [block for stage in trunk.stages for block in stage.blocks]
+    assert all(block.gamma is None for block in blocks) and blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    for head in (method.expander, method.local_projector):
+        assert isinstance(head[1], nn.LayerNorm) and head[-1].bias is None
+    batch = make_batch([64, 64], batch=2)
+    method.eval()  # no drop-path draws: the recomputation below sees the same network
+    embeddings, local, _ = method.encode(batch)
+    with torch.no_grad():
+        maps = trunk.forward_features(batch.views[0]).permute(0, 2, 3, 1)  # [B, h, w, C]
+        maps = F.layer_norm(maps, maps.shape[-1:], trunk.head.norm.weight, trunk.head.norm.bias, eps=1e-6).flatten(1, 2)
+        torch.testing.assert_close(embeddings[0], method.expander(maps.mean(1)), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(local[0], method.local_projector(maps), rtol=1e-10, atol=1e-12)
+
+
 def test_gather_rows_single_process_is_identity():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_rows(x) is x

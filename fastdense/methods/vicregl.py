@@ -101,11 +101,11 @@ class VICRegL(Method):
         if opts["multi_crop"] not in (None, True, False):
             raise ValueError(f"vicregl: option multi_crop must be None, True or False, got {opts['multi_crop']!r}")
         self.recipe = resized_recipe(self.recipe_name(opts), opts["view_sizes"])
-        # The reference's ResNets start every residual branch at zero (zero_init_residual=True).
-        resnet = str(opts["backbone"]).startswith("resnet")
-        self.backbone = build_backbone(opts["backbone"], **({"zero_init_residual": True} if resnet else {}))
-        self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False)
-        self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False)
+        self.backbone = build_reference_backbone(opts["backbone"])
+        # The reference's heads normalise as its backbone does: BatchNorm on ResNets, LayerNorm on ConvNeXts.
+        norm = "layer" if self.backbone.kind == "convnext" else "batch"
+        self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False, norm=norm)
+        self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False, norm=norm)
 
     @classmethod
     def recipe_name(cls, options: Dict) -> str:
@@ -175,6 +175,22 @@ class VICRegL(Method):
             for t, (x, y) in enumerate(zip(vicreg_terms(*forward), vicreg_terms(*backward))):
                 totals[t] = totals[t] + (x + y) / 2
         return self.weighted(tuple(total / len(pairs) for total in totals))
+
+
+def build_reference_backbone(name: str):
+    """The backbone as VICRegL's reference builds it: ResNets with every residual branch starting at
+    zero (``zero_init_residual=True``); ConvNeXts with drop-path 0.1 and no layer scale
+    (``layer_scale_init_value=0``, which the reference reads as "no scale", where timm would
+    start a learnable scale at 1e-6)."""
+    if name.startswith("resnet"):
+        return build_backbone(name, zero_init_residual=True)
+    if name.startswith("convnext"):
+        backbone = build_backbone(name, drop_path_rate=0.1)
+        for stage in backbone.trunk.stages:
+            for block in stage.blocks:
+                block.gamma = None
+        return backbone
+    return build_backbone(name)
 
 
 def pick_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ class Backbone(nn.Module):
     """A trunk with its output description.
 
     ``forward(images)`` returns the last feature map ``[B, C, h, w]`` for CNNs, or the patch tokens
-    ``[B, T, C]`` for ViTs (``kind == "vit"``). ``out_channels`` is ``C``; ``stride`` is the input
+    ``[B, T, C]`` for ViTs (``kind == "vit"``). A ConvNeXt's map has been through its final
+    LayerNorm at every location, as VICRegL's ConvNeXt returns it (timm would normalise after
+    pooling). ``out_channels`` is ``C``; ``stride`` is the input
     pixels per output cell. ``name`` and ``trunk`` say where the weights come from, so
     ``trunk.state_dict()`` loads into the matching torchvision or timm model.
     """
@@ -33,7 +35,7 @@ class Backbone(nn.Module):
             return t.layer4(t.layer3(t.layer2(t.layer1(x))))
         if self.kind == "vit":
             return self.trunk.forward_features(images)
-        return self.trunk.forward_features(images)
+        return self.trunk.head.norm(self.trunk.forward_features(images))
 
 
 def build_backbone(name: str, **kwargs) -> Backbone:

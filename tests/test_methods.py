@@ -523,6 +523,17 @@ def test_selfpatch_loss_and_centres_match_float64():
     torch.testing.assert_close(method.patch_center, 0.9 * patch_center + 0.1 * mean_patch, rtol=1e-10, atol=1e-12)
 
 
+def test_selfpatch_freezes_last_layers_in_the_first_epoch():
+    pytest.importorskip("timm")
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH)
+    last = {id(method.student.image_head.last_direction), id(method.student.patch_head.last_direction)}
+    assert {id(p) for p in method.frozen_parameters(0)} == last and method.frozen_parameters(1) == []
+    assert build_method("selfpatch", preset="cpu", freeze_last_layer=0, **SMALL_SELFPATCH).frozen_parameters(0) == []
+    from fastdense.training import config as cfg
+
+    assert cfg.resolve("selfpatch")["optimizer"]["clip_grad_per_parameter"] is True
+
+
 def test_selfpatch_step_and_ema_teacher():
     pytest.importorskip("timm")
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -35,6 +35,11 @@ class Method(nn.Module):
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def frozen_parameters(self, epoch: int) -> List[nn.Parameter]:
+        """Parameters the trainer leaves unchanged in ``epoch`` (0-based): their gradients are dropped
+        before the optimiser step."""
+        return []
 
     @torch.no_grad()
     def update_target(self, step: int, total_steps: int) -> None:

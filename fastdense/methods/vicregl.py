@@ -188,6 +188,8 @@ def build_reference_backbone(name: str):
         backbone = build_backbone(name, drop_path_rate=0.1)
         for stage in backbone.trunk.stages:
             for block in stage.blocks:
+                if not hasattr(block, "gamma"):  # timm's ConvNeXtBlock keeps its layer scale there
+                    raise NotImplementedError(f"vicregl: cannot remove the layer scale of this timm version's {type(block).__name__}")
                 block.gamma = None
         return backbone
     return build_backbone(name)

@@ -147,22 +147,23 @@ class ReferenceSCRL(nn.Module):
     @staticmethod
     def _mlp(in_dim, dims):
         hidden, out = dims
-        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=False))
 
     def forward(self, view1, view2, boxes1, boxes2):
         from torchvision.ops import roi_align
 
-        batch = view1.shape[0]
-        online = self.online(torch.cat([view1, view2])).split(batch)
+        online = self.online(torch.cat([view1, view2]))
         with torch.no_grad():
-            target = self.target(torch.cat([view1, view2])).split(batch)
+            target = self.target(torch.cat([view1, view2]))
 
         def pool(features, boxes):
             return roi_align(features.float(), boxes, 1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1)
 
-        q1, q2 = (self.predictor(self.projector(pool(f, b))) for f, b in zip(online, (boxes1, boxes2)))
+        # As SCRL's reference: both views' boxes in one list over the stacked maps, one head batch.
+        boxes = boxes1 + boxes2
+        q1, q2 = self.predictor(self.projector(pool(online, boxes))).chunk(2)
         with torch.no_grad():
-            z1, z2 = (self.target_projector(pool(t, b)) for t, b in zip(target, (boxes1, boxes2)))
+            z1, z2 = self.target_projector(pool(target, boxes)).chunk(2)
 
         def byol(q, z):
             return 2 - 2 * nn.functional.cosine_similarity(q, z, dim=-1)

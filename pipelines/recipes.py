@@ -66,12 +66,16 @@ def _byol_pair(scale, size=224) -> Tuple[ViewSpec, ViewSpec]:
 RECIPES: Dict[str, Recipe] = {
     "scrl": Recipe("scrl", _byol_pair((0.2, 1.0)), interpolation="bicubic"),
     "lewel": Recipe("lewel", _byol_pair((0.2, 1.0)), interpolation="bilinear"),
+    # VICRegL's multi-crop recipe (its ConvNeXt runs): the local views alternate the two BYOL colour
+    # pipelines, as the reference's transforms do (left=(j % 2 == 0)).
     "vicregl": Recipe(
         "vicregl",
-        _byol_pair((0.4, 1.0)) + tuple(ViewSpec(96, (0.08, 0.4), blur_p=0.5, solarize_p=0.2) for _ in range(6)),
+        _byol_pair((0.4, 1.0)) + _byol_pair((0.08, 0.4), size=96) * 3,
         interpolation="bicubic",
         std=VICREGL_STD,
     ),
+    # VICRegL's ResNet-50 recipe: two 224 px views only.
+    "vicregl_two_views": Recipe("vicregl_two_views", _byol_pair((0.08, 1.0)), interpolation="bicubic", std=VICREGL_STD),
     "selfpatch": Recipe(
         "selfpatch",
         _byol_pair((0.25, 1.0)) + tuple(ViewSpec(96, (0.05, 0.25), blur_p=0.5) for _ in range(8)),
@@ -83,7 +87,8 @@ RECIPES: Dict[str, Recipe] = {
 
 
 def get_recipe(recipe: Union[str, Recipe]) -> Recipe:
-    """A recipe object from a name (``scrl``, ``vicregl``, ``lewel``, ``selfpatch``, ``plain``) or a recipe."""
+    """A recipe object from a name (``scrl``, ``vicregl``, ``vicregl_two_views``, ``lewel``, ``selfpatch``,
+    ``plain``) or a recipe."""
     if isinstance(recipe, Recipe):
         return recipe
     if recipe not in RECIPES:

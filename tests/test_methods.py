@@ -92,14 +92,17 @@ def test_scrl_loss_matches_float64():
     out = method(batch, rois=rois)
 
     with torch.no_grad():
+        # As the reference: both views in one backbone batch, the boxes of both views in one head
+        # batch (one set of BatchNorm statistics), view 2's boxes indexing images B..2B-1.
         both = torch.cat(batch.views)
-        online, target = method.backbone(both).split(3), method.target_backbone(both).split(3)
-        pooled = [torchvision.ops.roi_align(f, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for f, r in zip(online, rois)]
-        pooled_t = [torchvision.ops.roi_align(t, r, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1) for t, r in zip(target, rois)]
-        q1, q2 = (method.predictor(method.projector(p)) for p in pooled)
-        z1, z2 = (method.target_projector(p) for p in pooled_t)
+        boxes = torch.cat([rois[0], rois[1] + torch.tensor([3.0, 0, 0, 0, 0], dtype=torch.float64)])
+        pool = lambda f: torchvision.ops.roi_align(f, boxes, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1)  # noqa: E731
+        q1, q2 = method.predictor(method.projector(pool(method.backbone(both)))).chunk(2)
+        z1, z2 = method.target_projector(pool(method.target_backbone(both))).chunk(2)
         expected = ((2 - 2 * cos64(q1, z2)) + (2 - 2 * cos64(q2, z1))).sum() / 3
     assert_close(out["loss"], expected)
+    # BYOL's heads, as SCRL's reference builds them: the last Linear of each has no bias.
+    assert method.projector[-1].bias is None and method.predictor[-1].bias is None and method.target_projector[-1].bias is None
 
 
 def test_scrl_no_boxes_gives_zero_loss_with_graph():
@@ -229,14 +232,16 @@ def test_vicregl_loss_matches_float64(all_matches):
     out = method(batch)
 
     with torch.no_grad():
+        # One pass per view, as the reference: BatchNorm statistics over that view's B images (and
+        # B * HW locations in the local projector), never over several views.
         z, local, pos = [], [], []
-        for group in ([0, 1], [2, 3]):
-            maps = method.backbone(torch.cat([batch.views[v] for v in group]))
+        for v, view in enumerate(batch.views):
+            maps = method.backbone(view)
             n, c, h, w = maps.shape
-            z += method.expander(maps.mean(dim=(2, 3))).chunk(2)
+            z.append(method.expander(maps.mean(dim=(2, 3))))
             rows = maps.permute(0, 2, 3, 1).reshape(n * h * w, c)
-            local += method.local_projector(rows).reshape(n, h * w, -1).chunk(2)
-            pos += [source_positions(batch.matrices[:, v], h, w, sizes[v]) for v in group]
+            local.append(method.local_projector(rows).reshape(n, h * w, -1))
+            pos.append(source_positions(batch.matrices[:, v], h, w, sizes[v]))
 
         pairs = [(i, j) for i in range(2) for j in range(4) if j != i]
         inv_g = sum(((z[i] - z[j]) ** 2).mean() for i, j in pairs) / len(pairs)
@@ -314,6 +319,35 @@ def test_vicregl_step_matches_all_pairs_in_one_launch():
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_vicregl_real_resnet_zero_initialises_residual_branches():
+    # VICRegL's reference builds its ResNets with zero_init_residual=True (each block starts as the
+    # identity); SCRL's and LEWEL's references keep torchvision's default.
+    trunk = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-4").backbone.trunk
+    assert all(float(block.bn2.weight.detach().abs().max()) == 0.0 for layer in (trunk.layer1, trunk.layer4) for block in layer)
+    assert float(build_backbone("resnet18").trunk.layer1[0].bn2.weight.detach().abs().min()) == 1.0
+
+
+def test_vicregl_convnext_is_the_references():
+    """VICRegL's ConvNeXt: no layer scale, drop-path 0.1, a final LayerNorm on every location before
+    both the pooling and the local projector, LayerNorm (not BatchNorm) in both heads."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("vicregl", backbone="convnext_atto", expander="16-12", local_projector="8-6").double()
+    trunk = method.backbone.trunk
+    blocks = [block for stage in trunk.stages for block in stage.blocks]
+    assert all(block.gamma is None for block in blocks) and blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    for head in (method.expander, method.local_projector):
+        assert isinstance(head[1], nn.LayerNorm) and head[-1].bias is None
+    batch = make_batch([64, 64], batch=2)
+    method.eval()  # no drop-path draws: the recomputation below sees the same network
+    embeddings, local, _ = method.encode(batch)
+    with torch.no_grad():
+        maps = trunk.forward_features(batch.views[0]).permute(0, 2, 3, 1)  # [B, h, w, C]
+        maps = F.layer_norm(maps, maps.shape[-1:], trunk.head.norm.weight, trunk.head.norm.bias, eps=1e-6).flatten(1, 2)
+        torch.testing.assert_close(embeddings[0], method.expander(maps.mean(1)), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(local[0], method.local_projector(maps), rtol=1e-10, atol=1e-12)
+
+
 def test_gather_rows_single_process_is_identity():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_rows(x) is x
@@ -363,6 +397,10 @@ def test_lewel_loss_matches_float64(eman):
             obj = (2 - 2 * cos64(po, ot)).mean()
             total = total + 0.5 * glob + 0.5 * obj
     assert_close(out["loss"], total)
+    # LEWEL's reference MLPs (MLP1D) are bias-free 1x1 convolutions: a bias on the neck's last layer
+    # would shift the alignment maps before their L2 normalisation.
+    heads = (method.encoder.neck, method.encoder.object_projector, method.predictor, method.object_predictor)
+    assert all(head[-1].bias is None for head in heads)
 
 
 def test_lewel_eman_target_is_eval_and_averages_buffers():
@@ -485,6 +523,17 @@ def test_selfpatch_loss_and_centres_match_float64():
     torch.testing.assert_close(method.patch_center, 0.9 * patch_center + 0.1 * mean_patch, rtol=1e-10, atol=1e-12)
 
 
+def test_selfpatch_freezes_last_layers_in_the_first_epoch():
+    pytest.importorskip("timm")
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH)
+    last = {id(method.student.image_head.last_direction), id(method.student.patch_head.last_direction)}
+    assert {id(p) for p in method.frozen_parameters(0)} == last and method.frozen_parameters(1) == []
+    assert build_method("selfpatch", preset="cpu", freeze_last_layer=0, **SMALL_SELFPATCH).frozen_parameters(0) == []
+    from fastdense.training import config as cfg
+
+    assert cfg.resolve("selfpatch")["optimizer"]["clip_grad_per_parameter"] is True
+
+
 def test_selfpatch_step_and_ema_teacher():
     pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -534,9 +583,22 @@ def test_reference_defaults_and_cpu_recipes():
     assert (vicregl["alpha"], vicregl["inv_coeff"], vicregl["var_coeff"], vicregl["cov_coeff"]) == (0.75, 25.0, 25.0, 1.0)
     assert vicregl["expander"] == "8192-8192-8192" and vicregl["num_matches"] == [20, 4]
     assert method_options("lewel")["neck_dims"] == [4096, 256] and method_options("lewel")["base_momentum"] == 0.98
+    # m0 0.98 (with lr 3.6 at batch 1024, wd 1.5e-6) is the reference's EMAN recipe, which the
+    # 200-epoch results come from: the default target is that one.
+    assert method_options("lewel")["eman"] is True and build_method("lewel", preset="cpu", **SMALL_LEWEL).eman
     selfpatch = method_options("selfpatch")
     assert (selfpatch["image_out_dim"], selfpatch["patch_out_dim"], selfpatch["teacher_temp"], selfpatch["center_momentum"]) == (65536, 4096, 0.04, 0.9)
     assert [v.size for v in recipe_for("scrl").views] == [224, 224]
+    # VICRegL's reference recipes: ResNets train on 2 x 224 px, scale (0.08, 1); other backbones on
+    # 2 x 224 (0.4, 1) + 6 x 96 (0.08, 0.4), the local views alternating the two BYOL colour
+    # pipelines (blur 1 / solarise 0, blur 0.1 / solarise 0.2) as the global ones do.
+    photometric = lambda views: [(v.blur_p, v.solarize_p) for v in views]  # noqa: E731
+    two = recipe_for("vicregl").views
+    assert [(v.size, v.scale) for v in two] == [(224, (0.08, 1.0))] * 2 and photometric(two) == [(1.0, 0.0), (0.1, 0.2)]
+    multi = recipe_for("vicregl", backbone="convnext_small").views
+    assert [(v.size, v.scale) for v in multi] == [(224, (0.4, 1.0))] * 2 + [(96, (0.08, 0.4))] * 6
+    assert photometric(multi) == [(1.0, 0.0), (0.1, 0.2)] * 4
+    assert len(recipe_for("vicregl", multi_crop=True).views) == 8 and len(recipe_for("vicregl", "cpu").views) == 8
     assert [v.size for v in recipe_for("selfpatch", "cpu").views] == [112] * 2 + [48] * 8
     assert method_options("lewel", "cpu")["backbone"] == "resnet18"
 

@@ -131,6 +131,38 @@ def test_schedules_and_lr_scaling():
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.22) and opt.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_per_parameter_clipping_and_frozen_parameters(tmp_path, monkeypatch):
+    """``optimizer.clip_grad_per_parameter`` clips each gradient on its own, as DINO's and SelfPatch's
+    ``utils.clip_gradients`` (``g * clip / (|g| + 1e-6)`` where that is below 1); the parameters that
+    the method names in ``frozen_parameters(epoch)`` (SelfPatch: its heads' last layers during the
+    first epoch, ``cancel_gradients_last_layer``) are not updated at all."""
+    train_doubles.install(monkeypatch)
+    config = train_doubles.tiny_config(tmp_path, **{"optimizer.clip_grad": 1e-3, "optimizer.clip_grad_per_parameter": True})
+    trainer = Trainer(config)
+    trainer.setup()
+    frozen = trainer.method.predictor.weight
+    monkeypatch.setattr(trainer.method, "frozen_parameters", lambda epoch: [frozen] if epoch < 1 else [], raising=False)
+    grads = {}
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.update({name: p.grad.clone() for name, p in trainer.method.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    before = frozen.detach().clone()
+    batch = train_doubles.fixed_batch(batch_size=4)
+    out = trainer.train_step(batch)
+    assert "predictor.weight" not in grads and torch.equal(frozen, before)
+    norms = [float(g.norm()) for g in grads.values()]
+    assert len(norms) >= 4 and max(norms) <= 1e-3 * (1 + 1e-5)
+    assert sum(n * n for n in norms) ** 0.5 > 1.5e-3  # each clipped alone: together above the clip
+    assert float(out["grad_norm"]) > 1e-3  # the norm before clipping
+    trainer.epoch = 1
+    trainer.train_step(batch)
+    assert "predictor.weight" in grads and not torch.equal(frozen, before)
+
+
 def test_ddp_two_processes_equal_full_batch(tmp_path, monkeypatch):
     out_path = tmp_path / "ddp.pt"
     torch.multiprocessing.spawn(train_doubles.ddp_step_worker, args=(2, train_doubles.free_port(), str(tmp_path / "ddp"), str(out_path)),

@@ -46,7 +46,8 @@ def build_method(name: str, preset: Optional[str] = None, **options) -> Method:
 
 def recipe_for(name: str, preset: Optional[str] = None, **options):
     """The recipe method ``name`` would train with, without building its networks."""
-    return resized_recipe(name, method_options(name, preset, **options)["view_sizes"])
+    resolved = method_options(name, preset, **options)
+    return resized_recipe(method_class(name).recipe_name(resolved), resolved["view_sizes"])
 
 
 __all__ = ["Method", "METHODS", "PRESETS", "build_method", "method_options", "recipe_for", "SCRL", "VICRegL", "LEWEL", "SelfPatch"]

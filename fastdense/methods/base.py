@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -28,8 +28,18 @@ class Method(nn.Module):
         """Every option with its default, as the YAML config shows them."""
         return {}
 
+    @classmethod
+    def recipe_name(cls, options: Dict) -> str:
+        """The pipeline recipe (a ``RECIPES`` name) the method trains with under ``options``."""
+        return cls.name
+
     def forward(self, batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def frozen_parameters(self, epoch: int) -> List[nn.Parameter]:
+        """Parameters the trainer leaves unchanged in ``epoch`` (0-based): their gradients are dropped
+        before the optimiser step."""
+        return []
 
     @torch.no_grad()
     def update_target(self, step: int, total_steps: int) -> None:

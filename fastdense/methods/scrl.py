@@ -4,11 +4,13 @@ Pseudo-code, per batch (``METHODS.md``)::
 
     rois1, rois2 = sample_scrl_boxes(M)             # the same source boxes, seen in view 1 and view 2
     f = backbone(cat(v1, v2)); t = target_backbone(cat(v1, v2))
-    q1 = predictor(projector(roi_pool(f1, rois1)))  # online, view 1
-    z2 = target_projector(roi_pool(t2, rois2))      # target, view 2, no gradient
+    q1, q2 = predictor(projector(roi_pool(f, cat(rois1, rois2))))   # online, both views' boxes in one batch
+    z1, z2 = target_projector(roi_pool(t, cat(rois1, rois2)))       # target, no gradient
     loss = mean_boxes[(2 - 2 cos(q1, z2)) + (2 - 2 cos(q2, z1))]
 
-RoI pooling is RoIAlign with a 1x1 output, ``aligned=False``, adaptive sampling, in float32.
+RoI pooling is RoIAlign with a 1x1 output, ``aligned=False``, adaptive sampling, in float32. As in
+the reference, the heads see the boxes of both views as one batch (one set of BatchNorm statistics),
+and their last Linear has no bias (BYOL's heads).
 """
 
 from __future__ import annotations
@@ -85,11 +87,11 @@ class SCRL(EmaTargetMethod):
         self.base_momentum = float(opts["base_momentum"])
 
         self.backbone = build_backbone(opts["backbone"])
-        self.projector = mlp(self.backbone.out_channels, opts["projector_dims"])
-        self.predictor = mlp(opts["projector_dims"][-1], opts["predictor_dims"])
+        self.projector = mlp(self.backbone.out_channels, opts["projector_dims"], last_bias=False)
+        self.predictor = mlp(opts["projector_dims"][-1], opts["predictor_dims"], last_bias=False)
         fresh = opts["target_init"] == "random"
         self.target_backbone = make_target(self.backbone, build_backbone(opts["backbone"]) if fresh else None)
-        self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"]) if fresh else None)
+        self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"], last_bias=False) if fresh else None)
         # Box randoms are keyed by (box_seed, box_draws, dataset index): an image gets the same boxes
         # whichever rank holds it, and the state dict carries the stream for exact resume.
         self.register_buffer("box_seed", torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
@@ -145,9 +147,13 @@ class SCRL(EmaTargetMethod):
         all_boxes = sum_over_ranks(rois[0].shape[0], online.device)
         if all_boxes == 0:  # no image had a large enough overlap: nothing to learn this step
             return {"loss": online.sum() * 0.0}
-        q1, q2 = (self.predictor(self.projector(self.pool(f, r))) for f, r in zip(online.split(batch), rois))
+        # One head batch for both views' boxes, as the reference: the heads' BatchNorm statistics run
+        # over the boxes of both views (view 2's boxes index images B..2B-1 of the stacked maps).
+        boxes = torch.cat([rois[0], rois[1] + rois[1].new_tensor([batch, 0, 0, 0, 0])])
+        first = rois[0].shape[0]
+        q1, q2 = self.predictor(self.projector(self.pool(online, boxes))).split([first, boxes.shape[0] - first])
         with torch.no_grad():
-            z1, z2 = (self.target_projector(self.pool(t, r)) for t, r in zip(target.split(batch), rois))
+            z1, z2 = self.target_projector(self.pool(target, boxes)).split([first, boxes.shape[0] - first])
         loss = (byol_loss(q1, z2) + byol_loss(q2, z1)).sum() / (all_boxes / world_size())
         return {"loss": loss}
 

@@ -144,6 +144,8 @@ class SelfPatch(EmaTargetMethod):
     ``image_out_dim`` (65536), ``patch_out_dim`` (4096), ``head_hidden_dim`` (2048),
     ``head_bottleneck_dim`` (256); ``num_neighbours`` (4); ``teacher_temp`` (0.04), ``student_temp``
     (0.1), ``center_momentum`` (0.9), ``patch_loss_weight`` (0.1); ``base_momentum`` (0.996);
+    ``freeze_last_layer`` (1: epochs during which the DINO heads' last layers are not updated, the
+    reference's ``cancel_gradients_last_layer``);
     ``drop_path_rate`` (0.1, student only); ``backbone_options`` (more ``timm.create_model`` arguments,
     e.g. ``{"depth": 6}``); ``view_sizes``. The teacher starts as a copy of the student.
 
@@ -168,6 +170,7 @@ class SelfPatch(EmaTargetMethod):
             "center_momentum": 0.9,
             "patch_loss_weight": 0.1,
             "base_momentum": 0.996,
+            "freeze_last_layer": 1,
             "drop_path_rate": 0.1,
             "backbone_options": {},
             "view_sizes": {},
@@ -195,6 +198,7 @@ class SelfPatch(EmaTargetMethod):
             check_range(self.name, option, opts[option], 0.0, 1.0)
         check_range(self.name, "patch_loss_weight", opts["patch_loss_weight"], 0.0)
         check_range(self.name, "num_neighbours", opts["num_neighbours"], 1, 8)
+        check_range(self.name, "freeze_last_layer", opts["freeze_last_layer"], 0)
         self.recipe = resized_recipe("selfpatch", opts["view_sizes"])
         self.base_momentum = float(opts["base_momentum"])
         self.student = self.build_network(opts, drop_path_rate=float(opts["drop_path_rate"]))
@@ -219,6 +223,11 @@ class SelfPatch(EmaTargetMethod):
 
     def ema_pairs(self):
         return [(self.student, self.teacher)]
+
+    def frozen_parameters(self, epoch: int):
+        if epoch >= self.options["freeze_last_layer"]:
+            return []
+        return [self.student.image_head.last_direction, self.student.patch_head.last_direction]
 
     def train(self, mode: bool = True):
         super().train(mode)

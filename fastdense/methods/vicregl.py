@@ -2,7 +2,7 @@
 
 Pseudo-code (``METHODS.md``)::
 
-    maps[v] = backbone(view[v])                           # [B, C, h, w]
+    maps[v] = backbone(view[v])                           # [B, C, h, w]; one pass per view, as the reference
     z[v] = expander(avgpool(maps[v]))                     # global embeddings
     l[v] = local_projector(maps[v]) per cell              # [B, h*w, D]
     p[v] = source position of each cell centre            # from the view matrices, flips included
@@ -19,7 +19,6 @@ Invariance uses the per-GPU batch; variance and covariance use the batch gathere
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import Dict, List, Tuple
 
 import torch
@@ -51,7 +50,10 @@ class VICRegL(Method):
     classification); ``inv_coeff``/``var_coeff``/``cov_coeff`` (25/25/1); ``num_matches``
     (``[20, 4]``: locations kept when matching a global view to another view, and back; clamped to
     the number of cells); ``l2_all_matches`` (``False``: top-k in feature space as the authors
-    intend; ``True``: the reference code's default, every location); ``view_sizes``.
+    intend; ``True``: the reference code's default, every location); ``multi_crop`` (``None``: the
+    reference's recipe for the backbone, two 224 px views of scale (0.08, 1) for ResNets and
+    2 x 224 (0.4, 1) + 6 x 96 (0.08, 0.4) for ConvNeXts; ``True`` / ``False``: that multi-crop or
+    two-view recipe whatever the backbone); ``view_sizes``.
 
     >>> from fastdense.methods import build_method
     >>> [v.size for v in build_method("vicregl", preset="cpu").recipe.views]
@@ -73,6 +75,7 @@ class VICRegL(Method):
             "cov_coeff": 1.0,
             "num_matches": [20, 4],
             "l2_all_matches": False,
+            "multi_crop": None,
             "view_sizes": {},
         }
 
@@ -81,6 +84,7 @@ class VICRegL(Method):
             "backbone": "resnet18",
             "expander": "512-512-128",
             "local_projector": "128-128-128",
+            "multi_crop": True,
             "view_sizes": {224: 128, 96: 64},
         },
     }
@@ -94,10 +98,21 @@ class VICRegL(Method):
         matches = list(opts["num_matches"])
         if len(matches) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in matches):
             raise ValueError(f"vicregl: option num_matches must be two positive ints, got {opts['num_matches']!r}")
-        self.recipe = resized_recipe("vicregl", opts["view_sizes"])
-        self.backbone = build_backbone(opts["backbone"])
-        self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False)
-        self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False)
+        if opts["multi_crop"] not in (None, True, False):
+            raise ValueError(f"vicregl: option multi_crop must be None, True or False, got {opts['multi_crop']!r}")
+        self.recipe = resized_recipe(self.recipe_name(opts), opts["view_sizes"])
+        self.backbone = build_reference_backbone(opts["backbone"])
+        # The reference's heads normalise as its backbone does: BatchNorm on ResNets, LayerNorm on ConvNeXts.
+        norm = "layer" if self.backbone.kind == "convnext" else "batch"
+        self.expander = mlp(self.backbone.out_channels, parse_spec(opts["expander"]), last_bias=False, norm=norm)
+        self.local_projector = mlp(self.backbone.out_channels, parse_spec(opts["local_projector"]), last_bias=False, norm=norm)
+
+    @classmethod
+    def recipe_name(cls, options: Dict) -> str:
+        multi_crop = options["multi_crop"]
+        if multi_crop is None:  # the reference trains ResNets on two views, ConvNeXts on eight
+            multi_crop = not str(options["backbone"]).startswith("resnet")
+        return "vicregl" if multi_crop else "vicregl_two_views"
 
     def forward(self, batch) -> Dict[str, torch.Tensor]:
         if batch.num_views < 2:
@@ -111,21 +126,17 @@ class VICRegL(Method):
 
     def encode(self, batch) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         """Per view: global embedding ``[B, D]``, local features ``[B, hw, D_l]`` and cell positions
-        in source pixels ``[B, hw, 2]``. Consecutive views of one size share a backbone pass (and its
-        batch-norm statistics), as multi-crop training does."""
+        in source pixels ``[B, hw, 2]``. Each view has its own pass through the backbone and heads, as
+        in the reference (``main_vicregl.py`` ``forward_networks``), so batch-norm statistics run over
+        one view's ``B`` images (``B * hw`` locations in the local projector), never over several views."""
         embeddings, local_features, positions = [], [], []
-        first = 0
-        for size, group in groupby(batch.views, key=lambda view: tuple(view.shape[-2:])):
-            group = list(group)
-            maps = self.backbone(torch.cat(group))  # [n * B, C, h, w]
+        for v, view in enumerate(batch.views):
+            maps = self.backbone(view)  # [B, C, h, w]
             h, w = maps.shape[-2:]
-            embeddings += self.expander(maps.mean(dim=(2, 3))).chunk(len(group))
-            # Row-major [n * B, hw, D_l]: the matching kernel reads its inputs in place when contiguous.
-            local = per_location(self.local_projector, maps.flatten(2)).transpose(1, 2).contiguous()
-            local_features += local.chunk(len(group))
-            for v in range(first, first + len(group)):
-                positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, size))
-            first += len(group)
+            embeddings.append(self.expander(maps.mean(dim=(2, 3))))
+            # Row-major [B, hw, D_l]: the matching kernel reads its inputs in place when contiguous.
+            local_features.append(per_location(self.local_projector, maps.flatten(2)).transpose(1, 2).contiguous())
+            positions.append(cell_centers_in_source(batch.matrices[:, v].float(), h, w, tuple(view.shape[-2:])))
         return embeddings, local_features, positions
 
     def weighted(self, terms: Terms) -> torch.Tensor:
@@ -164,6 +175,24 @@ class VICRegL(Method):
             for t, (x, y) in enumerate(zip(vicreg_terms(*forward), vicreg_terms(*backward))):
                 totals[t] = totals[t] + (x + y) / 2
         return self.weighted(tuple(total / len(pairs) for total in totals))
+
+
+def build_reference_backbone(name: str):
+    """The backbone as VICRegL's reference builds it: ResNets with every residual branch starting at
+    zero (``zero_init_residual=True``); ConvNeXts with drop-path 0.1 and no layer scale
+    (``layer_scale_init_value=0``, which the reference reads as "no scale", where timm would
+    start a learnable scale at 1e-6)."""
+    if name.startswith("resnet"):
+        return build_backbone(name, zero_init_residual=True)
+    if name.startswith("convnext"):
+        backbone = build_backbone(name, drop_path_rate=0.1)
+        for stage in backbone.trunk.stages:
+            for block in stage.blocks:
+                if not hasattr(block, "gamma"):  # timm's ConvNeXtBlock keeps its layer scale there
+                    raise NotImplementedError(f"vicregl: cannot remove the layer scale of this timm version's {type(block).__name__}")
+                block.gamma = None
+        return backbone
+    return build_backbone(name)
 
 
 def pick_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ class Backbone(nn.Module):
     """A trunk with its output description.
 
     ``forward(images)`` returns the last feature map ``[B, C, h, w]`` for CNNs, or the patch tokens
-    ``[B, T, C]`` for ViTs (``kind == "vit"``). ``out_channels`` is ``C``; ``stride`` is the input
+    ``[B, T, C]`` for ViTs (``kind == "vit"``). A ConvNeXt's map has been through its final
+    LayerNorm at every location, as VICRegL's ConvNeXt returns it (timm would normalise after
+    pooling). ``out_channels`` is ``C``; ``stride`` is the input
     pixels per output cell. ``name`` and ``trunk`` say where the weights come from, so
     ``trunk.state_dict()`` loads into the matching torchvision or timm model.
     """
@@ -33,16 +35,17 @@ class Backbone(nn.Module):
             return t.layer4(t.layer3(t.layer2(t.layer1(x))))
         if self.kind == "vit":
             return self.trunk.forward_features(images)
-        return self.trunk.forward_features(images)
+        return self.trunk.head.norm(self.trunk.forward_features(images))
 
 
 def build_backbone(name: str, **kwargs) -> Backbone:
-    """``resnet18``/``resnet34``/``resnet50`` (torchvision, random init), or a timm model name
-    starting with ``vit_`` or ``convnext_`` (needs ``timm``; ``kwargs`` go to ``timm.create_model``)."""
+    """``resnet18``/``resnet34``/``resnet50`` (torchvision, random init; ``kwargs`` go to the
+    constructor, e.g. ``zero_init_residual=True``), or a timm model name starting with ``vit_`` or
+    ``convnext_`` (needs ``timm``; ``kwargs`` go to ``timm.create_model``)."""
     if name in TORCHVISION_RESNETS:
         import torchvision
 
-        trunk = getattr(torchvision.models, name)(weights=None)
+        trunk = getattr(torchvision.models, name)(weights=None, **kwargs)
         trunk.fc = nn.Identity()  # kept as a module so the state dict still loads into torchvision
         channels = trunk.layer4[-1].conv3.out_channels if hasattr(trunk.layer4[-1], "conv3") else trunk.layer4[-1].conv2.out_channels
         return Backbone(name, trunk, channels, 32, "resnet")

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mlp(in_dim: int, dims: Sequence[int], last_bias: bool = True) -> nn.Sequential:
+def mlp(in_dim: int, dims: Sequence[int], last_bias: bool = True, norm: str = "batch") -> nn.Sequential:
     """Linear-BN-ReLU blocks through ``dims[:-1]``, then a Linear to ``dims[-1]``.
 
     ``mlp(2048, [4096, 256])`` is BYOL's projector; ``mlp(2048, [8192, 8192, 8192], last_bias=False)``
-    is VICReg's expander (the spec string ``"8192-8192-8192"``).
+    is VICReg's expander (the spec string ``"8192-8192-8192"``). ``norm="layer"`` puts LayerNorm in
+    place of BatchNorm (VICRegL's heads on a ConvNeXt).
 
     >>> head = mlp(8, [16, 4])
     >>> head(torch.randn(5, 8)).shape
@@ -31,10 +32,13 @@ def mlp(in_dim: int, dims: Sequence[int], last_bias: bool = True) -> nn.Sequenti
     dims = [int(d) for d in dims]
     if not dims or min(dims) < 1 or in_dim < 1:
         raise ValueError(f"mlp needs a positive in_dim and at least one positive output size, got in_dim={in_dim}, dims={dims}")
+    norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+    if norm not in norms:
+        raise ValueError(f"mlp: norm must be one of {sorted(norms)}, got {norm!r}")
     layers = []
     width = in_dim
     for hidden in dims[:-1]:
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(width, hidden), norms[norm](hidden), nn.ReLU(inplace=True)]
         width = hidden
     layers.append(nn.Linear(width, dims[-1], bias=last_bias))
     return nn.Sequential(*layers)

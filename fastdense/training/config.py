@@ -46,6 +46,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "optimizer.eta": (0.001, "LARS trust coefficient"),
     "optimizer.betas": ([0.9, 0.999], "AdamW betas"),
     "optimizer.clip_grad": (None, "clip the global gradient norm to this value (empty: no clipping)"),
+    "optimizer.clip_grad_per_parameter": (False, "clip each parameter's gradient norm to optimizer.clip_grad on its own (DINO's and SelfPatch's way) instead of the global norm"),
     "run_dir": (None, "where checkpoints, logs and plots go (empty: runs/<method>-<UTC time>)"),
     "checkpoint_every": (500, "also checkpoint every this many steps (0: only at epoch ends)"),
     "log_every": (10, "write a metrics row every this many steps"),

@@ -22,7 +22,7 @@ from torch import nn
 from fastdense.training import checkpoint as ckpt
 from fastdense.training import distributed
 from fastdense.training.logs import MetricsLog, plot_loss
-from fastdense.training.optim import Schedule, build_optimizer
+from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient
 
 
 class NonFiniteLossError(RuntimeError):
@@ -245,7 +245,10 @@ class Trainer:
         if clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for p in self.method.parameters() if p.grad is not None]
-            out = dict(out, grad_norm=torch.nn.utils.clip_grad_norm_(params, clip))
+            clip_grad = clip_each_gradient if self.config["optimizer"].get("clip_grad_per_parameter") else torch.nn.utils.clip_grad_norm_
+            out = dict(out, grad_norm=clip_grad(params, clip))
+        for param in self.method.frozen_parameters(self.epoch):  # after clipping, as DINO cancels them
+            param.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.update_target(self.step, self.total_steps)

@@ -86,6 +86,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return groups
 
 
+def clip_each_gradient(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale each parameter's gradient by ``max_norm / (|g| + 1e-6)`` where that is below 1, each on
+    its own (DINO's and SelfPatch's ``clip_gradients``); returns the global norm before clipping."""
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def scaled_lr(lr: float, global_batch: int, lr_batch: int = 256) -> float:
     """The linear scaling rule the recipes state: ``lr * global_batch / lr_batch``."""
     return lr * global_batch / lr_batch

@@ -12,9 +12,10 @@ coordinates, with the x range reversed for a flip. The window, the flip and the 
 pipeline beside the pixels and become the view matrices of ``CONVENTIONS.md`` section 1.
 
 Photometric augmentation uses DALI operators with per-sample random parameters, each switched on by
-its own per-view coin: ``fn.color_twist`` (brightness, contrast, saturation, hue; DALI applies them
-as one fixed colour transform, not in torchvision's random order; grayscale folds in as saturation
-0), ``fn.gaussian_blur`` and solarize as arithmetic. ``photometric=False`` leaves only geometry.
+its own per-view coin: brightness and contrast as arithmetic (contrast towards the grayscale mean, as
+torchvision), then ``fn.color_twist`` for saturation and hue (grayscale folds in as saturation 0);
+the jitter runs in this fixed order, not torchvision's random one; ``fn.gaussian_blur``; solarize as
+arithmetic. ``photometric=False`` leaves only geometry.
 
 Order and sharding: the same as every backend (:func:`fastdense.pipelines.base.epoch_order` over the
 readable files): each epoch builds a pipeline whose file reader gets exactly this shard's files in
@@ -38,6 +39,7 @@ import torch
 from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
+from fastdense.pipelines.photometric import GRAY_WEIGHTS
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
 from fastdense.pipelines.validate import find_unreadable
 from fastdense.geometry import crop_matrix
@@ -97,7 +99,7 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     )
     view = dali_math.clamp(view, 0.0, 255.0)  # cubic overshoot, as PIL clips it
     if photometric:
-        view = _photometric_graph(fn, types, view, spec, to_device, as_float, seeds)
+        view = _photometric_graph(fn, types, dali_math, view, spec, to_device, as_float, seeds)
     view = fn.crop_mirror_normalize(
         view,
         dtype=types.FLOAT,
@@ -109,11 +111,18 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     return view, window
 
 
-def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float, seeds):
-    """The BYOL colour pipeline on a float ``[0, 255]`` HWC view, one coin per operation and sample."""
+def _photometric_graph(fn, types, dali_math, view, spec: ViewSpec, to_device, as_float, seeds):
+    """The BYOL colour pipeline on a float ``[0, 255]`` HWC view, one coin per operation and sample.
+
+    Jitter runs in a fixed order (brightness, contrast, then saturation and hue in one
+    ``fn.color_twist``), each step clamped to ``[0, 255]`` as torchvision clamps. Contrast blends
+    towards the mean of the image's grayscale, as torchvision does: ``fn.color_twist``'s own contrast
+    pivots on half the type's range, which for float input is 0.5, a shade of black here."""
     counter = iter(range(2, 100))
 
     def uniform(low, high):
+        if low == high:  # fn.random.uniform rejects an empty range
+            return float(low)
         return fn.random.uniform(range=[low, high], seed=operator_seed(*seeds, next(counter)))
 
     def coin(p):
@@ -123,19 +132,22 @@ def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float, see
         drawn = uniform(max(0.0, 1.0 - strength), 1.0 + strength)
         return 1.0 + applied * (drawn - 1.0)
 
+    def clamp(node):
+        return dali_math.clamp(node, 0.0, 255.0)
+
     if spec.jitter_p > 0 or spec.grayscale_p > 0:
         jitter = coin(spec.jitter_p)
         strength_b, strength_c, strength_s, strength_h = spec.jitter
+        brightness = factor(strength_b, jitter)
+        contrast = factor(strength_c, jitter)
+        saturation = factor(strength_s, jitter)
         hue_degrees = jitter * uniform(-strength_h, strength_h) * 360.0
         keep_colour = 1.0 - coin(spec.grayscale_p)
-        view = fn.color_twist(
-            view,
-            brightness=factor(strength_b, jitter),
-            contrast=factor(strength_c, jitter),
-            saturation=factor(strength_s, jitter) * keep_colour,
-            hue=hue_degrees,
-            dtype=types.FLOAT,
-        )
+        view = clamp(view * to_device(brightness))
+        luma = types.Constant(np.array(GRAY_WEIGHTS, dtype=np.float32))
+        gray_mean = 3.0 * fn.reductions.mean(view * luma, axes=[0, 1, 2], keep_dims=True)
+        view = clamp(gray_mean + to_device(contrast) * (view - gray_mean))
+        view = clamp(fn.color_twist(view, saturation=saturation * keep_colour, hue=hue_degrees, dtype=types.FLOAT))
     if spec.blur_p > 0:
         sigma = uniform(spec.blur_sigma[0], spec.blur_sigma[1])
         blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel_size, sigma=sigma)

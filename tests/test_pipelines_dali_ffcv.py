@@ -25,7 +25,11 @@ from fastdense.pipelines import make_loader
 from fastdense.pipelines.crops import sample_crop
 from fastdense.pipelines.recipes import Recipe, ViewSpec
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check
+from PIL import Image
+
+from fastdense.pipelines.photometric import GRAY_WEIGHTS
+
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, unnormalize
 
 pytest.importorskip("nvidia.dali", reason="scripts/install.sh installs nvidia-dali")
 ffcv = pytest.importorskip("ffcv", reason="scripts/install.sh installs ffcv")
@@ -126,6 +130,47 @@ def test_dali_gpu_pipeline_is_well_formed(recipe, coordinate_pngs, monkeypatch, 
         on_gpu = ["Resize", "CropMirrorNormalize"] + (["ColorTwist"] if photometric else [])
         for name in on_gpu:
             assert (name, "gpu") in placed and (name, "cpu") not in placed, (name, sorted(placed))
+
+
+def _dali_views(root, recipe, photometric, batch_size):
+    loader = make_loader("dali", data=root, recipe=recipe, batch_size=batch_size, num_workers=1, device="cpu", seed=1,
+                         photometric=photometric, drop_last=False, shuffle=False)
+    batch = next(iter(loader))
+    return np.stack([unnormalize(batch.views[0][b], recipe.mean, recipe.std) for b in range(batch.batch_size)])
+
+
+def test_dali_colour_jitter_follows_torchvision(tmp_path, monkeypatch):
+    """Contrast blends towards each image's grayscale mean, and every jitter step stays in [0, 255],
+    as torchvision's; a jitter strength of 0 (an empty range to draw from) is allowed.
+
+    ``fn.color_twist`` pivots its contrast on 0.5 for float input, where the views span 0-255: it
+    darkened every image like a second brightness factor, and nothing clamped its output."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    for k in range(6):  # smooth mid-range colours, so a contrast of 1.8 never needs clipping
+        Image.fromarray(rng.integers(70, 180, (8, 8, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BILINEAR).save(root / "a" / f"{k}.png")
+    only_contrast = Recipe("contrast", (ViewSpec(32, (0.5, 1.0), jitter=(0.0, 0.8, 0.0, 0.0), jitter_p=1.0, grayscale_p=0.0),))
+    plain, jittered = (_dali_views(root, only_contrast, photometric, 6) for photometric in (False, True))
+    luma = np.array(GRAY_WEIGHTS)
+    factors = []
+    for before, after in zip(plain, jittered):
+        mean = float((before @ luma).mean())
+        factor = float(np.std(after) / np.std(before))
+        factors.append(factor)
+        assert abs(float((after @ luma).mean()) - mean) < 1.0, "contrast must keep the grayscale mean"
+        assert np.abs(after - (mean + factor * (before - mean))).max() < 2.0
+    assert min(factors) >= 0.2 - 0.01 and max(factors) <= 1.8 + 0.01 and max(factors) - min(factors) > 0.2
+
+    for k in range(6):  # black and white halves: strong jitter would leave [0, 255] without clamping
+        image = np.zeros((48, 48, 3), np.uint8)
+        image[:, 24:] = 255
+        image[::2, :, 1] = 200
+        Image.fromarray(image).save(root / "a" / f"{k}.png")
+    strong = Recipe("strong", (ViewSpec(32, (0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0, grayscale_p=0.0, solarize_p=0.5),))
+    views = _dali_views(root, strong, True, 6)
+    assert views.min() > -0.5 and views.max() < 255.5, (views.min(), views.max())
 
 
 def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):

@@ -51,6 +51,17 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
+def check_has_batches(num_samples: int, batch_size: int, shard_id: int, num_shards: int, drop_last: bool) -> None:
+    """Raise before any work when an epoch of this shard (``num_samples`` readable samples in all)
+    would hold no batch: a training loop would otherwise run zero steps without a word."""
+    shard = len(epoch_order(num_samples, 0, 0, shard_id, num_shards, shuffle=False, drop_last=drop_last))
+    if num_batches(shard, batch_size, drop_last) > 0:
+        return
+    where = f"shard {shard_id} of {num_shards} gets {shard} of the {num_samples} samples" if num_shards > 1 else f"the data holds {num_samples} samples"
+    hint = "; pass drop_last=False or a smaller batch_size" if drop_last and shard else ""
+    raise ValueError(f"an epoch would hold no batch: {where} and batch_size is {batch_size} (drop_last={drop_last}){hint}")
+
+
 def sample_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer keys (seed, epoch, index, ...), stable across processes."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -36,7 +36,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import GRAY_WEIGHTS
@@ -213,6 +213,7 @@ class DaliLoader:
         self.readable = np.array([i for i, p in enumerate(paths) if str(p) not in bad], dtype=np.int64)
         if len(self.readable) == 0:
             raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(self.unreadable)} unreadable)")
+        check_has_batches(len(self.readable), batch_size, shard_id, num_shards, self.drop_last)
         self.paths = [str(p) for p in paths]
         self.epoch = 0
 

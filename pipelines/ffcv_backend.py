@@ -43,7 +43,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -503,6 +503,7 @@ class FfcvLoader:
         self.num_stored = Reader(str(path)).num_samples
         if self.num_stored == 0:
             raise ValueError(f"beton file {str(path)!r} holds no sample")
+        check_has_batches(self.num_stored, batch_size, shard_id, num_shards, self.drop_last)
         self.clock = np.array([self.seed, 0], dtype=np.int64)
         decoder_class = _view_crop_decoder_class()
         pipelines = {

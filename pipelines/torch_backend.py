@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.crops import crops_to_matrices, sample_crop
 from fastdense.pipelines.folder import scan_image_folder
@@ -271,6 +271,7 @@ class TorchLoader:
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.index = scan_image_folder(data)
+        check_has_batches(len(self.index), batch_size, shard_id, num_shards, drop_last)
         self.recipe = get_recipe(recipe)
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
         self.shuffle, self.drop_last, self.photometric = shuffle, drop_last, photometric

@@ -279,6 +279,28 @@ def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
     assert len(lengths) == 1, f"with drop_last every shard must run the same number of batches, got {lengths}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_dataset_one_class_images_smaller_than_views(backend, tmp_path):
+    """Three images of one class, each smaller than the views: upsampled views with exact matrices;
+    a batch larger than the data is one short batch without drop_last, and a clear error before any
+    work with it (an epoch of no batch at all), as is a shard left without samples."""
+    require_backend(backend)
+    folder = tmp_path / "three"
+    sources = build_coordinate_folder(folder, [(28, 24), (30, 36), (26, 26)], suffix=".png")
+    recipe = with_flips(small("plain").resized({32: 48}), 0.5)
+    with pytest.raises(ValueError, match="batch_size is 4"):
+        open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="shard 3 of 4 gets 0"):
+        open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=1, shard_id=3, num_shards=4, drop_last=False)
+    loader = open_loader(backend, folder, tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, drop_last=False, photometric=False)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 1 and batches[0].batch_size == 3 and not loader.skipped
+    assert sorted(batches[0].index.tolist()) == [0, 1, 2] and batches[0].label.tolist() == [0, 0, 0]
+    assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 48, 48)]
+    if backend != "ffcv":  # FFCV enlarges with INTER_AREA, blockier than the round trip's mean limit
+        roundtrip_check(batches[0], sources, recipe.mean, recipe.std, noise_levels=1.0)
+
+
 def test_epoch_order_shards():
     for drop_last in (False, True):
         shards = [epoch_order(23, seed=1, epoch=2, shard_id=k, num_shards=4, drop_last=drop_last) for k in range(4)]

@@ -47,6 +47,7 @@ from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
+from fastdense.pipelines.torch_backend import to_rgb
 from fastdense.pipelines.validate import cache_dir, check_image_file
 
 #: bytes appended to every view after its pixels: five little-endian int32 ``(x0, y0, w, h, flip)``
@@ -100,13 +101,10 @@ def _stop_ffcv_mutating_numba_types() -> None:
 
 def load_rgb(path) -> np.ndarray:
     """Decode ``path`` to ``uint8 [H, W, 3]`` RGB: EXIF orientation applied (as DALI's decoder does),
-    alpha dropped, grayscale and CMYK converted, 16-bit samples scaled to 8 bits."""
+    then every mode converted as the torch backend converts it (:func:`~fastdense.pipelines.torch_backend.to_rgb`:
+    alpha dropped, CMYK and grayscale converted, 16-bit samples scaled from 0-65535 to 0-255)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            deep = np.asarray(image, dtype=np.int64)
-            image = Image.fromarray(np.clip(deep >> 8 if deep.max() > 255 else deep, 0, 255).astype(np.uint8), "L")
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
 
 
 def stored_size(height: int, width: int, max_resolution: Optional[int]) -> Tuple[int, int]:

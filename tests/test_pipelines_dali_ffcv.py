@@ -245,6 +245,20 @@ def test_write_beton_skips_reports_and_downscales(corpus_beton, raw_beton, caplo
     assert max(max(s) for s in sizes.values()) == 256  # the 6000x4000 image was cut to 256
 
 
+def test_ffcv_writer_reads_16_bit_images_as_the_other_backends(tmp_path):
+    """A 16-bit sample ``v`` is ``v / 257`` in every backend: the writer took a dark 16-bit image
+    (all samples below 256) for an 8-bit one and stored it up to 255 times too bright."""
+    from fastdense.pipelines.torch_backend import to_rgb
+
+    for value, expected in ((200, 1), (40000, 156), (65535, 255)):
+        path = tmp_path / f"deep_{value}.png"
+        Image.fromarray(np.full((6, 5), value, np.uint16)).save(path)
+        stored = ffcv_backend.load_rgb(path)
+        assert stored.shape == (6, 5, 3) and stored.dtype == np.uint8 and (stored == expected).all(), (value, stored[0, 0])
+        with Image.open(path) as image:
+            assert np.array_equal(stored, np.asarray(to_rgb(image)))
+
+
 def test_ffcv_crop_sampler_follows_random_resized_crop():
     """The compiled sampler draws RandomResizedCrop's distribution, keyed by (seed, epoch, index, view)."""
     spec = ViewSpec(224, (0.08, 1.0))

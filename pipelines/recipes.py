@@ -68,7 +68,8 @@ RECIPES: Dict[str, Recipe] = {
     "lewel": Recipe("lewel", _byol_pair((0.2, 1.0)), interpolation="bilinear"),
     "vicregl": Recipe(
         "vicregl",
-        _byol_pair((0.4, 1.0)) + tuple(ViewSpec(96, (0.08, 0.4), blur_p=0.5, solarize_p=0.2) for _ in range(6)),
+        # The reference gives local view j the colours of global view j % 2 (blur 1.0 / 0.1, solarize 0 / 0.2).
+        _byol_pair((0.4, 1.0)) + 3 * _byol_pair((0.08, 0.4), size=96),
         interpolation="bicubic",
         std=VICREGL_STD,
     ),

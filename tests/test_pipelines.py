@@ -397,6 +397,24 @@ def test_photometric_matches_torchvision_per_sample():
         assert 0 < int(getattr(params, flag).sum()) < 24, flag
 
 
+def test_recipes_follow_reference_views():
+    """Each recipe's views, as the methods' reference code builds them (METHODS.md); VICRegL gives
+    local view j the colour pipeline of global view j % 2 (its transforms.get_color_distortion)."""
+    first, second = (1.0, 0.0), (0.1, 0.2)  # (blur_p, solarize_p) of BYOL's two views
+
+    def views(recipe):
+        return [(v.size, v.scale, (v.blur_p, v.solarize_p)) for v in RECIPES[recipe].views]
+
+    assert views("scrl") == views("lewel") == [(224, (0.2, 1.0), first), (224, (0.2, 1.0), second)]
+    assert views("vicregl") == [(224, (0.4, 1.0), first), (224, (0.4, 1.0), second)] + 3 * [(96, (0.08, 0.4), first), (96, (0.08, 0.4), second)]
+    assert views("selfpatch") == [(224, (0.25, 1.0), first), (224, (0.25, 1.0), second)] + 8 * [(96, (0.05, 0.25), (0.5, 0.0))]
+    for name in ("scrl", "lewel", "vicregl", "selfpatch"):
+        for v in RECIPES[name].views:
+            assert (v.jitter, v.jitter_p, v.grayscale_p, v.flip_p, v.ratio) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5, (3 / 4, 4 / 3))
+    assert {name: r.interpolation for name, r in RECIPES.items() if name != "plain"} == dict(scrl="bicubic", lewel="bilinear", vicregl="bicubic", selfpatch="bicubic")
+    assert RECIPES["vicregl"].std == (0.228, 0.224, 0.225) and RECIPES["scrl"].std == (0.229, 0.224, 0.225)
+
+
 def test_photometric_parameters_follow_spec():
     spec = RECIPES["scrl"].views[1]
     params = sample_params(spec, 4000, torch.Generator().manual_seed(0))

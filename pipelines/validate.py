@@ -6,12 +6,13 @@ returns ``(path, reason)`` for those that fail:
 
 - the file must open as an image (PIL identifies its format from its header, not its name) and pass
   ``Image.verify()`` (for PNG this checks every chunk's CRC, so a truncated PNG fails);
-- a JPEG must end with its end-of-image marker ``FF D9``: PIL's ``verify`` does not read the
-  entropy-coded data, and a JPEG cut short is the usual corruption a copy leaves behind.
+- a JPEG must end with its end-of-image marker ``FF D9``, or else decode in full (data appended
+  after the marker is harmless): PIL's ``verify`` does not read the entropy-coded data, and a JPEG
+  cut short is the usual corruption a copy leaves behind.
 
 A full decode would also find files damaged in the middle, at the cost of decoding the whole
 dataset once more (minutes for ImageNet); these two checks cost one header parse and one 64-byte
-read per file. Results are cached per folder (keyed by each file's size and modification time) in
+read per file (and a decode for the rare JPEG with a trailer). Results are cached per folder (keyed by each file's size and modification time) in
 ``$FASTDENSE_CACHE`` (default ``~/.cache/fastdense``), so later runs only check new or changed files.
 """
 
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image
 
 JPEG_END_OF_IMAGE = b"\xff\xd9"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JPEGs with data after the end marker are readable
 
 
 def cache_dir() -> Path:
@@ -50,7 +51,13 @@ def check_image_file(path: Path) -> Optional[str]:
             handle.seek(max(0, os.path.getsize(path) - 64))
             tail = handle.read().rstrip(b"\x00")
         if not tail.endswith(JPEG_END_OF_IMAGE):
-            return "truncated JPEG (no end-of-image marker)"
+            # Cameras and editors may append data after the end marker (Samsung's trailer, for one),
+            # which every decoder ignores: only a file that also fails to decode is cut short.
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except Exception as error:
+                return f"truncated JPEG (no end-of-image marker; {type(error).__name__}: {error})"
     return None
 
 

@@ -188,6 +188,21 @@ def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     assert dict(validate.find_unreadable(paths, corpus["root"])) == found
 
 
+def test_jpeg_with_data_after_its_end_marker_is_readable(tmp_path):
+    """A trailer after ``FF D9`` (phones append one) leaves the JPEG readable, as PIL and DALI read
+    it; the check called it truncated, so dali and ffcv skipped files the torch backend loads."""
+    import io
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(encoded, format="JPEG")
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(encoded.getvalue() + b"SEFH" + bytes(range(256)) + b"SEFT")
+    assert validate.check_image_file(trailer) is None
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    assert "truncated" in validate.check_image_file(cut)
+
+
 # --------------------------------------------------------------------------------------------- FFCV
 
 

@@ -6,8 +6,8 @@ GPU; without one the same graph runs on the CPU (``device_id=None``), which is w
 Geometry is exact because the crop window is sampled explicitly inside the graph and returned as an
 output: ``fn.peek_image_shape`` gives the decoded size (after EXIF orientation, as the decoder
 applies it), ``fn.random_crop_generator`` draws a window with the view's area fraction ``scale`` and
-aspect ratio ``ratio`` (RandomResizedCrop's rule: 10 tries, then the whole image), a coin draws the
-flip, and ``fn.resize`` samples the window through ``roi_start``/``roi_end`` in absolute pixel
+aspect ratio ``ratio`` (RandomResizedCrop's rule: 10 tries, then the whole image cut to the nearest
+allowed ratio, which DALI places at random where torchvision centres it), a coin draws the flip, and ``fn.resize`` samples the window through ``roi_start``/``roi_end`` in absolute pixel
 coordinates, with the x range reversed for a flip. The window, the flip and the source shape leave the
 pipeline beside the pixels and become the view matrices of ``CONVENTIONS.md`` section 1.
 

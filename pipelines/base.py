@@ -10,6 +10,7 @@ batches (distributed training needs that), and at most ``n - 1`` samples sit out
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import List, Tuple
 
 import numpy as np
@@ -33,10 +34,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shard_id: int = 0, num_
     return order[shard_id::num_shards].astype(np.int64)
 
 
-def check_loader_args(batch_size: int, shard_id: int, num_shards: int) -> None:
+def check_loader_args(batch_size: int, shard_id: int, num_shards: int, seed: int = 0) -> None:
     """The arguments every backend's loader shares, checked before any work starts."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's and DALI's seeds are unsigned
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     check_sharding(shard_id, num_shards)
 
 

@@ -186,7 +186,7 @@ class DaliLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         _import_dali()
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)

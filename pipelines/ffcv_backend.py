@@ -473,7 +473,7 @@ class FfcvLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data {str(path)!r} does not exist (a .beton file written by fastdense.pipelines.write_beton, or an image folder)")

@@ -267,7 +267,7 @@ class TorchLoader:
 
     def __init__(self, data, recipe="scrl", batch_size: int = 256, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  num_workers: int = 8, device=None, photometric: bool = True, shuffle: bool = True, drop_last: bool = True):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.index = scan_image_folder(data)

@@ -113,6 +113,9 @@ def test_make_loader_rejects_bad_arguments(scene_folder):
         make_loader("torch", data=scene_folder, shard_id=2, num_shards=2)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader("torch", data=scene_folder, batch_size=0)
+    for backend in BACKENDS:  # numpy and DALI reject it only once an epoch starts
+        with pytest.raises(ValueError, match="seed"):
+            make_loader(backend, data=scene_folder, seed=-1, device="cpu")
     with pytest.raises(ValueError, match="recipe"):
         make_loader("torch", data=scene_folder, recipe="simclr")
 

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -112,7 +113,7 @@ def stored_size(height: int, width: int, max_resolution: Optional[int]) -> Tuple
     if max_resolution is None or max(height, width) <= max_resolution:
         return height, width
     ratio = max_resolution / max(height, width)
-    return int(ratio * height), int(ratio * width)
+    return max(1, int(ratio * height)), max(1, int(ratio * width))
 
 
 class _FolderSamples:
@@ -136,6 +137,20 @@ class _FolderSamples:
         return image, label, index, np.array([height, width], dtype=np.int32)
 
 
+def _storable(file, max_resolution: Optional[int]) -> Tuple[Optional[str], Tuple[int, int]]:
+    """``(why file cannot be stored or None, its stored (H, W))``. Every file is decoded here in
+    full: a file that passes the cheap checks but fails to decode (damage inside the data) kills
+    FFCV's writer process, and the write then waits for it forever."""
+    reason = check_image_file(file)
+    if reason is not None:
+        return reason, (0, 0)
+    try:
+        height, width = load_rgb(file).shape[:2]
+    except Exception as error:  # PIL raises many types for damaged data
+        return f"not a decodable image: {type(error).__name__}: {error}", (0, 0)
+    return None, stored_size(height, width, max_resolution)
+
+
 def write_beton(
     image_folder,
     path,
@@ -146,7 +161,8 @@ def write_beton(
 ) -> dict:
     """Write the image folder ``image_folder`` to the FFCV file ``path``, with a progress bar.
 
-    ``write_mode`` is ``"jpg"`` (JPEG at ``jpeg_quality``) or ``"raw"`` (lossless pixels). Returns
+    Every file is decoded once first (``num_workers`` threads), so that only files that decode are
+    handed to FFCV's writer. ``write_mode`` is ``"jpg"`` (JPEG at ``jpeg_quality``) or ``"raw"`` (lossless pixels). Returns
     ``{"written": n, "skipped": [(file, reason), ...]}``; skipped files are also printed and saved to
     ``<path>.skipped.json``. A missing or empty folder raises before anything is written.
 
@@ -155,6 +171,7 @@ def write_beton(
     _import_ffcv()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
+    from tqdm import tqdm  # comes with FFCV
 
     if write_mode not in ("jpg", "raw"):
         raise ValueError(f"write_mode must be 'jpg' or 'raw', got {write_mode!r}")
@@ -164,19 +181,15 @@ def write_beton(
         raise ValueError(f"max_resolution must be None or a positive int, got {max_resolution!r}")
     index = scan_image_folder(image_folder)
     keep, skipped, largest = [], [], 0
-    for i, (file, label) in enumerate(index.samples):
-        reason = check_image_file(file)
-        if reason is None:
-            try:
-                with Image.open(file) as image:
-                    height, width = stored_size(image.height, image.width, max_resolution)
-                largest = max(largest, 3 * height * width)
-            except Exception as error:  # a header that verify() accepted but open() cannot size
-                reason = f"not a decodable image: {type(error).__name__}: {error}"
-        if reason is None:
-            keep.append((str(file), label, i))
-        else:
-            skipped.append((str(file), reason))
+    threads = num_workers if num_workers > 0 else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        checked = pool.map(lambda sample: _storable(sample[0], max_resolution), index.samples)
+        for i, ((file, label), (reason, size)) in enumerate(tqdm(zip(index.samples, checked), total=len(index), desc="decoding")):
+            if reason is None:
+                keep.append((str(file), label, i))
+                largest = max(largest, 3 * size[0] * size[1])
+            else:
+                skipped.append((str(file), reason))
     if not keep:
         raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(skipped)} unreadable)")
     # A sample must fit in one page; raw pixels of a large image do not fit FFCV's default 8 MiB.

@@ -217,6 +217,30 @@ def test_write_beton_command_line(coordinate_pngs, tmp_path, capsys):  # runs fi
         ffcv_backend.write_beton(tmp_path / "missing_folder", tmp_path / "y.beton")
 
 
+def test_write_beton_command_skips_a_file_damaged_inside(tmp_path):
+    """A JPEG whose middle is overwritten passes the cheap checks (header, end marker) but fails to
+    decode: the command skips and lists it. FFCV's writer process died on it and the write waited
+    forever."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / "a" / f"{k}.jpg", quality=90)
+    damaged = tmp_path / "images" / "a" / "1.jpg"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+    damaged.write_bytes(bytes(data))
+    assert validate.check_image_file(damaged) is None  # the cheap checks cannot see it
+    out = tmp_path / "out.beton"
+    done = subprocess.run([sys.executable, "-m", "fastdense.pipelines.ffcv_backend", "write", str(tmp_path / "images"), str(out), "--num-workers", "1"],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and "wrote 2 images" in done.stdout and "skipped 1" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert [Path(p) for p, _ in json.loads(Path(str(out) + ".skipped.json").read_text())] == [damaged]
+    assert ffcv_backend.stored_size(1, 2000, 256) == (1, 256)  # never a side of 0 pixels
+
+
 def test_ffcv_round_trip_raw_storage(raw_beton):
     path, sources = raw_beton
     recipe = two_view_recipe()

@@ -282,6 +282,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         epoch = self.epoch
+        self.epoch = epoch + 1  # now, not at the end: a pass stopped early must not repeat its epoch
         self._report.reset()
         pipe = self._build(epoch)
         iterator = DALIGenericIterator(
@@ -293,7 +294,6 @@ class DaliLoader:
                 yield self._to_batch(outputs[0], sizes)
         finally:
             del iterator, pipe
-        self.epoch = epoch + 1
         for path, reason in self.unreadable:
             self._report.add(path, reason)
         self._report.report(epoch, len(self.paths))

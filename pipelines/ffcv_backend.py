@@ -556,6 +556,7 @@ class FfcvLoader:
         from fastdense.pipelines.torch_backend import finish_views
 
         epoch = self.epoch
+        self.epoch = epoch + 1  # now, not at the end: a pass stopped early must not repeat its epoch
         self._report.reset()
         self.clock[1] = epoch
         self.loader.next_epoch = epoch
@@ -578,7 +579,6 @@ class FfcvLoader:
                 index=self._column(outputs[position["index"]]),
                 label=self._column(outputs[position["label"]]),
             )
-        self.epoch = epoch + 1
         for path, reason in self.unreadable:
             self._report.add(path, reason)
         self._report.report(epoch, self.num_stored + len(self.unreadable))

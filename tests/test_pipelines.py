@@ -258,6 +258,20 @@ def test_same_seed_same_crops(backend, scene_folder, tmp_path):
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other_seed))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pass_stopped_early_still_ends_its_epoch(backend, scene_folder, tmp_path):
+    """A pass cut short (a peek, a cap on steps per epoch) counts as its epoch: the next pass is
+    epoch 1. DALI and FFCV advanced only at an epoch's end, so they served epoch 0 again."""
+    require_backend(backend)
+    loader = open_loader(backend, scene_folder, tmp_path, recipe=small("plain"), batch_size=10, photometric=False)
+    peek = next(iter(loader)).matrices.clone()
+    after_peek = _batches(loader)
+    loader.set_epoch(1)
+    _assert_same(after_peek, _batches(loader))
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader)).matrices, peek)
+
+
 def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
     options = dict(recipe=small("scrl"), batch_size=8, seed=5)
     in_process = _batches(open_loader("torch", scene_folder, tmp_path, num_workers=0, **options))

@@ -432,6 +432,23 @@ def test_recipes_follow_reference_views():
     assert RECIPES["vicregl"].std == (0.228, 0.224, 0.225) and RECIPES["scrl"].std == (0.229, 0.224, 0.225)
 
 
+@pytest.mark.parametrize("field,value", [("size", 0), ("scale", (0.0, 1.0)), ("scale", (0.5, 0.2)), ("ratio", (0.0, 1.0)),
+                                         ("blur_sigma", (2.0, 0.1)), ("flip_p", 1.5), ("blur_p", -0.1), ("jitter", (0.4, 0.4, 0.2, 0.7)),
+                                         ("jitter", (0.4, -0.4, 0.2, 0.1))])
+def test_view_spec_rejects_bad_values(field, value):
+    """A bad recipe value is an error when the recipe is made; the torch backend met it inside every
+    sample's decode (a ratio of 0: 'math domain error') and reported every file as unreadable."""
+    with pytest.raises(ValueError, match=f"ViewSpec.{field}"):
+        ViewSpec(**{"size": 32, "scale": (0.2, 1.0), field: value})
+
+
+def test_recipe_rejects_bad_values():
+    with pytest.raises(ValueError, match="interpolation"):
+        Recipe("nearest", (ViewSpec(32, (0.2, 1.0)),), interpolation="nearest")
+    with pytest.raises(ValueError, match="views"):
+        Recipe("none", ())
+
+
 def test_photometric_parameters_follow_spec():
     spec = RECIPES["scrl"].views[1]
     params = sample_params(spec, 4000, torch.Generator().manual_seed(0))

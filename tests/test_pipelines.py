@@ -106,6 +106,20 @@ def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
         make_loader(backend, data=empty, device="cpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folder_of_unreadable_files_is_an_error(backend, bad_corpus, tmp_path):
+    """A folder whose every image fails to decode is as good as empty: dali and ffcv refuse it when
+    the loader is made, torch (which decodes lazily) once its first epoch has read nothing; it used
+    to run the epoch with no batch and only a warning."""
+    require_backend(backend)
+    folder = tmp_path / "unreadable"
+    for path in bad_corpus["unreadable"]:
+        (folder / "only").mkdir(parents=True, exist_ok=True)
+        (folder / "only" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="no readable image"):
+        list(open_loader(backend, folder, tmp_path, recipe=small("plain"), batch_size=2, drop_last=False))
+
+
 def test_make_loader_rejects_bad_arguments(scene_folder):
     with pytest.raises(ValueError, match="backend"):
         make_loader("opencv", data=scene_folder)

@@ -329,8 +329,8 @@ class TorchLoader:
         if seen and len(self._report.skipped) == seen:
             # The other backends check files before they start and refuse a folder with none readable.
             path, reason = self._report.skipped[0]
-            raise ValueError(f"data folder {str(self.index.root)!r} holds no readable image: all {seen} files of epoch {epoch} "
-                             f"failed to decode (first: {path}: {reason})")
+            raise ValueError(f"data folder {str(self.index.root)!r}: no readable image among the {seen} files of epoch {epoch} "
+                             f"(shard {self.shard_id} of {self.num_shards}); first failure: {path}: {reason}")
 
     def _to_batch(self, part) -> ViewBatch:
         views = [v.to(self.device, non_blocking=True) for v in part["views"]]

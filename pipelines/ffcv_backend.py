@@ -607,7 +607,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg")
     parser.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
     args = parser.parse_args(argv)
-    summary = write_beton(args.image_folder, args.output, args.max_resolution, args.jpeg_quality, args.num_workers, args.write_mode)
+    try:
+        summary = write_beton(args.image_folder, args.output, args.max_resolution, args.jpeg_quality, args.num_workers, args.write_mode)
+    except (FileNotFoundError, ValueError) as error:  # a user's mistake: a message, not a traceback
+        parser.error(str(error))
     print(f"wrote {summary['written']} images to {args.output}; skipped {len(summary['skipped'])}")
     return 0
 

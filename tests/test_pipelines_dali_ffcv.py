@@ -215,6 +215,11 @@ def test_write_beton_command_line(coordinate_pngs, tmp_path, capsys):  # runs fi
         ffcv_backend.write_beton(root, tmp_path / "x.beton", write_mode="png")
     with pytest.raises(FileNotFoundError, match="missing_folder"):
         ffcv_backend.write_beton(tmp_path / "missing_folder", tmp_path / "y.beton")
+    capsys.readouterr()
+    for folder, message in ((tmp_path / "missing_folder", "does not exist"), (tmp_path, "holds no image")):
+        with pytest.raises(SystemExit) as exit_info:  # the command says what is wrong, without a traceback
+            ffcv_backend.main([str(folder), str(tmp_path / "z.beton")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_write_beton_command_skips_a_file_damaged_inside(tmp_path):

@@ -203,6 +203,24 @@ def test_jpeg_with_data_after_its_end_marker_is_readable(tmp_path):
     assert "truncated" in validate.check_image_file(cut)
 
 
+@pytest.mark.parametrize("image_format", ["BMP", "TIFF"])
+def test_dali_skips_other_formats_cut_short(image_format, tmp_path, monkeypatch):
+    """A BMP or TIFF cut in half passes PIL's ``verify``; DALI's decoder then stopped the whole
+    pipeline mid-epoch. It is skipped and reported, as the torch backend skips it."""
+    import io
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "images" / "a" / "good.png")
+    encoded = io.BytesIO()
+    image.save(encoded, format=image_format)
+    cut = tmp_path / "images" / "a" / f"cut.{image_format.lower()}"
+    cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    loader = make_loader("dali", data=tmp_path / "images", recipe=two_view_recipe(), batch_size=2, num_workers=1, device="cpu", drop_last=False)
+    assert [b.batch_size for b in loader] == [1] and [Path(p) for p, _ in loader.skipped] == [cut]
+
+
 # --------------------------------------------------------------------------------------------- FFCV
 
 

@@ -46,6 +46,9 @@ from fastdense.geometry import crop_matrix
 
 READER_NAME = "reader"
 INTERPOLATIONS = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
+# What fn.decoders.image reads, as PIL names the formats (PPM covers PGM and PBM; MPO is a JPEG
+# with extra pictures). A GIF, even one named .jpg, stops DALI's whole pipeline.
+DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP", "PPM", "JPEG2000")
 
 
 def _import_dali():
@@ -207,7 +210,7 @@ class DaliLoader:
         self.classes = index.classes
         paths = [path for path, _ in index.samples]
         self.labels = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
-        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads)]
+        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads, formats=DALI_FORMATS)]
         self._report = SkipReport()
         bad = {path for path, _ in self.unreadable}
         self.readable = np.array([i for i, p in enumerate(paths) if str(p) not in bad], dtype=np.int64)

@@ -24,7 +24,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -37,8 +37,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDENSE_CACHE", Path.home() / ".cache" / "fastdense")).expanduser()
 
 
-def check_image_file(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be decoded, or ``None`` when it can (see the module docstring)."""
+def check_image_file(path: Path, formats: Optional[Collection[str]] = None) -> Optional[str]:
+    """Why ``path`` cannot be decoded, or ``None`` when it can (see the module docstring); with
+    ``formats`` (PIL format names), a file in any other format cannot be decoded either."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
@@ -47,7 +48,9 @@ def check_image_file(path: Path) -> Optional[str]:
             image.verify()
     except Exception as error:  # PIL raises many types (SyntaxError, OSError, struct.error...) for bad files
         return f"not a decodable image: {type(error).__name__}: {error}"
-    if image_format == "JPEG":
+    if formats is not None and image_format not in formats:
+        return f"{image_format} image (read by its content, whatever its name): a format this backend cannot decode"
+    if image_format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after the first (phones)
         with open(path, "rb") as handle:
             handle.seek(max(0, os.path.getsize(path) - 64))
             tail = handle.read().rstrip(b"\x00")
@@ -74,9 +77,11 @@ def _decode_error(path: Path) -> Optional[str]:
     return None
 
 
-def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True) -> List[Tuple[Path, str]]:
+def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True,
+                    formats: Optional[Collection[str]] = None) -> List[Tuple[Path, str]]:
     """``(path, reason)`` for every file in ``paths`` that :func:`check_image_file` rejects, in input order."""
-    cache_file = cache_dir() / "validated" / (hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest() + ".json")
+    key = str(Path(root).resolve()) + ("" if formats is None else "|" + ",".join(sorted(formats)))
+    cache_file = cache_dir() / "validated" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     cached: Dict[str, list] = {}
     if use_cache and cache_file.is_file():
         try:
@@ -102,7 +107,7 @@ def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use
             todo.append((path, current))
     if todo:
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            reasons = list(pool.map(lambda item: check_image_file(item[0]), todo))
+            reasons = list(pool.map(lambda item: check_image_file(item[0], formats), todo))
         for (path, current), reason in zip(todo, reasons):
             results[str(path)] = current + [reason]
         if use_cache:

@@ -221,6 +221,21 @@ def test_dali_skips_other_formats_cut_short(image_format, tmp_path, monkeypatch)
     assert [b.batch_size for b in loader] == [1] and [Path(p) for p, _ in loader.skipped] == [cut]
 
 
+def test_dali_skips_formats_it_cannot_decode(tmp_path, monkeypatch):
+    """A GIF named .jpg is read by PIL (torch, ffcv) but not by DALI, whose pipeline it stopped
+    mid-epoch: DALI skips and reports it. A PNG named .jpg is read by its content everywhere."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "images" / "a" / "png_named.jpg", format="PNG")
+    gif = tmp_path / "images" / "a" / "gif_named.jpg"
+    image.save(gif, format="GIF")
+    loader = make_loader("dali", data=tmp_path / "images", recipe=two_view_recipe(), batch_size=2, num_workers=1, device="cpu", drop_last=False)
+    assert [b.batch_size for b in loader] == [1] and [Path(p) for p, _ in loader.skipped] == [gif]
+    assert "GIF" in loader.skipped[0][1]
+    assert validate.find_unreadable([gif], tmp_path / "images") == []  # other backends read it
+
+
 # --------------------------------------------------------------------------------------------- FFCV
 
 

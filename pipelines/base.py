@@ -74,19 +74,26 @@ class SkipReport:
     """Unreadable files met during one epoch: ``skipped`` is a list of ``(path, reason)``.
 
     Loaders call :meth:`reset` when an epoch starts, :meth:`add` per failure, and :meth:`report`
-    when it ends; the report is a warning on the ``fastdense.pipelines`` logger naming every path.
+    when it ends; the report is a warning on the ``fastdense.pipelines`` logger naming every path,
+    made once per epoch. Loaders report before they hand out an epoch's last batch: a training loop
+    that takes ``len(loader)`` batches never asks for the end of the iteration.
     """
 
     def __init__(self):
         self.skipped: List[Tuple[str, str]] = []
+        self.reported = False
 
     def reset(self) -> None:
         self.skipped = []
+        self.reported = False
 
     def add(self, path, reason: str) -> None:
         self.skipped.append((str(path), str(reason)))
 
     def report(self, epoch: int, total: int) -> None:
+        if self.reported:
+            return
+        self.reported = True
         if not self.skipped:
             return
         lines = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)

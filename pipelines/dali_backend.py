@@ -292,13 +292,17 @@ class DaliLoader:
             pipe, self.output_names(), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
         )
         sizes = [spec.size for spec in self.recipe.views]
-        try:
-            for outputs in iterator:
-                yield self._to_batch(outputs[0], sizes)
-        finally:
-            del iterator, pipe
         for path, reason in self.unreadable:
             self._report.add(path, reason)
+        last = len(self) - 1
+        try:
+            for number, outputs in enumerate(iterator):
+                batch = self._to_batch(outputs[0], sizes)
+                if number == last:
+                    self._report.report(epoch, len(self.paths))
+                yield batch
+        finally:
+            del iterator, pipe
         self._report.report(epoch, len(self.paths))
 
     def _to_batch(self, out: dict, sizes: List[int]) -> ViewBatch:

@@ -562,7 +562,12 @@ class FfcvLoader:
         self.loader.next_epoch = epoch
         position = {name: k for k, name in enumerate(self.output_names)}
         sizes = [spec.size for spec in self.recipe.views]
+        for path, reason in self.unreadable:
+            self._report.add(path, reason)
+        last = len(self) - 1
         for batch_number, outputs in enumerate(self.loader):
+            if batch_number == last:
+                self._report.report(epoch, self.num_stored + len(self.unreadable))
             packed = [outputs[position["image"]]] + [outputs[position[f"view{v}"]] for v in range(1, len(sizes))]
             views_nchw, windows = [], []
             for size, out in zip(sizes, packed):
@@ -579,8 +584,6 @@ class FfcvLoader:
                 index=self._column(outputs[position["index"]]),
                 label=self._column(outputs[position["label"]]),
             )
-        for path, reason in self.unreadable:
-            self._report.add(path, reason)
         self._report.report(epoch, self.num_stored + len(self.unreadable))
 
     def _column(self, values, width: int = 0) -> torch.Tensor:

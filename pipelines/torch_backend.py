@@ -317,14 +317,18 @@ class TorchLoader:
             self._loader = torch.utils.data.DataLoader(batch_sampler=self._sampler, **self._loader_kwargs)
         self._report.reset()
         seen = 0
-        for part in self._loader:
+        last = len(self._sampler) - 1
+        for number, part in enumerate(self._loader):
             for path, reason in part["errors"]:
                 self._report.add(path, reason)
-            seen += len(part["errors"])
-            if part["views"] is None:
-                continue
-            seen += len(part["index"])
-            yield self._to_batch(part)
+            seen += len(part["errors"]) + (0 if part["views"] is None else len(part["index"]))
+            if number == last:
+                self._end_epoch(epoch, seen)
+            if part["views"] is not None:
+                yield self._to_batch(part)
+        self._end_epoch(epoch, seen)
+
+    def _end_epoch(self, epoch: int, seen: int) -> None:
         self._report.report(epoch, seen)
         if seen and len(self._report.skipped) == seen:
             # The other backends check files before they start and refuse a folder with none readable.

@@ -363,14 +363,19 @@ def test_loader_crops_stay_in_recipe_ranges(backend, scene_folder, tmp_path):
 def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
     """Unreadable files are skipped and reported by path; readable files of any mode load correctly.
 
-    FFCV stores pixels losslessly here for the coordinate image's position check (see
-    test_round_trip_every_view); test_pipelines_dali_ffcv loads this corpus from JPEG storage."""
+    The epoch is taken as a training loop takes it, ``len(loader)`` batches and no request past the
+    last: the report must come with the last batch (it came only when the iteration ended, so a
+    training loop never saw it). FFCV stores pixels losslessly here for the coordinate image's
+    position check (see test_round_trip_every_view); test_pipelines_dali_ffcv loads this corpus
+    from JPEG storage."""
+    import itertools
+
     require_backend(backend)
     recipe = dataclasses.replace(small("plain"), views=(ViewSpec(32, (0.3, 1.0)), ViewSpec(16, (0.1, 0.5))))
     paths = [p for p, _ in scan_image_folder(bad_corpus["root"]).samples]
     with caplog.at_level(logging.WARNING, logger="fastdense.pipelines"):
         loader = open_loader(backend, bad_corpus["root"], tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, photometric=False, drop_last=False, shuffle=False)
-        batches = list(loader)
+        batches = list(itertools.islice(loader, len(loader)))
     skipped = {Path(path) for path, _ in loader.skipped}
     assert skipped == set(bad_corpus["unreadable"]), f"skipped {sorted(map(str, skipped))}"
     assert all(reason for _, reason in loader.skipped)

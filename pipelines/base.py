@@ -10,6 +10,7 @@ batches (distributed training needs that), and at most ``n - 1`` samples sit out
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import List, Tuple
 
 import numpy as np
@@ -33,10 +34,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int, shard_id: int = 0, num_
     return order[shard_id::num_shards].astype(np.int64)
 
 
-def check_loader_args(batch_size: int, shard_id: int, num_shards: int) -> None:
+def check_loader_args(batch_size: int, shard_id: int, num_shards: int, seed: int = 0) -> None:
     """The arguments every backend's loader shares, checked before any work starts."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's and DALI's seeds are unsigned
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     check_sharding(shard_id, num_shards)
 
 
@@ -51,6 +54,17 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
+def check_has_batches(num_samples: int, batch_size: int, shard_id: int, num_shards: int, drop_last: bool) -> None:
+    """Raise before any work when an epoch of this shard (``num_samples`` readable samples in all)
+    would hold no batch: a training loop would otherwise run zero steps without a word."""
+    shard = len(epoch_order(num_samples, 0, 0, shard_id, num_shards, shuffle=False, drop_last=drop_last))
+    if num_batches(shard, batch_size, drop_last) > 0:
+        return
+    where = f"shard {shard_id} of {num_shards} gets {shard} of the {num_samples} samples" if num_shards > 1 else f"the data holds {num_samples} samples"
+    hint = "; pass drop_last=False or a smaller batch_size" if drop_last and shard else ""
+    raise ValueError(f"an epoch would hold no batch: {where} and batch_size is {batch_size} (drop_last={drop_last}){hint}")
+
+
 def sample_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer keys (seed, epoch, index, ...), stable across processes."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -60,19 +74,26 @@ class SkipReport:
     """Unreadable files met during one epoch: ``skipped`` is a list of ``(path, reason)``.
 
     Loaders call :meth:`reset` when an epoch starts, :meth:`add` per failure, and :meth:`report`
-    when it ends; the report is a warning on the ``fastdense.pipelines`` logger naming every path.
+    when it ends; the report is a warning on the ``fastdense.pipelines`` logger naming every path,
+    made once per epoch. Loaders report before they hand out an epoch's last batch: a training loop
+    that takes ``len(loader)`` batches never asks for the end of the iteration.
     """
 
     def __init__(self):
         self.skipped: List[Tuple[str, str]] = []
+        self.reported = False
 
     def reset(self) -> None:
         self.skipped = []
+        self.reported = False
 
     def add(self, path, reason: str) -> None:
         self.skipped.append((str(path), str(reason)))
 
     def report(self, epoch: int, total: int) -> None:
+        if self.reported:
+            return
+        self.reported = True
         if not self.skipped:
             return
         lines = "\n".join(f"  {path}: {reason}" for path, reason in self.skipped)

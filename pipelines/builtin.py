@@ -64,7 +64,6 @@ def ensure_builtin_dataset(
     square.
 
     >>> import tempfile
-from concurrent.futures import ThreadPoolExecutor
     >>> images = ensure_builtin_dataset(tempfile.mkdtemp(), num_images=20, image_size=64, num_classes=4)
     >>> sorted(p.name for p in images.iterdir())[:2]
     ['000-circle-stripes', '001-square-checks']

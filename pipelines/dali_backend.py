@@ -6,15 +6,16 @@ GPU; without one the same graph runs on the CPU (``device_id=None``), which is w
 Geometry is exact because the crop window is sampled explicitly inside the graph and returned as an
 output: ``fn.peek_image_shape`` gives the decoded size (after EXIF orientation, as the decoder
 applies it), ``fn.random_crop_generator`` draws a window with the view's area fraction ``scale`` and
-aspect ratio ``ratio`` (RandomResizedCrop's rule: 10 tries, then the whole image), a coin draws the
-flip, and ``fn.resize`` samples the window through ``roi_start``/``roi_end`` in absolute pixel
+aspect ratio ``ratio`` (RandomResizedCrop's rule: 10 tries, then the whole image cut to the nearest
+allowed ratio, which DALI places at random where torchvision centres it), a coin draws the flip, and ``fn.resize`` samples the window through ``roi_start``/``roi_end`` in absolute pixel
 coordinates, with the x range reversed for a flip. The window, the flip and the source shape leave the
 pipeline beside the pixels and become the view matrices of ``CONVENTIONS.md`` section 1.
 
 Photometric augmentation uses DALI operators with per-sample random parameters, each switched on by
-its own per-view coin: ``fn.color_twist`` (brightness, contrast, saturation, hue; DALI applies them
-as one fixed colour transform, not in torchvision's random order; grayscale folds in as saturation
-0), ``fn.gaussian_blur`` and solarize as arithmetic. ``photometric=False`` leaves only geometry.
+its own per-view coin: brightness and contrast as arithmetic (contrast towards the grayscale mean, as
+torchvision), then ``fn.color_twist`` for saturation and hue (grayscale folds in as saturation 0);
+the jitter runs in this fixed order, not torchvision's random one; ``fn.gaussian_blur``; solarize as
+arithmetic. ``photometric=False`` leaves only geometry.
 
 Order and sharding: the same as every backend (:func:`fastdense.pipelines.base.epoch_order` over the
 readable files): each epoch builds a pipeline whose file reader gets exactly this shard's files in
@@ -35,15 +36,19 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
+from fastdense.pipelines.photometric import GRAY_WEIGHTS
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
 from fastdense.pipelines.validate import find_unreadable
 from fastdense.geometry import crop_matrix
 
 READER_NAME = "reader"
 INTERPOLATIONS = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
+# What fn.decoders.image reads, as PIL names the formats (PPM covers PGM and PBM; MPO is a JPEG
+# with extra pictures). A GIF, even one named .jpg, stops DALI's whole pipeline.
+DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP", "PPM", "JPEG2000")
 
 
 def _import_dali():
@@ -97,7 +102,7 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     )
     view = dali_math.clamp(view, 0.0, 255.0)  # cubic overshoot, as PIL clips it
     if photometric:
-        view = _photometric_graph(fn, types, view, spec, to_device, as_float, seeds)
+        view = _photometric_graph(fn, types, dali_math, view, spec, to_device, as_float, seeds)
     view = fn.crop_mirror_normalize(
         view,
         dtype=types.FLOAT,
@@ -109,11 +114,18 @@ def _view_graph(fn, types, dali_math, images, shape, spec: ViewSpec, interp, on_
     return view, window
 
 
-def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float, seeds):
-    """The BYOL colour pipeline on a float ``[0, 255]`` HWC view, one coin per operation and sample."""
+def _photometric_graph(fn, types, dali_math, view, spec: ViewSpec, to_device, as_float, seeds):
+    """The BYOL colour pipeline on a float ``[0, 255]`` HWC view, one coin per operation and sample.
+
+    Jitter runs in a fixed order (brightness, contrast, then saturation and hue in one
+    ``fn.color_twist``), each step clamped to ``[0, 255]`` as torchvision clamps. Contrast blends
+    towards the mean of the image's grayscale, as torchvision does: ``fn.color_twist``'s own contrast
+    pivots on half the type's range, which for float input is 0.5, a shade of black here."""
     counter = iter(range(2, 100))
 
     def uniform(low, high):
+        if low == high:  # fn.random.uniform rejects an empty range
+            return float(low)
         return fn.random.uniform(range=[low, high], seed=operator_seed(*seeds, next(counter)))
 
     def coin(p):
@@ -123,19 +135,22 @@ def _photometric_graph(fn, types, view, spec: ViewSpec, to_device, as_float, see
         drawn = uniform(max(0.0, 1.0 - strength), 1.0 + strength)
         return 1.0 + applied * (drawn - 1.0)
 
+    def clamp(node):
+        return dali_math.clamp(node, 0.0, 255.0)
+
     if spec.jitter_p > 0 or spec.grayscale_p > 0:
         jitter = coin(spec.jitter_p)
         strength_b, strength_c, strength_s, strength_h = spec.jitter
+        brightness = factor(strength_b, jitter)
+        contrast = factor(strength_c, jitter)
+        saturation = factor(strength_s, jitter)
         hue_degrees = jitter * uniform(-strength_h, strength_h) * 360.0
         keep_colour = 1.0 - coin(spec.grayscale_p)
-        view = fn.color_twist(
-            view,
-            brightness=factor(strength_b, jitter),
-            contrast=factor(strength_c, jitter),
-            saturation=factor(strength_s, jitter) * keep_colour,
-            hue=hue_degrees,
-            dtype=types.FLOAT,
-        )
+        view = clamp(view * to_device(brightness))
+        luma = types.Constant(np.array(GRAY_WEIGHTS, dtype=np.float32))
+        gray_mean = 3.0 * fn.reductions.mean(view * luma, axes=[0, 1, 2], keep_dims=True)
+        view = clamp(gray_mean + to_device(contrast) * (view - gray_mean))
+        view = clamp(fn.color_twist(view, saturation=saturation * keep_colour, hue=hue_degrees, dtype=types.FLOAT))
     if spec.blur_p > 0:
         sigma = uniform(spec.blur_sigma[0], spec.blur_sigma[1])
         blurred = fn.gaussian_blur(view, window_size=spec.blur_kernel_size, sigma=sigma)
@@ -174,7 +189,7 @@ class DaliLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         _import_dali()
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -195,12 +210,13 @@ class DaliLoader:
         self.classes = index.classes
         paths = [path for path, _ in index.samples]
         self.labels = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
-        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads)]
+        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads, formats=DALI_FORMATS)]
         self._report = SkipReport()
         bad = {path for path, _ in self.unreadable}
         self.readable = np.array([i for i, p in enumerate(paths) if str(p) not in bad], dtype=np.int64)
         if len(self.readable) == 0:
             raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(self.unreadable)} unreadable)")
+        check_has_batches(len(self.readable), batch_size, shard_id, num_shards, self.drop_last)
         self.paths = [str(p) for p in paths]
         self.epoch = 0
 
@@ -269,20 +285,24 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         epoch = self.epoch
+        self.epoch = epoch + 1  # now, not at the end: a pass stopped early must not repeat its epoch
         self._report.reset()
         pipe = self._build(epoch)
         iterator = DALIGenericIterator(
             pipe, self.output_names(), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
         )
         sizes = [spec.size for spec in self.recipe.views]
-        try:
-            for outputs in iterator:
-                yield self._to_batch(outputs[0], sizes)
-        finally:
-            del iterator, pipe
-        self.epoch = epoch + 1
         for path, reason in self.unreadable:
             self._report.add(path, reason)
+        last = len(self) - 1
+        try:
+            for number, outputs in enumerate(iterator):
+                batch = self._to_batch(outputs[0], sizes)
+                if number == last:
+                    self._report.report(epoch, len(self.paths))
+                yield batch
+        finally:
+            del iterator, pipe
         self._report.report(epoch, len(self.paths))
 
     def _to_batch(self, out: dict, sizes: List[int]) -> ViewBatch:

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -43,10 +44,11 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
+from fastdense.pipelines.torch_backend import to_rgb
 from fastdense.pipelines.validate import cache_dir, check_image_file
 
 #: bytes appended to every view after its pixels: five little-endian int32 ``(x0, y0, w, h, flip)``
@@ -100,13 +102,10 @@ def _stop_ffcv_mutating_numba_types() -> None:
 
 def load_rgb(path) -> np.ndarray:
     """Decode ``path`` to ``uint8 [H, W, 3]`` RGB: EXIF orientation applied (as DALI's decoder does),
-    alpha dropped, grayscale and CMYK converted, 16-bit samples scaled to 8 bits."""
+    then every mode converted as the torch backend converts it (:func:`~fastdense.pipelines.torch_backend.to_rgb`:
+    alpha dropped, CMYK and grayscale converted, 16-bit samples scaled from 0-65535 to 0-255)."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            deep = np.asarray(image, dtype=np.int64)
-            image = Image.fromarray(np.clip(deep >> 8 if deep.max() > 255 else deep, 0, 255).astype(np.uint8), "L")
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(ImageOps.exif_transpose(image)))
 
 
 def stored_size(height: int, width: int, max_resolution: Optional[int]) -> Tuple[int, int]:
@@ -114,7 +113,7 @@ def stored_size(height: int, width: int, max_resolution: Optional[int]) -> Tuple
     if max_resolution is None or max(height, width) <= max_resolution:
         return height, width
     ratio = max_resolution / max(height, width)
-    return int(ratio * height), int(ratio * width)
+    return max(1, int(ratio * height)), max(1, int(ratio * width))
 
 
 class _FolderSamples:
@@ -138,6 +137,20 @@ class _FolderSamples:
         return image, label, index, np.array([height, width], dtype=np.int32)
 
 
+def _storable(file, max_resolution: Optional[int]) -> Tuple[Optional[str], Tuple[int, int]]:
+    """``(why file cannot be stored or None, its stored (H, W))``. Every file is decoded here in
+    full: a file that passes the cheap checks but fails to decode (damage inside the data) kills
+    FFCV's writer process, and the write then waits for it forever."""
+    reason = check_image_file(file)
+    if reason is not None:
+        return reason, (0, 0)
+    try:
+        height, width = load_rgb(file).shape[:2]
+    except Exception as error:  # PIL raises many types for damaged data
+        return f"not a decodable image: {type(error).__name__}: {error}", (0, 0)
+    return None, stored_size(height, width, max_resolution)
+
+
 def write_beton(
     image_folder,
     path,
@@ -148,7 +161,8 @@ def write_beton(
 ) -> dict:
     """Write the image folder ``image_folder`` to the FFCV file ``path``, with a progress bar.
 
-    ``write_mode`` is ``"jpg"`` (JPEG at ``jpeg_quality``) or ``"raw"`` (lossless pixels). Returns
+    Every file is decoded once first (``num_workers`` threads), so that only files that decode are
+    handed to FFCV's writer. ``write_mode`` is ``"jpg"`` (JPEG at ``jpeg_quality``) or ``"raw"`` (lossless pixels). Returns
     ``{"written": n, "skipped": [(file, reason), ...]}``; skipped files are also printed and saved to
     ``<path>.skipped.json``. A missing or empty folder raises before anything is written.
 
@@ -157,6 +171,7 @@ def write_beton(
     _import_ffcv()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
+    from tqdm import tqdm  # comes with FFCV
 
     if write_mode not in ("jpg", "raw"):
         raise ValueError(f"write_mode must be 'jpg' or 'raw', got {write_mode!r}")
@@ -166,19 +181,15 @@ def write_beton(
         raise ValueError(f"max_resolution must be None or a positive int, got {max_resolution!r}")
     index = scan_image_folder(image_folder)
     keep, skipped, largest = [], [], 0
-    for i, (file, label) in enumerate(index.samples):
-        reason = check_image_file(file)
-        if reason is None:
-            try:
-                with Image.open(file) as image:
-                    height, width = stored_size(image.height, image.width, max_resolution)
-                largest = max(largest, 3 * height * width)
-            except Exception as error:  # a header that verify() accepted but open() cannot size
-                reason = f"not a decodable image: {type(error).__name__}: {error}"
-        if reason is None:
-            keep.append((str(file), label, i))
-        else:
-            skipped.append((str(file), reason))
+    threads = num_workers if num_workers > 0 else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        checked = pool.map(lambda sample: _storable(sample[0], max_resolution), index.samples)
+        for i, ((file, label), (reason, size)) in enumerate(tqdm(zip(index.samples, checked), total=len(index), desc="decoding")):
+            if reason is None:
+                keep.append((str(file), label, i))
+                largest = max(largest, 3 * size[0] * size[1])
+            else:
+                skipped.append((str(file), reason))
     if not keep:
         raise ValueError(f"data folder {str(index.root)!r} holds no readable image ({len(skipped)} unreadable)")
     # A sample must fit in one page; raw pixels of a large image do not fit FFCV's default 8 MiB.
@@ -475,7 +486,7 @@ class FfcvLoader:
         shuffle: bool = True,
         drop_last: bool = True,
     ):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data {str(path)!r} does not exist (a .beton file written by fastdense.pipelines.write_beton, or an image folder)")
@@ -503,6 +514,7 @@ class FfcvLoader:
         self.num_stored = Reader(str(path)).num_samples
         if self.num_stored == 0:
             raise ValueError(f"beton file {str(path)!r} holds no sample")
+        check_has_batches(self.num_stored, batch_size, shard_id, num_shards, self.drop_last)
         self.clock = np.array([self.seed, 0], dtype=np.int64)
         decoder_class = _view_crop_decoder_class()
         pipelines = {
@@ -544,12 +556,18 @@ class FfcvLoader:
         from fastdense.pipelines.torch_backend import finish_views
 
         epoch = self.epoch
+        self.epoch = epoch + 1  # now, not at the end: a pass stopped early must not repeat its epoch
         self._report.reset()
         self.clock[1] = epoch
         self.loader.next_epoch = epoch
         position = {name: k for k, name in enumerate(self.output_names)}
         sizes = [spec.size for spec in self.recipe.views]
+        for path, reason in self.unreadable:
+            self._report.add(path, reason)
+        last = len(self) - 1
         for batch_number, outputs in enumerate(self.loader):
+            if batch_number == last:
+                self._report.report(epoch, self.num_stored + len(self.unreadable))
             packed = [outputs[position["image"]]] + [outputs[position[f"view{v}"]] for v in range(1, len(sizes))]
             views_nchw, windows = [], []
             for size, out in zip(sizes, packed):
@@ -566,9 +584,6 @@ class FfcvLoader:
                 index=self._column(outputs[position["index"]]),
                 label=self._column(outputs[position["label"]]),
             )
-        self.epoch = epoch + 1
-        for path, reason in self.unreadable:
-            self._report.add(path, reason)
         self._report.report(epoch, self.num_stored + len(self.unreadable))
 
     def _column(self, values, width: int = 0) -> torch.Tensor:
@@ -595,7 +610,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg")
     parser.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
     args = parser.parse_args(argv)
-    summary = write_beton(args.image_folder, args.output, args.max_resolution, args.jpeg_quality, args.num_workers, args.write_mode)
+    try:
+        summary = write_beton(args.image_folder, args.output, args.max_resolution, args.jpeg_quality, args.num_workers, args.write_mode)
+    except (FileNotFoundError, ValueError) as error:  # a user's mistake: a message, not a traceback
+        parser.error(str(error))
     print(f"wrote {summary['written']} images to {args.output}; skipped {len(summary['skipped'])}")
     return 0
 

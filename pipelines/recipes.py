@@ -31,6 +31,21 @@ class ViewSpec:
     solarize_p: float = 0.0
     solarize_threshold: float = 128 / 255
 
+    def __post_init__(self):
+        # Checked here, before any work: a bad value would otherwise fail inside every sample's
+        # decode, which loaders report as that file being unreadable.
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"ViewSpec.size must be a positive int, got {self.size!r}")
+        for name, low_limit, high_limit in (("scale", 0.0, None), ("ratio", 0.0, None), ("blur_sigma", 0.0, None)):
+            low, high = getattr(self, name)
+            if not low_limit < low <= high:
+                raise ValueError(f"ViewSpec.{name} must be (low, high) with 0 < low <= high, got {getattr(self, name)!r}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"ViewSpec.{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+            raise ValueError(f"ViewSpec.jitter must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {self.jitter!r}")
+
     @property
     def blur_kernel_size(self) -> int:
         """Odd kernel of about 10% of the view, as BYOL and DINO use (23 px at 224)."""
@@ -45,6 +60,12 @@ class Recipe:
     interpolation: str = "bicubic"  # "bicubic" | "bilinear"
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if not self.views or not all(isinstance(v, ViewSpec) for v in self.views):
+            raise ValueError(f"Recipe.views must be one or more ViewSpec objects, got {self.views!r}")
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"Recipe.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
 
     @property
     def num_views(self) -> int:
@@ -70,7 +91,7 @@ RECIPES: Dict[str, Recipe] = {
     # pipelines, as the reference's transforms do (left=(j % 2 == 0)).
     "vicregl": Recipe(
         "vicregl",
-        _byol_pair((0.4, 1.0)) + _byol_pair((0.08, 0.4), size=96) * 3,
+        _byol_pair((0.4, 1.0)) + 3 * _byol_pair((0.08, 0.4), size=96),
         interpolation="bicubic",
         std=VICREGL_STD,
     ),

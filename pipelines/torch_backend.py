@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdense.pipelines.base import SkipReport, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.crops import crops_to_matrices, sample_crop
 from fastdense.pipelines.folder import scan_image_folder
@@ -267,10 +267,11 @@ class TorchLoader:
 
     def __init__(self, data, recipe="scrl", batch_size: int = 256, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  num_workers: int = 8, device=None, photometric: bool = True, shuffle: bool = True, drop_last: bool = True):
-        check_loader_args(batch_size, shard_id, num_shards)
+        check_loader_args(batch_size, shard_id, num_shards, seed)
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.index = scan_image_folder(data)
+        check_has_batches(len(self.index), batch_size, shard_id, num_shards, drop_last)
         self.recipe = get_recipe(recipe)
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
         self.shuffle, self.drop_last, self.photometric = shuffle, drop_last, photometric
@@ -316,15 +317,24 @@ class TorchLoader:
             self._loader = torch.utils.data.DataLoader(batch_sampler=self._sampler, **self._loader_kwargs)
         self._report.reset()
         seen = 0
-        for part in self._loader:
+        last = len(self._sampler) - 1
+        for number, part in enumerate(self._loader):
             for path, reason in part["errors"]:
                 self._report.add(path, reason)
-            seen += len(part["errors"])
-            if part["views"] is None:
-                continue
-            seen += len(part["index"])
-            yield self._to_batch(part)
+            seen += len(part["errors"]) + (0 if part["views"] is None else len(part["index"]))
+            if number == last:
+                self._end_epoch(epoch, seen)
+            if part["views"] is not None:
+                yield self._to_batch(part)
+        self._end_epoch(epoch, seen)
+
+    def _end_epoch(self, epoch: int, seen: int) -> None:
         self._report.report(epoch, seen)
+        if seen and len(self._report.skipped) == seen:
+            # The other backends check files before they start and refuse a folder with none readable.
+            path, reason = self._report.skipped[0]
+            raise ValueError(f"data folder {str(self.index.root)!r}: no readable image among the {seen} files of epoch {epoch} "
+                             f"(shard {self.shard_id} of {self.num_shards}); first failure: {path}: {reason}")
 
     def _to_batch(self, part) -> ViewBatch:
         views = [v.to(self.device, non_blocking=True) for v in part["views"]]

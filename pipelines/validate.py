@@ -6,12 +6,14 @@ returns ``(path, reason)`` for those that fail:
 
 - the file must open as an image (PIL identifies its format from its header, not its name) and pass
   ``Image.verify()`` (for PNG this checks every chunk's CRC, so a truncated PNG fails);
-- a JPEG must end with its end-of-image marker ``FF D9``: PIL's ``verify`` does not read the
-  entropy-coded data, and a JPEG cut short is the usual corruption a copy leaves behind.
+- a JPEG must end with its end-of-image marker ``FF D9``, or else decode in full (data appended
+  after the marker is harmless): PIL's ``verify`` does not read the entropy-coded data, and a JPEG
+  cut short is the usual corruption a copy leaves behind;
+- any other format (BMP, TIFF, WebP, PNM), whose ``verify`` checks little, must decode in full.
 
 A full decode would also find files damaged in the middle, at the cost of decoding the whole
 dataset once more (minutes for ImageNet); these two checks cost one header parse and one 64-byte
-read per file. Results are cached per folder (keyed by each file's size and modification time) in
+read per file (and a decode for the rare JPEG with a trailer). Results are cached per folder (keyed by each file's size and modification time) in
 ``$FASTDENSE_CACHE`` (default ``~/.cache/fastdense``), so later runs only check new or changed files.
 """
 
@@ -22,12 +24,12 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
 JPEG_END_OF_IMAGE = b"\xff\xd9"
-CACHE_VERSION = 1
+CACHE_VERSION = 3  # 2: JPEGs with data after the end marker are readable; 3: other formats decoded in full
 
 
 def cache_dir() -> Path:
@@ -35,8 +37,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDENSE_CACHE", Path.home() / ".cache" / "fastdense")).expanduser()
 
 
-def check_image_file(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be decoded, or ``None`` when it can (see the module docstring)."""
+def check_image_file(path: Path, formats: Optional[Collection[str]] = None) -> Optional[str]:
+    """Why ``path`` cannot be decoded, or ``None`` when it can (see the module docstring); with
+    ``formats`` (PIL format names), a file in any other format cannot be decoded either."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
@@ -45,18 +48,40 @@ def check_image_file(path: Path) -> Optional[str]:
             image.verify()
     except Exception as error:  # PIL raises many types (SyntaxError, OSError, struct.error...) for bad files
         return f"not a decodable image: {type(error).__name__}: {error}"
-    if image_format == "JPEG":
+    if formats is not None and image_format not in formats:
+        return f"{image_format} image (read by its content, whatever its name): a format this backend cannot decode"
+    if image_format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after the first (phones)
         with open(path, "rb") as handle:
             handle.seek(max(0, os.path.getsize(path) - 64))
             tail = handle.read().rstrip(b"\x00")
         if not tail.endswith(JPEG_END_OF_IMAGE):
-            return "truncated JPEG (no end-of-image marker)"
+            # Cameras and editors may append data after the end marker (Samsung's trailer, for one),
+            # which every decoder ignores: only a file that also fails to decode is cut short.
+            error = _decode_error(path)
+            return None if error is None else f"truncated JPEG (no end-of-image marker; {error})"
+    elif image_format != "PNG":
+        # verify() checks little or nothing of the other formats (a BMP or TIFF cut in half passes);
+        # they are rare in training sets, so they are decoded in full.
+        error = _decode_error(path)
+        return None if error is None else f"not a decodable image: {error}"
     return None
 
 
-def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True) -> List[Tuple[Path, str]]:
+def _decode_error(path: Path) -> Optional[str]:
+    """Why decoding ``path`` in full fails, or ``None``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as error:  # PIL raises many types for damaged data
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True,
+                    formats: Optional[Collection[str]] = None) -> List[Tuple[Path, str]]:
     """``(path, reason)`` for every file in ``paths`` that :func:`check_image_file` rejects, in input order."""
-    cache_file = cache_dir() / "validated" / (hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest() + ".json")
+    key = str(Path(root).resolve()) + ("" if formats is None else "|" + ",".join(sorted(formats)))
+    cache_file = cache_dir() / "validated" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     cached: Dict[str, list] = {}
     if use_cache and cache_file.is_file():
         try:
@@ -82,7 +107,7 @@ def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use
             todo.append((path, current))
     if todo:
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            reasons = list(pool.map(lambda item: check_image_file(item[0]), todo))
+            reasons = list(pool.map(lambda item: check_image_file(item[0], formats), todo))
         for (path, current), reason in zip(todo, reasons):
             results[str(path)] = current + [reason]
         if use_cache:

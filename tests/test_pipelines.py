@@ -106,6 +106,20 @@ def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
         make_loader(backend, data=empty, device="cpu")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_folder_of_unreadable_files_is_an_error(backend, bad_corpus, tmp_path):
+    """A folder whose every image fails to decode is as good as empty: dali and ffcv refuse it when
+    the loader is made, torch (which decodes lazily) once its first epoch has read nothing; it used
+    to run the epoch with no batch and only a warning."""
+    require_backend(backend)
+    folder = tmp_path / "unreadable"
+    for path in bad_corpus["unreadable"]:
+        (folder / "only").mkdir(parents=True, exist_ok=True)
+        (folder / "only" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(ValueError, match="no readable image"):
+        list(open_loader(backend, folder, tmp_path, recipe=small("plain"), batch_size=2, drop_last=False))
+
+
 def test_make_loader_rejects_bad_arguments(scene_folder):
     with pytest.raises(ValueError, match="backend"):
         make_loader("opencv", data=scene_folder)
@@ -113,6 +127,9 @@ def test_make_loader_rejects_bad_arguments(scene_folder):
         make_loader("torch", data=scene_folder, shard_id=2, num_shards=2)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader("torch", data=scene_folder, batch_size=0)
+    for backend in BACKENDS:  # numpy and DALI reject it only once an epoch starts
+        with pytest.raises(ValueError, match="seed"):
+            make_loader(backend, data=scene_folder, seed=-1, device="cpu")
     with pytest.raises(ValueError, match="recipe"):
         make_loader("torch", data=scene_folder, recipe="simclr")
 
@@ -255,6 +272,20 @@ def test_same_seed_same_crops(backend, scene_folder, tmp_path):
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other_seed))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pass_stopped_early_still_ends_its_epoch(backend, scene_folder, tmp_path):
+    """A pass cut short (a peek, a cap on steps per epoch) counts as its epoch: the next pass is
+    epoch 1. DALI and FFCV advanced only at an epoch's end, so they served epoch 0 again."""
+    require_backend(backend)
+    loader = open_loader(backend, scene_folder, tmp_path, recipe=small("plain"), batch_size=10, photometric=False)
+    peek = next(iter(loader)).matrices.clone()
+    after_peek = _batches(loader)
+    loader.set_epoch(1)
+    _assert_same(after_peek, _batches(loader))
+    loader.set_epoch(0)
+    assert torch.equal(next(iter(loader)).matrices, peek)
+
+
 def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
     options = dict(recipe=small("scrl"), batch_size=8, seed=5)
     in_process = _batches(open_loader("torch", scene_folder, tmp_path, num_workers=0, **options))
@@ -277,6 +308,28 @@ def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
     assert sum(len(s) for s in seen) == total
     lengths = {len(open_loader(backend, scene_folder, tmp_path, shard_id=k, drop_last=True, **options)) for k in range(3)}
     assert len(lengths) == 1, f"with drop_last every shard must run the same number of batches, got {lengths}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_dataset_one_class_images_smaller_than_views(backend, tmp_path):
+    """Three images of one class, each smaller than the views: upsampled views with exact matrices;
+    a batch larger than the data is one short batch without drop_last, and a clear error before any
+    work with it (an epoch of no batch at all), as is a shard left without samples."""
+    require_backend(backend)
+    folder = tmp_path / "three"
+    sources = build_coordinate_folder(folder, [(28, 24), (30, 36), (26, 26)], suffix=".png")
+    recipe = with_flips(small("plain").resized({32: 48}), 0.5)
+    with pytest.raises(ValueError, match="batch_size is 4"):
+        open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="shard 3 of 4 gets 0"):
+        open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=1, shard_id=3, num_shards=4, drop_last=False)
+    loader = open_loader(backend, folder, tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, drop_last=False, photometric=False)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 1 and batches[0].batch_size == 3 and not loader.skipped
+    assert sorted(batches[0].index.tolist()) == [0, 1, 2] and batches[0].label.tolist() == [0, 0, 0]
+    assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 48, 48)]
+    if backend != "ffcv":  # FFCV enlarges with INTER_AREA, blockier than the round trip's mean limit
+        roundtrip_check(batches[0], sources, recipe.mean, recipe.std, noise_levels=1.0)
 
 
 def test_epoch_order_shards():
@@ -310,14 +363,19 @@ def test_loader_crops_stay_in_recipe_ranges(backend, scene_folder, tmp_path):
 def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
     """Unreadable files are skipped and reported by path; readable files of any mode load correctly.
 
-    FFCV stores pixels losslessly here for the coordinate image's position check (see
-    test_round_trip_every_view); test_pipelines_dali_ffcv loads this corpus from JPEG storage."""
+    The epoch is taken as a training loop takes it, ``len(loader)`` batches and no request past the
+    last: the report must come with the last batch (it came only when the iteration ended, so a
+    training loop never saw it). FFCV stores pixels losslessly here for the coordinate image's
+    position check (see test_round_trip_every_view); test_pipelines_dali_ffcv loads this corpus
+    from JPEG storage."""
+    import itertools
+
     require_backend(backend)
     recipe = dataclasses.replace(small("plain"), views=(ViewSpec(32, (0.3, 1.0)), ViewSpec(16, (0.1, 0.5))))
     paths = [p for p, _ in scan_image_folder(bad_corpus["root"]).samples]
     with caplog.at_level(logging.WARNING, logger="fastdense.pipelines"):
         loader = open_loader(backend, bad_corpus["root"], tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, photometric=False, drop_last=False, shuffle=False)
-        batches = list(loader)
+        batches = list(itertools.islice(loader, len(loader)))
     skipped = {Path(path) for path, _ in loader.skipped}
     assert skipped == set(bad_corpus["unreadable"]), f"skipped {sorted(map(str, skipped))}"
     assert all(reason for _, reason in loader.skipped)
@@ -373,6 +431,42 @@ def test_photometric_matches_torchvision_per_sample():
         torch.testing.assert_close(out[b], expected, atol=2e-5, rtol=0)
     for flag in ("jitter", "grayscale", "blur", "solarize"):  # the test covered both branches of each
         assert 0 < int(getattr(params, flag).sum()) < 24, flag
+
+
+def test_recipes_follow_reference_views():
+    """Each recipe's views, as the methods' reference code builds them (METHODS.md); VICRegL gives
+    local view j the colour pipeline of global view j % 2 (its transforms.get_color_distortion)."""
+    first, second = (1.0, 0.0), (0.1, 0.2)  # (blur_p, solarize_p) of BYOL's two views
+
+    def views(recipe):
+        return [(v.size, v.scale, (v.blur_p, v.solarize_p)) for v in RECIPES[recipe].views]
+
+    assert views("scrl") == views("lewel") == [(224, (0.2, 1.0), first), (224, (0.2, 1.0), second)]
+    assert views("vicregl") == [(224, (0.4, 1.0), first), (224, (0.4, 1.0), second)] + 3 * [(96, (0.08, 0.4), first), (96, (0.08, 0.4), second)]
+    assert views("vicregl_two_views") == [(224, (0.08, 1.0), first), (224, (0.08, 1.0), second)]  # its ResNet-50 recipe
+    assert views("selfpatch") == [(224, (0.25, 1.0), first), (224, (0.25, 1.0), second)] + 8 * [(96, (0.05, 0.25), (0.5, 0.0))]
+    for name in ("scrl", "lewel", "vicregl", "vicregl_two_views", "selfpatch"):
+        for v in RECIPES[name].views:
+            assert (v.jitter, v.jitter_p, v.grayscale_p, v.flip_p, v.ratio) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5, (3 / 4, 4 / 3))
+    assert {name: r.interpolation for name, r in RECIPES.items() if name != "plain"} == dict(scrl="bicubic", lewel="bilinear", vicregl="bicubic", vicregl_two_views="bicubic", selfpatch="bicubic")
+    assert RECIPES["vicregl"].std == (0.228, 0.224, 0.225) and RECIPES["scrl"].std == (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("field,value", [("size", 0), ("scale", (0.0, 1.0)), ("scale", (0.5, 0.2)), ("ratio", (0.0, 1.0)),
+                                         ("blur_sigma", (2.0, 0.1)), ("flip_p", 1.5), ("blur_p", -0.1), ("jitter", (0.4, 0.4, 0.2, 0.7)),
+                                         ("jitter", (0.4, -0.4, 0.2, 0.1))])
+def test_view_spec_rejects_bad_values(field, value):
+    """A bad recipe value is an error when the recipe is made; the torch backend met it inside every
+    sample's decode (a ratio of 0: 'math domain error') and reported every file as unreadable."""
+    with pytest.raises(ValueError, match=f"ViewSpec.{field}"):
+        ViewSpec(**{"size": 32, "scale": (0.2, 1.0), field: value})
+
+
+def test_recipe_rejects_bad_values():
+    with pytest.raises(ValueError, match="interpolation"):
+        Recipe("nearest", (ViewSpec(32, (0.2, 1.0)),), interpolation="nearest")
+    with pytest.raises(ValueError, match="views"):
+        Recipe("none", ())
 
 
 def test_photometric_parameters_follow_spec():
@@ -508,3 +602,13 @@ def test_make_loader_defaults_to_builtin_dataset(tmp_path, monkeypatch):
     batch = next(iter(loader))
     assert len(loader) == 2 and batch.label is not None and batch.matrices.shape == (4, 2, 3, 3)
     assert loader.index.root == made["path"]
+
+
+@pytest.mark.parametrize("module", ["base", "builtin", "crops", "folder", "photometric", "torch_backend", "validate"])
+def test_docstring_examples_run(module):
+    """The runnable examples in the pipelines' docstrings parse and give what they show."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"fastdense.pipelines.{module}"), report=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed"

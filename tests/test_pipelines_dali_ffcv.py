@@ -25,7 +25,11 @@ from fastdense.pipelines import make_loader
 from fastdense.pipelines.crops import sample_crop
 from fastdense.pipelines.recipes import Recipe, ViewSpec
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check
+from PIL import Image
+
+from fastdense.pipelines.photometric import GRAY_WEIGHTS
+
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, unnormalize
 
 pytest.importorskip("nvidia.dali", reason="scripts/install.sh installs nvidia-dali")
 ffcv = pytest.importorskip("ffcv", reason="scripts/install.sh installs ffcv")
@@ -128,6 +132,47 @@ def test_dali_gpu_pipeline_is_well_formed(recipe, coordinate_pngs, monkeypatch, 
             assert (name, "gpu") in placed and (name, "cpu") not in placed, (name, sorted(placed))
 
 
+def _dali_views(root, recipe, photometric, batch_size):
+    loader = make_loader("dali", data=root, recipe=recipe, batch_size=batch_size, num_workers=1, device="cpu", seed=1,
+                         photometric=photometric, drop_last=False, shuffle=False)
+    batch = next(iter(loader))
+    return np.stack([unnormalize(batch.views[0][b], recipe.mean, recipe.std) for b in range(batch.batch_size)])
+
+
+def test_dali_colour_jitter_follows_torchvision(tmp_path, monkeypatch):
+    """Contrast blends towards each image's grayscale mean, and every jitter step stays in [0, 255],
+    as torchvision's; a jitter strength of 0 (an empty range to draw from) is allowed.
+
+    ``fn.color_twist`` pivots its contrast on 0.5 for float input, where the views span 0-255: it
+    darkened every image like a second brightness factor, and nothing clamped its output."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    for k in range(6):  # smooth mid-range colours, so a contrast of 1.8 never needs clipping
+        Image.fromarray(rng.integers(70, 180, (8, 8, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BILINEAR).save(root / "a" / f"{k}.png")
+    only_contrast = Recipe("contrast", (ViewSpec(32, (0.5, 1.0), jitter=(0.0, 0.8, 0.0, 0.0), jitter_p=1.0, grayscale_p=0.0),))
+    plain, jittered = (_dali_views(root, only_contrast, photometric, 6) for photometric in (False, True))
+    luma = np.array(GRAY_WEIGHTS)
+    factors = []
+    for before, after in zip(plain, jittered):
+        mean = float((before @ luma).mean())
+        factor = float(np.std(after) / np.std(before))
+        factors.append(factor)
+        assert abs(float((after @ luma).mean()) - mean) < 1.0, "contrast must keep the grayscale mean"
+        assert np.abs(after - (mean + factor * (before - mean))).max() < 2.0
+    assert min(factors) >= 0.2 - 0.01 and max(factors) <= 1.8 + 0.01 and max(factors) - min(factors) > 0.2
+
+    for k in range(6):  # black and white halves: strong jitter would leave [0, 255] without clamping
+        image = np.zeros((48, 48, 3), np.uint8)
+        image[:, 24:] = 255
+        image[::2, :, 1] = 200
+        Image.fromarray(image).save(root / "a" / f"{k}.png")
+    strong = Recipe("strong", (ViewSpec(32, (0.5, 1.0), jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=1.0, grayscale_p=0.0, solarize_p=0.5),))
+    views = _dali_views(root, strong, True, 6)
+    assert views.min() > -0.5 and views.max() < 255.5, (views.min(), views.max())
+
+
 def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
     corpus = build_bad_corpus(tmp_path / "corpus")
@@ -143,6 +188,54 @@ def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     assert dict(validate.find_unreadable(paths, corpus["root"])) == found
 
 
+def test_jpeg_with_data_after_its_end_marker_is_readable(tmp_path):
+    """A trailer after ``FF D9`` (phones append one) leaves the JPEG readable, as PIL and DALI read
+    it; the check called it truncated, so dali and ffcv skipped files the torch backend loads."""
+    import io
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(encoded, format="JPEG")
+    trailer = tmp_path / "trailer.jpg"
+    trailer.write_bytes(encoded.getvalue() + b"SEFH" + bytes(range(256)) + b"SEFT")
+    assert validate.check_image_file(trailer) is None
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    assert "truncated" in validate.check_image_file(cut)
+
+
+@pytest.mark.parametrize("image_format", ["BMP", "TIFF"])
+def test_dali_skips_other_formats_cut_short(image_format, tmp_path, monkeypatch):
+    """A BMP or TIFF cut in half passes PIL's ``verify``; DALI's decoder then stopped the whole
+    pipeline mid-epoch. It is skipped and reported, as the torch backend skips it."""
+    import io
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "images" / "a" / "good.png")
+    encoded = io.BytesIO()
+    image.save(encoded, format=image_format)
+    cut = tmp_path / "images" / "a" / f"cut.{image_format.lower()}"
+    cut.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    loader = make_loader("dali", data=tmp_path / "images", recipe=two_view_recipe(), batch_size=2, num_workers=1, device="cpu", drop_last=False)
+    assert [b.batch_size for b in loader] == [1] and [Path(p) for p, _ in loader.skipped] == [cut]
+
+
+def test_dali_skips_formats_it_cannot_decode(tmp_path, monkeypatch):
+    """A GIF named .jpg is read by PIL (torch, ffcv) but not by DALI, whose pipeline it stopped
+    mid-epoch: DALI skips and reports it. A PNG named .jpg is read by its content everywhere."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "images" / "a" / "png_named.jpg", format="PNG")
+    gif = tmp_path / "images" / "a" / "gif_named.jpg"
+    image.save(gif, format="GIF")
+    loader = make_loader("dali", data=tmp_path / "images", recipe=two_view_recipe(), batch_size=2, num_workers=1, device="cpu", drop_last=False)
+    assert [b.batch_size for b in loader] == [1] and [Path(p) for p, _ in loader.skipped] == [gif]
+    assert "GIF" in loader.skipped[0][1]
+    assert validate.find_unreadable([gif], tmp_path / "images") == []  # other backends read it
+
+
 # --------------------------------------------------------------------------------------------- FFCV
 
 
@@ -155,6 +248,35 @@ def test_write_beton_command_line(coordinate_pngs, tmp_path, capsys):  # runs fi
         ffcv_backend.write_beton(root, tmp_path / "x.beton", write_mode="png")
     with pytest.raises(FileNotFoundError, match="missing_folder"):
         ffcv_backend.write_beton(tmp_path / "missing_folder", tmp_path / "y.beton")
+    capsys.readouterr()
+    for folder, message in ((tmp_path / "missing_folder", "does not exist"), (tmp_path, "holds no image")):
+        with pytest.raises(SystemExit) as exit_info:  # the command says what is wrong, without a traceback
+            ffcv_backend.main([str(folder), str(tmp_path / "z.beton")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_write_beton_command_skips_a_file_damaged_inside(tmp_path):
+    """A JPEG whose middle is overwritten passes the cheap checks (header, end marker) but fails to
+    decode: the command skips and lists it. FFCV's writer process died on it and the write waited
+    forever."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / "a" / f"{k}.jpg", quality=90)
+    damaged = tmp_path / "images" / "a" / "1.jpg"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
+    damaged.write_bytes(bytes(data))
+    assert validate.check_image_file(damaged) is None  # the cheap checks cannot see it
+    out = tmp_path / "out.beton"
+    done = subprocess.run([sys.executable, "-m", "fastdense.pipelines.ffcv_backend", "write", str(tmp_path / "images"), str(out), "--num-workers", "1"],
+                          capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and "wrote 2 images" in done.stdout and "skipped 1" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert [Path(p) for p, _ in json.loads(Path(str(out) + ".skipped.json").read_text())] == [damaged]
+    assert ffcv_backend.stored_size(1, 2000, 256) == (1, 256)  # never a side of 0 pixels
 
 
 def test_ffcv_round_trip_raw_storage(raw_beton):
@@ -198,6 +320,20 @@ def test_write_beton_skips_reports_and_downscales(corpus_beton, raw_beton, caplo
         h, w = corpus["readable"][paths[index]]["size"]
         assert size == ffcv_backend.stored_size(h, w, 256), paths[index]
     assert max(max(s) for s in sizes.values()) == 256  # the 6000x4000 image was cut to 256
+
+
+def test_ffcv_writer_reads_16_bit_images_as_the_other_backends(tmp_path):
+    """A 16-bit sample ``v`` is ``v / 257`` in every backend: the writer took a dark 16-bit image
+    (all samples below 256) for an 8-bit one and stored it up to 255 times too bright."""
+    from fastdense.pipelines.torch_backend import to_rgb
+
+    for value, expected in ((200, 1), (40000, 156), (65535, 255)):
+        path = tmp_path / f"deep_{value}.png"
+        Image.fromarray(np.full((6, 5), value, np.uint16)).save(path)
+        stored = ffcv_backend.load_rgb(path)
+        assert stored.shape == (6, 5, 3) and stored.dtype == np.uint8 and (stored == expected).all(), (value, stored[0, 0])
+        with Image.open(path) as image:
+            assert np.array_equal(stored, np.asarray(to_rgb(image)))
 
 
 def test_ffcv_crop_sampler_follows_random_resized_crop():

@@ -632,7 +632,7 @@ def covariance_gradient(a: Operand, b: Operand, saved_product: Optional[torch.Te
         stop = min(start + step, a.rows)
         part = buffer[:, : stop - start]
         chunk = a.row_slice(start, stop)
-        product_square_sums(chunk, b, mean, symmetric=False, product=part)
+        product_tile_squares(chunk, b, mean, symmetric=False, product=part)  # only the product is needed here
         apply_product(chunk, b, part, mean, terms, out.row_slice(start, stop))
 
 

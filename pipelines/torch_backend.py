@@ -21,8 +21,12 @@ Per sample, in a worker:
    through PIL's conversion, 16- and 32-bit integer grayscale scaled from 0-65535 to 0-255 (PIL's
    own conversion would clip), float images read as 0-1.
 
-Files that fail to decode are not fatal: the worker returns ``(path, reason)``, the batch comes out
-smaller, and the loader reports every such path at the end of the epoch (``loader.skipped``).
+Files that fail to decode are not fatal: the loader reports every such path at the end of the epoch
+(``loader.skipped``), and the worker fills the sample's place with another image of the folder
+(drawn from ``(seed, epoch, index)``, its crops drawn afresh), so every batch stays whole. The other
+backends drop unreadable files before the epoch starts; this one only learns of them while decoding,
+and a batch that shrank would break what assumes equal batches on every rank (VICReg's all-gather)
+or, when a whole batch failed, leave one rank a step short of the others.
 
 Photometric augmentation (:mod:`~fastdense.pipelines.photometric`) runs batched: on the GPU in the
 main process when the loader's device is CUDA (views cross as uint8), otherwise in the workers, so
@@ -167,6 +171,14 @@ def decode_views(path, specs: Sequence[ViewSpec], interpolation: str, rng: np.ra
         return views, crops, (height, width)
 
 
+# An unreadable file's place goes to the first of up to MAX_STAND_INS images drawn for it that decodes;
+# only a folder almost wholly unreadable runs out of them (then the batch comes out smaller).
+MAX_STAND_INS = 8
+# Keys that keep the stand-ins' draws apart from the sample's own crops (numpy seeds [a, b] and
+# [a, b, 0] alike, so the keys are not 0).
+STAND_INS, STAND_IN_CROPS = 1, 2
+
+
 class _ViewDataset(torch.utils.data.Dataset):
     """Map-style dataset over ``(index, epoch, batch_number)`` keys; returns a sample or its failure."""
 
@@ -180,13 +192,23 @@ class _ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, epoch, batch_number = key
-        path, label = self.samples[index]
-        rng = np.random.default_rng([self.seed, epoch, index])
-        try:
-            views, crops, size = decode_views(path, self.recipe.views, self.recipe.interpolation, rng)
-        except Exception as error:  # any undecodable file is skipped and reported, never fatal mid-epoch
-            return dict(error=(str(path), f"{type(error).__name__}: {error}"), batch_number=batch_number, epoch=epoch)
-        return dict(views=views, crops=crops, size=size, index=index, label=label, batch_number=batch_number, epoch=epoch)
+        failure = None
+        for attempt, candidate in enumerate(self.candidates(index, epoch)):
+            path, label = self.samples[candidate]
+            rng = np.random.default_rng([self.seed, epoch, index] + ([STAND_IN_CROPS, attempt] if attempt else []))
+            try:
+                views, crops, size = decode_views(path, self.recipe.views, self.recipe.interpolation, rng)
+            except Exception as error:  # any undecodable file is skipped and reported, never fatal mid-epoch
+                # Only the sample's own file is reported here: a failed stand-in is reported where it is visited.
+                failure = failure or (str(path), f"{type(error).__name__}: {error}")
+                continue
+            return dict(views=views, crops=crops, size=size, index=candidate, label=label, batch_number=batch_number, epoch=epoch, skipped=failure)
+        return dict(error=failure, batch_number=batch_number, epoch=epoch)
+
+    def candidates(self, index: int, epoch: int) -> List[int]:
+        """``index``, then the images that stand in for it, in order, should its file not decode."""
+        stand_ins = np.random.default_rng([self.seed, epoch, index, STAND_INS]).integers(len(self.samples), size=MAX_STAND_INS)
+        return [index, *stand_ins.tolist()]
 
 
 class _Collate:
@@ -201,7 +223,8 @@ class _Collate:
 
     def __call__(self, items):
         good = [item for item in items if "error" not in item]
-        out = dict(errors=[item["error"] for item in items if "error" in item], epoch=items[0]["epoch"], batch_number=items[0]["batch_number"])
+        errors = [item.get("error") or item["skipped"] for item in items if item.get("error") or item.get("skipped")]
+        out = dict(errors=errors, positions=len(items), epoch=items[0]["epoch"], batch_number=items[0]["batch_number"])
         if not good:
             out["views"] = None
             return out
@@ -261,7 +284,8 @@ class TorchLoader:
     """Views with matrices from an image folder, decoded by PIL in ``num_workers`` processes.
 
     Yields :class:`~fastdense.pipelines.batch.ViewBatch` objects. ``len(loader)`` is the number of
-    batches per epoch (a batch is smaller when some of its files could not be read). Each pass over
+    batches per epoch; another image of the folder stands in for a file that cannot be read (it is
+    reported in :attr:`skipped`), so batches keep their size. Each pass over
     the loader is one epoch: epochs 0, 1, 2, ... unless :meth:`set_epoch` picks one.
     """
 
@@ -321,7 +345,7 @@ class TorchLoader:
         for number, part in enumerate(self._loader):
             for path, reason in part["errors"]:
                 self._report.add(path, reason)
-            seen += len(part["errors"]) + (0 if part["views"] is None else len(part["index"]))
+            seen += part["positions"]
             if number == last:
                 self._end_epoch(epoch, seen)
             if part["views"] is not None:

@@ -402,6 +402,29 @@ def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
             roundtrip_check(sub, {0: facts["size"]}, recipe.mean, recipe.std, noise_levels=2.0)
 
 
+def test_torch_backend_keeps_batches_whole(bad_corpus):
+    """The torch backend learns of unreadable files only while decoding: another image stands in for
+    each, so two shards still give whole batches, the same number of them (what VICReg's all-gather
+    and a lock-step training loop need), and every unreadable file is reported once, by its shard.
+    The stand-ins do not depend on the number of workers."""
+    recipe = dataclasses.replace(small("plain"), views=(ViewSpec(16, (0.3, 1.0)),))
+    paths = [p for p, _ in scan_image_folder(bad_corpus["root"]).samples]
+    skipped, runs = [], {}
+    for num_workers in (0, 2):
+        for shard in (0, 1):
+            loader = make_loader("torch", data=bad_corpus["root"], recipe=recipe, batch_size=3, num_shards=2, shard_id=shard,
+                                 drop_last=True, photometric=False, num_workers=num_workers, device="cpu", seed=5)
+            batches = list(loader)
+            assert len(batches) == len(loader) and all(b.batch_size == 3 for b in batches)
+            assert {paths[int(i)] for b in batches for i in b.index} <= set(bad_corpus["readable"])
+            runs[num_workers, shard] = [(b.index.tolist(), b.matrices.tolist()) for b in batches]
+            if num_workers == 0:
+                skipped += [Path(path) for path, _ in loader.skipped]
+    order = np.concatenate([epoch_order(len(paths), 5, 0, shard, 2, drop_last=True) for shard in (0, 1)])
+    assert len(skipped) >= 3 and sorted(skipped) == sorted(p for p in map(paths.__getitem__, order) if p in bad_corpus["unreadable"])
+    assert [runs[0, s] for s in (0, 1)] == [runs[2, s] for s in (0, 1)]
+
+
 # -------------------------------------------------------------------------------------- photometric
 
 

@@ -29,7 +29,9 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     gradient; ``x`` itself when torch.distributed is not initialised (single process).
 
     Use only for terms that every rank computes identically from the gathered rows (VICReg's variance
-    and covariance): the backward relies on it.
+    and covariance): the backward relies on it. Every rank must hold the same number of rows, as the
+    training loop's loaders give them (``drop_last``, whole batches); nothing checks it here, since
+    that would cost a collective and a host synchronisation per call.
 
     >>> gather_rows(torch.ones(2, 3)).shape  # single process
     torch.Size([2, 3])

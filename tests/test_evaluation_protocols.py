@@ -194,15 +194,30 @@ def test_dense_probe_places_cell_centres_as_the_conventions_do():
     assert scores["miou"] == 100.0 and scores["pixel_accuracy"] == 100.0
 
 
-def test_selfpatch_vit_exports_strictly_into_plain_timm_with_the_same_features(tmp_path):
-    """SelfPatch's ViT has no class token and no final norm: the plain timm model the sidecar
-    describes loads the file strictly (the bare ``create_model(name, num_classes=0)`` refused it:
-    pos_embed 196 vs 197 rows) and gives the backbone's tokens."""
+@pytest.fixture(scope="module")
+def selfpatch():
     pytest.importorskip("timm")
     from fastdense.methods import build_method
 
     torch.manual_seed(0)
-    backbone = build_method("selfpatch", preset="cpu").backbone.eval()
+    return build_method("selfpatch", preset="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def scrl_config():
+    from fastdense.training.config import resolve
+    from fastdense.training.loop import build_method
+
+    config = resolve("scrl")
+    torch.manual_seed(0)
+    return config, build_method(config)
+
+
+def test_selfpatch_vit_exports_strictly_into_plain_timm_with_the_same_features(tmp_path, selfpatch):
+    """SelfPatch's ViT has no class token and no final norm: the plain timm model the sidecar
+    describes loads the file strictly (the bare ``create_model(name, num_classes=0)`` refused it:
+    pos_embed 196 vs 197 rows) and gives the backbone's tokens."""
+    backbone = selfpatch.backbone
     path = export_backbone(backbone, tmp_path / "vit.pth")
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["create_kwargs"]["class_token"] is False and sidecar["create_kwargs"]["final_norm"] is False
@@ -227,15 +242,11 @@ def test_resnet_export_loads_strictly_once_fc_is_dropped(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, scrl_config):
     """What fastdense-train writes, minus the optimiser: SCRL's CPU preset at initialisation."""
-    from fastdense.training.config import resolve
-    from fastdense.training.loop import build_method
-
-    config = resolve("scrl")
-    torch.manual_seed(0)
+    config, method = scrl_config
     path = tmp_path_factory.mktemp("run") / "last.pt"
-    torch.save({"format": 1, "step": 0, "config": config, "model": build_method(config).state_dict()}, path)
+    torch.save({"format": 1, "step": 0, "config": config, "model": method.state_dict()}, path)
     return path
 
 
@@ -270,6 +281,8 @@ def test_eval_refuses_missing_truncated_and_foreign_checkpoints(tmp_path, checkp
 
 def test_eval_refuses_bad_data_folders_before_extracting(tmp_path, checkpoint):
     common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32"]
+    cache = checkpoint.parent / "eval_cache"
+    cached_before = set(cache.glob("*"))
     empty = tmp_path / "empty"
     empty.mkdir()
     assert str(empty) in _eval_error(common + ["--task", "knn", "--data", str(empty)])
@@ -284,7 +297,7 @@ def test_eval_refuses_bad_data_folders_before_extracting(tmp_path, checkpoint):
     message = _eval_error(common + ["--task", "dense", "--data", str(images.parent), "--masks", str(masks.parent)])
     assert str(masks / "a.png") in message and "single-channel" in message
     assert "multiple of resnet18's stride 32" in _eval_error(common[:-1] + ["100", "--task", "knn", "--data", str(images.parent)])
-    assert not (checkpoint.parent / "eval_cache").exists()  # nothing was extracted
+    assert set(cache.glob("*")) == cached_before  # nothing was extracted
 
 
 def test_eval_cache_is_keyed_by_the_images_not_the_folder_name(tmp_path, checkpoint):
@@ -297,9 +310,34 @@ def test_eval_cache_is_keyed_by_the_images_not_the_folder_name(tmp_path, checkpo
         return ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "knn", "--k", "3", "--data", str(tmp_path / "data")]
 
     cache = checkpoint.parent / "eval_cache"
+    before = len(list(cache.glob("features-*.pt")))
     main(folder_of(10))
-    assert len(list(cache.glob("features-*.pt"))) == 2  # train and test
+    assert len(list(cache.glob("features-*.pt"))) == before + 2  # train and test
     main(folder_of(20))  # same folder, twice the images: new features, not the cached ones
-    assert len(list(cache.glob("features-*.pt"))) == 4
+    assert len(list(cache.glob("features-*.pt"))) == before + 4
     fresh = torch.load(sorted(cache.glob("features-*.pt"), key=lambda f: f.stat().st_mtime)[-1], weights_only=True)
     assert len(fresh["features"]) in (16, 4)
+
+
+def test_network_target_is_the_ema_copy_and_refused_without_one(scrl_config, selfpatch):
+    from fastdense.evaluation.checkpoint import select_backbone
+    from fastdense.methods import build_method
+
+    scrl = scrl_config[1]
+    assert select_backbone(scrl, "online") is scrl.backbone
+    assert select_backbone(scrl, "target") is scrl.target_backbone
+    assert select_backbone(selfpatch, "target") is selfpatch.teacher.backbone
+    with pytest.raises(ValueError, match="no EMA target"):
+        select_backbone(build_method("vicregl", preset="cpu"), "target")
+
+
+def test_an_image_and_its_mask_must_cover_the_same_pixels(tmp_path):
+    from fastdense.evaluation.data import EvalImages, EvalSample
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "image.png")
+    Image.new("L", (40, 30)).save(tmp_path / "mask.png")
+    Image.new("L", (30, 40)).save(tmp_path / "other.png")
+    image, mask = EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "mask.png")], 16)[0]
+    assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
+    with pytest.raises(ValueError, match="other.png is 30x40"):
+        EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "other.png")], 16)[0]

@@ -97,11 +97,12 @@ def main(argv=None) -> dict:
             if not any(m.numel() for m in labelled):
                 sys.exit(f"fastdense-eval: every mask pixel under {masks or data} is 255 (ignored); nothing to evaluate")
             num_classes = max(int(m.max()) for m in labelled if m.numel()) + 1
-            scores = train_dense_probe(feats["train"]["maps"], feats["train"]["masks"], feats["test"]["maps"], feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
+            scores = train_dense_probe(feats["train"]["maps"].to(device), feats["train"]["masks"], feats["test"]["maps"].to(device), feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
             result = {"task": "dense", "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["per_class_iou"]}
         else:
             feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), False, args.batch_size, args.num_workers, device, desc=f"{n} features")) for split, samples in (("train", train_set), ("test", test_set))}
             tr, te = feats["train"], feats["test"]
+            tr = {**tr, "features": tr["features"].to(device)}  # the probes run where the training features are
             if args.task == "linear":
                 acc = linear_probe_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), epochs=args.epochs or 100)
             else:

@@ -341,3 +341,23 @@ def test_an_image_and_its_mask_must_cover_the_same_pixels(tmp_path):
     assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
     with pytest.raises(ValueError, match="other.png is 30x40"):
         EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "other.png")], 16)[0]
+
+
+@pytest.mark.gpu
+def test_probes_run_where_the_training_features_are():
+    """fastdense-eval hands the probes GPU features (an ImageNet linear probe on the CPU would take
+    days); each probe computes there and scores as the oracle / the CPU does."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 12, generator=g)
+    train_labels = torch.randint(0, 5, (300,), generator=g)
+    train = centres[train_labels] + 0.8 * torch.randn(300, 12, generator=g)
+    test_labels = torch.randint(0, 5, (2000,), generator=g)
+    test = centres[test_labels] + 0.8 * torch.randn(2000, 12, generator=g)
+    expected = knn_oracle(train, train_labels, test, 5, 20)
+    assert knn_predicts(train.cuda(), train_labels.cuda(), test, 5, 20, expected)
+    x, y = _separable(g, 40)
+    xt, yt = _separable(g, 10)
+    assert linear_probe_accuracy(x.cuda(), y, xt, yt, 4, epochs=20) == 100.0
+    masks = torch.randint(0, 3, (12, 4, 4), generator=g)
+    maps = (torch.eye(3) * 4)[masks].permute(0, 3, 1, 2).contiguous()
+    assert train_dense_probe(maps[:8].cuda(), masks[:8], maps[8:], masks[8:], 3, epochs=30, batch_size=4)["miou"] == 100.0

@@ -46,7 +46,7 @@ def linear_probe_accuracy(
     batch_size: int = 256,
     seed: int = 0,
 ) -> float:
-    """Top-1 accuracy (%) of a linear classifier trained with AdamW and cross-entropy on
+    """Top-1 accuracy (%) of a linear classifier, trained where the features are, with AdamW and cross-entropy on
     standardised features (statistics of the training split only, see :func:`standardiser`),
     cosine learning-rate decay, mini-batches shuffled by ``seed``. The result is a function of the
     inputs and ``seed``; the global RNG is left as it was.
@@ -58,18 +58,19 @@ def linear_probe_accuracy(
     """
     _check_split("train", train_features, train_labels, num_classes, 2)
     _check_split("test", test_features, test_labels, num_classes, 2)
+    device = train_features.device
     mean, std = standardiser(train_features, 0)
-    x_train, x_test = (train_features.float() - mean) / std, (test_features.float() - mean) / std
-    train_labels = train_labels.long()
+    x_train, x_test = (train_features.float() - mean) / std, (test_features.to(device).float() - mean) / std
+    train_labels, test_labels = train_labels.long().to(device), test_labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        classifier = nn.Linear(x_train.shape[1], num_classes)
+        classifier = nn.Linear(x_train.shape[1], num_classes).to(device)
     optimiser = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, -(-len(x_train) // batch_size))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, epochs * steps_per_epoch)
     for _ in range(epochs):
-        for rows in torch.randperm(len(x_train), generator=generator).split(batch_size):
+        for rows in torch.randperm(len(x_train), generator=generator).to(device).split(batch_size):
             loss = F.cross_entropy(classifier(x_train[rows]), train_labels[rows])
             optimiser.zero_grad()
             loss.backward()
@@ -91,7 +92,7 @@ def knn_accuracy(
     """Top-1 accuracy (%) of weighted k-NN on cosine similarity (Wu et al. 2018, as DINO runs it):
     each of the ``k`` nearest training samples votes for its class with weight ``exp(sim / T)``.
 
-    Features are L2-normalised and compared in float32 whatever their dtype (``exp(1 / 0.07)`` is
+    Runs on the features' device. Features are L2-normalised and compared in float32 whatever their dtype (``exp(1 / 0.07)`` is
     beyond float16's range). With fewer than ``k`` training samples all of them vote. Ties are
     broken the same way on every device: among training samples equally similar at the ``k``-th
     place, those that come first in ``train_features`` are taken; equal votes go to the lower class.
@@ -105,13 +106,15 @@ def knn_accuracy(
     if k < 1 or not temperature > 0:
         raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     k = min(k, len(train_features))
+    device = train_features.device
     train = F.normalize(train_features.float(), dim=1)
-    train_labels = train_labels.long()
+    test_features = test_features.to(device)
+    train_labels, test_labels = train_labels.long().to(device), test_labels.to(device)
     correct = 0
-    for rows in torch.arange(len(test_features)).split(1024):
+    for rows in torch.arange(len(test_features), device=device).split(1024):
         sim = F.normalize(test_features[rows].float(), dim=1) @ train.T
         top_sim, top_index = nearest_first(sim, k)
-        votes = torch.zeros(len(rows), num_classes, dtype=sim.dtype)
+        votes = torch.zeros(len(rows), num_classes, dtype=sim.dtype, device=device)
         votes.scatter_add_(1, train_labels[top_index], (top_sim / temperature).exp())
         correct += int((votes.argmax(1) == test_labels[rows]).sum())
     return 100.0 * correct / len(test_features)
@@ -145,7 +148,7 @@ def train_dense_probe(
     batch_size: int = 32,
     seed: int = 0,
 ) -> dict:
-    """Dense linear probe: a 1x1 convolution on frozen maps ``[N, C, h, w]``, its logits bilinearly
+    """Dense linear probe, trained where ``train_maps`` are: a 1x1 convolution on frozen maps ``[N, C, h, w]``, its logits bilinearly
     upsampled to the masks ``[N, H, W]`` (``align_corners=False``: cell ``(i, j)`` is centred at
     ``((j + 0.5) W / w, (i + 0.5) H / h)``, the cell centre of CONVENTIONS.md when the maps tile the
     images exactly, i.e. the image side is a multiple of the backbone's stride) and trained with
@@ -157,16 +160,18 @@ def train_dense_probe(
     for name, maps, masks in (("train", train_maps, train_masks), ("test", test_maps, test_masks)):
         if maps.ndim != 4 or masks.ndim != 3 or len(maps) != len(masks) or len(maps) == 0:
             raise ValueError(f"{name}_maps must be [N, C, h, w] and {name}_masks [N, H, W] with the same N > 0, got {list(maps.shape)} and {list(masks.shape)}")
+    device = train_maps.device
+    train_masks = train_masks.to(device)
     mean, std = standardiser(train_maps, (0, 2, 3))
-    norm_train, norm_test = (train_maps.float() - mean) / std, (test_maps.float() - mean) / std
+    norm_train, norm_test = (train_maps.float() - mean) / std, (test_maps.to(device).float() - mean) / std
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        probe = nn.Conv2d(train_maps.shape[1], num_classes, kernel_size=1)
+        probe = nn.Conv2d(train_maps.shape[1], num_classes, kernel_size=1).to(device)
     generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
     size = train_masks.shape[-2:]
     for _ in range(epochs):
-        for rows in torch.randperm(len(norm_train), generator=generator).split(batch_size):
+        for rows in torch.randperm(len(norm_train), generator=generator).to(device).split(batch_size):
             logits = F.interpolate(probe(norm_train[rows]), size=size, mode="bilinear", align_corners=False)
             loss = F.cross_entropy(logits, train_masks[rows].long(), ignore_index=ignore_index)
             optimiser.zero_grad()
@@ -175,8 +180,8 @@ def train_dense_probe(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
         for rows in torch.arange(len(norm_test)).split(batch_size):
-            logits = F.interpolate(probe(norm_test[rows]), size=test_masks.shape[-2:], mode="bilinear", align_corners=False)
-            confusion += confusion_matrix(logits.argmax(1), test_masks[rows], num_classes, ignore_index)
+            logits = F.interpolate(probe(norm_test[rows.to(device)]), size=test_masks.shape[-2:], mode="bilinear", align_corners=False)
+            confusion += confusion_matrix(logits.argmax(1).cpu(), test_masks[rows].cpu(), num_classes, ignore_index)
     miou, per_class = mean_iou(confusion)
     pixel_accuracy = float(confusion.diag().sum()) / max(1, int(confusion.sum()))
     return {"miou": 100.0 * miou, "per_class_iou": [None if v != v else 100.0 * float(v) for v in per_class], "pixel_accuracy": 100.0 * pixel_accuracy}

@@ -88,8 +88,8 @@ def main(argv=None) -> dict:
             sys.exit(f"fastdense-eval: {e}")
         # The sample list is part of the key: a folder that gained or lost images, or the same
         # relative --data seen from another directory, does not get another set's features.
-        samples = hashlib.sha256(json.dumps([[str(s.image.resolve()), s.label, str(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
-        identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "network": args.network, "random_init": args.random_init, "samples": samples, "size": size, "dense": args.task == "dense"}
+        image_list = hashlib.sha256(json.dumps([[str(s.image.resolve()), s.label, str(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
+        identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "network": args.network, "random_init": args.random_init, "images": image_list, "size": size, "dense": args.task == "dense"}
         cache_dir = run_dir / "eval_cache"
         if args.task == "dense":
             feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), True, args.batch_size, args.num_workers, device, desc=f"{n} maps")) for split, samples in (("train", train_set), ("test", test_set))}

@@ -136,5 +136,12 @@ def _print_table(result: dict) -> None:
         print(f"{k.ljust(width)}  {v}")
 
 
+def cli(argv=None) -> int:
+    """The ``fastdense-eval`` console script: :func:`main`, exit status 0. (Console scripts pass
+    the function's return value to ``sys.exit``, which would print :func:`main`'s dict and exit 1.)"""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

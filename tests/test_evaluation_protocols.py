@@ -361,3 +361,21 @@ def test_probes_run_where_the_training_features_are():
     masks = torch.randint(0, 3, (12, 4, 4), generator=g)
     maps = (torch.eye(3) * 4)[masks].permute(0, 3, 1, 2).contiguous()
     assert train_dense_probe(maps[:8].cuda(), masks[:8], maps[8:], masks[8:], 3, epochs=30, batch_size=4)["miou"] == 100.0
+
+
+def test_the_console_script_exits_0(checkpoint, monkeypatch, capsys):
+    """What the installed ``fastdense-eval`` does: ``sys.exit(entry_point())``. The entry point was
+    ``main``, whose result dict made every successful run print it to stderr and exit 1."""
+    import importlib
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["fastdense-eval"].split(":")
+    entry_point = getattr(importlib.import_module(module), function)
+    monkeypatch.setattr(sys, "argv", ["fastdense-eval", "--checkpoint", str(checkpoint), "--task", "export"])
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(entry_point())
+    assert exit_info.value.code in (0, None)
+    assert "'task': 'export'" not in capsys.readouterr().err

@@ -1,12 +1,17 @@
 """``fastdense-eval``: downstream protocols on a trained (or randomly initialised) backbone.
 
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task linear     # linear probe, top-1 %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task knn        # weighted 20-NN, top-1 %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task dense      # 1x1 probe on feature maps, mIoU %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task export     # plain torchvision/timm state dict
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task linear     # linear probe, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task knn        # weighted 20-NN, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task dense      # 1x1 probe on feature maps, mIoU %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task export     # plain torchvision/timm state dict
 
-Features are extracted once per (weights, data, size) and cached next to the checkpoint. Results
-are printed as a table and written as JSON next to the checkpoint.
+The online network is evaluated; ``--network target`` takes a method's EMA copy instead (the
+teacher DINO and SelfPatch report). Features are extracted once per (weights, image list, size) and
+cached next to the checkpoint. Results are printed as a table and written as JSON next to the
+checkpoint. Bad input stops with one line naming the file or argument: a missing, damaged or
+foreign checkpoint, a data folder without images or masks, colour masks, or an image size the
+backbone's stride does not divide, all before any feature is computed. (An image whose mask has
+another size raises a ValueError naming both when extraction reaches it.)
 """
 
 from __future__ import annotations

@@ -1,17 +1,23 @@
 """``fastdense-eval``: downstream protocols on a trained (or randomly initialised) backbone.
 
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task linear     # linear probe, top-1 %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task knn        # weighted 20-NN, top-1 %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task dense      # 1x1 probe on feature maps, mIoU %
-    fastdense-eval --checkpoint RUN/checkpoint.pt --task export     # plain torchvision/timm state dict
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task linear     # linear probe, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task knn        # weighted 20-NN, top-1 %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task dense      # 1x1 probe on feature maps, mIoU %
+    fastdense-eval --checkpoint RUN/checkpoints/last.pt --task export     # plain torchvision/timm state dict
 
-Features are extracted once per (weights, data, size) and cached next to the checkpoint. Results
-are printed as a table and written as JSON next to the checkpoint.
+The online network is evaluated; ``--network target`` takes a method's EMA copy instead (the
+teacher DINO and SelfPatch report). Features are extracted once per (weights, image list, size) and
+cached next to the checkpoint. Results are printed as a table and written as JSON next to the
+checkpoint. Bad input stops with one line naming the file or argument: a missing, damaged or
+foreign checkpoint, a data folder without images or masks, colour masks, or an image size the
+backbone's stride does not divide, all before any feature is computed. (An image whose mask has
+another size raises a ValueError naming both when extraction reaches it.)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -23,9 +29,16 @@ from fastdense.evaluation import knn_accuracy, linear_probe_accuracy, train_dens
 from fastdense.evaluation.data import EvalImages, classification_splits, segmentation_splits
 from fastdense.evaluation.export import export_backbone
 from fastdense.evaluation.features import cached, extract
-from fastdense.evaluation.checkpoint import load_trained_method
+from fastdense.evaluation.checkpoint import load_trained_method, select_backbone
 
 TASKS = ("linear", "knn", "dense", "export")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,12 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", type=Path, default=None, help="ImageFolder for linear/knn (train/ and val/ inside, or split 4:1); images for dense. Default: the training run's data, else the built-in dataset")
     p.add_argument("--masks", type=Path, default=None, help="folder of PNG masks mirroring --data (dense task); not needed for the VOC layout or the built-in dataset")
-    p.add_argument("--image-size", type=int, default=None, help="evaluation resolution (default: the training recipe's first view size)")
+    p.add_argument("--image-size", type=_positive, default=None, help="evaluation resolution, a multiple of the backbone's stride (default: the training recipe's first view size)")
+    p.add_argument("--network", choices=("online", "target"), default="online", help="online: the trained network (default); target: the EMA copy (the teacher DINO and SelfPatch report), for methods that keep one")
     p.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random initialisation (the baseline)")
-    p.add_argument("--epochs", type=int, default=None, help="probe training epochs (linear: 100, dense: 30)")
-    p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
+    p.add_argument("--epochs", type=_positive, default=None, help="probe training epochs (linear: 100, dense: 30)")
+    p.add_argument("--batch-size", type=_positive, default=64, help="feature-extraction batch size")
     p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--k", type=int, default=20, help="neighbours for the knn task")
+    p.add_argument("--k", type=_positive, default=20, help="neighbours for the knn task")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: next to the checkpoint)")
     return p.parse_args(argv)
@@ -47,39 +61,60 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.checkpoint.is_file():
-        sys.exit(f"fastdense-eval: no checkpoint at {args.checkpoint}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)  # a --random-init backbone is the same one every time
-    method, info = load_trained_method(args.checkpoint, random_init=args.random_init)
-    backbone = method.backbone
+    try:
+        method, info = load_trained_method(args.checkpoint, random_init=args.random_init)
+        backbone = select_backbone(method, args.network)
+    except ValueError as e:  # CheckpointError included: the message names the file
+        sys.exit(f"fastdense-eval: {e}")
     run_dir = args.checkpoint.parent
-    tag = f"{args.task}{'_random' if args.random_init else ''}"
+    suffix = f"{'_target' if args.network == 'target' else ''}{'_random' if args.random_init else ''}"
+    tag = f"{args.task}{suffix}"
     if args.task == "export":
-        path = export_backbone(backbone, run_dir / f"backbone_{backbone.name}{'_random' if args.random_init else ''}.pth")
+        path = export_backbone(backbone, run_dir / f"backbone_{backbone.name}{suffix}.pth")
         result = {"task": "export", "path": str(path), "arch": backbone.name, "tensors": len(torch.load(path, weights_only=True))}
     else:
         data = args.data or info.get("data") or _builtin_root()
         size = args.image_size or info.get("image_size") or 224
-        identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "random_init": args.random_init, "data": str(data), "masks": str(args.masks), "size": size, "dense": args.task == "dense"}
+        if size % backbone.stride:
+            sys.exit(f"fastdense-eval: --image-size must be a multiple of {backbone.name}'s stride {backbone.stride} so that its feature cells tile the image, got {size}")
+        try:
+            if args.task == "dense":
+                masks = args.masks or _builtin_masks(data)
+                if masks is not None and not Path(masks).is_dir():
+                    raise ValueError(f"--masks {masks} is not a directory")
+                train_set, test_set = segmentation_splits(data, masks)
+            else:
+                train_set, test_set, classes = classification_splits(data)
+            if not train_set or not test_set:
+                raise ValueError(f"--data {data}: {len(train_set)} training and {len(test_set)} test images; both splits need at least one")
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"fastdense-eval: {e}")
+        # The sample list is part of the key: a folder that gained or lost images, or the same
+        # relative --data seen from another directory, does not get another set's features.
+        image_list = hashlib.sha256(json.dumps([[str(s.image.resolve()), s.label, str(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
+        identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "network": args.network, "random_init": args.random_init, "images": image_list, "size": size, "dense": args.task == "dense"}
         cache_dir = run_dir / "eval_cache"
         if args.task == "dense":
-            train_set, test_set = segmentation_splits(data, args.masks or _builtin_masks(data))
             feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), True, args.batch_size, args.num_workers, device, desc=f"{n} maps")) for split, samples in (("train", train_set), ("test", test_set))}
-            num_classes = int(max(int(f["masks"][f["masks"] != 255].max()) for f in feats.values())) + 1
-            scores = train_dense_probe(feats["train"]["maps"], feats["train"]["masks"], feats["test"]["maps"], feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
+            labelled = [f["masks"][f["masks"] != 255] for f in feats.values()]
+            if not any(m.numel() for m in labelled):
+                sys.exit(f"fastdense-eval: every mask pixel under {masks or data} is 255 (ignored); nothing to evaluate")
+            num_classes = max(int(m.max()) for m in labelled if m.numel()) + 1
+            scores = train_dense_probe(feats["train"]["maps"].to(device), feats["train"]["masks"], feats["test"]["maps"].to(device), feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
             result = {"task": "dense", "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["per_class_iou"]}
         else:
-            train_set, test_set, classes = classification_splits(data)
             feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), False, args.batch_size, args.num_workers, device, desc=f"{n} features")) for split, samples in (("train", train_set), ("test", test_set))}
             tr, te = feats["train"], feats["test"]
+            tr = {**tr, "features": tr["features"].to(device)}  # the probes run where the training features are
             if args.task == "linear":
                 acc = linear_probe_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), epochs=args.epochs or 100)
             else:
                 acc = knn_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), k=args.k)
             result = {"task": args.task, "top1": acc, "classes": len(classes), "train_images": len(train_set), "test_images": len(test_set)}
         result.update(image_size=size, data=str(data))
-    result.update(checkpoint=str(args.checkpoint), method=info.get("method"), backbone=backbone.name, random_init=args.random_init)
+    result.update(checkpoint=str(args.checkpoint), method=info.get("method"), backbone=backbone.name, network=args.network, random_init=args.random_init)
     out = args.output or run_dir / f"eval_{tag}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     _print_table(result)
@@ -106,5 +141,12 @@ def _print_table(result: dict) -> None:
         print(f"{k.ljust(width)}  {v}")
 
 
+def cli(argv=None) -> int:
+    """The ``fastdense-eval`` console script: :func:`main`, exit status 0. (Console scripts pass
+    the function's return value to ``sys.exit``, which would print :func:`main`'s dict and exit 1.)"""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

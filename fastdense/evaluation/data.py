@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from fastdense.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16")
 
 
 @dataclass
@@ -55,15 +56,18 @@ def segmentation_splits(images_root, masks_root=None) -> Tuple[List[EvalSample],
     (``masks_root/<same relative path>.png``; split as :func:`split_samples`).
     """
     root = Path(images_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
     if (root / "SegmentationClass").is_dir():
         lists = root / "ImageSets" / "Segmentation"
         splits = []
         for name in ("train", "val"):
             ids = (lists / f"{name}.txt").read_text().split()
             splits.append([EvalSample(root / "JPEGImages" / f"{i}.jpg", mask=root / "SegmentationClass" / f"{i}.png") for i in ids])
+        _check_mask(splits[0][0].mask if splits[0] else None)
         return splits[0], splits[1]
     if masks_root is None:
-        raise ValueError(f"{root} is not in the VOC layout (no SegmentationClass/); pass the folder of masks too")
+        raise ValueError(f"{root} is not in the VOC layout (no SegmentationClass/) and no masks folder was given (--masks)")
     masks_root = Path(masks_root)
     pairs = []
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -72,11 +76,25 @@ def segmentation_splits(images_root, masks_root=None) -> Tuple[List[EvalSample],
             pairs.append(EvalSample(image, mask=mask))
     if not pairs:
         raise ValueError(f"no image in {root} has a mask in {masks_root} (expected the same relative path with .png)")
+    _check_mask(pairs[0].mask)
     return split_samples(pairs)
 
 
+def _check_mask(path: Optional[Path]) -> None:
+    """Fail before any feature is computed when masks are colour images rather than class indices."""
+    if path is None:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"mask {path} does not exist")
+    with Image.open(path) as m:
+        if m.mode not in SINGLE_CHANNEL_MODES:
+            raise ValueError(f"mask {path} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
+
+
 class EvalImages(torch.utils.data.Dataset):
-    """Images resized to ``size x size`` (bicubic) and normalised; masks resized with nearest neighbour."""
+    """Images resized to ``size x size`` (bicubic) and normalised; masks resized with nearest neighbour
+    to the same ``size x size``, so mIoU is scored at the evaluation resolution. An image and its
+    mask must have the same size (a mismatch would be resized into misalignment silently)."""
 
     def __init__(self, samples: List[EvalSample], size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.samples = samples
@@ -89,14 +107,22 @@ class EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         sample = self.samples[i]
+        mask = None
+        if sample.mask is not None:
+            with Image.open(sample.mask) as m:
+                if m.mode not in SINGLE_CHANNEL_MODES:
+                    raise ValueError(f"mask {sample.mask} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
+                mask_size = m.size
+                mask = np.array(m.resize((self.size, self.size), Image.NEAREST), dtype=np.int64)
         with Image.open(sample.image) as im:
-            image = ImageOps.exif_transpose(im).convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+            image = ImageOps.exif_transpose(im)
+            if mask is not None and image.size != mask_size:
+                if im.size != mask_size:
+                    raise ValueError(f"image {sample.image} is {im.size[0]}x{im.size[1]} but its mask {sample.mask} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
+                image = im  # the mask was drawn on the stored pixel grid, before the EXIF rotation
+            image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         tensor = (tensor - self.mean) / self.std
-        if sample.mask is None:
+        if mask is None:
             return tensor, sample.label
-        with Image.open(sample.mask) as m:
-            mask = np.array(m.resize((self.size, self.size), Image.NEAREST), dtype=np.int64)
-        if mask.ndim != 2:
-            raise ValueError(f"mask {sample.mask} must be a single-channel (L or P mode) PNG of class indices")
         return tensor, torch.from_numpy(mask)

@@ -1,0 +1,381 @@
+"""The evaluation protocols against independent float64 numpy oracles, and fastdense-eval's refusals
+of bad input. (tests/test_evaluation.py has the end-to-end run and the basic probe checks.)"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdense.evaluation import confusion_matrix, knn_accuracy, linear_probe_accuracy, mean_iou, train_dense_probe
+from fastdense.evaluation.export import export_backbone, load_exported
+from fastdense.evaluation.features import extract
+from fastdense.evaluation.probes import nearest_first
+
+
+def knn_oracle(train, train_labels, test, num_classes, k, temperature=0.07):
+    """DINO's weighted k-NN in float64: cosine similarity, the k most similar training rows (ties
+    at the k-th place to the earlier row), votes exp(sim / T), equal votes to the lower class."""
+    train, test = np.asarray(train, np.float64), np.asarray(test, np.float64)
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    sim = test @ train.T
+    predictions = []
+    for row in sim:
+        nearest = np.argsort(-row, kind="stable")[: min(k, len(train))]
+        votes = np.zeros(num_classes)
+        np.add.at(votes, np.asarray(train_labels)[nearest], np.exp(row[nearest] / temperature))
+        predictions.append(int(np.argmax(votes)))
+    return torch.tensor(predictions)
+
+
+def knn_predicts(train, train_labels, test, num_classes, k, predictions):
+    """k-NN predicts exactly ``predictions`` iff scoring them as the test labels gives 100%."""
+    return knn_accuracy(train, train_labels, test, predictions, num_classes, k=k) == 100.0
+
+
+@pytest.mark.parametrize("k", [1, 7, 20, 500])
+def test_knn_matches_a_float64_oracle_including_k_beyond_the_train_set_and_a_class_absent_from_it(k):
+    g = torch.Generator().manual_seed(k)
+    centres = torch.randn(5, 12, generator=g)
+    train_labels = torch.randint(0, 4, (60,), generator=g)  # class 4 has no training sample
+    train = centres[train_labels] + 0.8 * torch.randn(60, 12, generator=g)
+    test_labels = torch.randint(0, 5, (40,), generator=g)
+    test = centres[test_labels] + 0.8 * torch.randn(40, 12, generator=g)
+    expected = knn_oracle(train, train_labels, test, 5, k)
+    assert knn_predicts(train, train_labels, test, 5, k, expected)
+    assert knn_accuracy(train, train_labels, test, test_labels, 5, k=k) == pytest.approx(100.0 * float((expected == test_labels).double().mean()))
+    assert not (expected == 4).any()  # nothing votes for the absent class
+
+
+def test_knn_breaks_similarity_ties_by_training_order_and_vote_ties_by_class():
+    """40 training rows equally similar to the query, the first three of class 1 and the rest of
+    class 2: with k = 3 the first three vote, so class 1 wins whatever topk's order among equals."""
+    query = torch.tensor([[1.0, 0.0, 0.0]])
+    tied = torch.tensor([[1.0, 1.0, 0.0]]).repeat(40, 1)
+    far = torch.tensor([[0.0, 0.0, 1.0]]).repeat(5, 1)
+    train = torch.cat([far[:2], tied, far[2:]])
+    labels = torch.cat([torch.zeros(2), torch.tensor([1, 1, 1]), torch.full((37,), 2), torch.zeros(3)]).long()
+    assert knn_oracle(train, labels, query, 3, k=3).tolist() == [1]
+    assert knn_predicts(train, labels, query, 3, 3, torch.tensor([1]))
+    # Two equally similar rows of classes 2 and 1 cast equal votes: the lower class wins.
+    two = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    assert knn_predicts(two, torch.tensor([2, 1]), query, 3, 2, torch.tensor([1]))
+    sim = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1, 0.5] * 9])
+    values, index = nearest_first(sim, 3)
+    assert index.tolist() == [[1, 7, 13]] and torch.equal(values, sim[:, [1, 7, 13]])
+
+
+def test_knn_votes_in_float32_for_half_precision_features():
+    """exp(sim / 0.07) overflows float16 above sim = 0.78: every close neighbour's vote was inf and
+    the lowest class among the neighbours won. Features sharing a large common component (all
+    similarities near 1) and overlapping classes make that visible."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g)
+    labels = torch.arange(4).repeat_interleave(15)
+    train = (4 + centres[labels] + 0.8 * torch.randn(60, 16, generator=g)).half()
+    test_labels = torch.arange(4).repeat_interleave(5)
+    test = (4 + centres[test_labels] + 0.8 * torch.randn(20, 16, generator=g)).half()
+    expected = knn_oracle(train.double(), labels, test.double(), 4, k=10)
+    assert len(set(expected.tolist())) == 4
+    assert knn_predicts(train, labels, test, 4, 10, expected)
+
+
+def test_probes_refuse_empty_splits_and_labels_out_of_range():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="test_features"):
+        knn_accuracy(x, y, x[:0], y[:0], 3)
+    with pytest.raises(ValueError, match="train_features"):
+        knn_accuracy(x[:0], y[:0], x, y, 3)
+    with pytest.raises(ValueError, match="train_labels"):
+        linear_probe_accuracy(x, y + 1, x, y, 3, epochs=1)
+
+
+def _separable(generator, per_class, channels=16, classes=4):
+    centres = torch.randn(classes, channels, generator=torch.Generator().manual_seed(7)).abs() * 5
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return (centres[labels] + 0.1 * torch.randn(len(labels), channels, generator=generator)).clamp(min=0), labels
+
+
+def test_linear_probe_ignores_a_channel_constant_on_the_training_split():
+    """A post-ReLU channel that is 0 on every training image but not on a test image: dividing by
+    its clamped spread (1e-6) multiplied the test value by a million into the logits (25%, chance)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = _separable(g, 40)
+    xt, yt = _separable(g, 10)
+    x[:, 0] = 0
+    xt[:, 0] = torch.rand(len(xt), generator=g)
+    assert linear_probe_accuracy(x, y, xt, yt, 4, epochs=20) == 100.0
+
+
+def test_linear_probe_is_seeded_inductive_and_leaves_the_global_rng_alone():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(120, 6, generator=g), torch.randint(0, 3, (120,), generator=g)
+    a, ya = torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+    b, yb = torch.randn(17, 6, generator=g) * 50, torch.randint(0, 3, (17,), generator=g)
+    torch.manual_seed(123)
+    first = linear_probe_accuracy(x, y, a, ya, 3, epochs=3)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the probe drew nothing from the global RNG
+    assert linear_probe_accuracy(x, y, a, ya, 3, epochs=3) == first
+    # Test rows are scored one by one (no statistics of the test split): the joint score is the
+    # size-weighted mean of the separate ones.
+    joint = linear_probe_accuracy(x, y, torch.cat([a, b]), torch.cat([ya, yb]), 3, epochs=3)
+    separate_b = linear_probe_accuracy(x, y, b, yb, 3, epochs=3)
+    assert joint * 47 == pytest.approx(first * 30 + separate_b * 17)
+
+
+def test_extract_leaves_a_train_mode_backbone_frozen():
+    """Features come from eval mode without gradients: BatchNorm uses (and keeps) its running
+    statistics, even when the backbone arrives in train mode."""
+    from fastdense.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18")
+    with torch.no_grad():
+        backbone.train()(torch.randn(4, 3, 64, 64) * 3 + 1)  # running stats away from their init
+    backbone.train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images = torch.randn(5, 3, 64, 64)
+    dataset = torch.utils.data.TensorDataset(images, torch.arange(5))
+    out = extract(backbone, dataset, dense=False, batch_size=2, num_workers=0)
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not out["features"].requires_grad
+    with torch.no_grad():
+        expected = backbone.eval()(images).mean(dim=(2, 3))
+    torch.testing.assert_close(out["features"], expected)
+    assert out["labels"].tolist() == [0, 1, 2, 3, 4]
+
+
+def miou_oracle(preds, targets, num_classes, ignore_index=255):
+    """Confusion over the whole set in numpy, IoU = TP / (TP + FP + FN) over classes seen in either."""
+    p = np.concatenate([np.asarray(x).ravel() for x in preds])
+    t = np.concatenate([np.asarray(x).ravel() for x in targets])
+    keep = t != ignore_index
+    p, t = p[keep], t[keep]
+    ious = {}
+    for c in range(num_classes):
+        tp = np.sum((p == c) & (t == c))
+        fp = np.sum((p == c) & (t != c))
+        fn = np.sum((p != c) & (t == c))
+        if tp + fp + fn:
+            ious[c] = tp / (tp + fp + fn)
+    return float(np.mean(list(ious.values()))), ious
+
+
+def test_miou_over_batches_matches_a_whole_set_numpy_oracle():
+    g = torch.Generator().manual_seed(0)
+    num_classes = 7  # 5 never in the ground truth (predicted sometimes: IoU 0), 6 nowhere
+    targets = [torch.randint(0, 5, (3, 9, 11), generator=g) for _ in range(4)]
+    for t in targets:
+        t[torch.rand(t.shape, generator=g) < 0.2] = 255
+    preds = [torch.randint(0, 6, t.shape, generator=g) for t in targets]
+    confusion = sum(confusion_matrix(p, t, num_classes) for p, t in zip(preds, targets))
+    miou, per_class = mean_iou(confusion)
+    expected_miou, expected = miou_oracle(preds, targets, num_classes)
+    assert miou == pytest.approx(expected_miou, abs=1e-12)
+    assert set(expected) == {0, 1, 2, 3, 4, 5} and expected[5] == 0.0
+    for c in range(num_classes):
+        assert (c not in expected and torch.isnan(per_class[c])) or per_class[c].item() == pytest.approx(expected.get(c), abs=1e-12)
+
+
+def test_dense_probe_places_cell_centres_as_the_conventions_do():
+    """Maps of 3 columns over 12-pixel-wide masks whose 4-pixel stripes are the columns' classes.
+    With cell centres at (j + 0.5) * 4 (align_corners=False) the upsampled logits switch class
+    exactly on the stripe edges; centres at j * 5.5 (align_corners=True) would move the edges to
+    2.75 and 8.25 and misclassify a pixel column on each."""
+    g = torch.Generator().manual_seed(0)
+    cells = torch.stack([torch.randperm(3, generator=g).repeat(2, 1) for _ in range(24)])  # [24, 2, 3]
+    masks = cells.repeat_interleave(4, 1).repeat_interleave(4, 2)  # [24, 8, 12]
+    maps = (torch.eye(3) * 4)[cells].permute(0, 3, 1, 2).contiguous()
+    scores = train_dense_probe(maps[:16], masks[:16], maps[16:], masks[16:], 3, epochs=15, batch_size=8, lr=0.05)
+    assert scores["miou"] == 100.0 and scores["pixel_accuracy"] == 100.0
+
+
+@pytest.fixture(scope="module")
+def selfpatch():
+    pytest.importorskip("timm")
+    from fastdense.methods import build_method
+
+    torch.manual_seed(0)
+    return build_method("selfpatch", preset="cpu").eval()
+
+
+@pytest.fixture(scope="module")
+def scrl_config():
+    from fastdense.training.config import resolve
+    from fastdense.training.loop import build_method
+
+    config = resolve("scrl")
+    torch.manual_seed(0)
+    return config, build_method(config)
+
+
+def test_selfpatch_vit_exports_strictly_into_plain_timm_with_the_same_features(tmp_path, selfpatch):
+    """SelfPatch's ViT has no class token and no final norm: the plain timm model the sidecar
+    describes loads the file strictly (the bare ``create_model(name, num_classes=0)`` refused it:
+    pos_embed 196 vs 197 rows) and gives the backbone's tokens."""
+    backbone = selfpatch.backbone
+    path = export_backbone(backbone, tmp_path / "vit.pth")
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["create_kwargs"]["class_token"] is False and sidecar["create_kwargs"]["final_norm"] is False
+    model = load_exported(path).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), backbone(x))
+
+
+def test_resnet_export_loads_strictly_once_fc_is_dropped(tmp_path):
+    from fastdense.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18").eval()
+    model = load_exported(export_backbone(backbone, tmp_path / "r18.pth")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), backbone(x).mean(dim=(2, 3)))
+
+
+# --- fastdense-eval on bad input: one clear line naming the file or argument, before any work ---
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, scrl_config):
+    """What fastdense-train writes, minus the optimiser: SCRL's CPU preset at initialisation."""
+    config, method = scrl_config
+    path = tmp_path_factory.mktemp("run") / "last.pt"
+    torch.save({"format": 1, "step": 0, "config": config, "model": method.state_dict()}, path)
+    return path
+
+
+def _eval_error(argv):
+    from fastdense.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return str(exit_info.value.code)
+
+
+def test_eval_refuses_missing_truncated_and_foreign_checkpoints(tmp_path, checkpoint):
+    missing = tmp_path / "nope.pt"
+    assert str(missing) in _eval_error(["--checkpoint", str(missing), "--task", "knn"])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:2000])
+    message = _eval_error(["--checkpoint", str(truncated), "--task", "knn"])
+    assert str(truncated) in message and "cannot read" in message
+    foreign = tmp_path / "resnet18.pth"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), foreign)
+    message = _eval_error(["--checkpoint", str(foreign), "--task", "export"])
+    assert str(foreign) in message and "not a fastdense-train checkpoint" in message
+    other_backbone = tmp_path / "other.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"]["method_options"] = {**(state["config"].get("method_options") or {}), "backbone": "resnet34"}
+    torch.save(state, other_backbone)
+    message = _eval_error(["--checkpoint", str(other_backbone), "--task", "export"])
+    assert str(other_backbone) in message and "do not fit scrl with backbone resnet34" in message
+
+
+def test_eval_refuses_bad_data_folders_before_extracting(tmp_path, checkpoint):
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32"]
+    cache = checkpoint.parent / "eval_cache"
+    cached_before = set(cache.glob("*"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in _eval_error(common + ["--task", "knn", "--data", str(empty)])
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    message = _eval_error(common + ["--task", "dense", "--data", str(images.parent)])
+    assert "--masks" in message and str(images.parent) in message
+    masks = tmp_path / "masks" / "cls"
+    masks.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(masks / "a.png")
+    message = _eval_error(common + ["--task", "dense", "--data", str(images.parent), "--masks", str(masks.parent)])
+    assert str(masks / "a.png") in message and "single-channel" in message
+    assert "multiple of resnet18's stride 32" in _eval_error(common[:-1] + ["100", "--task", "knn", "--data", str(images.parent)])
+    assert set(cache.glob("*")) == cached_before  # nothing was extracted
+
+
+def test_eval_cache_is_keyed_by_the_images_not_the_folder_name(tmp_path, checkpoint):
+    from fastdense.evaluate import main
+
+    def folder_of(n):
+        for i in range(n):
+            (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), (40 * i, 255 - 30 * i, 7 * i)).save(tmp_path / "data" / f"c{i % 2}" / f"{i}.png")
+        return ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "knn", "--k", "3", "--data", str(tmp_path / "data")]
+
+    cache = checkpoint.parent / "eval_cache"
+    before = len(list(cache.glob("features-*.pt")))
+    main(folder_of(10))
+    assert len(list(cache.glob("features-*.pt"))) == before + 2  # train and test
+    main(folder_of(20))  # same folder, twice the images: new features, not the cached ones
+    assert len(list(cache.glob("features-*.pt"))) == before + 4
+    fresh = torch.load(sorted(cache.glob("features-*.pt"), key=lambda f: f.stat().st_mtime)[-1], weights_only=True)
+    assert len(fresh["features"]) in (16, 4)
+
+
+def test_network_target_is_the_ema_copy_and_refused_without_one(scrl_config, selfpatch):
+    from fastdense.evaluation.checkpoint import select_backbone
+    from fastdense.methods import build_method
+
+    scrl = scrl_config[1]
+    assert select_backbone(scrl, "online") is scrl.backbone
+    assert select_backbone(scrl, "target") is scrl.target_backbone
+    assert select_backbone(selfpatch, "target") is selfpatch.teacher.backbone
+    with pytest.raises(ValueError, match="no EMA target"):
+        select_backbone(build_method("vicregl", preset="cpu"), "target")
+
+
+def test_an_image_and_its_mask_must_cover_the_same_pixels(tmp_path):
+    from fastdense.evaluation.data import EvalImages, EvalSample
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "image.png")
+    Image.new("L", (40, 30)).save(tmp_path / "mask.png")
+    Image.new("L", (30, 40)).save(tmp_path / "other.png")
+    image, mask = EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "mask.png")], 16)[0]
+    assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
+    with pytest.raises(ValueError, match="other.png is 30x40"):
+        EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "other.png")], 16)[0]
+
+
+@pytest.mark.gpu
+def test_probes_run_where_the_training_features_are():
+    """fastdense-eval hands the probes GPU features (an ImageNet linear probe on the CPU would take
+    days); each probe computes there and scores as the oracle / the CPU does."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 12, generator=g)
+    train_labels = torch.randint(0, 5, (300,), generator=g)
+    train = centres[train_labels] + 0.8 * torch.randn(300, 12, generator=g)
+    test_labels = torch.randint(0, 5, (2000,), generator=g)
+    test = centres[test_labels] + 0.8 * torch.randn(2000, 12, generator=g)
+    expected = knn_oracle(train, train_labels, test, 5, 20)
+    assert knn_predicts(train.cuda(), train_labels.cuda(), test, 5, 20, expected)
+    x, y = _separable(g, 40)
+    xt, yt = _separable(g, 10)
+    assert linear_probe_accuracy(x.cuda(), y, xt, yt, 4, epochs=20) == 100.0
+    masks = torch.randint(0, 3, (12, 4, 4), generator=g)
+    maps = (torch.eye(3) * 4)[masks].permute(0, 3, 1, 2).contiguous()
+    assert train_dense_probe(maps[:8].cuda(), masks[:8], maps[8:], masks[8:], 3, epochs=30, batch_size=4)["miou"] == 100.0
+
+
+def test_the_console_script_exits_0(checkpoint, monkeypatch, capsys):
+    """What the installed ``fastdense-eval`` does: ``sys.exit(entry_point())``. The entry point was
+    ``main``, whose result dict made every successful run print it to stderr and exit 1."""
+    import importlib
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["fastdense-eval"].split(":")
+    entry_point = getattr(importlib.import_module(module), function)
+    monkeypatch.setattr(sys, "argv", ["fastdense-eval", "--checkpoint", str(checkpoint), "--task", "export"])
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(entry_point())
+    assert exit_info.value.code in (0, None)
+    assert "'task': 'export'" not in capsys.readouterr().err

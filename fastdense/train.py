@@ -86,7 +86,7 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
 def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
-    from fastdense.training import NonFiniteLossError, RunDirError, Trainer
+    from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
 
     args = parser().parse_args(argv)
     try:
@@ -99,9 +99,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
-    trainer = Trainer(config, resume=args.resume)
     try:
+        trainer = Trainer(config, resume=args.resume)
+        # Set-up reads the checkpoint, builds the method and the loader (which checks --data) and
+        # probes the run directory; what it refuses is a setting to fix, not a crash to debug.
         trainer.setup()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 2
+    except (RunDirError, CheckpointError) as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 3
+    try:
         summary = trainer.fit()
     except RunDirError as e:
         print(f"fastdense-train: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ config itself is a nested dict.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -124,6 +125,114 @@ def check_keys(config: Dict) -> None:
             raise ValueError(f"unknown config key {key!r}{hint}; see fastdense-train --help")
 
 
+# What each key accepts, checked (and numbers written as text, like YAML's ``1e-6``, converted)
+# before any work starts: (kind, lowest value or choices, whether empty is allowed).
+# kinds: "int", "number", "bool", "text", "choice", "auto-bool" ("auto" or a bool), "mapping", "betas".
+CHECKS: Dict[str, Tuple[str, Any, bool]] = {
+    "method": ("choice", METHODS, False),
+    "method_options": ("mapping", None, True),
+    "preset": ("text", None, True),
+    "data": ("text", None, True),
+    "backend": ("choice", ("torch", "dali", "ffcv"), False),
+    "epochs": ("int", 1, False),
+    "max_steps": ("int", 1, True),
+    "batch_size": ("int", 1, False),
+    "num_workers": ("int", 0, False),
+    "photometric": ("bool", None, False),
+    "seed": ("int", 0, False),
+    "device": ("choice", ("auto", "cuda", "cpu"), False),
+    "precision": ("choice", ("auto", "bf16", "fp16", "fp32"), False),
+    "channels_last": ("auto-bool", None, False),
+    "compile": ("bool", None, False),
+    "sync_batchnorm": ("auto-bool", None, False),
+    "ddp_find_unused_parameters": ("bool", None, False),
+    "optimizer.name": ("choice", ("lars", "adamw"), False),
+    "optimizer.lr": ("number", 0.0, False),
+    "optimizer.lr_batch": ("number", 1e-12, False),
+    "optimizer.min_lr": ("number", 0.0, False),
+    "optimizer.warmup_epochs": ("number", 0.0, False),
+    "optimizer.weight_decay": ("number", 0.0, False),
+    "optimizer.weight_decay_end": ("number", 0.0, True),
+    "optimizer.momentum": ("number", 0.0, False),
+    "optimizer.eta": ("number", 0.0, False),
+    "optimizer.betas": ("betas", None, False),
+    "optimizer.clip_grad": ("number", 1e-12, True),
+    "optimizer.clip_grad_per_parameter": ("bool", None, False),
+    "run_dir": ("text", None, True),
+    "checkpoint_every": ("int", 0, True),
+    "log_every": ("int", 1, False),
+    "min_free_gb": ("number", 0.0, True),
+    "progress": ("bool", None, False),
+}
+
+
+def _as_number(value):
+    """``value`` as an int or float, or None. Text that reads as a number counts: YAML reads ``1e-6``
+    (no dot) as a string, and ``--set optimizer.weight_decay=1e-6`` must still mean 1e-6."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _checked(key: str, value):
+    kind, arg, nullable = CHECKS[key]
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"config key {key!r} needs a value ({OPTIONS[key][1]})")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= arg:
+            return value
+        raise ValueError(f"config key {key!r} must be an integer >= {arg}{', or empty' if nullable else ''}; got {value!r}")
+    if kind == "number":
+        number = _as_number(value)
+        if number is not None and math.isfinite(number) and number >= arg:
+            return number
+        bound = ">= 0" if arg == 0 else "> 0"
+        raise ValueError(f"config key {key!r} must be a finite number {bound}{', or empty' if nullable else ''}; got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} must be true or false; got {value!r}")
+    if kind == "auto-bool":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"config key {key!r} must be auto, true or false; got {value!r}")
+    if kind == "choice":
+        if value in arg:
+            return value
+        raise ValueError(f"config key {key!r} must be one of {', '.join(arg)}; got {value!r}")
+    if kind == "text":
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ValueError(f"config key {key!r} must be text; got {value!r}")
+    if kind == "mapping":
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"config key {key!r} must be a mapping (key: value, ...); got {value!r}")
+    numbers = [_as_number(v) for v in value] if isinstance(value, (list, tuple)) else []
+    if len(numbers) == 2 and all(n is not None and 0 <= n < 1 for n in numbers):
+        return numbers
+    raise ValueError(f"config key {key!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {value!r}")
+
+
+def validate(config: Dict) -> Dict:
+    """Refuse unknown keys and values of the wrong type or range, naming the key; returns ``config``
+    with numbers given as text converted (in place)."""
+    check_keys(config)
+    for key in CHECKS:
+        value = get_key(config, key, OPTIONS[key][0])
+        set_key(config, key, _checked(key, value))
+    return config
+
+
 def load_yaml(path) -> Dict:
     path = Path(path)
     if not path.is_file():
@@ -172,9 +281,7 @@ def resolve(
     for key, value in (overrides or {}).items():
         set_key(dotted, key, value)
     if base is not None:
-        config = merge(merge(base, user), dotted)
-        check_keys(config)
-        return config
+        return validate(merge(merge(base, user), dotted))
     chosen = method or get_key(dotted, "method") or user.get("method") or OPTIONS["method"][0]
     method_yaml, presets = method_defaults(chosen)
     config = merge(defaults(), method_yaml)
@@ -186,8 +293,7 @@ def resolve(
     config = merge(merge(config, user), dotted)
     config["method"] = chosen
     config["preset"] = preset or "full"
-    check_keys(config)
-    return config
+    return validate(config)
 
 
 def save(config: Dict, path) -> None:

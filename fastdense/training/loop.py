@@ -10,11 +10,12 @@ the consumed batches, then continues with every state exactly as the interrupted
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +24,35 @@ from fastdense.training import checkpoint as ckpt
 from fastdense.training import distributed
 from fastdense.training.logs import MetricsLog, plot_loss
 from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient
+
+
+# Keys that do not change what a run computes, so a resumed run may set them differently
+# (num_workers: every random draw of the pipelines derives from seed, epoch and sample).
+RESUMABLE_CHANGES = ("run_dir", "max_steps", "progress", "log_every", "checkpoint_every", "min_free_gb", "num_workers")
+
+
+def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]]:
+    """``(key, saved value, new value)`` for every key, method options included, that differs between
+    a checkpoint's config and ``config``, except :data:`RESUMABLE_CHANGES`."""
+    from fastdense.training import config as cfg
+
+    try:
+        saved = cfg.validate(copy.deepcopy(saved))  # numbers written as text, as the run read them
+    except ValueError:
+        pass
+
+    def flat(tree: Dict, prefix: str = "") -> Dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(saved), flat(config)
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,6 +161,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         config, device = self.config, self.device
+        resumed = self.check_resume()
         ckpt.seed_everything(config["seed"])
         method = build_method(config).to(device)
         channels_last = config["channels_last"]
@@ -176,13 +207,41 @@ class Trainer:
             from fastdense.training.config import save
 
             save(config, self.run_dir / "config.yaml")
-        if self.resume and self.checkpoint_path.exists():
-            self.load(ckpt.load_checkpoint(self.checkpoint_path, map_location=device))
+        if resumed is not None:
+            self.load(resumed)
         self.model = method
         if self.dist.enabled:
             self.model = distributed.wrap_ddp(method, device, bool(config.get("ddp_find_unused_parameters", True)))
         if config["compile"]:
             self.model = torch.compile(self.model)
+
+    def check_resume(self) -> Optional[Dict]:
+        """The checkpoint to continue from (None for a new run), read and checked before any work:
+        ``--resume`` needs a readable checkpoint written under the same config, and a new run must
+        not overwrite another run's checkpoint."""
+        path = self.checkpoint_path
+        if not self.resume:
+            if path.exists():
+                raise ckpt.RunDirError(
+                    f"run directory {str(self.run_dir)!r} already holds a checkpoint ({path}); pass --resume to "
+                    "continue that run, or choose another --run-dir"
+                )
+            return None
+        if not path.exists():
+            raise ckpt.CheckpointError(
+                f"--resume: there is no checkpoint {str(path)!r} to continue from (wrong --run-dir, or the run "
+                "stopped before its first checkpoint); run without --resume to start"
+            )
+        state = ckpt.load_training_checkpoint(path, map_location="cpu")
+        changed = config_changes(state["config"], self.config)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the one {str(path)!r} was trained with, in "
+                + ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changed)
+                + "; an exact continuation needs the same settings (schedules span all epochs), so set them back "
+                "or start a new --run-dir. Only " + ", ".join(RESUMABLE_CHANGES) + " may change on resume"
+            )
+        return state
 
     def state(self) -> Dict:
         rngs = distributed.gather_objects(ckpt.rng_state(), self.dist)
@@ -255,7 +314,8 @@ class Trainer:
         # The same on every rank (the loss is averaged in check_finite); the method's other outputs
         # are per rank, and averaged over ranks when logged.
         self.shared_outputs = {"loss", "grad_norm", *hyper}
-        return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
+        # float64, so metrics show the schedules' values, not their float32 roundings.
+        return dict(out, **{k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()})
 
     def logged_outputs(self, out: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """The step's scalar outputs besides the loss; the method's own ones averaged over ranks

@@ -215,3 +215,32 @@ def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypa
     capsys.readouterr()
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "1") == 3
     assert "already holds a checkpoint" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_weights_broken_while_the_loss_is_finite_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """An overflowing gradient can make weights NaN in a step whose loss was finite; the checkpoint
+    after that step must not be written over the last good one."""
+    from fastdense.training import NonFiniteLossError
+
+    train_doubles.install(monkeypatch)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, checkpoint_every=2))
+    trainer.setup()
+    update = trainer.method.update_target
+
+    def poisoning_update(step, total_steps):
+        update(step, total_steps)
+        if step == 3:
+            trainer.method.target_projector[0].weight.data[0, 0] = float("nan")
+
+    trainer.method.update_target = poisoning_update
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights or buffers \(target_projector.0.weight\) after 4 steps.*\(step 2\)"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_message(tmp_path, capsys):
+    assert main(["--device", "cuda", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "device is cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -44,7 +44,7 @@ def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]
     def flat(tree: Dict, prefix: str = "") -> Dict:
         out = {}
         for key, value in tree.items():
-            if isinstance(value, dict) and value:
+            if isinstance(value, dict):  # an empty section holds no key
                 out.update(flat(value, f"{prefix}{key}."))
             else:
                 out[f"{prefix}{key}"] = value
@@ -149,6 +149,8 @@ class Trainer:
         pref = config["device"]
         if pref == "auto":
             pref = "cuda" if torch.cuda.is_available() else "cpu"
+        if pref == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is cuda but torch sees no CUDA device here; use --device cpu (or auto)")
         self.dist = distributed.init_distributed(pref)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if pref == "cuda" else pref)
         precision = config["precision"]
@@ -279,6 +281,7 @@ class Trainer:
         self.last_good = self.step
 
     def save(self) -> None:
+        self.check_state_finite()
         state = self.state()  # every rank joins the RNG gather
         if self.dist.is_main:
             ckpt.save_checkpoint(state, self.checkpoint_path)
@@ -333,14 +336,28 @@ class Trainer:
         together when it is not finite, so no rank is left waiting in a collective."""
         value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
         if not math.isfinite(value):
-            where = (
-                f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"
-                if self.last_good is not None else "no checkpoint had been written yet"
-            )
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {where}"
+                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self._last_good()}"
             )
         return value
+
+    def check_state_finite(self) -> None:
+        """Before a checkpoint: raise on every rank together when a weight or buffer is NaN or
+        infinite (an overflowing gradient can do that while the loss is still finite), so the last
+        good checkpoint is never replaced by a broken one."""
+        broken = [name for name, t in self.method.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        flag = torch.tensor(float(bool(broken)), device=self.device)
+        if float(distributed.all_reduce_mean(flag, self.dist)) > 0:
+            which = f" ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})" if broken else " on another rank"
+            raise NonFiniteLossError(
+                f"non-finite weights or buffers{which} after {self.step} steps; training "
+                f"stopped; {self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"
 
     def fit(self) -> Dict:
         config = self.config

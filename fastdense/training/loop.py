@@ -23,7 +23,7 @@ from torch import nn
 from fastdense.training import checkpoint as ckpt
 from fastdense.training import distributed
 from fastdense.training.logs import MetricsLog, plot_loss
-from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient
+from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient, scaled_lr
 
 
 # Keys that do not change what a run computes, so a resumed run may set them differently
@@ -190,7 +190,7 @@ class Trainer:
         base_lr = self.optimizer.param_groups[0]["base_lr"]
         self.schedule = Schedule(
             self.optimizer, self.total_steps, round(opt_cfg["warmup_epochs"] * self.steps_per_epoch),
-            lr=base_lr, min_lr=opt_cfg["min_lr"] * self.global_batch / opt_cfg["lr_batch"],
+            lr=base_lr, min_lr=scaled_lr(opt_cfg["min_lr"], self.global_batch, opt_cfg["lr_batch"]) if opt_cfg["scale_min_lr"] else opt_cfg["min_lr"],
             weight_decay=opt_cfg["weight_decay"], weight_decay_end=opt_cfg["weight_decay_end"],
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

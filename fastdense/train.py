@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the data")
     p.add_argument("--batch-size", type=int, help="images per process per step")
     p.add_argument("--run-dir", help="output directory (default: runs/<method>-<UTC time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint, "
+                   "exactly; refused when the config differs in anything but " + ", ".join(cfg.RESUMABLE_CHANGES))
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--workers", type=int, help="loader workers per process (config: num_workers)")

@@ -2,6 +2,7 @@
 boundary), schedules against their formulas, and what the CLI refuses before any work (bad config
 values, a missing or unreadable checkpoint, a changed config on resume, another run's checkpoint)."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -53,6 +54,11 @@ def _rows(run_dir):
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def _csv_rows(run_dir):
+    with (Path(run_dir) / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k not in ("images_per_s", "data_wait")} for row in csv.DictReader(f)]
+
+
 def _assert_same_state(a: Trainer, b: Trainer):
     sa, sb = a.method.state_dict(), b.method.state_dict()
     assert sa.keys() == sb.keys()
@@ -92,6 +98,8 @@ def test_every_method_resumes_bit_identically_mid_epoch_and_at_an_epoch_boundary
     assert resumed.step == total
     _assert_same_state(whole, resumed)
     assert _rows(split_dir) == _rows(tmp_path / "whole")  # every step's loss, metrics, lr and weight decay
+    assert [r["step"] for r in _rows(split_dir)] == list(range(1, total + 1))
+    assert _csv_rows(split_dir) == _csv_rows(tmp_path / "whole")
     assert torch.equal(whole_rng["torch"], resumed_rng["torch"]) and whole_rng["python"] == resumed_rng["python"]
     if hasattr(whole.method, "base_momentum"):  # the EMA momentum of the last update, from the step counter
         assert resumed.method.momentum == whole.method.momentum == cosine_momentum(whole.method.base_momentum, total - 1, total)
@@ -131,7 +139,7 @@ def _no_trainer(monkeypatch):
     ("epochs=abc", "'epochs'"), ("optimizer.lr=fast", "'optimizer.lr'"), ("log_every=0", "'log_every'"),
     ("batch_size=-3", "'batch_size'"), ("backend=foo", "'backend'"), ("compile=maybe", "'compile'"),
     ("optimizer.betas=[0.9]", "'optimizer.betas'"), ("optimizer.clip_grad=0", "'optimizer.clip_grad'"),
-    ("optimizr.lr=0.1", "'optimizr.lr'"),
+    ("optimizr.lr=0.1", "'optimizr.lr'"), ("optimizer.betas=[0.9,", "optimizer.betas"),
 ])
 def test_bad_set_values_are_refused_naming_the_key_before_any_work(override, key, tmp_path, monkeypatch, capsys):
     built = _no_trainer(monkeypatch)
@@ -139,6 +147,15 @@ def test_bad_set_values_are_refused_naming_the_key_before_any_work(override, key
     err = capsys.readouterr().err
     assert err.startswith("fastdense-train: ") and key in err and not built
     assert not (tmp_path / "run").exists()
+
+
+def test_broken_yaml_config_file_is_a_message_naming_it(tmp_path, monkeypatch, capsys):
+    built = _no_trainer(monkeypatch)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optimizer: {lr: 0.1\n")
+    assert main(["--config", str(broken), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "not valid YAML" in err and not built
 
 
 def test_numbers_written_as_yaml_text_are_numbers(tmp_path):

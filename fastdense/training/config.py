@@ -112,7 +112,10 @@ def parse_override(text: str) -> Tuple[str, Any]:
         raise ValueError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: the value {raw!r} is not valid YAML ({e.problem or e})") from e
     return key, value
 
 
@@ -125,6 +128,10 @@ def check_keys(config: Dict) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown config key {key!r}{hint}; see fastdense-train --help")
 
+
+# Keys that do not change what a run computes, so ``--resume`` accepts new values for them
+# (num_workers: every random draw of the pipelines derives from seed, epoch and sample).
+RESUMABLE_CHANGES = ("run_dir", "max_steps", "progress", "log_every", "checkpoint_every", "min_free_gb", "num_workers")
 
 # What each key accepts, checked (and numbers written as text, like YAML's ``1e-6``, converted)
 # before any work starts: (kind, lowest value or choices, whether empty is allowed).
@@ -239,7 +246,10 @@ def load_yaml(path) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     return data
@@ -299,7 +309,10 @@ def resolve(
 
 
 def save(config: Dict, path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Write ``config`` as YAML, atomically (``--resume`` reads it back as the run's settings)."""
+    from fastdense.training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(yaml.safe_dump(config, sort_keys=False).encode(), path)
 
 
 def describe_options() -> str:

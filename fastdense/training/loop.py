@@ -21,20 +21,15 @@ import torch
 from torch import nn
 
 from fastdense.training import checkpoint as ckpt
+from fastdense.training import config as cfg
 from fastdense.training import distributed
 from fastdense.training.logs import MetricsLog, plot_loss
 from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient, scaled_lr
 
 
-# Keys that do not change what a run computes, so a resumed run may set them differently
-# (num_workers: every random draw of the pipelines derives from seed, epoch and sample).
-RESUMABLE_CHANGES = ("run_dir", "max_steps", "progress", "log_every", "checkpoint_every", "min_free_gb", "num_workers")
-
-
 def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]]:
     """``(key, saved value, new value)`` for every key, method options included, that differs between
-    a checkpoint's config and ``config``, except :data:`RESUMABLE_CHANGES`."""
-    from fastdense.training import config as cfg
+    a checkpoint's config and ``config``, except :data:`fastdense.training.config.RESUMABLE_CHANGES`."""
 
     try:
         saved = cfg.validate(copy.deepcopy(saved))  # numbers written as text, as the run read them
@@ -52,7 +47,7 @@ def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]
 
     old, new = flat(saved), flat(config)
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-            if key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
+            if key not in cfg.RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -206,9 +201,7 @@ class Trainer:
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
                 stale.unlink()
-            from fastdense.training.config import save
-
-            save(config, self.run_dir / "config.yaml")
+            cfg.save(config, self.run_dir / "config.yaml")
         if resumed is not None:
             self.load(resumed)
         self.model = method
@@ -241,7 +234,7 @@ class Trainer:
                 f"--resume: the config differs from the one {str(path)!r} was trained with, in "
                 + ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changed)
                 + "; an exact continuation needs the same settings (schedules span all epochs), so set them back "
-                "or start a new --run-dir. Only " + ", ".join(RESUMABLE_CHANGES) + " may change on resume"
+                "or start a new --run-dir. Only " + ", ".join(cfg.RESUMABLE_CHANGES) + " may change on resume"
             )
         return state
 

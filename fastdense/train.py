@@ -129,7 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             where.append(f"loss curve {summary['loss_curve']}")
         if summary.get("tensorboard"):
             where.append(f"TensorBoard logs {summary['tensorboard']}")
-        print(f"fastdense-train: {summary['steps']} steps in {summary['seconds']:.0f} s;{loss} run directory "
+        ran = summary["steps"] - summary["first_step"]
+        resumed = f" (resumed at step {summary['first_step']}, now at step {summary['steps']})" if summary["first_step"] else ""
+        print(f"fastdense-train: {ran} step{'s' if ran != 1 else ''}{resumed} in {summary['seconds']:.0f} s;{loss} run directory "
               f"{summary['run_dir']}: " + ", ".join(where))
     if trainer.dist.enabled:
         import torch.distributed as dist

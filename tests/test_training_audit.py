@@ -5,6 +5,7 @@ values, a missing or unreadable checkpoint, a changed config on resume, another 
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,8 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monke
     # What only changes logging, checkpoints or speed may differ.
     assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "3", "--workers", "0", "--checkpoint-every", "7") == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert final.startswith("fastdense-train: 1 step (resumed at step 2, now at step 3) in ")  # this run's steps
 
 
 def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypatch, capsys):
@@ -263,3 +266,66 @@ def test_device_cuda_without_cuda_is_a_message(tmp_path, capsys):
     assert main(["--device", "cuda", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "device is cuda but torch sees no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- two processes
+
+def _two_rank_worker(rank, port, root):
+    """One of two gloo processes (torchrun's variables): a run directory that rank 0 cannot write,
+    a run that checkpoints, a resume with a changed config, and a resume."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train_doubles.install()
+    from fastdense.training import RunDirError
+
+    result = {}
+    try:
+        Trainer(train_doubles.tiny_config(f"{root}/a-file/run", max_steps=2)).setup()
+    except RunDirError as e:
+        result["unwritable"] = str(e)
+    saves = []
+    save = ckpt.save_checkpoint
+    ckpt.save_checkpoint = lambda state, path: saves.append(str(path)) or save(state, path)
+    trainer = Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=4, checkpoint_every=2))
+    trainer.setup()
+    trainer.fit()
+    result["saves"] = list(saves)
+    try:
+        Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=6, **{"optimizer.lr": 3.0}), resume=True).setup()
+    except ValueError as e:
+        result["changed"] = str(e)
+    trainer = Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=6), resume=True)
+    trainer.setup()
+    trainer.fit()
+    result["resumed"] = (trainer.step, trainer.method.state_dict())
+    gathered = [None, None]
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, f"{root}/results.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    context = torch.multiprocessing.start_processes(_two_rank_worker, args=(train_doubles.free_port(), str(tmp_path)),
+                                                    nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not context.join(timeout=1):  # raises when a process fails
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes did not finish: a rank waits in a collective the other left")
+    ranks = torch.load(tmp_path / "results.pt", weights_only=False)
+    for rank, result in enumerate(ranks):
+        assert "is not writable" in result["unwritable"], rank  # both stop at set-up, neither crashes in DDP
+        assert "optimizer.lr (2.0 -> 3.0)" in result["changed"], rank
+        assert result["resumed"][0] == 6, rank
+    assert ranks[0]["saves"] == [str(tmp_path / "run" / "checkpoints" / "last.pt")] * 2 and ranks[1]["saves"] == []
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    for name, value in ranks[0]["resumed"][1].items():  # the ranks stayed in lock step
+        assert torch.equal(value, ranks[1]["resumed"][1][name]), name

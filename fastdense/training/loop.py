@@ -192,16 +192,19 @@ class Trainer:
         self.loader_rng = RngSandbox()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.last_good: Optional[int] = None
+        refusal = None
         if self.dist.is_main:
-            # Checkpoint = weights + optimiser state (about 3x the state dict); the old one and the
-            # temporary copy coexist while a new one is written.
-            needed = 2 * 3 * ckpt.state_bytes(method) + (1 << 20)
-            free_gb = config.get("min_free_gb")
-            ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
-            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
-                stale.unlink()
-            cfg.save(config, self.run_dir / "config.yaml")
+            try:
+                self.prepare_run_dir()
+            except ckpt.RunDirError as e:
+                refusal = str(e)
+            except OSError as e:
+                refusal = f"run directory {str(self.run_dir)!r} cannot be prepared: {e}"
+        # Rank 0 alone writes the run directory; every rank stops when it cannot, rather than
+        # the others failing in (or, with NCCL, waiting at) their next collective.
+        refusal = distributed.gather_objects(refusal, self.dist)[0]
+        if refusal:
+            raise ckpt.RunDirError(refusal)
         if resumed is not None:
             self.load(resumed)
         self.model = method
@@ -209,6 +212,19 @@ class Trainer:
             self.model = distributed.wrap_ddp(method, device, bool(config.get("ddp_find_unused_parameters", True)))
         if config["compile"]:
             self.model = torch.compile(self.model)
+
+    def prepare_run_dir(self) -> None:
+        """Probe the run directory (writable, enough free disk), clear what a killed checkpoint write
+        left, and save the resolved config."""
+        # Checkpoint = weights + optimiser state (about 3x the state dict); the old one and the
+        # temporary copy coexist while a new one is written.
+        needed = 2 * 3 * ckpt.state_bytes(self.method) + (1 << 20)
+        free_gb = self.config.get("min_free_gb")
+        ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
+        cfg.save(self.config, self.run_dir / "config.yaml")
 
     def check_resume(self) -> Optional[Dict]:
         """The checkpoint to continue from (None for a new run), read and checked before any work:
@@ -364,7 +380,7 @@ class Trainer:
 
             bar = tqdm(total=end_step, initial=self.step, desc=f"{config['method']}", unit="step", dynamic_ncols=True)
         window = {"wait": 0.0, "time": 0.0, "images": 0}
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         try:
             while self.step < end_step and self.epoch < config["epochs"]:
                 if hasattr(self.loader, "set_epoch"):
@@ -424,7 +440,7 @@ class Trainer:
                 bar.close()
             if log is not None:
                 log.close()
-        summary = {"steps": self.step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
+        summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
             rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
             plot = plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss")

@@ -329,3 +329,17 @@ def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):
     assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
     for name, value in ranks[0]["resumed"][1].items():  # the ranks stayed in lock step
         assert torch.equal(value, ranks[1]["resumed"][1][name]), name
+
+
+def test_tensorboard_keeps_the_checkpoint_steps_row_on_resume(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "3") == 0
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:  # a row the killed run logged after its checkpoint
+        f.write(json.dumps({"step": 4, "epoch": 0, "loss": 9.0}) + "\n")
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "5") == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5] and _rows(tmp_path / "run")[3]["loss"] != 9.0

@@ -237,7 +237,7 @@ def validate(config: Dict) -> Dict:
     with numbers given as text converted (in place)."""
     check_keys(config)
     for key in CHECKS:
-        value = get_key(config, key, OPTIONS[key][0])
+        value = get_key(config, key, copy.deepcopy(OPTIONS[key][0]))
         set_key(config, key, _checked(key, value))
     return config
 

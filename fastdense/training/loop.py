@@ -30,7 +30,6 @@ from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradie
 def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]]:
     """``(key, saved value, new value)`` for every key, method options included, that differs between
     a checkpoint's config and ``config``, except :data:`fastdense.training.config.RESUMABLE_CHANGES`."""
-
     try:
         saved = cfg.validate(copy.deepcopy(saved))  # numbers written as text, as the run read them
     except ValueError:
@@ -354,7 +353,9 @@ class Trainer:
         """Before a checkpoint: raise on every rank together when a weight or buffer is NaN or
         infinite (an overflowing gradient can do that while the loss is still finite), so the last
         good checkpoint is never replaced by a broken one."""
-        broken = [name for name, t in self.method.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        tensors = {name: t for name, t in self.method.state_dict().items() if t.is_floating_point()}
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu() if tensors else torch.ones(0)  # one device sync
+        broken = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
         flag = torch.tensor(float(bool(broken)), device=self.device)
         if float(distributed.all_reduce_mean(flag, self.dist)) > 0:
             which = f" ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})" if broken else " on another rank"

@@ -1,6 +1,7 @@
 """fastdense-train as a researcher meets it: every method resumed exactly (mid-epoch and at an epoch
-boundary), schedules against their formulas, and what the CLI refuses before any work (bad config
-values, a missing or unreadable checkpoint, a changed config on resume, another run's checkpoint)."""
+boundary), schedules against their formulas, what the CLI refuses before any work (bad config
+values, a missing or unreadable checkpoint, a changed config on resume, another run's checkpoint),
+weights that turn non-finite, TensorBoard on resume, and two gloo ranks refusing together."""
 
 import csv
 import json

@@ -76,8 +76,13 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
         if not args.run_dir:
             raise SystemExit("fastdense-train: --resume needs --run-dir")
         saved = Path(args.run_dir) / "config.yaml"
+        checkpoint = Path(args.run_dir) / "checkpoints" / "last.pt"
         if saved.exists():
             base = cfg.load_yaml(saved)
+        elif checkpoint.exists():  # config.yaml deleted: the checkpoint holds the config too
+            from fastdense.training.checkpoint import load_training_checkpoint
+
+            base = load_training_checkpoint(checkpoint)["config"]
     config = cfg.resolve(args.method, args.config, overrides, has_gpu=has_gpu, base=base)
     if not config.get("run_dir"):
         config["run_dir"] = str(Path("runs") / f"{config['method']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
@@ -95,6 +100,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 3
     if args.print_config:
         import yaml
 

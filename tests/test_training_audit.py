@@ -232,6 +232,14 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monke
     assert final.startswith("fastdense-train: 1 step (resumed at step 2, now at step 3) in ")  # this run's steps
 
 
+def test_resume_without_config_yaml_takes_the_checkpoints_config(tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4", "--lr", "0.3") == 0
+    (tmp_path / "run" / "config.yaml").unlink()
+    assert main(["--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3"]) == 0, capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["config"]["optimizer"]["lr"] == 0.3 and state["config"]["method_options"]["cells"] == 4
+
+
 def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypatch, capsys):
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
     path = tmp_path / "run" / "checkpoints" / "last.pt"

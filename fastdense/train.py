@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="passes over the data")
     p.add_argument("--batch-size", type=int, help="images per process per step")
     p.add_argument("--run-dir", help="output directory (default: runs/<method>-<UTC time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint, "
+                   "exactly; refused when the config differs in anything but " + ", ".join(cfg.RESUMABLE_CHANGES))
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--workers", type=int, help="loader workers per process (config: num_workers)")
@@ -75,8 +76,13 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
         if not args.run_dir:
             raise SystemExit("fastdense-train: --resume needs --run-dir")
         saved = Path(args.run_dir) / "config.yaml"
+        checkpoint = Path(args.run_dir) / "checkpoints" / "last.pt"
         if saved.exists():
             base = cfg.load_yaml(saved)
+        elif checkpoint.exists():  # config.yaml deleted: the checkpoint holds the config too
+            from fastdense.training.checkpoint import load_training_checkpoint
+
+            base = load_training_checkpoint(checkpoint)["config"]
     config = cfg.resolve(args.method, args.config, overrides, has_gpu=has_gpu, base=base)
     if not config.get("run_dir"):
         config["run_dir"] = str(Path("runs") / f"{config['method']}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
@@ -86,7 +92,7 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
 def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
-    from fastdense.training import NonFiniteLossError, RunDirError, Trainer
+    from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
 
     args = parser().parse_args(argv)
     try:
@@ -94,14 +100,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 3
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
-    trainer = Trainer(config, resume=args.resume)
     try:
+        trainer = Trainer(config, resume=args.resume)
+        # Set-up reads the checkpoint, builds the method and the loader (which checks --data) and
+        # probes the run directory; what it refuses is a setting to fix, not a crash to debug.
         trainer.setup()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 2
+    except (RunDirError, CheckpointError) as e:
+        print(f"fastdense-train: {e}", file=sys.stderr)
+        return 3
+    try:
         summary = trainer.fit()
     except RunDirError as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
@@ -119,7 +137,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             where.append(f"loss curve {summary['loss_curve']}")
         if summary.get("tensorboard"):
             where.append(f"TensorBoard logs {summary['tensorboard']}")
-        print(f"fastdense-train: {summary['steps']} steps in {summary['seconds']:.0f} s;{loss} run directory "
+        ran = summary["steps"] - summary["first_step"]
+        resumed = f" (resumed at step {summary['first_step']}, now at step {summary['steps']})" if summary["first_step"] else ""
+        print(f"fastdense-train: {ran} step{'s' if ran != 1 else ''}{resumed} in {summary['seconds']:.0f} s;{loss} run directory "
               f"{summary['run_dir']}: " + ", ".join(where))
     if trainer.dist.enabled:
         import torch.distributed as dist

@@ -16,6 +16,7 @@ from fastdense.train import main
 from fastdense.training import NonFiniteLossError, RunDirError, Trainer, load_checkpoint, save_checkpoint
 from fastdense.training import checkpoint as ckpt
 from fastdense.training import config as cfg
+from fastdense.training import loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLES = Path(train_doubles.__file__)
@@ -67,8 +68,17 @@ def _sigkill_then_resume(tmp_path, monkeypatch):
     killed_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
     assert 6 <= killed_at < 20  # killed mid-run
 
+    # The saved config as it is (a resume refuses a changed one), but without the sleep, which
+    # changes nothing but time.
     config = cfg.load_yaml(run_dir / "config.yaml")
-    config["method_options"] = {}  # the sleep changes nothing but time
+    build = loop.build_method
+
+    def without_sleep(config):
+        method = build(config)
+        method.sleep = 0.0
+        return method
+
+    monkeypatch.setattr(loop, "build_method", without_sleep)
     resumed = _run(config, resume=True)
     assert resumed.step == 20
     assert _losses(run_dir) == _losses(tmp_path / "reference")

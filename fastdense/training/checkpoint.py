@@ -59,8 +59,36 @@ def save_checkpoint(state: Dict, path) -> None:
     atomic_write_bytes(buffer.getvalue(), path)
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable (cut short, corrupt) or not a fastdense-train checkpoint."""
+
+
+# What every checkpoint that :class:`fastdense.training.Trainer` writes holds.
+CHECKPOINT_KEYS = ("step", "position", "model", "optimizer", "schedule", "rng_per_rank", "config")
+
+
 def load_checkpoint(path, map_location="cpu") -> Dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """The state saved by :func:`save_checkpoint` at ``path``; :class:`CheckpointError` naming the
+    file when it is missing or cannot be read whole."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch.load raises many types on a cut-short or foreign file
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); it is cut short, corrupt "
+            "or not a torch.save file"
+        ) from e
+
+
+def load_training_checkpoint(path, map_location="cpu") -> Dict:
+    """:func:`load_checkpoint`, and a :class:`CheckpointError` unless it holds a training state."""
+    state = load_checkpoint(path, map_location)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a fastdense-train checkpoint: it lacks {missing}")
+    return state
 
 
 def rng_state(include_cuda: bool = True) -> Dict:

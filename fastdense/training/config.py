@@ -8,6 +8,7 @@ config itself is a nested dict.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -38,7 +39,8 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "optimizer.name": ("lars", "lars or adamw"),
     "optimizer.lr": (0.3, "base learning rate for a global batch of optimizer.lr_batch images"),
     "optimizer.lr_batch": (256, "the batch the base lr refers to: lr = optimizer.lr * global_batch / lr_batch"),
-    "optimizer.min_lr": (0.0, "learning rate at the end of the cosine schedule (scaled like optimizer.lr)"),
+    "optimizer.min_lr": (0.0, "learning rate at the end of the cosine schedule (scaled like optimizer.lr when optimizer.scale_min_lr)"),
+    "optimizer.scale_min_lr": (True, "scale optimizer.min_lr by global_batch / lr_batch too (VICRegL's end-lr ratio); false: as given (DINO's and SelfPatch's min_lr)"),
     "optimizer.warmup_epochs": (10.0, "linear warm-up length in epochs"),
     "optimizer.weight_decay": (1.5e-6, "weight decay at the start (biases and norm parameters never decay)"),
     "optimizer.weight_decay_end": (None, "weight decay at the end, on a cosine schedule (empty: constant)"),
@@ -110,7 +112,10 @@ def parse_override(text: str) -> Tuple[str, Any]:
         raise ValueError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set {key}: the value {raw!r} is not valid YAML ({e.problem or e})") from e
     return key, value
 
 
@@ -124,11 +129,127 @@ def check_keys(config: Dict) -> None:
             raise ValueError(f"unknown config key {key!r}{hint}; see fastdense-train --help")
 
 
+# Keys that do not change what a run computes, so ``--resume`` accepts new values for them
+# (num_workers: every random draw of the pipelines derives from seed, epoch and sample).
+RESUMABLE_CHANGES = ("run_dir", "max_steps", "progress", "log_every", "checkpoint_every", "min_free_gb", "num_workers")
+
+# What each key accepts, checked (and numbers written as text, like YAML's ``1e-6``, converted)
+# before any work starts: (kind, lowest value or choices, whether empty is allowed).
+# kinds: "int", "number", "bool", "text", "choice", "auto-bool" ("auto" or a bool), "mapping", "betas".
+CHECKS: Dict[str, Tuple[str, Any, bool]] = {
+    "method": ("choice", METHODS, False),
+    "method_options": ("mapping", None, True),
+    "preset": ("text", None, True),
+    "data": ("text", None, True),
+    "backend": ("choice", ("torch", "dali", "ffcv"), False),
+    "epochs": ("int", 1, False),
+    "max_steps": ("int", 1, True),
+    "batch_size": ("int", 1, False),
+    "num_workers": ("int", 0, False),
+    "photometric": ("bool", None, False),
+    "seed": ("int", 0, False),
+    "device": ("choice", ("auto", "cuda", "cpu"), False),
+    "precision": ("choice", ("auto", "bf16", "fp16", "fp32"), False),
+    "channels_last": ("auto-bool", None, False),
+    "compile": ("bool", None, False),
+    "sync_batchnorm": ("auto-bool", None, False),
+    "ddp_find_unused_parameters": ("bool", None, False),
+    "optimizer.name": ("choice", ("lars", "adamw"), False),
+    "optimizer.lr": ("number", 0.0, False),
+    "optimizer.lr_batch": ("number", 1e-12, False),
+    "optimizer.min_lr": ("number", 0.0, False),
+    "optimizer.scale_min_lr": ("bool", None, False),
+    "optimizer.warmup_epochs": ("number", 0.0, False),
+    "optimizer.weight_decay": ("number", 0.0, False),
+    "optimizer.weight_decay_end": ("number", 0.0, True),
+    "optimizer.momentum": ("number", 0.0, False),
+    "optimizer.eta": ("number", 0.0, False),
+    "optimizer.betas": ("betas", None, False),
+    "optimizer.clip_grad": ("number", 1e-12, True),
+    "optimizer.clip_grad_per_parameter": ("bool", None, False),
+    "run_dir": ("text", None, True),
+    "checkpoint_every": ("int", 0, True),
+    "log_every": ("int", 1, False),
+    "min_free_gb": ("number", 0.0, True),
+    "progress": ("bool", None, False),
+}
+
+
+def _as_number(value):
+    """``value`` as an int or float, or None. Text that reads as a number counts: YAML reads ``1e-6``
+    (no dot) as a string, and ``--set optimizer.weight_decay=1e-6`` must still mean 1e-6."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _checked(key: str, value):
+    kind, arg, nullable = CHECKS[key]
+    if value is None:
+        if nullable:
+            return None
+        raise ValueError(f"config key {key!r} needs a value ({OPTIONS[key][1]})")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= arg:
+            return value
+        raise ValueError(f"config key {key!r} must be an integer >= {arg}{', or empty' if nullable else ''}; got {value!r}")
+    if kind == "number":
+        number = _as_number(value)
+        if number is not None and math.isfinite(number) and number >= arg:
+            return number
+        bound = ">= 0" if arg == 0 else "> 0"
+        raise ValueError(f"config key {key!r} must be a finite number {bound}{', or empty' if nullable else ''}; got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config key {key!r} must be true or false; got {value!r}")
+    if kind == "auto-bool":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"config key {key!r} must be auto, true or false; got {value!r}")
+    if kind == "choice":
+        if value in arg:
+            return value
+        raise ValueError(f"config key {key!r} must be one of {', '.join(arg)}; got {value!r}")
+    if kind == "text":
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ValueError(f"config key {key!r} must be text; got {value!r}")
+    if kind == "mapping":
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"config key {key!r} must be a mapping (key: value, ...); got {value!r}")
+    numbers = [_as_number(v) for v in value] if isinstance(value, (list, tuple)) else []
+    if len(numbers) == 2 and all(n is not None and 0 <= n < 1 for n in numbers):
+        return numbers
+    raise ValueError(f"config key {key!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {value!r}")
+
+
+def validate(config: Dict) -> Dict:
+    """Refuse unknown keys and values of the wrong type or range, naming the key; returns ``config``
+    with numbers given as text converted (in place)."""
+    check_keys(config)
+    for key in CHECKS:
+        value = get_key(config, key, copy.deepcopy(OPTIONS[key][0]))
+        set_key(config, key, _checked(key, value))
+    return config
+
+
 def load_yaml(path) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     return data
@@ -172,9 +293,7 @@ def resolve(
     for key, value in (overrides or {}).items():
         set_key(dotted, key, value)
     if base is not None:
-        config = merge(merge(base, user), dotted)
-        check_keys(config)
-        return config
+        return validate(merge(merge(base, user), dotted))
     chosen = method or get_key(dotted, "method") or user.get("method") or OPTIONS["method"][0]
     method_yaml, presets = method_defaults(chosen)
     config = merge(defaults(), method_yaml)
@@ -186,12 +305,14 @@ def resolve(
     config = merge(merge(config, user), dotted)
     config["method"] = chosen
     config["preset"] = preset or "full"
-    check_keys(config)
-    return config
+    return validate(config)
 
 
 def save(config: Dict, path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Write ``config`` as YAML, atomically (``--resume`` reads it back as the run's settings)."""
+    from fastdense.training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(yaml.safe_dump(config, sort_keys=False).encode(), path)
 
 
 def describe_options() -> str:

@@ -30,7 +30,9 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+                # TensorBoard drops events at steps >= purge_step; the row of step resume_step is kept.
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
             except ImportError:
                 self.writer = None
 

@@ -10,19 +10,43 @@ the consumed batches, then continues with every state exactly as the interrupted
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from fastdense.training import checkpoint as ckpt
+from fastdense.training import config as cfg
 from fastdense.training import distributed
 from fastdense.training.logs import MetricsLog, plot_loss
-from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient
+from fastdense.training.optim import Schedule, build_optimizer, clip_each_gradient, scaled_lr
+
+
+def config_changes(saved: Dict, config: Dict) -> List[Tuple[str, object, object]]:
+    """``(key, saved value, new value)`` for every key, method options included, that differs between
+    a checkpoint's config and ``config``, except :data:`fastdense.training.config.RESUMABLE_CHANGES`."""
+    try:
+        saved = cfg.validate(copy.deepcopy(saved))  # numbers written as text, as the run read them
+    except ValueError:
+        pass
+
+    def flat(tree: Dict, prefix: str = "") -> Dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):  # an empty section holds no key
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(saved), flat(config)
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if key not in cfg.RESUMABLE_CHANGES and old.get(key) != new.get(key)]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -119,6 +143,8 @@ class Trainer:
         pref = config["device"]
         if pref == "auto":
             pref = "cuda" if torch.cuda.is_available() else "cpu"
+        if pref == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is cuda but torch sees no CUDA device here; use --device cpu (or auto)")
         self.dist = distributed.init_distributed(pref)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if pref == "cuda" else pref)
         precision = config["precision"]
@@ -131,6 +157,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------
     def setup(self) -> None:
         config, device = self.config, self.device
+        resumed = self.check_resume()
         ckpt.seed_everything(config["seed"])
         method = build_method(config).to(device)
         channels_last = config["channels_last"]
@@ -157,32 +184,74 @@ class Trainer:
         base_lr = self.optimizer.param_groups[0]["base_lr"]
         self.schedule = Schedule(
             self.optimizer, self.total_steps, round(opt_cfg["warmup_epochs"] * self.steps_per_epoch),
-            lr=base_lr, min_lr=opt_cfg["min_lr"] * self.global_batch / opt_cfg["lr_batch"],
+            lr=base_lr, min_lr=scaled_lr(opt_cfg["min_lr"], self.global_batch, opt_cfg["lr_batch"]) if opt_cfg["scale_min_lr"] else opt_cfg["min_lr"],
             weight_decay=opt_cfg["weight_decay"], weight_decay_end=opt_cfg["weight_decay_end"],
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.loader_rng = RngSandbox()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.last_good: Optional[int] = None
+        refusal = None
         if self.dist.is_main:
-            # Checkpoint = weights + optimiser state (about 3x the state dict); the old one and the
-            # temporary copy coexist while a new one is written.
-            needed = 2 * 3 * ckpt.state_bytes(method) + (1 << 20)
-            free_gb = config.get("min_free_gb")
-            ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
-            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
-                stale.unlink()
-            from fastdense.training.config import save
-
-            save(config, self.run_dir / "config.yaml")
-        if self.resume and self.checkpoint_path.exists():
-            self.load(ckpt.load_checkpoint(self.checkpoint_path, map_location=device))
+            try:
+                self.prepare_run_dir()
+            except ckpt.RunDirError as e:
+                refusal = str(e)
+            except OSError as e:
+                refusal = f"run directory {str(self.run_dir)!r} cannot be prepared: {e}"
+        # Rank 0 alone writes the run directory; every rank stops when it cannot, rather than
+        # the others failing in (or, with NCCL, waiting at) their next collective.
+        refusal = distributed.gather_objects(refusal, self.dist)[0]
+        if refusal:
+            raise ckpt.RunDirError(refusal)
+        if resumed is not None:
+            self.load(resumed)
         self.model = method
         if self.dist.enabled:
             self.model = distributed.wrap_ddp(method, device, bool(config.get("ddp_find_unused_parameters", True)))
         if config["compile"]:
             self.model = torch.compile(self.model)
+
+    def prepare_run_dir(self) -> None:
+        """Probe the run directory (writable, enough free disk), clear what a killed checkpoint write
+        left, and save the resolved config."""
+        # Checkpoint = weights + optimiser state (about 3x the state dict); the old one and the
+        # temporary copy coexist while a new one is written.
+        needed = 2 * 3 * ckpt.state_bytes(self.method) + (1 << 20)
+        free_gb = self.config.get("min_free_gb")
+        ckpt.check_run_dir(self.run_dir, needed, None if free_gb is None else free_gb * 2**30)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
+        cfg.save(self.config, self.run_dir / "config.yaml")
+
+    def check_resume(self) -> Optional[Dict]:
+        """The checkpoint to continue from (None for a new run), read and checked before any work:
+        ``--resume`` needs a readable checkpoint written under the same config, and a new run must
+        not overwrite another run's checkpoint."""
+        path = self.checkpoint_path
+        if not self.resume:
+            if path.exists():
+                raise ckpt.RunDirError(
+                    f"run directory {str(self.run_dir)!r} already holds a checkpoint ({path}); pass --resume to "
+                    "continue that run, or choose another --run-dir"
+                )
+            return None
+        if not path.exists():
+            raise ckpt.CheckpointError(
+                f"--resume: there is no checkpoint {str(path)!r} to continue from (wrong --run-dir, or the run "
+                "stopped before its first checkpoint); run without --resume to start"
+            )
+        state = ckpt.load_training_checkpoint(path, map_location="cpu")
+        changed = config_changes(state["config"], self.config)
+        if changed:
+            raise ValueError(
+                f"--resume: the config differs from the one {str(path)!r} was trained with, in "
+                + ", ".join(f"{key} ({old!r} -> {new!r})" for key, old, new in changed)
+                + "; an exact continuation needs the same settings (schedules span all epochs), so set them back "
+                "or start a new --run-dir. Only " + ", ".join(cfg.RESUMABLE_CHANGES) + " may change on resume"
+            )
+        return state
 
     def state(self) -> Dict:
         rngs = distributed.gather_objects(ckpt.rng_state(), self.dist)
@@ -220,6 +289,7 @@ class Trainer:
         self.last_good = self.step
 
     def save(self) -> None:
+        self.check_state_finite()
         state = self.state()  # every rank joins the RNG gather
         if self.dist.is_main:
             ckpt.save_checkpoint(state, self.checkpoint_path)
@@ -255,7 +325,8 @@ class Trainer:
         # The same on every rank (the loss is averaged in check_finite); the method's other outputs
         # are per rank, and averaged over ranks when logged.
         self.shared_outputs = {"loss", "grad_norm", *hyper}
-        return dict(out, **{k: torch.tensor(v) for k, v in hyper.items()})
+        # float64, so metrics show the schedules' values, not their float32 roundings.
+        return dict(out, **{k: torch.tensor(v, dtype=torch.float64) for k, v in hyper.items()})
 
     def logged_outputs(self, out: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """The step's scalar outputs besides the loss; the method's own ones averaged over ranks
@@ -273,14 +344,30 @@ class Trainer:
         together when it is not finite, so no rank is left waiting in a collective."""
         value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
         if not math.isfinite(value):
-            where = (
-                f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"
-                if self.last_good is not None else "no checkpoint had been written yet"
-            )
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {where}"
+                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self._last_good()}"
             )
         return value
+
+    def check_state_finite(self) -> None:
+        """Before a checkpoint: raise on every rank together when a weight or buffer is NaN or
+        infinite (an overflowing gradient can do that while the loss is still finite), so the last
+        good checkpoint is never replaced by a broken one."""
+        tensors = {name: t for name, t in self.method.state_dict().items() if t.is_floating_point()}
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu() if tensors else torch.ones(0)  # one device sync
+        broken = [name for name, ok in zip(tensors, finite.tolist()) if not ok]
+        flag = torch.tensor(float(bool(broken)), device=self.device)
+        if float(distributed.all_reduce_mean(flag, self.dist)) > 0:
+            which = f" ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})" if broken else " on another rank"
+            raise NonFiniteLossError(
+                f"non-finite weights or buffers{which} after {self.step} steps; training "
+                f"stopped; {self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"
 
     def fit(self) -> Dict:
         config = self.config
@@ -294,7 +381,7 @@ class Trainer:
 
             bar = tqdm(total=end_step, initial=self.step, desc=f"{config['method']}", unit="step", dynamic_ncols=True)
         window = {"wait": 0.0, "time": 0.0, "images": 0}
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         try:
             while self.step < end_step and self.epoch < config["epochs"]:
                 if hasattr(self.loader, "set_epoch"):
@@ -354,7 +441,7 @@ class Trainer:
                 bar.close()
             if log is not None:
                 log.close()
-        summary = {"steps": self.step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
+        summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
             rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
             plot = plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss")

@@ -118,7 +118,10 @@ def build_optimizer(model: nn.Module, options: Dict, global_batch: int) -> torch
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, start: float, end: float) -> float:
-    """Linear from 0 to ``start`` over ``warmup_steps``, then cosine from ``start`` to ``end`` at ``total_steps``."""
+    """Linear warm-up ``start * (step + 1) / warmup_steps`` (so the first step already moves, and step
+    ``warmup_steps - 1`` reaches ``start``; the references begin at 0: VICRegL and BYOL
+    ``start * step / warmup_steps``, DINO ``linspace(0, start, warmup_steps)``), then cosine from ``start``
+    at step ``warmup_steps`` to ``end`` at ``total_steps``."""
     if step < warmup_steps:
         return start * (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)

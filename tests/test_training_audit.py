@@ -1,0 +1,355 @@
+"""fastdense-train as a researcher meets it: every method resumed exactly (mid-epoch and at an epoch
+boundary), schedules against their formulas, what the CLI refuses before any work (bad config
+values, a missing or unreadable checkpoint, a changed config on resume, another run's checkpoint),
+weights that turn non-finite, TensorBoard on resume, and two gloo ranks refusing together."""
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_doubles
+from fastdense.train import main
+from fastdense.training import CheckpointError, Trainer, load_checkpoint
+from fastdense.training import checkpoint as ckpt
+from fastdense.training import config as cfg
+from fastdense.methods.ema import cosine_momentum
+
+# The CPU presets, shrunk further (smaller views, a 2-block ViT) so four methods resume in seconds.
+SMALL = {
+    "scrl": {"view_sizes": {224: 64}},
+    "lewel": {"view_sizes": {224: 64}},
+    "vicregl": {"view_sizes": {224: 64, 96: 32}, "multi_crop": False, "num_matches": [2, 1]},
+    "selfpatch": {"view_sizes": {224: 64, 96: 48}, "backbone_options": {"depth": 2}},  # >= 3x3 tokens
+}
+STEPS_PER_EPOCH, EPOCHS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from fastdense.pipelines.builtin import ensure_builtin_dataset
+
+    return ensure_builtin_dataset(tmp_path_factory.mktemp("builtin"), num_images=8, image_size=48, num_classes=2)
+
+
+def _method_config(method, folder, run_dir, **overrides):
+    values = {"data": str(folder), "preset": "cpu", "device": "cpu", "progress": False, "batch_size": 4,
+              "epochs": EPOCHS, "num_workers": 0, "log_every": 1, "checkpoint_every": 0,
+              "optimizer.warmup_epochs": 0.5, "method_options": dict(SMALL[method], preset="cpu"), "run_dir": str(run_dir)}
+    values.update(overrides)
+    return cfg.resolve(method, overrides=values)
+
+
+def _train(config, resume=False):
+    trainer = Trainer(config, resume=resume)
+    trainer.setup()
+    trainer.fit()
+    return trainer, ckpt.rng_state(include_cuda=False)
+
+
+def _rows(run_dir):
+    drop = ("images_per_s", "data_wait")  # timings
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _csv_rows(run_dir):
+    with (Path(run_dir) / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k not in ("images_per_s", "data_wait")} for row in csv.DictReader(f)]
+
+
+def _assert_same_state(a: Trainer, b: Trainer):
+    sa, sb = a.method.state_dict(), b.method.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert oa["state"].keys() == ob["state"].keys()
+    for index, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ob["state"][index][key]) if torch.is_tensor(value) else value == ob["state"][index][key], (index, key)
+    assert [g["lr"] for g in oa["param_groups"]] == [g["lr"] for g in ob["param_groups"]]
+    assert [g["weight_decay"] for g in oa["param_groups"]] == [g["weight_decay"] for g in ob["param_groups"]]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread than on two cores' worth of contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", cfg.METHODS)
+def test_every_method_resumes_bit_identically_mid_epoch_and_at_an_epoch_boundary(method, tiny_folder, tmp_path, one_thread):
+    whole, whole_rng = _train(_method_config(method, tiny_folder, tmp_path / "whole"))
+    total = STEPS_PER_EPOCH * EPOCHS
+    assert whole.step == total
+    split_dir = tmp_path / "split"
+    _train(_method_config(method, tiny_folder, split_dir, max_steps=1))  # stopped inside epoch 0
+    assert load_checkpoint(split_dir / "checkpoints" / "last.pt")["position"] == {"epoch": 0, "batch": 1}
+    # Resumed to the end of epoch 0, then again to the end (for SCRL with a loader worker, which
+    # changes nothing; starting one costs seconds, so only once).
+    _train(_method_config(method, tiny_folder, split_dir, max_steps=STEPS_PER_EPOCH), resume=True)
+    assert load_checkpoint(split_dir / "checkpoints" / "last.pt")["position"] == {"epoch": 1, "batch": 0}
+    resumed, resumed_rng = _train(_method_config(method, tiny_folder, split_dir, num_workers=int(method == "scrl")), resume=True)
+    assert resumed.step == total
+    _assert_same_state(whole, resumed)
+    assert _rows(split_dir) == _rows(tmp_path / "whole")  # every step's loss, metrics, lr and weight decay
+    assert [r["step"] for r in _rows(split_dir)] == list(range(1, total + 1))
+    assert _csv_rows(split_dir) == _csv_rows(tmp_path / "whole")
+    assert torch.equal(whole_rng["torch"], resumed_rng["torch"]) and whole_rng["python"] == resumed_rng["python"]
+    assert all((a == b).all() if hasattr(a, "shape") else a == b for a, b in zip(whole_rng["numpy"], resumed_rng["numpy"]))
+    if hasattr(whole.method, "base_momentum"):  # the EMA momentum of the last update, from the step counter
+        assert resumed.method.momentum == whole.method.momentum == cosine_momentum(whole.method.base_momentum, total - 1, total)
+
+    # The logged schedules are the hand-computed ones: lr = base x global batch / lr_batch, linear
+    # warm-up over round(warmup_epochs x steps per epoch) steps, then cosine to min_lr (scaled alike).
+    opt = whole.config["optimizer"]
+    peak = opt["lr"] * 4 / opt["lr_batch"]
+    low = opt["min_lr"] * 4 / opt["lr_batch"] if method != "selfpatch" else opt["min_lr"]  # DINO does not scale min_lr
+    assert opt["scale_min_lr"] == (method != "selfpatch")
+    warmup = round(opt["warmup_epochs"] * STEPS_PER_EPOCH)
+    wd_end = opt["weight_decay"] if opt["weight_decay_end"] is None else opt["weight_decay_end"]
+    for row in _rows(tmp_path / "whole"):
+        s = row["step"] - 1  # the row of step s (0-based) is logged as s + 1
+        lr = peak * (s + 1) / warmup if s < warmup else low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        wd = wd_end + (opt["weight_decay"] - wd_end) * 0.5 * (1 + math.cos(math.pi * s / total))
+        assert row["lr"] == pytest.approx(lr, rel=1e-12) and row["weight_decay"] == pytest.approx(wd, rel=1e-12)
+    # Biases and norm parameters: no decay, and (LARS) no trust-ratio adaptation.
+    decayed, excluded = whole.optimizer.param_groups
+    assert decayed["lars_adapt" if opt["name"] == "lars" else "decays"] and decayed["weight_decay"] > 0
+    assert excluded["weight_decay"] == 0.0 and not excluded.get("lars_adapt", False)
+    names = {id(p): n for n, p in whole.method.named_parameters()}
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in excluded["params"])
+    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decayed["params"])
+
+
+# ---------------------------------------------------------------------------- refused up front
+
+def _no_trainer(monkeypatch):
+    """Record any Trainer the CLI builds: a refused config must not get that far."""
+    built = []
+    monkeypatch.setattr(Trainer, "__init__", lambda self, *a, **k: built.append(1) or (_ for _ in ()).throw(AssertionError("trainer built")))
+    return built
+
+
+@pytest.mark.parametrize("override, key", [
+    ("epochs=abc", "'epochs'"), ("optimizer.lr=fast", "'optimizer.lr'"), ("log_every=0", "'log_every'"),
+    ("batch_size=-3", "'batch_size'"), ("backend=foo", "'backend'"), ("compile=maybe", "'compile'"),
+    ("optimizer.betas=[0.9]", "'optimizer.betas'"), ("optimizer.clip_grad=0", "'optimizer.clip_grad'"),
+    ("optimizr.lr=0.1", "'optimizr.lr'"), ("optimizer.betas=[0.9,", "optimizer.betas"),
+])
+def test_bad_set_values_are_refused_naming_the_key_before_any_work(override, key, tmp_path, monkeypatch, capsys):
+    built = _no_trainer(monkeypatch)
+    assert main(["--run-dir", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdense-train: ") and key in err and not built
+    assert not (tmp_path / "run").exists()
+
+
+def test_broken_yaml_config_file_is_a_message_naming_it(tmp_path, monkeypatch, capsys):
+    built = _no_trainer(monkeypatch)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optimizer: {lr: 0.1\n")
+    assert main(["--config", str(broken), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err and "not valid YAML" in err and not built
+
+
+def test_numbers_written_as_yaml_text_are_numbers(tmp_path):
+    """YAML reads ``1e-6`` (no dot) as a string; from --set or a config file it is still a number."""
+    user = tmp_path / "user.yaml"
+    user.write_text("optimizer: {lr: 5e-4, min_lr: 1e-6}\n")
+    config = cfg.resolve("selfpatch", [user], dict([cfg.parse_override("optimizer.weight_decay=1e-6")]))
+    assert config["optimizer"]["lr"] == 5e-4 and config["optimizer"]["min_lr"] == 1e-6
+    assert config["optimizer"]["weight_decay"] == 1e-6
+
+
+def test_missing_or_empty_data_folder_fails_before_training(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for data, says in ((tmp_path / "absent", "does not exist"), (tmp_path / "empty", "holds no image")):
+        run_dir = tmp_path / f"run-{data.name}"
+        code = main(["--data", str(data), "--preset", "cpu", "--device", "cpu", "--run-dir", str(run_dir), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and str(data) in err and says in err, err
+        assert not run_dir.exists()  # nothing written
+
+
+def _doubles_run(tmp_path, monkeypatch, *extra):
+    train_doubles.install(monkeypatch)
+    args = ["--run-dir", str(tmp_path / "run"), "--preset", "full", "--device", "cpu", "--batch-size", "4",
+            "--no-progress", "--set", "log_every=1"]
+    return main(args + list(extra))
+
+
+def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, monkeypatch, capsys):
+    steps = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(1))
+    assert _doubles_run(tmp_path, monkeypatch, "--resume") == 3
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and str(tmp_path / "run" / "checkpoints" / "last.pt") in err and not steps
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-a-training-state"])
+def test_unreadable_checkpoint_is_an_error_naming_the_file(damage, tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"garbage\n" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    capsys.readouterr()
+    assert _doubles_run(tmp_path, monkeypatch, "--resume") == 3
+    err = capsys.readouterr().err
+    assert str(path) in err and ("cannot be read" in err or "not a fastdense-train checkpoint" in err), err
+    with pytest.raises(CheckpointError, match="last.pt"):
+        ckpt.load_training_checkpoint(path)
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4") == 0
+    capsys.readouterr()
+    code = _doubles_run(tmp_path, monkeypatch, "--resume", "--lr", "9", "--epochs", "3", "--set", "method_options.cells=5")
+    err = capsys.readouterr().err
+    assert code == 2
+    for named in ("epochs (200 -> 3)", "optimizer.lr (0.45 -> 9.0)", "method_options.cells (4 -> 5)"):
+        assert named in err, err
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2  # untouched
+    # What only changes logging, checkpoints or speed may differ.
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "3", "--workers", "0", "--checkpoint-every", "7") == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert final.startswith("fastdense-train: 1 step (resumed at step 2, now at step 3) in ")  # this run's steps
+
+
+def test_resume_without_config_yaml_takes_the_checkpoints_config(tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4", "--lr", "0.3") == 0
+    (tmp_path / "run" / "config.yaml").unlink()
+    assert main(["--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3"]) == 0, capsys.readouterr().err
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 3 and state["config"]["optimizer"]["lr"] == 0.3 and state["config"]["method_options"]["cells"] == 4
+
+
+def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "1") == 3
+    assert "already holds a checkpoint" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_weights_broken_while_the_loss_is_finite_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """An overflowing gradient can make weights NaN in a step whose loss was finite; the checkpoint
+    after that step must not be written over the last good one."""
+    from fastdense.training import NonFiniteLossError
+
+    train_doubles.install(monkeypatch)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, checkpoint_every=2))
+    trainer.setup()
+    update = trainer.method.update_target
+
+    def poisoning_update(step, total_steps):
+        update(step, total_steps)
+        if step == 3:
+            trainer.method.target_projector[0].weight.data[0, 0] = float("nan")
+
+    trainer.method.update_target = poisoning_update
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights or buffers \(target_projector.0.weight\) after 4 steps.*\(step 2\)"):
+        trainer.fit()
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_message(tmp_path, capsys):
+    assert main(["--device", "cuda", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "device is cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- two processes
+
+def _two_rank_worker(rank, port, root):
+    """One of two gloo processes (torchrun's variables): a run directory that rank 0 cannot write,
+    a run that checkpoints, a resume with a changed config, and a resume."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train_doubles.install()
+    from fastdense.training import RunDirError
+
+    result = {}
+    try:
+        Trainer(train_doubles.tiny_config(f"{root}/a-file/run", max_steps=2)).setup()
+    except RunDirError as e:
+        result["unwritable"] = str(e)
+    saves = []
+    save = ckpt.save_checkpoint
+    ckpt.save_checkpoint = lambda state, path: saves.append(str(path)) or save(state, path)
+    trainer = Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=4, checkpoint_every=2))
+    trainer.setup()
+    trainer.fit()
+    result["saves"] = list(saves)
+    try:
+        Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=6, **{"optimizer.lr": 3.0}), resume=True).setup()
+    except ValueError as e:
+        result["changed"] = str(e)
+    trainer = Trainer(train_doubles.tiny_config(f"{root}/run", max_steps=6), resume=True)
+    trainer.setup()
+    trainer.fit()
+    result["resumed"] = (trainer.step, trainer.method.state_dict())
+    gathered = [None, None]
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, f"{root}/results.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    context = torch.multiprocessing.start_processes(_two_rank_worker, args=(train_doubles.free_port(), str(tmp_path)),
+                                                    nprocs=2, join=False, start_method="spawn")
+    deadline = time.time() + 120
+    while not context.join(timeout=1):  # raises when a process fails
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two processes did not finish: a rank waits in a collective the other left")
+    ranks = torch.load(tmp_path / "results.pt", weights_only=False)
+    for rank, result in enumerate(ranks):
+        assert "is not writable" in result["unwritable"], rank  # both stop at set-up, neither crashes in DDP
+        assert "optimizer.lr (2.0 -> 3.0)" in result["changed"], rank
+        assert result["resumed"][0] == 6, rank
+    assert ranks[0]["saves"] == [str(tmp_path / "run" / "checkpoints" / "last.pt")] * 2 and ranks[1]["saves"] == []
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    for name, value in ranks[0]["resumed"][1].items():  # the ranks stayed in lock step
+        assert torch.equal(value, ranks[1]["resumed"][1][name]), name
+
+
+def test_tensorboard_keeps_the_checkpoint_steps_row_on_resume(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "3") == 0
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:  # a row the killed run logged after its checkpoint
+        f.write(json.dumps({"step": 4, "epoch": 0, "loss": 9.0}) + "\n")
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "5") == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5] and _rows(tmp_path / "run")[3]["loss"] != 9.0

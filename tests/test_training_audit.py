@@ -216,6 +216,26 @@ def test_unreadable_checkpoint_is_an_error_naming_the_file(damage, tmp_path, mon
         ckpt.load_training_checkpoint(path)
 
 
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoints_load_without_unpickling_code(tmp_path, monkeypatch):
+    """A checkpoint holds tensors and plain data only (the numpy RNG state included), so it loads with
+    ``weights_only``; one carrying a pickled object is refused before that object's code can run."""
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    state = load_checkpoint(path)
+    payload = _RunsCodeWhenUnpickled()
+    payload.marker = str(tmp_path / "code-ran")
+    torch.save(dict(state, extra=payload), path)
+    with pytest.raises(CheckpointError, match="could run code"):
+        load_checkpoint(path)
+    assert not (tmp_path / "code-ran").exists()
+
+
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monkeypatch, capsys):
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4") == 0
     capsys.readouterr()

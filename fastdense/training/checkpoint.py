@@ -74,11 +74,13 @@ def load_checkpoint(path, map_location="cpu") -> Dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint from elsewhere cannot run code while it loads.
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load raises many types on a cut-short or foreign file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); it is cut short, corrupt "
-            "or not a torch.save file"
+            f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}); it is cut short, corrupt, "
+            "not a torch.save file, or holds Python objects besides tensors and plain data (not loaded: "
+            "unpickling them could run code)"
         ) from e
 
 
@@ -92,7 +94,11 @@ def load_training_checkpoint(path, map_location="cpu") -> Dict:
 
 
 def rng_state(include_cuda: bool = True) -> Dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as tensors and plain numbers: a checkpoint then holds nothing that
+    # torch.load(weights_only=True) refuses, so loading one never runs pickled code.
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gaussian))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if include_cuda and torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -100,7 +106,8 @@ def rng_state(include_cuda: bool = True) -> Dict:
 
 def set_rng_state(state: Dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -327,6 +327,15 @@ class TorchLoader:
         """Make the next pass over the loader epoch ``epoch`` (its order and its augmentations)."""
         self._next_epoch = int(epoch)
 
+    def start_at(self, batch: int) -> None:
+        """Make the next pass begin at batch ``batch`` of its epoch, without decoding the ones before:
+        they are the same batches a whole pass would give, since every random draw is keyed by epoch,
+        image and batch number. (A resumed run continues mid-epoch with this.) The end-of-epoch report
+        then covers the batches decoded."""
+        if not isinstance(batch, int) or not 0 <= batch <= len(self):
+            raise ValueError(f"batch must be an int in [0, {len(self)}], got {batch!r}")
+        self._sampler.start = batch
+
     def _order(self, epoch: int) -> np.ndarray:
         return epoch_order(len(self.index), self.seed, epoch, self.shard_id, self.num_shards, self.shuffle, self.drop_last)
 
@@ -337,12 +346,14 @@ class TorchLoader:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
         self._sampler.epoch = epoch
+        start, self._sampler.start = self._sampler.start, 0
+        self._sampler.first = start
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(batch_sampler=self._sampler, **self._loader_kwargs)
         self._report.reset()
         seen = 0
-        last = len(self._sampler) - 1
-        for number, part in enumerate(self._loader):
+        last = len(self) - 1
+        for number, part in enumerate(self._loader, start):
             for path, reason in part["errors"]:
                 self._report.add(path, reason)
             seen += part["positions"]
@@ -375,13 +386,15 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __init__(self, loader: TorchLoader):
         self.loader = loader
         self.epoch = 0
+        self.start = 0  # set by start_at for the next pass
+        self.first = 0  # the current pass's first batch
 
     def __len__(self):
-        return len(self.loader)
+        return len(self.loader) - self.first
 
     def __iter__(self):
         order = self.loader._order(self.epoch)
         size = self.loader.batch_size
-        for number in range(len(self)):
+        for number in range(self.first, len(self.loader)):
             chunk = order[number * size:(number + 1) * size]
             yield [(int(index), self.epoch, number) for index in chunk]

@@ -425,6 +425,24 @@ def test_torch_backend_keeps_batches_whole(bad_corpus):
     assert [runs[0, s] for s in (0, 1)] == [runs[2, s] for s in (0, 1)]
 
 
+def test_torch_backend_starts_mid_epoch_with_the_batches_a_whole_pass_gives(scene_folder):
+    """``start_at(k)`` skips the first ``k`` batches without decoding them and gives the rest exactly
+    as a whole pass does (crops, colours and all); the pass after starts from batch 0 again."""
+    loader = make_loader("torch", data=scene_folder, recipe=small("vicregl"), batch_size=4, seed=3, num_workers=0, device="cpu")
+    whole = list(loader)
+    loader.set_epoch(0)
+    loader.start_at(5)
+    tail = list(loader)
+    assert len(whole) == len(loader) == 7 and len(tail) == 2
+    for a, b in zip(whole[5:], tail):
+        assert torch.equal(a.index, b.index) and torch.equal(a.matrices, b.matrices)
+        assert all(torch.equal(u, v) for u, v in zip(a.views, b.views))
+    loader.set_epoch(0)
+    assert [b.index.tolist() for b in loader] == [b.index.tolist() for b in whole]
+    with pytest.raises(ValueError, match="batch"):
+        loader.start_at(8)
+
+
 # -------------------------------------------------------------------------------------- photometric
 
 

@@ -4,7 +4,8 @@ Determinism on resume rests on three things saved in every checkpoint: the globa
 the method: box sampling, dropout), a separate RNG state that the loader runs under (so iterating
 the loader never moves the method's random stream and vice versa), and the loader position (epoch
 and batches consumed). A resumed run re-creates the epoch's iterator from the same seed and skips
-the consumed batches, then continues with every state exactly as the interrupted run had it.
+the consumed batches (without decoding them where the loader can start mid-epoch, ``start_at``:
+the torch backend), then continues with every state exactly as the interrupted run had it.
 """
 
 from __future__ import annotations
@@ -388,6 +389,9 @@ class Trainer:
                     self.loader.set_epoch(self.epoch)
                 skip = self.batch_in_epoch
                 self.loader_rng.reseed(self.config["seed"] + 1_000_003 * self.epoch + 7919 * self.dist.rank)
+                if skip and hasattr(self.loader, "start_at"):
+                    self.loader.start_at(skip)  # the consumed batches are not decoded again
+                    skip = 0
                 with self.loader_rng:
                     iterator = iter(self.loader)
                     for _ in range(skip):

@@ -445,7 +445,7 @@ def _traversal_order(seed: int, shard_id: int, num_shards: int, shuffle: bool, d
 
     class EpochOrder(TraversalOrder):
         def __init__(self):  # bound to a loader by __call__
-            pass
+            self.start = 0  # samples of the next epoch's order left out (whole batches: FfcvLoader.start_at)
 
         def __call__(self, loader):
             TraversalOrder.__init__(self, loader)
@@ -455,7 +455,7 @@ def _traversal_order(seed: int, shard_id: int, num_shards: int, shuffle: bool, d
             order = epoch_order(len(self.indices), seed, epoch, shard_id, num_shards, shuffle, drop_last)
             if drop_last:
                 order = order[: len(order) // batch_size * batch_size]
-            return self.indices[order]
+            return self.indices[order[self.start:]]
 
     return EpochOrder()
 
@@ -526,11 +526,13 @@ class FfcvLoader:
         for v, spec in enumerate(self.recipe.views[1:], start=1):
             pipelines[f"view{v}"] = PipelineSpec("image", decoder=decoder_class(spec, v, self.clock))
         self.output_names = list(pipelines)
+        self._order = _traversal_order(self.seed, shard_id, num_shards, bool(shuffle), self.drop_last, batch_size)
+        self._start = 0
         self.loader = Loader(
             str(path),
             batch_size=batch_size,
             num_workers=max(1, int(num_workers)),
-            order=_traversal_order(self.seed, shard_id, num_shards, bool(shuffle), self.drop_last, batch_size),
+            order=self._order,
             seed=self.seed,
             pipelines=pipelines,
             drop_last=False,  # the traversal order already keeps whole batches only when asked
@@ -552,6 +554,14 @@ class FfcvLoader:
         """Select the epoch whose order and crops the next iteration produces."""
         self.epoch = int(epoch)
 
+    def start_at(self, batch: int) -> None:
+        """Make the next pass begin at batch ``batch`` of its epoch, without decoding the ones before:
+        they are the same batches a whole pass would give, since crops are keyed by epoch, image and
+        view and colours by batch number. (A resumed run continues mid-epoch with this.)"""
+        if not isinstance(batch, int) or not 0 <= batch <= len(self):
+            raise ValueError(f"batch must be an int in [0, {len(self)}], got {batch!r}")
+        self._start = batch
+
     def __iter__(self) -> Iterator[ViewBatch]:
         from fastdense.pipelines.torch_backend import finish_views
 
@@ -565,7 +575,13 @@ class FfcvLoader:
         for path, reason in self.unreadable:
             self._report.add(path, reason)
         last = len(self) - 1
-        for batch_number, outputs in enumerate(self.loader):
+        start, self._start = self._start, 0
+        self._order.start = start * self.batch_size
+        try:
+            iterator = iter(self.loader)  # FFCV takes the epoch's order here
+        finally:
+            self._order.start = 0
+        for batch_number, outputs in enumerate(iterator, start):
             if batch_number == last:
                 self._report.report(epoch, self.num_stored + len(self.unreadable))
             packed = [outputs[position["image"]]] + [outputs[position[f"view{v}"]] for v in range(1, len(sizes))]

@@ -5,7 +5,7 @@ the method: box sampling, dropout), a separate RNG state that the loader runs un
 the loader never moves the method's random stream and vice versa), and the loader position (epoch
 and batches consumed). A resumed run re-creates the epoch's iterator from the same seed and skips
 the consumed batches (without decoding them where the loader can start mid-epoch, ``start_at``:
-the torch backend), then continues with every state exactly as the interrupted run had it.
+the torch and ffcv backends), then continues with every state exactly as the interrupted run had it.
 """
 
 from __future__ import annotations

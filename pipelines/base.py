@@ -50,6 +50,12 @@ def check_sharding(shard_id: int, num_shards: int) -> None:
         raise ValueError(f"shard_id must be an int in [0, num_shards={num_shards}), got {shard_id!r}")
 
 
+def check_start_batch(batch: int, batches: int) -> None:
+    """``start_at``'s argument: a batch number from 0 to ``batches`` (the epoch's end)."""
+    if not isinstance(batch, int) or not 0 <= batch <= batches:
+        raise ValueError(f"batch must be an int in [0, {batches}], got {batch!r}")
+
+
 def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 

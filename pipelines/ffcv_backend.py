@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
-from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -558,8 +558,7 @@ class FfcvLoader:
         """Make the next pass begin at batch ``batch`` of its epoch, without decoding the ones before:
         they are the same batches a whole pass would give, since crops are keyed by epoch, image and
         view and colours by batch number. (A resumed run continues mid-epoch with this.)"""
-        if not isinstance(batch, int) or not 0 <= batch <= len(self):
-            raise ValueError(f"batch must be an int in [0, {len(self)}], got {batch!r}")
+        check_start_batch(batch, len(self))
         self._start = batch
 
     def __iter__(self) -> Iterator[ViewBatch]:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.crops import crops_to_matrices, sample_crop
 from fastdense.pipelines.folder import scan_image_folder
@@ -332,8 +332,7 @@ class TorchLoader:
         they are the same batches a whole pass would give, since every random draw is keyed by epoch,
         image and batch number. (A resumed run continues mid-epoch with this.) The end-of-epoch report
         then covers the batches decoded."""
-        if not isinstance(batch, int) or not 0 <= batch <= len(self):
-            raise ValueError(f"batch must be an int in [0, {len(self)}], got {batch!r}")
+        check_start_batch(batch, len(self))
         self._sampler.start = batch
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -303,6 +303,7 @@ class TorchLoader:
         self.num_workers = num_workers
         self._report = SkipReport()
         self._next_epoch = 0
+        self._start = 0  # the next pass's first batch (start_at)
         on_gpu = self.device.type == "cuda"
         self._loader_kwargs = dict(
             dataset=_ViewDataset(self.index.samples, self.recipe, seed),
@@ -333,7 +334,7 @@ class TorchLoader:
         image and batch number. (A resumed run continues mid-epoch with this.) The end-of-epoch report
         then covers the batches decoded."""
         check_start_batch(batch, len(self))
-        self._sampler.start = batch
+        self._start = batch
 
     def _order(self, epoch: int) -> np.ndarray:
         return epoch_order(len(self.index), self.seed, epoch, self.shard_id, self.num_shards, self.shuffle, self.drop_last)
@@ -345,7 +346,7 @@ class TorchLoader:
         epoch = self._next_epoch
         self._next_epoch = epoch + 1
         self._sampler.epoch = epoch
-        start, self._sampler.start = self._sampler.start, 0
+        start, self._start = self._start, 0
         self._sampler.first = start
         if self._loader is None:
             self._loader = torch.utils.data.DataLoader(batch_sampler=self._sampler, **self._loader_kwargs)
@@ -385,8 +386,7 @@ class _EpochBatches(torch.utils.data.Sampler):
     def __init__(self, loader: TorchLoader):
         self.loader = loader
         self.epoch = 0
-        self.start = 0  # set by start_at for the next pass
-        self.first = 0  # the current pass's first batch
+        self.first = 0  # the current pass's first batch (TorchLoader.start_at)
 
     def __len__(self):
         return len(self.loader) - self.first

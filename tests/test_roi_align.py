@@ -302,14 +302,22 @@ def test_torch_compile_of_the_triton_path_matches_eager(device, pooled):
     assert torch.equal(eager_loss, compiled_loss) and torch.equal(grad_eager, grad_compiled)
 
 
-def test_autocast_runs_natively_in_the_input_dtype():
-    x = torch.randn(1, 2, 4, 4)
-    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ops.roi_align(x, rois, 2).dtype == torch.float32
-        low = ops.roi_align(x.bfloat16(), rois, 2)
-    assert low.dtype == torch.bfloat16
-    assert relative_error(low, torchvision.ops.roi_align(x.bfloat16().double(), rois.double(), 2)) <= 2e-2
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_autocast_runs_natively_in_the_input_dtype(device, backend):
+    """Under autocast a float32 map keeps float32 precision, forward and backward, whichever
+    implementation serves it (the reference's einsums once ran in bfloat16 there)."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 5, 6, generator=generator).to(device).requires_grad_()
+    rois = torch.tensor([[1, 0.25, 0.5, 4.5, 3.75], [0, 1.0, 0.0, 5.0, 4.5]], device=device)
+    grad = torch.randn(2, 3, 2, 3, generator=generator).to(device)
+    with ops.backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = ops.roi_align(x, rois, (2, 3), 1.0, -1, True)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+        low = ops.roi_align(x.detach().bfloat16(), rois, (2, 3), 1.0, -1, True)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (2, 3), 1.0, -1, True)
+    assert out.dtype == grad_x.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert relative_error(out, expected) <= TOLERANCE[torch.float32] and relative_error(grad_x, expected_grad) <= TOLERANCE[torch.float32]
+    assert relative_error(low, torchvision.ops.roi_align(x.detach().bfloat16().double(), rois.double(), (2, 3), 1.0, -1, True)) <= 2e-2
 
 
 def test_forcing_triton_on_float64_is_an_error():
@@ -330,6 +338,8 @@ GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
         (dict(input=torch.randn(3, 5, 5)), ValueError, r"input.*\[N, C, H, W\]"),
         (dict(input=torch.zeros(2, 3, 5, 5, dtype=torch.int32)), TypeError, "input.*floating-point"),
         (dict(input=[[1.0]]), TypeError, "input.*torch.Tensor"),
+        (dict(input=torch.randn(2, 3, 0, 5)), ValueError, r"input.*H, W >= 1"),
+        (dict(input=torch.randn(2, 3, 5, 0), boxes=torch.zeros(0, 5)), ValueError, r"input.*H, W >= 1"),
         (dict(boxes=torch.zeros(3, 4)), ValueError, r"boxes.*\[K, 5\]"),
         (dict(boxes=torch.zeros(5)), ValueError, r"boxes.*\[K, 5\]"),
         (dict(boxes=[torch.zeros(2, 5)]), ValueError, r"boxes\[0\].*\[k_i, 4\]"),

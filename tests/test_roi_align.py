@@ -78,7 +78,8 @@ def check_against_torchvision(backend, device, output_size, sampling_ratio, alig
 # The reference against torchvision (float64: the reference is the specification)
 
 
-@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale", list(itertools.product(OUTPUT_SIZES, SAMPLING, ALIGNED, SCALES)))
+# 0 is adaptive like -1; 3: an odd sample count, so a bin's middle sample sits on its centre.
+@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale", list(itertools.product(OUTPUT_SIZES, SAMPLING + [0, 3], ALIGNED, SCALES)))
 def test_reference_matches_torchvision(output_size, sampling_ratio, aligned, spatial_scale):
     check_against_torchvision("reference", torch.device("cpu"), output_size, sampling_ratio, aligned, spatial_scale, torch.float64, "nchw", shape=(3, 5, 9, 11))
 
@@ -486,3 +487,13 @@ def test_kernels_compile_for_h100():
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_benchmark_refuses_to_time_a_kernel_that_disagrees_with_torchvision():
+    from benchmarks.bench_roi_align import check_agreement
+
+    check_agreement("scrl", torch.float32, 2e-7, 5e-4)
+    check_agreement("scrl", torch.bfloat16, 3e-3, 1e-2)
+    for dtype, fwd, bwd in ((torch.float32, 2e-3, 0.0), (torch.bfloat16, 0.0, 0.05), (torch.float32, float("nan"), 0.0)):
+        with pytest.raises(AssertionError, match="differs from torchvision"):
+            check_agreement("scrl", dtype, fwd, bwd)

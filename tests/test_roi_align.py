@@ -388,6 +388,10 @@ def test_check_boxes_false_skips_only_the_value_checks(monkeypatch):
         ops.roi_align(GOOD_X, torch.zeros(3, 4), 2, check_boxes=False)
     with pytest.raises(ValueError, match="output_size"):
         ops.roi_align(GOOD_X, rois, 0, check_boxes=False)
+    # A list of boxes for more images than input holds: its length is a shape, checked too.
+    with pytest.raises(ValueError, match=r"boxes\[2\] holds boxes of image 2, but input has 2 images"):
+        ops.roi_align(GOOD_X, [rois[:1, 1:], rois[1:, 1:], rois[1:, 1:]], 2, check_boxes=False)
+    ops.roi_align(GOOD_X, [rois[:1, 1:], rois[1:, 1:], torch.zeros(0, 4)], 2, check_boxes=False)  # empty: as torchvision
 
 
 def test_bad_device():

@@ -370,6 +370,12 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     """:func:`roi_align`, as ``[K, C * PH * PW]`` when ``flat``."""
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes)
+    if not torch.is_tensor(boxes):
+        # Shapes only, no host sync: checked with check_boxes=False too, where a box of a missing
+        # image would be read out of bounds.
+        extra = [i for i, b in enumerate(boxes) if i >= input.shape[0] and b.shape[0]]
+        if extra:
+            raise ValueError(f"boxes[{extra[0]}] holds boxes of image {extra[0]}, but input has {input.shape[0]} images (shape {list(input.shape)})")
     available = ("triton",) if input.dtype in TRITON_DTYPES else ()
     if not input.is_cuda and _has_torchvision():
         available += ("cpp",)

@@ -9,7 +9,8 @@ torchvision has no bfloat16 kernel: its bfloat16 baseline is what autocast does,
 back (timed). Each row reports both medians, the ratio, and the fraction of the memory floor
 (``bytes / measured copy bandwidth``), where the bytes are the input read plus the output written for
 the forward, and in addition the output gradient read plus the input gradient written for the backward.
-Correctness against torchvision is checked on the same inputs before timing. fastdense is also timed
+Correctness against torchvision is checked on the same inputs before timing: a case outside
+CONVENTIONS.md's tolerances stops the run. fastdense is also timed
 with ``check_boxes=False`` (``*_unchecked_*`` columns): no host sync for the boxes' value check, as SCRL
 calls it and as torchvision always runs.
 On a GPU both sides are also replayed from CUDA graphs (``*_graph_*`` columns: fastdense unchecked,
@@ -88,6 +89,17 @@ def detection_rois(num_images: int, count: int, height: int, width: int, generat
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+# CONVENTIONS.md's tolerances (float32: the TF32-level one, as the 7x7 kernels use tensor cores),
+# here against torchvision's own float32 results on the same inputs.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
+
+
+def check_agreement(case: str, dtype: torch.dtype, fwd_error: float, bwd_error: float) -> None:
+    """Stop the run when fastdense disagrees with torchvision: a wrong kernel has no speed to report."""
+    if not max(fwd_error, bwd_error) <= TOLERANCE[dtype]:
+        raise AssertionError(f"{case}: fastdense differs from torchvision.ops.roi_align (relative error forward {fwd_error:.3g}, backward {bwd_error:.3g}; tolerance {TOLERANCE[dtype]:g}); not timed")
 
 
 def make_case(shape, rois, output, sampling, aligned, scale, dtype, memory, device, generator):
@@ -184,6 +196,7 @@ def run(args) -> None:
         expected = theirs(x)
         fwd_error = relative_error(out, expected)
         bwd_error = relative_error(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+        check_agreement(f"{name} {shape} {output} sampling={sampling} aligned={aligned} {dtype} {memory}", dtype, fwd_error, bwd_error)
         elt = x.element_size()
         fwd_bytes = x.numel() * elt + out.numel() * elt
         both_bytes = 2 * fwd_bytes

@@ -78,7 +78,8 @@ def check_against_torchvision(backend, device, output_size, sampling_ratio, alig
 # The reference against torchvision (float64: the reference is the specification)
 
 
-@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale", list(itertools.product(OUTPUT_SIZES, SAMPLING, ALIGNED, SCALES)))
+# 0 is adaptive like -1; 3: an odd sample count, so a bin's middle sample sits on its centre.
+@pytest.mark.parametrize("output_size, sampling_ratio, aligned, spatial_scale", list(itertools.product(OUTPUT_SIZES, SAMPLING + [0, 3], ALIGNED, SCALES)))
 def test_reference_matches_torchvision(output_size, sampling_ratio, aligned, spatial_scale):
     check_against_torchvision("reference", torch.device("cpu"), output_size, sampling_ratio, aligned, spatial_scale, torch.float64, "nchw", shape=(3, 5, 9, 11))
 
@@ -302,14 +303,22 @@ def test_torch_compile_of_the_triton_path_matches_eager(device, pooled):
     assert torch.equal(eager_loss, compiled_loss) and torch.equal(grad_eager, grad_compiled)
 
 
-def test_autocast_runs_natively_in_the_input_dtype():
-    x = torch.randn(1, 2, 4, 4)
-    rois = torch.tensor([[0, 0.0, 0.0, 3.0, 3.0]])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert ops.roi_align(x, rois, 2).dtype == torch.float32
-        low = ops.roi_align(x.bfloat16(), rois, 2)
-    assert low.dtype == torch.bfloat16
-    assert relative_error(low, torchvision.ops.roi_align(x.bfloat16().double(), rois.double(), 2)) <= 2e-2
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_autocast_runs_natively_in_the_input_dtype(device, backend):
+    """Under autocast a float32 map keeps float32 precision, forward and backward, whichever
+    implementation serves it (the reference's einsums once ran in bfloat16 there)."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 5, 6, generator=generator).to(device).requires_grad_()
+    rois = torch.tensor([[1, 0.25, 0.5, 4.5, 3.75], [0, 1.0, 0.0, 5.0, 4.5]], device=device)
+    grad = torch.randn(2, 3, 2, 3, generator=generator).to(device)
+    with ops.backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = ops.roi_align(x, rois, (2, 3), 1.0, -1, True)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+        low = ops.roi_align(x.detach().bfloat16(), rois, (2, 3), 1.0, -1, True)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (2, 3), 1.0, -1, True)
+    assert out.dtype == grad_x.dtype == torch.float32 and low.dtype == torch.bfloat16
+    assert relative_error(out, expected) <= TOLERANCE[torch.float32] and relative_error(grad_x, expected_grad) <= TOLERANCE[torch.float32]
+    assert relative_error(low, torchvision.ops.roi_align(x.detach().bfloat16().double(), rois.double(), (2, 3), 1.0, -1, True)) <= 2e-2
 
 
 def test_forcing_triton_on_float64_is_an_error():
@@ -330,6 +339,8 @@ GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
         (dict(input=torch.randn(3, 5, 5)), ValueError, r"input.*\[N, C, H, W\]"),
         (dict(input=torch.zeros(2, 3, 5, 5, dtype=torch.int32)), TypeError, "input.*floating-point"),
         (dict(input=[[1.0]]), TypeError, "input.*torch.Tensor"),
+        (dict(input=torch.randn(2, 3, 0, 5)), ValueError, r"input.*H, W >= 1"),
+        (dict(input=torch.randn(2, 3, 5, 0), boxes=torch.zeros(0, 5)), ValueError, r"input.*H, W >= 1"),
         (dict(boxes=torch.zeros(3, 4)), ValueError, r"boxes.*\[K, 5\]"),
         (dict(boxes=torch.zeros(5)), ValueError, r"boxes.*\[K, 5\]"),
         (dict(boxes=[torch.zeros(2, 5)]), ValueError, r"boxes\[0\].*\[k_i, 4\]"),
@@ -377,6 +388,10 @@ def test_check_boxes_false_skips_only_the_value_checks(monkeypatch):
         ops.roi_align(GOOD_X, torch.zeros(3, 4), 2, check_boxes=False)
     with pytest.raises(ValueError, match="output_size"):
         ops.roi_align(GOOD_X, rois, 0, check_boxes=False)
+    # A list of boxes for more images than input holds: its length is a shape, checked too.
+    with pytest.raises(ValueError, match=r"boxes\[2\] holds boxes of image 2, but input has 2 images"):
+        ops.roi_align(GOOD_X, [rois[:1, 1:], rois[1:, 1:], rois[1:, 1:]], 2, check_boxes=False)
+    ops.roi_align(GOOD_X, [rois[:1, 1:], rois[1:, 1:], torch.zeros(0, 4)], 2, check_boxes=False)  # empty: as torchvision
 
 
 def test_bad_device():
@@ -476,3 +491,13 @@ def test_kernels_compile_for_h100():
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_benchmark_refuses_to_time_a_kernel_that_disagrees_with_torchvision():
+    from benchmarks.bench_roi_align import check_agreement
+
+    check_agreement("scrl", torch.float32, 2e-7, 5e-4)
+    check_agreement("scrl", torch.bfloat16, 3e-3, 1e-2)
+    for dtype, fwd, bwd in ((torch.float32, 2e-3, 0.0), (torch.bfloat16, 0.0, 0.05), (torch.float32, float("nan"), 0.0)):
+        with pytest.raises(AssertionError, match="differs from torchvision"):
+            check_agreement("scrl", dtype, fwd, bwd)

@@ -12,6 +12,7 @@ as everything else in the call (``benchmarks/bench_roi_align.py --host`` measure
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -39,12 +40,13 @@ def roi_align_reference(
     computed in the input's precision (float32 for float16/bfloat16), as torchvision's kernel does.
     """
     compute = _compute_dtype(input)
-    features = input.to(compute)
-    weights_y, weights_x, count = _box_weights(rois.detach().to(compute), output_size, spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
-    out = features.new_zeros(rois.shape[0], input.shape[1], *output_size)
-    for b, rows in _rows_by_image(rois):
-        pooled = torch.einsum("kph,chw,kqw->kcpq", weights_y[rows], features[b], weights_x[rows])
-        out = out.index_copy(0, rows, pooled / count[rows, None, None, None])
+    with _autocast_off(input.device):
+        features = input.to(compute)
+        weights_y, weights_x, count = _box_weights(rois.detach().to(compute), output_size, spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
+        out = features.new_zeros(rois.shape[0], input.shape[1], *output_size)
+        for b, rows in _rows_by_image(rois):
+            pooled = torch.einsum("kph,chw,kqw->kcpq", weights_y[rows], features[b], weights_x[rows])
+            out = out.index_copy(0, rows, pooled / count[rows, None, None, None])
     return out.to(input.dtype)
 
 
@@ -55,16 +57,25 @@ def roi_align_backward_reference(
     ``grad_input[b] = sum over boxes k of image b of A_y[k]^T grad[k] A_x[k] / count_k``, in
     ``input``'s dtype and memory layout."""
     compute = _compute_dtype(input)
-    weights_y, weights_x, count = _box_weights(rois.detach().to(compute), tuple(grad.shape[-2:]), spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
-    grad = grad.to(compute) / count[:, None, None, None]
-    grad_input = torch.zeros(input.shape, dtype=compute, device=input.device)
-    for b, rows in _rows_by_image(rois):
-        grad_input[b] = torch.einsum("kph,kcpq,kqw->chw", weights_y[rows], grad[rows], weights_x[rows])
+    with _autocast_off(input.device):
+        weights_y, weights_x, count = _box_weights(rois.detach().to(compute), tuple(grad.shape[-2:]), spatial_scale, sampling_ratio, aligned, *input.shape[-2:])
+        grad = grad.to(compute) / count[:, None, None, None]
+        grad_input = torch.zeros(input.shape, dtype=compute, device=input.device)
+        for b, rows in _rows_by_image(rois):
+            grad_input[b] = torch.einsum("kph,kcpq,kqw->chw", weights_y[rows], grad[rows], weights_x[rows])
     return torch.empty_like(input).copy_(grad_input)
 
 
 def _compute_dtype(input: torch.Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def _autocast_off(device: torch.device):
+    """The reference computes in :func:`_compute_dtype` inside an autocast region too: its einsums
+    would otherwise run in the autocast dtype (bfloat16 error on float32 input)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _rows_by_image(rois: torch.Tensor):
@@ -271,6 +282,9 @@ def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
 def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes: bool = True) -> Tuple[int, int]:
     """Validate (the boxes' values too when ``check_boxes``); return ``output_size`` as ``(height, width)``."""
     check_tensor(input, "input", "[N, C, H, W]", dims=4)
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        # No pixel to sample; torchvision's CPU kernel reads out of bounds (and crashes) here.
+        raise ValueError(f"input must have shape [N, C, H, W] with H, W >= 1, got {list(input.shape)}")
     if rois.device != input.device:
         raise ValueError(f"boxes must be on the device of input ({input.device}), got {rois.device}")
     if isinstance(output_size, int):
@@ -322,7 +336,7 @@ def roi_align(
     pixel outside the map count as zero.
 
     Args:
-        input: ``[N, C, H, W]``, float16/bfloat16/float32/float64, NCHW or channels_last.
+        input: ``[N, C, H, W]`` (``H, W >= 1``), float16/bfloat16/float32/float64, NCHW or channels_last.
         boxes: ``[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` or a list of ``N`` tensors ``[k_i, 4]``.
         output_size: ``(height, width)`` of each pooled box, or one int.
         spatial_scale: feature-map size over box-coordinate size (1/32 for ResNet layer4 boxes in pixels).
@@ -356,6 +370,12 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     """:func:`roi_align`, as ``[K, C * PH * PW]`` when ``flat``."""
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
     output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes)
+    if not torch.is_tensor(boxes):
+        # Shapes only, no host sync: checked with check_boxes=False too, where a box of a missing
+        # image would be read out of bounds.
+        extra = [i for i, b in enumerate(boxes) if i >= input.shape[0] and b.shape[0]]
+        if extra:
+            raise ValueError(f"boxes[{extra[0]}] holds boxes of image {extra[0]}, but input has {input.shape[0]} images (shape {list(input.shape)})")
     available = ("triton",) if input.dtype in TRITON_DTYPES else ()
     if not input.is_cuda and _has_torchvision():
         available += ("cpp",)

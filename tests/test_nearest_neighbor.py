@@ -406,6 +406,8 @@ def _q(*shape, dtype=torch.float32):
 def test_bad_input_is_rejected(query, candidates, error, pattern):
     with pytest.raises(error, match=pattern):
         ops.nearest_neighbor(query, candidates)
+    with pytest.raises(error, match=pattern):  # the single-pair form names its own arguments
+        ops.nearest_neighbor_pairs(query, candidates, 1)
     with pytest.raises(error, match=pattern.replace("query", r"queries\[0\]").replace("candidates", r"candidates\[0\]")):
         ops.nearest_neighbor_pairs_many([query], [candidates], [1])
 
@@ -413,7 +415,7 @@ def test_bad_input_is_rejected(query, candidates, error, pattern):
 @pytest.mark.parametrize("k", [0, 6, -1, 2.0, True, None])
 def test_bad_k_is_rejected(k):
     q, c = _q(1, 5, 3), _q(1, 4, 3)
-    with pytest.raises(ValueError, match=r"ks\[0\] must be an int in \[1, N\]"):
+    with pytest.raises(ValueError, match=r"^k must be an int in \[1, N\] for query of shape"):
         ops.nearest_neighbor_pairs(q, c, k)
     with pytest.raises(ValueError, match=r"ks\[1\] must be an int in \[1, N\]"):
         ops.nearest_neighbor_pairs_many([q, q], [c, c], [1, k])

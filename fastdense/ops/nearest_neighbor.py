@@ -129,8 +129,9 @@ def nearest_neighbor_pairs(query: torch.Tensor, candidates: torch.Tensor, k: int
     >>> ops.nearest_neighbor_pairs(q, c, k=2)  # row 2 is 0.1 from candidate 0, row 1 is 1.0 from candidate 1
     (tensor([[1, 2]]), tensor([[1, 0]]))
     """
-    rows, match = nearest_neighbor_pairs_many([query], [candidates], [k])[0]
-    return rows, match
+    _check_nn_args(query, candidates)
+    _check_k(k, query)
+    return _match_pairs([query], [candidates], [k])[0]
 
 
 def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor], ks: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -157,6 +158,11 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
         _check_nn_args(query, cands, f"queries[{i}]", f"candidates[{i}]")
         _check_k(k, query, f"ks[{i}]", f"queries[{i}]")
         check_same_device("queries[0]", queries[0], f"queries[{i}]", query)
+    return _match_pairs(queries, candidates, ks)
+
+
+def _match_pairs(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks: List[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`nearest_neighbor_pairs_many` on validated arguments (each public function names its own)."""
     if plain_eager(*queries, *candidates):
         with torch.no_grad():
             rows, match = _pairs_many(queries, candidates, ks)

@@ -168,6 +168,41 @@ def test_triton_non_contiguous(case, device):
     check_triton_against_reference(case, device, non_contiguous=True)
 
 
+@pytest.mark.parametrize("d", [2, 64])
+def test_triton_expanded_inputs(d, device):
+    """Stride-0 inputs: one query set shared by every image, and candidates that are one row
+    repeated (every candidate ties, so index 0 wins) or one set shared by every image."""
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(1, 9, d, generator=g).to(device).expand(3, 9, d)
+    repeated = torch.randn(3, 1, d, generator=g).to(device).expand(3, 7, d)
+    shared = torch.randn(1, 7, d, generator=g).to(device).expand(3, 7, d)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, repeated)
+        (rows, match), = ops.nearest_neighbor_pairs_many([q], [shared], [4])
+    assert torch.equal(index, torch.zeros_like(index))
+    torch.testing.assert_close(dist, nearest_neighbor_reference(q, repeated)[0], rtol=1e-5, atol=1e-5)
+    assert_pairs_agree(q, shared, 4, rows, match)
+
+
+def test_autocast_leaves_the_matching_unchanged(device):
+    """CONVENTIONS 3: the ops work under autocast; the matching follows the inputs' dtype (float32
+    here), not the autocast dtype, eagerly and compiled, on both backends."""
+    q, c = make_inputs(2, 9, 7, 64, torch.float32, device)
+
+    def match(q, c):
+        return ops.nearest_neighbor(q, c) + ops.nearest_neighbor_pairs(q, c, 4)
+
+    compiled = torch.compile(match, backend="aot_eager", fullgraph=True)
+    for backend in ("reference", "triton"):
+        with ops.backend(backend):
+            expected = match(q, c)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                for got in (match(q, c), compiled(q, c)):
+                    assert got[0].dtype == torch.float32
+                    for a, b in zip(got, expected):
+                        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dt: str(dt).split(".")[-1])
 @pytest.mark.parametrize("n", SIZES)

@@ -540,6 +540,33 @@ def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feat
 
 
 
+def test_float32_searches_in_exact_products_and_16_bit_on_tensor_cores(monkeypatch, device):
+    """The issue's two modes: float32 input takes exact float32 products ("ieee", never TF32 unless
+    FP32_INPUT_PRECISION asks), float16/bfloat16 the tensor cores' default (None). The interpreter
+    computes both alike, so the launch arguments are what the CPU can check."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    name = "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel"
+    kernel, modes = getattr(nn_kernels, name), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def record(*args, **kwargs):
+                modes.append(kwargs["INPUT_PRECISION"])
+                return launch(*args, **kwargs)
+
+            return record
+
+    monkeypatch.setattr(nn_kernels, name, Recorder())
+    for dtype in DTYPES:
+        q, c = make_inputs(1, 3, 5, 16, dtype, device)
+        with ops.backend("triton"):
+            ops.nearest_neighbor(q, c)
+    assert nn_kernels.FP32_INPUT_PRECISION == "ieee" and modes == ["ieee", None, None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs are read in place: no packing copy
 

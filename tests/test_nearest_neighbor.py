@@ -264,13 +264,14 @@ def test_float32_tensor_core_precision_matches_reference(precision, device, monk
         check_triton_against_reference(case, device)
 
 
-@pytest.mark.parametrize("d", [2, 64])
-def test_triton_exact_ties_go_to_lowest_index(d, device):
-    # small integers: squared norms and dot products are exact in float32, so duplicates tie exactly
+@pytest.mark.parametrize("d,dtype", [(2, torch.float32), (64, torch.float32), (64, torch.bfloat16)], ids=["2-float32", "64-float32", "64-bfloat16"])
+def test_triton_exact_ties_go_to_lowest_index(d, dtype, device):
+    # small integers: exact in every dtype, and their squared norms and dot products are exact in
+    # float32 (the tensor cores' accumulator included), so duplicates tie exactly
     g = torch.Generator().manual_seed(d)
-    c = torch.randint(-2, 3, (2, 40, d), generator=g).float()
+    c = torch.randint(-2, 3, (2, 40, d), generator=g).to(dtype)
     c = torch.cat([c, c.flip(1)], dim=1).to(device)  # every candidate twice
-    q = torch.randint(-2, 3, (2, 70, d), generator=g).float().to(device)
+    q = torch.randint(-2, 3, (2, 70, d), generator=g).to(dtype).to(device)
     ref_dist, ref_index = nearest_neighbor_reference(q, c)
     with ops.backend("triton"):
         dist, index = ops.nearest_neighbor(q, c)

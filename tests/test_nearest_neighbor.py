@@ -282,6 +282,23 @@ def test_triton_exact_ties_go_to_lowest_index(d, dtype, device):
     assert torch.equal(rows, ref_rows) and torch.equal(match, ref_index.gather(1, ref_rows))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dt: str(dt).split(".")[-1])
+def test_triton_distance_of_identical_vectors_is_exact(dtype, device):
+    """Long vectors, each query row also a candidate: ``|q|^2 - 2 q.c + |c|^2`` cancels to rounding
+    noise of either sign there, so the kernel returns the chosen candidate's distance recomputed from
+    differences: never NaN or negative, 0 for the copy, the exact distance for a near one it may pick."""
+    g = torch.Generator().manual_seed(7)
+    q = (300 + torch.randn(2, 9, 64, generator=g)).to(dtype)
+    c = torch.cat([q + 1e-2 * torch.randn(2, 9, 64, generator=g).to(dtype), q], dim=1).to(device)
+    q = q.to(device)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, c)
+    exact = oracle_distances(q, c).gather(-1, index[..., None]).squeeze(-1)
+    assert torch.isfinite(dist).all() and (dist >= 0).all()
+    torch.testing.assert_close(dist.double(), exact, rtol=1e-5, atol=1e-6)
+    assert (dist[index >= 9] == 0).all()
+
+
 def test_selection_kernel_breaks_ties_by_row(device):
     from fastdense.kernels.nearest_neighbor import select_rows_many
 

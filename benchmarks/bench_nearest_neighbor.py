@@ -4,7 +4,8 @@ Baseline: ``torch.cdist`` + ``topk(1)`` + the row selection (sort, keep k, sort 
 view pair, in float32 with TF32 off (PyTorch's default). Also timed: the package reference, and the
 kernel on float32 input (exact float32 products) and on bfloat16 input (tensor cores). Shapes from
 PERFORMANCE.md plus a whole VICRegL step (2 global 7x7 + 6 local 3x3 views, features D = 512 and
-locations D = 2: 56 matchings) as one figure.
+locations D = 2: 56 matchings) as one figure. On the GPU, timed calls cycle through copies of
+inputs smaller than L2 (``benchmarks.common.rotation_copies``), so they read them from memory.
 
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py           # GPU, full table (< 90 s)
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --quick   # CPU interpreter, seconds
@@ -30,7 +31,7 @@ if not torch.cuda.is_available():  # the kernels can only run in Triton's interp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import HostRun, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, cycling, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, rotation_copies, time_ms, write_results  # noqa: E402
 
 # H100 SXM datasheet peaks (PERFORMANCE.md): dense bf16 tensor cores and plain fp32.
 PEAK_FLOPS = {torch.bfloat16: 990e12, torch.float32: 67e12}
@@ -97,9 +98,12 @@ def _floor(flops, nbytes, dtype, bandwidth):
 
 def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference, tensor_core_fp32=False):
     g = torch.Generator(device=device).manual_seed(b + n + d)
-    q32 = torch.randn(b, n, d, device=device, generator=g)
-    c32 = torch.randn(b, m, d, device=device, generator=g)
-    q16, c16 = q32.bfloat16(), c32.bfloat16()
+    # Timed calls cycle through copies of the inputs, so that small shapes read them from memory
+    # rather than from L2 (PERFORMANCE.md), the baseline and the reference alike.
+    inputs32 = [(torch.randn(b, n, d, device=device, generator=g), torch.randn(b, m, d, device=device, generator=g))
+                for _ in range(rotation_copies((b * n * d + b * m * d) * 4, device))]
+    inputs16 = [(q.bfloat16(), c.bfloat16()) for q, c in inputs32]
+    (q32, c32), (q16, c16) = inputs32[0], inputs16[0]
     # correctness before timing: nearest indices against the reference on the same (rounded) values
     with ops.backend("reference"):
         ref32 = ops.nearest_neighbor(q32, c32)[1]
@@ -113,18 +117,18 @@ def bench_shape(b, n, m, d, ks, device, bandwidth, time_reference, tensor_core_f
     if tensor_core_fp32:
         rows.append(bench_fp32_precisions(b, n, m, d, q32, c32, ref32, flops, device))
     for k in ks:
+        pairs = lambda q, c: ops.nearest_neighbor_pairs(q, c, k)  # noqa: E731
         with ops.backend("triton"):
-            kernel32 = lambda: ops.nearest_neighbor_pairs(q32, c32, k)  # noqa: E731
-            kernel16 = lambda: ops.nearest_neighbor_pairs(q16, c16, k)  # noqa: E731
+            kernel32, kernel16 = cycling(pairs, inputs32), cycling(pairs, inputs16)
             t32, t16 = _time(kernel32, device), _time(kernel16, device)
             mem32 = peak_extra_bytes(kernel32, device)
-        base = lambda: baseline_pairs(q32, c32, k)  # noqa: E731
+        base = cycling(lambda q, c: baseline_pairs(q, c, k), inputs32)
         t_base = _time(base, device)
         mem_base = peak_extra_bytes(base, device)
         t_ref = float("nan")
         if time_reference and k == ks[0]:  # the reference's cost hardly depends on k
             with ops.backend("reference"):
-                t_ref = _time(lambda: ops.nearest_neighbor_pairs(q32, c32, k), device)
+                t_ref = _time(cycling(pairs, inputs32), device)
         out_bytes = b * n * 12 + b * k * 16
         rows.append({
             "case": "pair", "B": b, "N": n, "M": m, "D": d, "k": k,
@@ -167,23 +171,25 @@ def bench_fp32_precisions(b, n, m, d, q32, c32, ref32, flops, device):
 
 def bench_step(b, device, bandwidth):
     features, queries, candidates, ks = vicregl_step_pairs(b, device)
-    _, queries16, candidates16, _ = vicregl_step_pairs(b, device, torch.bfloat16)
+    step_bytes = sum({id(t): t.numel() * t.element_size() for t in queries}.values())
+    copies = rotation_copies(step_bytes, device)  # as in bench_shape: timed calls read from memory
+    steps32 = [(queries, candidates)] + [vicregl_step_pairs(b, device, seed=i)[1:3] for i in range(1, copies)]
+    steps16 = [vicregl_step_pairs(b, device, torch.bfloat16, seed=i)[1:3] for i in range(copies)]
     with ops.backend("reference"):
         reference = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
     with ops.backend("triton"):
         kernel = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
     rows_agree = sum(int((r == rr).sum()) for (r, _), (rr, _) in zip(kernel, reference)) / sum(r.numel() for r, _ in reference)
 
-    def baseline():
-        return [baseline_pairs(q, c, k) for q, c, k in zip(queries, candidates, ks)]
+    baseline = cycling(lambda qs, cs: [baseline_pairs(q, c, k) for q, c, k in zip(qs, cs, ks)], steps32)
+    step = lambda qs, cs: ops.nearest_neighbor_pairs_many(qs, cs, ks)  # noqa: E731
 
     with ops.backend("triton"):
-        k32 = lambda: ops.nearest_neighbor_pairs_many(queries, candidates, ks)  # noqa: E731
-        k16 = lambda: ops.nearest_neighbor_pairs_many(queries16, candidates16, ks)  # noqa: E731
+        k32, k16 = cycling(step, steps32), cycling(step, steps16)
         t32, t16 = _time(k32, device), _time(k16, device)
         mem32 = peak_extra_bytes(k32, device)
     with ops.backend("reference"):
-        t_ref = _time(lambda: ops.nearest_neighbor_pairs_many(queries, candidates, ks), device)
+        t_ref = _time(cycling(step, steps32), device)
     t_base = _time(baseline, device)
     mem_base = peak_extra_bytes(baseline, device)
     flops = sum(2.0 * q.shape[0] * q.shape[1] * c.shape[1] * q.shape[2] for q, c in zip(queries, candidates))

@@ -7,6 +7,7 @@ versions and the git commit, so figures can be traced to the code that produced 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -45,6 +46,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20, w
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+L2_BYTES = 50 * 2**20  # H100 L2 (PERFORMANCE.md: rotate inputs smaller than this)
+
+
+def rotation_copies(nbytes: int, device: torch.device, most: int = 8) -> int:
+    """How many copies of ``nbytes`` of inputs to cycle through so that each timed call reads them
+    from memory, not from L2 (about three L2s' worth; one on a CPU)."""
+    return max(1, min(most, -(-3 * L2_BYTES // max(1, nbytes)))) if device.type == "cuda" else 1
+
+
+def cycling(fn: Callable[..., object], inputs: List[tuple]) -> Callable[[], object]:
+    """A no-argument call of ``fn(*inputs[i])``, ``i`` advancing by one each call and wrapping."""
+    position = itertools.cycle(inputs)
+    return lambda: fn(*next(position))
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:

@@ -11,7 +11,8 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
   visited in ascending order, a later tile must be strictly better, and the in-tile argmin breaks
   ties to the left. The ``B x N x M`` matrix is never written. The winning candidate's distance is
   then recomputed from differences, so the returned distance does not carry the cancellation error
-  of the expansion. When every row stride and offset is a multiple of 16 elements the scan runs in
+  of the expansion (the choice of winner still does: candidates within about float32 epsilon times
+  ``|q|^2 + |c|^2`` of each other in squared distance may swap). When every row stride and offset is a multiple of 16 elements the scan runs in
   a branch where the compiler can see that, so tiles stream in with vector asynchronous copies.
 * ``_select_rows_kernel``: one program per group. Row ``i`` is kept when fewer than ``k`` rows come
   before it in the order (distance, row); kept rows are written in ascending row order with a

@@ -168,6 +168,41 @@ def test_triton_non_contiguous(case, device):
     check_triton_against_reference(case, device, non_contiguous=True)
 
 
+@pytest.mark.parametrize("d", [2, 64])
+def test_triton_expanded_inputs(d, device):
+    """Stride-0 inputs: one query set shared by every image, and candidates that are one row
+    repeated (every candidate ties, so index 0 wins) or one set shared by every image."""
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(1, 9, d, generator=g).to(device).expand(3, 9, d)
+    repeated = torch.randn(3, 1, d, generator=g).to(device).expand(3, 7, d)
+    shared = torch.randn(1, 7, d, generator=g).to(device).expand(3, 7, d)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, repeated)
+        (rows, match), = ops.nearest_neighbor_pairs_many([q], [shared], [4])
+    assert torch.equal(index, torch.zeros_like(index))
+    torch.testing.assert_close(dist, nearest_neighbor_reference(q, repeated)[0], rtol=1e-5, atol=1e-5)
+    assert_pairs_agree(q, shared, 4, rows, match)
+
+
+def test_autocast_leaves_the_matching_unchanged(device):
+    """CONVENTIONS 3: the ops work under autocast; the matching follows the inputs' dtype (float32
+    here), not the autocast dtype, eagerly and compiled, on both backends."""
+    q, c = make_inputs(2, 9, 7, 64, torch.float32, device)
+
+    def match(q, c):
+        return ops.nearest_neighbor(q, c) + ops.nearest_neighbor_pairs(q, c, 4)
+
+    compiled = torch.compile(match, backend="aot_eager", fullgraph=True)
+    for backend in ("reference", "triton"):
+        with ops.backend(backend):
+            expected = match(q, c)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                for got in (match(q, c), compiled(q, c)):
+                    assert got[0].dtype == torch.float32
+                    for a, b in zip(got, expected):
+                        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda dt: str(dt).split(".")[-1])
 @pytest.mark.parametrize("n", SIZES)
@@ -229,13 +264,14 @@ def test_float32_tensor_core_precision_matches_reference(precision, device, monk
         check_triton_against_reference(case, device)
 
 
-@pytest.mark.parametrize("d", [2, 64])
-def test_triton_exact_ties_go_to_lowest_index(d, device):
-    # small integers: squared norms and dot products are exact in float32, so duplicates tie exactly
+@pytest.mark.parametrize("d,dtype", [(2, torch.float32), (64, torch.float32), (64, torch.bfloat16)], ids=["2-float32", "64-float32", "64-bfloat16"])
+def test_triton_exact_ties_go_to_lowest_index(d, dtype, device):
+    # small integers: exact in every dtype, and their squared norms and dot products are exact in
+    # float32 (the tensor cores' accumulator included), so duplicates tie exactly
     g = torch.Generator().manual_seed(d)
-    c = torch.randint(-2, 3, (2, 40, d), generator=g).float()
+    c = torch.randint(-2, 3, (2, 40, d), generator=g).to(dtype)
     c = torch.cat([c, c.flip(1)], dim=1).to(device)  # every candidate twice
-    q = torch.randint(-2, 3, (2, 70, d), generator=g).float().to(device)
+    q = torch.randint(-2, 3, (2, 70, d), generator=g).to(dtype).to(device)
     ref_dist, ref_index = nearest_neighbor_reference(q, c)
     with ops.backend("triton"):
         dist, index = ops.nearest_neighbor(q, c)
@@ -244,6 +280,23 @@ def test_triton_exact_ties_go_to_lowest_index(d, device):
     torch.testing.assert_close(dist, ref_dist, rtol=1e-6, atol=0)
     ref_rows = ops.select_rows(ref_dist, 33)
     assert torch.equal(rows, ref_rows) and torch.equal(match, ref_index.gather(1, ref_rows))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda dt: str(dt).split(".")[-1])
+def test_triton_distance_of_identical_vectors_is_exact(dtype, device):
+    """Long vectors, each query row also a candidate: ``|q|^2 - 2 q.c + |c|^2`` cancels to rounding
+    noise of either sign there, so the kernel returns the chosen candidate's distance recomputed from
+    differences: never NaN or negative, 0 for the copy, the exact distance for a near one it may pick."""
+    g = torch.Generator().manual_seed(7)
+    q = (300 + torch.randn(2, 9, 64, generator=g)).to(dtype)
+    c = torch.cat([q + 1e-2 * torch.randn(2, 9, 64, generator=g).to(dtype), q], dim=1).to(device)
+    q = q.to(device)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, c)
+    exact = oracle_distances(q, c).gather(-1, index[..., None]).squeeze(-1)
+    assert torch.isfinite(dist).all() and (dist >= 0).all()
+    torch.testing.assert_close(dist.double(), exact, rtol=1e-5, atol=1e-6)
+    assert (dist[index >= 9] == 0).all()
 
 
 def test_selection_kernel_breaks_ties_by_row(device):
@@ -339,6 +392,20 @@ def test_no_gradient_through_distances():
     assert not dist.requires_grad and not index.requires_grad
 
 
+def test_gradients_reach_the_embeddings_through_the_gather():
+    """gradcheck (float64) of matched-feature differences: the indices are constants, the gathered
+    rows carry the gradient to both inputs."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def matched_difference(q, c):
+        rows, match = ops.nearest_neighbor_pairs(q, c, 3)
+        return q.gather(1, rows[..., None].expand(-1, -1, 3)) - c.gather(1, match[..., None].expand(-1, -1, 3))
+
+    assert torch.autograd.gradcheck(matched_difference, (q, c))
+
+
 def test_ops_work_under_torch_compile():
     q, c = make_inputs(2, 9, 7, 3, torch.float32, "cpu")
 
@@ -406,6 +473,8 @@ def _q(*shape, dtype=torch.float32):
 def test_bad_input_is_rejected(query, candidates, error, pattern):
     with pytest.raises(error, match=pattern):
         ops.nearest_neighbor(query, candidates)
+    with pytest.raises(error, match=pattern):  # the single-pair form names its own arguments
+        ops.nearest_neighbor_pairs(query, candidates, 1)
     with pytest.raises(error, match=pattern.replace("query", r"queries\[0\]").replace("candidates", r"candidates\[0\]")):
         ops.nearest_neighbor_pairs_many([query], [candidates], [1])
 
@@ -413,7 +482,7 @@ def test_bad_input_is_rejected(query, candidates, error, pattern):
 @pytest.mark.parametrize("k", [0, 6, -1, 2.0, True, None])
 def test_bad_k_is_rejected(k):
     q, c = _q(1, 5, 3), _q(1, 4, 3)
-    with pytest.raises(ValueError, match=r"ks\[0\] must be an int in \[1, N\]"):
+    with pytest.raises(ValueError, match=r"^k must be an int in \[1, N\] for query of shape"):
         ops.nearest_neighbor_pairs(q, c, k)
     with pytest.raises(ValueError, match=r"ks\[1\] must be an int in \[1, N\]"):
         ops.nearest_neighbor_pairs_many([q, q], [c, c], [1, k])
@@ -501,6 +570,33 @@ def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feat
         ops.nearest_neighbor_pairs_many(queries, candidates, ks)
     assert (matching.launches, selection.launches) == (expected_matching_launches, 1)
 
+
+
+def test_float32_searches_in_exact_products_and_16_bit_on_tensor_cores(monkeypatch, device):
+    """The issue's two modes: float32 input takes exact float32 products ("ieee", never TF32 unless
+    FP32_INPUT_PRECISION asks), float16/bfloat16 the tensor cores' default (None). The interpreter
+    computes both alike, so the launch arguments are what the CPU can check."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    name = "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel"
+    kernel, modes = getattr(nn_kernels, name), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def record(*args, **kwargs):
+                modes.append(kwargs["INPUT_PRECISION"])
+                return launch(*args, **kwargs)
+
+            return record
+
+    monkeypatch.setattr(nn_kernels, name, Recorder())
+    for dtype in DTYPES:
+        q, c = make_inputs(1, 3, 5, 16, dtype, device)
+        with ops.backend("triton"):
+            ops.nearest_neighbor(q, c)
+    assert nn_kernels.FP32_INPUT_PRECISION == "ieee" and modes == ["ieee", None, None]
 
 
 # ---------------------------------------------------------------------------------------------

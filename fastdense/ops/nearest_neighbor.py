@@ -100,8 +100,11 @@ def nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[tor
     The Triton kernel (CUDA tensors, or forced) never forms the ``B x N x M`` distance matrix. It
     ranks candidates by ``|c|^2 - 2 q.c`` with float32 accumulation (exact float32 products for
     float32 input, tensor cores for float16/bfloat16), or by exact squared differences for
-    ``D <= 8``, and returns the winner's distance recomputed from differences; where two candidates
-    are closer than the expansion's rounding it may pick the other one of such a near tie.
+    ``D <= 8``, and returns the winner's distance recomputed from differences (never negative or
+    NaN). The expansion's rounding grows with the norms (about float32 epsilon times
+    ``|q|^2 + |c|^2``), not with the distance: for ``D > 8``, candidates whose squared distances
+    to a row differ by less than that may swap, even an exact copy of the row and a slightly farther
+    candidate when the vectors are long compared with the distances between them.
 
     >>> import torch, fastdense.ops as ops
     >>> q = torch.tensor([[[0.0, 0.0], [3.0, 3.0]]])
@@ -129,8 +132,9 @@ def nearest_neighbor_pairs(query: torch.Tensor, candidates: torch.Tensor, k: int
     >>> ops.nearest_neighbor_pairs(q, c, k=2)  # row 2 is 0.1 from candidate 0, row 1 is 1.0 from candidate 1
     (tensor([[1, 2]]), tensor([[1, 0]]))
     """
-    rows, match = nearest_neighbor_pairs_many([query], [candidates], [k])[0]
-    return rows, match
+    _check_nn_args(query, candidates)
+    _check_k(k, query)
+    return _match_pairs([query], [candidates], [k])[0]
 
 
 def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor], ks: Sequence[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -157,6 +161,11 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
         _check_nn_args(query, cands, f"queries[{i}]", f"candidates[{i}]")
         _check_k(k, query, f"ks[{i}]", f"queries[{i}]")
         check_same_device("queries[0]", queries[0], f"queries[{i}]", query)
+    return _match_pairs(queries, candidates, ks)
+
+
+def _match_pairs(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks: List[int]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`nearest_neighbor_pairs_many` on validated arguments (each public function names its own)."""
     if plain_eager(*queries, *candidates):
         with torch.no_grad():
             rows, match = _pairs_many(queries, candidates, ks)

@@ -105,6 +105,14 @@ def test_reference_known_values():
     assert ops.vicreg_invariance(x, torch.zeros_like(x)).item() == pytest.approx(4.0 / 6)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_reference_covariance_does_not_cancel(dtype, tol):
+    # One column's std 1000 times the others': the off-diagonal sum is about 1e-6 of the diagonal's,
+    # so "all squares minus the diagonal's" in float32 leaves nothing of it.
+    x = (_spread(256, 8) * torch.tensor([1000.0] + [1.0] * 7)).to(dtype)
+    _assert_rel(ops.vicreg_covariance(x), _float64_terms(x)[1], tol, "covariance")
+
+
 @pytest.mark.parametrize("shape", [(6, 11), (9, 4, 6)])
 def test_reference_matches_lightly(shape):
     # lightly is the dev extra's oracle (installed by scripts/install.sh); its terms take [n, ..., D].

@@ -38,7 +38,10 @@ CASES = [
     ((0, 1, 2, 3), "reference", [3, 6, 1, 4], (3, 9), torch.float32, 1e-5),  # unequal blocks, per-slot, one row on a rank
     ((0, 1), "triton", [7, 4], (19,), torch.float32, 1e-5),
     ((0, 1, 2, 3), "triton", [2, 3, 3, 2], (2, 5), torch.float64, 1e-12),
+    ((0, 1, 2, 3), "triton", [4, 0, 1, 3], (11,), torch.float32, 1e-5),  # a rank without rows, one with one row
 ]
+# A gathered batch of fewer than two rows: every rank of the group raises the same error (none hangs).
+TOO_FEW = ((2, 3), [1, 0])
 WORLD = 4
 
 
@@ -62,6 +65,14 @@ def _worker(rank, port, result_queue):
                 variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
             (variance + 0.5 * covariance).backward()
             result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+        ranks, rows = TOO_FEW
+        group = dist.new_group(list(ranks))
+        if rank in ranks:
+            try:
+                ops.vicreg_variance_covariance(torch.zeros(rows[ranks.index(rank)], 4), group=group)
+                result_queue.put(("too_few", rank, None))
+            except ValueError as error:
+                result_queue.put(("too_few", rank, str(error)))
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +85,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES)
+    expected = sum(len(case[0]) for case in CASES) + len(TOO_FEW[0])
     results = [queue.get(timeout=150) for _ in range(expected)]
     for p in procs:
         p.join(timeout=60)
@@ -93,7 +104,13 @@ def test_row_block_equals_full_batch(gloo_results, case):
         assert abs(c - float(covariance)) <= tol * abs(float(covariance))
         start = sum(rows[: ranks.index(rank)])
         own = grad[start : start + rows[ranks.index(rank)]]
-        assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64) - own) <= tol * torch.linalg.vector_norm(grad)
+        assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= tol * torch.linalg.vector_norm(grad)
+
+
+def test_too_few_gathered_rows_raise_on_every_rank(gloo_results):
+    errors = sorted((r[1], r[2]) for r in gloo_results if r[0] == "too_few")
+    assert [rank for rank, _ in errors] == list(TOO_FEW[0])
+    assert all(message is not None and "n >= 2" in message for _, message in errors), errors
 
 
 def test_group_requires_initialised_process_group():

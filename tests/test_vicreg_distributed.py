@@ -39,6 +39,9 @@ CASES = [
     ((0, 1), "triton", [7, 4], (19,), torch.float32, 1e-5),
     ((0, 1, 2, 3), "triton", [2, 3, 3, 2], (2, 5), torch.float64, 1e-12),
     ((0, 1, 2, 3), "triton", [4, 0, 1, 3], (11,), torch.float32, 1e-5),  # a rank without rows, one with one row
+    # n >= D: the direct form; through ‖K‖² − Σ d² the float32 loss lost three digits (Σ d² dominates)
+    ((0, 1), "reference", [400, 300], (2,), torch.float32, 1e-5),
+    ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
 ]
 # A gathered batch of fewer than two rows: every rank of the group raises the same error (none hangs).
 TOO_FEW = ((2, 3), [1, 0])

@@ -230,8 +230,10 @@ def vicreg_variance_covariance(x: torch.Tensor, eps: float = 1e-4, group=None) -
     With ``group`` (a ``torch.distributed`` process group, or ``"world"`` for the default one), ``x``
     is this rank's block of rows and both terms are those of the whole batch gathered over the
     group. Only this rank's rows' share of the covariance is computed, two ``D``-vectors and a few
-    scalars are all-reduced, and the backward needs no communication: the gradient of ``x`` equals
-    the rows of the full-batch gradient (see :mod:`fastdense.ops.vicreg_distributed`).
+    scalars are all-reduced (and, only when the gathered batch has at least ``D`` rows, the ``D x D``
+    covariance instead of gathering ``x``), and the backward needs no communication: the gradient
+    of ``x`` equals the rows of the full-batch gradient (see :mod:`fastdense.ops.vicreg_distributed`).
+    A rank may hold any number of rows, none included; the gathered batch needs at least two.
 
     >>> import torch, fastdense.ops as ops
     >>> x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])

@@ -1,6 +1,7 @@
 """The row-block VICReg form on 2 and 4 gloo processes equals the single-process full-batch loss and gradient."""
 
 import os
+import re
 import socket
 
 import pytest
@@ -43,7 +44,7 @@ CASES = [
     ((0, 1), "reference", [400, 300], (2,), torch.float32, 1e-5),
     ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
 ]
-# A gathered batch of fewer than two rows: every rank of the group raises the same error (none hangs).
+# The ranks of a 2-rank group whose gathered batch is bad: every one raises the same error (none hangs).
 TOO_FEW = ((2, 3), [1, 0])
 WORLD = 4
 
@@ -76,6 +77,11 @@ def _worker(rank, port, result_queue):
                 result_queue.put(("too_few", rank, None))
             except ValueError as error:
                 result_queue.put(("too_few", rank, str(error)))
+            try:  # different D on the two ranks
+                ops.vicreg_variance_covariance(torch.zeros(3, 4 + rank), group=group)
+                result_queue.put(("mismatch", rank, None))
+            except ValueError as error:
+                result_queue.put(("mismatch", rank, str(error)))
     finally:
         dist.destroy_process_group()
 
@@ -88,7 +94,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES) + len(TOO_FEW[0])
+    expected = sum(len(case[0]) for case in CASES) + 2 * len(TOO_FEW[0])
     results = [queue.get(timeout=150) for _ in range(expected)]
     for p in procs:
         p.join(timeout=60)
@@ -110,10 +116,12 @@ def test_row_block_equals_full_batch(gloo_results, case):
         assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= tol * torch.linalg.vector_norm(grad)
 
 
-def test_too_few_gathered_rows_raise_on_every_rank(gloo_results):
-    errors = sorted((r[1], r[2]) for r in gloo_results if r[0] == "too_few")
+@pytest.mark.parametrize("what, match", [("too_few", "n >= 2"), ("mismatch", "same \\[S, D\\] on every rank")])
+def test_bad_gathered_batch_raises_on_every_rank(gloo_results, what, match):
+    # Fewer than two rows gathered, or different D on two ranks: each rank raises the same ValueError.
+    errors = sorted((r[1], r[2]) for r in gloo_results if r[0] == what)
     assert [rank for rank, _ in errors] == list(TOO_FEW[0])
-    assert all(message is not None and "n >= 2" in message for _, message in errors), errors
+    assert all(message is not None and re.search(match, message) for _, message in errors), errors
 
 
 def test_group_requires_initialised_process_group():

@@ -4,7 +4,8 @@ The reference recipe all-gathers the embeddings, has every rank compute the full
 covariance, and all-reduces the whole stacked gradient in the backward. The row-block form instead:
 
 1. all-reduces two ``D``-vectors: the column sums (for the mean) and then the centred column sums of
-   squares ``d`` (for the variance and the diagonal of the covariance), plus the row count;
+   squares ``d`` (for the variance and the diagonal of the covariance), after all-gathering every
+   rank's shape (rows, slots, columns; a mismatch then raises the same error on every rank);
 2. all-gathers ``X`` (outside autograd) and computes only this rank's rows of ``K = Xc Xcᵀ``:
    ``‖K‖² = Σ_r ‖Xc_r Xc_gᵀ‖²``, one scalar per slot all-reduced;
 3. in the backward, the gradient of this rank's rows is ``4 s (K_r Xc_g) + coef ⊙ Xc_r``: every
@@ -67,10 +68,15 @@ class _RowBlockVarianceCovariance(torch.autograd.Function):
 
         acc = kernels.accumulator_dtype(x.dtype)
         rank = dist.get_rank(group)
-        count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
-        counts_t = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(counts_t, count, group=group)
-        counts = [int(c) for c in counts_t]
+        # Every rank's shape, so that a mismatch raises the same error on every rank instead of
+        # hanging or garbling the collectives below.
+        shape = torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
+        shapes_t = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shapes_t, shape, group=group)
+        shapes = [tuple(int(v) for v in s) for s in shapes_t]
+        if len({s[1:] for s in shapes}) > 1:
+            raise ValueError(f"x must have the same [S, D] on every rank of the group, got shapes {[list(s) for s in shapes]} (rows first)")
+        counts = [s[0] for s in shapes]
         n = sum(counts)
         if n < 2:
             raise ValueError(f"x: the gathered batch needs n >= 2 rows for an unbiased variance, got {n}")
@@ -187,7 +193,8 @@ def communication_bytes(world: int, rows_per_rank: int, dim: int, itemsize: int 
     stacked ``[world * rows, D]`` gradient in the backward."""
     gather = (world - 1) * rows_per_rank * dim * slots * itemsize
     ring = 2 * (world - 1) / world
-    vectors = ring * 2 * dim * slots * 4 + ring * (slots * 8) + (world - 1) * 8
+    # the two D-vectors, the float64 square sums per slot, and every rank's [rows, S, D] (int64, all-gathered)
+    vectors = ring * 2 * dim * slots * 4 + ring * (slots * 8) + (world - 1) * 3 * 8
     stacked_gradient = ring * world * rows_per_rank * dim * slots * itemsize
     return {
         "all_gather": gather,

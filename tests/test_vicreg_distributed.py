@@ -77,11 +77,12 @@ def _worker(rank, port, result_queue):
                 result_queue.put(("too_few", rank, None))
             except ValueError as error:
                 result_queue.put(("too_few", rank, str(error)))
-            try:  # different D on the two ranks
-                ops.vicreg_variance_covariance(torch.zeros(3, 4 + rank), group=group)
-                result_queue.put(("mismatch", rank, None))
-            except ValueError as error:
-                result_queue.put(("mismatch", rank, str(error)))
+            for what, bad in (("mismatch", torch.zeros(3, 4 + rank)), ("dtype", torch.zeros(3, 4, dtype=(torch.float32, torch.float64)[rank % 2]))):
+                try:  # different D, then different dtypes, on the two ranks
+                    ops.vicreg_variance_covariance(bad, group=group)
+                    result_queue.put((what, rank, None))
+                except ValueError as error:
+                    result_queue.put((what, rank, str(error)))
     finally:
         dist.destroy_process_group()
 
@@ -94,7 +95,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES) + 2 * len(TOO_FEW[0])
+    expected = sum(len(case[0]) for case in CASES) + 3 * len(TOO_FEW[0])
     results = [queue.get(timeout=150) for _ in range(expected)]
     for p in procs:
         p.join(timeout=60)
@@ -116,9 +117,9 @@ def test_row_block_equals_full_batch(gloo_results, case):
         assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= tol * torch.linalg.vector_norm(grad)
 
 
-@pytest.mark.parametrize("what, match", [("too_few", "n >= 2"), ("mismatch", "same \\[S, D\\] on every rank")])
+@pytest.mark.parametrize("what, match", [("too_few", "n >= 2"), ("mismatch", r"\[3, 1, 6\] torch.float32', '\[3, 1, 7\]"), ("dtype", "same .* dtype on every rank")])
 def test_bad_gathered_batch_raises_on_every_rank(gloo_results, what, match):
-    # Fewer than two rows gathered, or different D on two ranks: each rank raises the same ValueError.
+    # Fewer than two rows gathered, or different D or dtypes on two ranks: each rank raises the same ValueError.
     errors = sorted((r[1], r[2]) for r in gloo_results if r[0] == what)
     assert [rank for rank, _ in errors] == list(TOO_FEW[0])
     assert all(message is not None and re.search(match, message) for _, message in errors), errors

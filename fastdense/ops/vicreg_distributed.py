@@ -5,7 +5,7 @@ covariance, and all-reduces the whole stacked gradient in the backward. The row-
 
 1. all-reduces two ``D``-vectors: the column sums (for the mean) and then the centred column sums of
    squares ``d`` (for the variance and the diagonal of the covariance), after all-gathering every
-   rank's shape (rows, slots, columns; a mismatch then raises the same error on every rank);
+   rank's shape and dtype (a mismatch then raises the same error on every rank);
 2. all-gathers ``X`` (outside autograd) and computes only this rank's rows of ``K = Xc Xcᵀ``:
    ``‖K‖² = Σ_r ‖Xc_r Xc_gᵀ‖²``, one scalar per slot all-reduced;
 3. in the backward, the gradient of this rank's rows is ``4 s (K_r Xc_g) + coef ⊙ Xc_r``: every
@@ -30,6 +30,8 @@ from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
+
+from fastdense.ops._validate import FLOAT_DTYPES
 
 
 def _group(group):
@@ -70,12 +72,13 @@ class _RowBlockVarianceCovariance(torch.autograd.Function):
         rank = dist.get_rank(group)
         # Every rank's shape, so that a mismatch raises the same error on every rank instead of
         # hanging or garbling the collectives below.
-        shape = torch.tensor(list(x.shape), dtype=torch.int64, device=x.device)
+        shape = torch.tensor([*x.shape, FLOAT_DTYPES.index(x.dtype)], dtype=torch.int64, device=x.device)
         shapes_t = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
         dist.all_gather(shapes_t, shape, group=group)
         shapes = [tuple(int(v) for v in s) for s in shapes_t]
         if len({s[1:] for s in shapes}) > 1:
-            raise ValueError(f"x must have the same [S, D] on every rank of the group, got shapes {[list(s) for s in shapes]} (rows first)")
+            seen = [f"{list(s[:3])} {FLOAT_DTYPES[s[3]]}" for s in shapes]
+            raise ValueError(f"x must have the same [S, D] and dtype on every rank of the group, got {seen} (rows first)")
         counts = [s[0] for s in shapes]
         n = sum(counts)
         if n < 2:
@@ -193,8 +196,8 @@ def communication_bytes(world: int, rows_per_rank: int, dim: int, itemsize: int 
     stacked ``[world * rows, D]`` gradient in the backward."""
     gather = (world - 1) * rows_per_rank * dim * slots * itemsize
     ring = 2 * (world - 1) / world
-    # the two D-vectors, the float64 square sums per slot, and every rank's [rows, S, D] (int64, all-gathered)
-    vectors = ring * 2 * dim * slots * 4 + ring * (slots * 8) + (world - 1) * 3 * 8
+    # the two D-vectors, the float64 square sums per slot, and every rank's [rows, S, D, dtype] (int64, all-gathered)
+    vectors = ring * 2 * dim * slots * 4 + ring * (slots * 8) + (world - 1) * 4 * 8
     stacked_gradient = ring * world * rows_per_rank * dim * slots * itemsize
     return {
         "all_gather": gather,

@@ -43,6 +43,7 @@ CASES = [
     # n >= D: the direct form; through ‖K‖² − Σ d² the float32 loss lost three digits (Σ d² dominates)
     ((0, 1), "reference", [400, 300], (2,), torch.float32, 1e-5),
     ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
+    ((0, 1), "triton", [50, 40], (70,), torch.float64, 1e-12),  # several tiles a side: the mirrored D x D
 ]
 # The ranks of a 2-rank group whose gathered batch is bad: every one raises the same error (none hangs).
 TOO_FEW = ((2, 3), [1, 0])

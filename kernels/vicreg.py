@@ -27,6 +27,14 @@ so ``‖K‖²``, low by about 1e-3): measured against float64, loss error about
 error about 4e-4 (the 1e-3 TF32 tolerance). ``FP32_DOT_PRECISION = "tf32x3"`` gives float32-level
 accuracy (about 1e-7) at three times the product cost. Half-precision inputs are centred in float32
 and take the same path.
+
+Those figures hold while ``Σ d²`` is not much larger than ``off`` (columns of comparable variance:
+then ``Σ d² / off`` is about ``n / D``, below 1 in the Gram form). The Gram form's error is the
+products' rounding error times ``‖A Aᵀ‖² / off``, so it grows when a few columns' variances dominate
+(n 64, D 256, one column with 10x the others' std: loss error 7e-4 in TF32; 30x: 2e-2 in TF32,
+2e-5 in ``tf32x3``; 100x: 0.45 in TF32, 7e-4 in ``tf32x3`` or ``ieee``). Deciding per call would
+need the data on the host (a synchronisation); such inputs want ``FP32_DOT_PRECISION = "tf32x3"``
+or float64. The direct form masks the diagonal and has no such loss.
 Float64 tiles avoid ``tl.dot`` (not every GPU lowers it) and multiply by broadcast-and-sum.
 """
 

@@ -97,12 +97,33 @@ def test_reference_matches_float64_definition(shape):
     assert ops.vicreg_covariance(x.detach()).item() == pytest.approx(covariance.item())
 
 
+def test_reference_float32_on_the_issue_grid():
+    """The CPU path (the reference) in float32, loss and gradient, at every n x D of the issue."""
+    for n in ROWS:
+        for dim in COLUMNS:
+            x = _spread(n, dim, seed=n + dim).requires_grad_(True)
+            variance, covariance = ops.vicreg_variance_covariance(x)
+            (variance + 0.5 * covariance).backward()
+            ref_var, ref_cov = _float64_terms(x.detach())
+            _assert_rel(variance, ref_var, 1e-5, f"variance n={n} D={dim}")
+            _assert_rel(covariance, ref_cov, 1e-5, f"covariance n={n} D={dim}")
+            _assert_rel(x.grad, _float64_gradient(x, 1.0, 0.5), 1e-5, f"gradient n={n} D={dim}")
+
+
 def test_reference_known_values():
     x = torch.tensor([[1.0, 1.0, 0.0], [-1.0, -1.0, 0.0]])
     # var = [2, 2, 0]: hinge = [0, 0, 1 - sqrt(eps)]; cov off-diagonal = 2 at (0,1) and (1,0).
     assert ops.vicreg_variance(x, eps=1e-4).item() == pytest.approx((1 - 0.01) / 3)
     assert ops.vicreg_covariance(x).item() == pytest.approx(8.0 / 3)
     assert ops.vicreg_invariance(x, torch.zeros_like(x)).item() == pytest.approx(4.0 / 6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_reference_covariance_does_not_cancel(dtype, tol):
+    # One column's std 1000 times the others': the off-diagonal sum is about 1e-6 of the diagonal's,
+    # so "all squares minus the diagonal's" in float32 leaves nothing of it.
+    x = (_spread(256, 8) * torch.tensor([1000.0] + [1.0] * 7)).to(dtype)
+    _assert_rel(ops.vicreg_covariance(x), _float64_terms(x)[1], tol, "covariance")
 
 
 @pytest.mark.parametrize("shape", [(6, 11), (9, 4, 6)])

@@ -1,6 +1,7 @@
 """The row-block VICReg form on 2 and 4 gloo processes equals the single-process full-batch loss and gradient."""
 
 import os
+import re
 import socket
 
 import pytest
@@ -38,7 +39,14 @@ CASES = [
     ((0, 1, 2, 3), "reference", [3, 6, 1, 4], (3, 9), torch.float32, 1e-5),  # unequal blocks, per-slot, one row on a rank
     ((0, 1), "triton", [7, 4], (19,), torch.float32, 1e-5),
     ((0, 1, 2, 3), "triton", [2, 3, 3, 2], (2, 5), torch.float64, 1e-12),
+    ((0, 1, 2, 3), "triton", [4, 0, 1, 3], (11,), torch.float32, 1e-5),  # a rank without rows, one with one row
+    # n >= D: the direct form; through ‖K‖² − Σ d² the float32 loss lost three digits (Σ d² dominates)
+    ((0, 1), "reference", [400, 300], (2,), torch.float32, 1e-5),
+    ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
+    ((0, 1), "triton", [50, 40], (70,), torch.float64, 1e-12),  # several tiles a side: the mirrored D x D
 ]
+# The ranks of a 2-rank group whose gathered batch is bad: every one raises the same error (none hangs).
+TOO_FEW = ((2, 3), [1, 0])
 WORLD = 4
 
 
@@ -62,6 +70,20 @@ def _worker(rank, port, result_queue):
                 variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
             (variance + 0.5 * covariance).backward()
             result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+        ranks, rows = TOO_FEW
+        group = dist.new_group(list(ranks))
+        if rank in ranks:
+            try:
+                ops.vicreg_variance_covariance(torch.zeros(rows[ranks.index(rank)], 4), group=group)
+                result_queue.put(("too_few", rank, None))
+            except ValueError as error:
+                result_queue.put(("too_few", rank, str(error)))
+            for what, bad in (("mismatch", torch.zeros(3, 4 + rank)), ("dtype", torch.zeros(3, 4, dtype=(torch.float32, torch.float64)[rank % 2]))):
+                try:  # different D, then different dtypes, on the two ranks
+                    ops.vicreg_variance_covariance(bad, group=group)
+                    result_queue.put((what, rank, None))
+                except ValueError as error:
+                    result_queue.put((what, rank, str(error)))
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +96,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES)
+    expected = sum(len(case[0]) for case in CASES) + 3 * len(TOO_FEW[0])
     results = [queue.get(timeout=150) for _ in range(expected)]
     for p in procs:
         p.join(timeout=60)
@@ -93,7 +115,15 @@ def test_row_block_equals_full_batch(gloo_results, case):
         assert abs(c - float(covariance)) <= tol * abs(float(covariance))
         start = sum(rows[: ranks.index(rank)])
         own = grad[start : start + rows[ranks.index(rank)]]
-        assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64) - own) <= tol * torch.linalg.vector_norm(grad)
+        assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= tol * torch.linalg.vector_norm(grad)
+
+
+@pytest.mark.parametrize("what, match", [("too_few", "n >= 2"), ("mismatch", r"\[3, 1, 6\] torch.float32', '\[3, 1, 7\]"), ("dtype", "same .* dtype on every rank")])
+def test_bad_gathered_batch_raises_on_every_rank(gloo_results, what, match):
+    # Fewer than two rows gathered, or different D or dtypes on two ranks: each rank raises the same ValueError.
+    errors = sorted((r[1], r[2]) for r in gloo_results if r[0] == what)
+    assert [rank for rank, _ in errors] == list(TOO_FEW[0])
+    assert all(message is not None and re.search(match, message) for _, message in errors), errors
 
 
 def test_group_requires_initialised_process_group():

@@ -46,8 +46,10 @@ def vicreg_covariance_reference(x: torch.Tensor) -> torch.Tensor:
     slots = x.reshape(n, -1, dim).transpose(0, 1)  # [S, n, D]
     centred = slots - slots.mean(dim=1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (n - 1)  # [S, D, D]
-    off_diagonal = cov.pow(2).sum(dim=(1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(dim=1)
-    return (off_diagonal / dim).mean()
+    # Zero the diagonal rather than subtract its squares from the total: when one column's variance
+    # dominates, ‖cov‖² − Σ diag² cancels to nothing in float32.
+    off_diagonal = cov - torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+    return (off_diagonal.pow(2).sum(dim=(1, 2)) / dim).mean()
 
 
 # ----------------------------------------------------------------------------- Triton, as custom ops
@@ -209,7 +211,9 @@ def vicreg_covariance(x: torch.Tensor) -> torch.Tensor:
 
     ``Xc`` is ``x`` centred over its ``n`` rows. For ``x [n, S, D]`` the penalty is computed per slot
     and averaged over the ``S`` slots. The Triton path never forms the ``D x D`` matrix when
-    ``n < D`` (it reduces ``‖Xc Xcᵀ‖²`` instead).
+    ``n < D`` (it reduces ``‖Xc Xcᵀ‖² − Σ d²`` instead: accurate to about 1e-4 for columns of
+    comparable variance, less where a few columns' variances dominate the others', see
+    :mod:`fastdense.kernels.vicreg`).
 
     >>> import torch, fastdense.ops as ops
     >>> x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # perfectly correlated columns
@@ -228,15 +232,19 @@ def vicreg_variance_covariance(x: torch.Tensor, eps: float = 1e-4, group=None) -
     With ``group`` (a ``torch.distributed`` process group, or ``"world"`` for the default one), ``x``
     is this rank's block of rows and both terms are those of the whole batch gathered over the
     group. Only this rank's rows' share of the covariance is computed, two ``D``-vectors and a few
-    scalars are all-reduced, and the backward needs no communication: the gradient of ``x`` equals
-    the rows of the full-batch gradient (see :mod:`fastdense.ops.vicreg_distributed`).
+    scalars are all-reduced (and, only when the gathered batch has at least ``D`` rows, the ``D x D``
+    covariance instead of gathering ``x``), and the backward needs no communication: the gradient
+    of ``x`` equals the rows of the full-batch gradient (see :mod:`fastdense.ops.vicreg_distributed`).
+    A rank may hold any number of rows, none included; the gathered batch needs at least two.
 
     >>> import torch, fastdense.ops as ops
     >>> x = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
     >>> [round(float(t), 4) for t in ops.vicreg_variance_covariance(x, eps=0.0)]
     [0.0, 4.0]
     """
-    _check_rows(x, "x", allow_one_row=group is not None)
+    # A rank may hold fewer than two rows, even none: the gathered batch's count is checked on every rank
+    # alike once the ranks' row counts are exchanged (raising here on one rank would hang the others).
+    _check_rows(x, "x", min_rows=0 if group is not None else 2)
     _check_eps(eps)
     if group is not None:
         from fastdense.ops.vicreg_distributed import row_block_variance_covariance
@@ -253,9 +261,9 @@ def _check_eps(eps) -> None:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 
-def _check_rows(x, name: str, allow_one_row: bool = False) -> None:
+def _check_rows(x, name: str, min_rows: int = 2) -> None:
     check_tensor(x, name, "[n, D] or [n, S, D]", dims=(2, 3))
-    if x.shape[0] < (1 if allow_one_row else 2):
+    if x.shape[0] < min_rows:
         raise ValueError(f"{name} needs n >= 2 rows for an unbiased variance, got shape {list(x.shape)}")
     if x.shape[-1] < 1 or (x.dim() == 3 and x.shape[1] < 1):
         raise ValueError(f"{name} must have at least one slot and one column, got shape {list(x.shape)}")

@@ -29,7 +29,7 @@ from fastdense.methods.gather import gather_rows
 from fastdense.methods.options import check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp, parse_spec, per_location
-from fastdense.ops import nearest_neighbor_pairs_many, vicreg_covariance, vicreg_invariance, vicreg_variance
+from fastdense.ops import nearest_neighbor_pairs_many, vicreg_invariance, vicreg_variance_covariance
 
 Terms = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # invariance, variance, covariance
 
@@ -38,10 +38,8 @@ def vicreg_terms(x: torch.Tensor, y: torch.Tensor) -> Terms:
     """VICReg's three unweighted terms for paired rows ``x, y`` (``[n, D]`` or ``[n, S, D]``); the
     variance and covariance of ``x`` and ``y`` are averaged."""
     invariance = vicreg_invariance(x, y)
-    x, y = gather_rows(x), gather_rows(y)
-    variance = (vicreg_variance(x) + vicreg_variance(y)) / 2
-    covariance = (vicreg_covariance(x) + vicreg_covariance(y)) / 2
-    return invariance, variance, covariance
+    (variance_x, covariance_x), (variance_y, covariance_y) = (vicreg_variance_covariance(gather_rows(v)) for v in (x, y))
+    return invariance, (variance_x + variance_y) / 2, (covariance_x + covariance_y) / 2
 
 
 class VICRegL(Method):
@@ -150,9 +148,9 @@ class VICRegL(Method):
     def global_loss(self, z: List[torch.Tensor]) -> torch.Tensor:
         pairs = self.ordered_pairs(len(z))
         invariance = sum(vicreg_invariance(z[i], z[j]) for i, j in pairs) / len(pairs)
-        gathered = [gather_rows(zv) for zv in z]
-        variance = sum(vicreg_variance(zv) for zv in gathered) / len(z)
-        covariance = sum(vicreg_covariance(zv) for zv in gathered) / len(z)
+        # One pass of column statistics per view serves both terms.
+        variances, covariances = zip(*(vicreg_variance_covariance(gather_rows(zv)) for zv in z))
+        variance, covariance = sum(variances) / len(z), sum(covariances) / len(z)
         return self.weighted((invariance, variance, covariance))
 
     def local_loss(self, features: List[torch.Tensor], positions: List[torch.Tensor]) -> torch.Tensor:

@@ -34,9 +34,11 @@ def _backend_for(op: str, tensors: Sequence[torch.Tensor]) -> str:
 
 def _nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if _backend_for("nearest_neighbor", (query, candidates)) == "triton":
+        from fastdense.kernels._launch import on_device_of
         from fastdense.kernels.nearest_neighbor import nearest_neighbor_many
 
-        distance, index, _ = nearest_neighbor_many([query], [candidates])
+        with on_device_of(query):
+            distance, index, _ = nearest_neighbor_many([query], [candidates])
         return distance.view(query.shape[:2]), index.view(query.shape[:2])
     return nearest_neighbor_reference(query, candidates)
 
@@ -60,10 +62,12 @@ def _pairs_many(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks:
     """Flat int64 ``(rows, match)``, pair after pair, each pair's ``[B_i, k_i]`` block row-major (one
     buffer per output: a custom op may not return views of one another)."""
     if _backend_for("nearest_neighbor_pairs_many", list(queries) + list(candidates)) == "triton":
+        from fastdense.kernels._launch import on_device_of
         from fastdense.kernels.nearest_neighbor import nearest_neighbor_many, select_rows_many
 
-        distance, index, starts = nearest_neighbor_many(queries, candidates)
-        return select_rows_many(distance, index, starts, [tuple(q.shape[:2]) for q in queries], ks)
+        with on_device_of(queries[0]):
+            distance, index, starts = nearest_neighbor_many(queries, candidates)
+            return select_rows_many(distance, index, starts, [tuple(q.shape[:2]) for q in queries], ks)
     rows_list, match_list = [], []
     for query, cands, k in zip(queries, candidates, ks):
         distance, index = nearest_neighbor_reference(query, cands)

@@ -166,9 +166,11 @@ def _roi_align_op(
     spatial_scale: float, sampling_ratio: int, aligned: bool, implementation: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if implementation == "triton":
+        from fastdense.kernels._launch import on_device_of
         from fastdense.kernels.roi_align import roi_align_forward
 
-        return roi_align_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
+        with on_device_of(input):
+            return roi_align_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
     if implementation == "cpp":
         out = _torchvision_forward(input, rois, (output_height, output_width), spatial_scale, sampling_ratio, aligned)
     else:
@@ -239,10 +241,12 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, flat):
+        from fastdense.kernels._launch import on_device_of
         from fastdense.kernels.roi_align import prepare_rois, roi_align_forward
 
-        rois = prepare_rois(rois)
-        out, *plan = roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+        with on_device_of(input):
+            rois = prepare_rois(rois)
+            out, *plan = roi_align_forward(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
         ctx.save_for_backward(input, rois, *plan)
         ctx.params = (spatial_scale, sampling_ratio, aligned)
         ctx.output_shape = out.shape

@@ -79,16 +79,18 @@ def _triton_forward(x: torch.Tensor, eps: float, with_covariance: bool):
     """Triton forward on ``x [n, S, D]``: ``(variance, covariance, mean, sumsq, product)``; the last
     three are kept for the backward (``product`` is empty unless ``A Aᵀ`` is small enough to keep)."""
     from fastdense.kernels import vicreg as kernels
+    from fastdense.kernels._launch import on_device_of
 
-    mean, sumsq, hinge = kernels.column_stats(x, eps)
-    a = _operand(x)
-    product, partial = None, None
-    if with_covariance:
-        saved_shape = _saved_product_shape(x)
-        if saved_shape is not None:
-            product = torch.empty(saved_shape, device=x.device, dtype=mean.dtype)
-        partial = kernels.product_tile_squares(a, a, mean, symmetric=True, product=product)
-    variance, covariance = kernels.finish_forward(partial, sumsq, hinge, x.shape[0], gram=not a.transposed).unbind()
+    with on_device_of(x):
+        mean, sumsq, hinge = kernels.column_stats(x, eps)
+        a = _operand(x)
+        product, partial = None, None
+        if with_covariance:
+            saved_shape = _saved_product_shape(x)
+            if saved_shape is not None:
+                product = torch.empty(saved_shape, device=x.device, dtype=mean.dtype)
+            partial = kernels.product_tile_squares(a, a, mean, symmetric=True, product=product)
+        variance, covariance = kernels.finish_forward(partial, sumsq, hinge, x.shape[0], gram=not a.transposed).unbind()
     return variance, covariance, mean, sumsq, product if product is not None else x.new_empty(0, dtype=mean.dtype)
 
 

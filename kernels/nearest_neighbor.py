@@ -19,11 +19,13 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
   running prefix count, so no sort is needed.
 
 Pairs are described by small int64 tables (one row per group), so views of different sizes (7x7
-and 3x3 grids) and different widths (D = 512 features and D = 2 locations) share a launch.
+and 3x3 grids) and different widths (D = 512 features and D = 2 locations) share a launch, and so
+do different dtypes of the two widths (bfloat16 features with float32 locations).
 
-The inputs are read where they lie, never gathered into one buffer: the matching kernel takes one
-base pointer (one of the inputs) and reaches every other input through its element offset from
-that base, as grouped-GEMM kernels do across allocations in the device's flat address space. The
+The inputs are read where they lie, never gathered into one buffer: the matching kernel takes two
+base pointers (one wide input, one narrow input, each typed as its dtype) and reaches every other
+input through its element offset from its base, as grouped-GEMM kernels do across allocations in
+the device's flat address space. The
 group table holds only what the shapes decide (each row's input slots and offsets inside them), so
 it is built and uploaded once per shape; the slots' offsets from the base change with the data
 pointers every step and travel in a tiny per-call tensor, uploaded without a host sync.
@@ -32,6 +34,7 @@ pointers every step and travel in a tiny per-call tensor, uploaded without a hos
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
@@ -44,7 +47,7 @@ from fastdense.kernels._launch import cdiv
 from fastdense.ops._dispatch import triton_interpreted
 
 # Squared differences are exact and cheap for the location case (D = 2); above this width the
-# tensor-core expansion wins.
+# tensor-core expansion wins. A power of two: it is also the width of the narrow rows' tile.
 DIRECT_MAX_D = 8
 # How float32 inputs enter tl.dot for the search (the returned distance is always recomputed exactly
 # from differences). "ieee": exact float32 products on the CUDA cores, the default, since CONVENTIONS
@@ -63,7 +66,8 @@ _SELECT_COLUMNS = 4
 
 @triton.jit
 def _direct_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Running argmin of exact squared differences, for narrow rows (locations, D = 2)."""
+    """Running (min, argmin) of exact squared differences, for narrow rows (locations, D = 2): the
+    minimum is the winner's squared distance, summed in the same order as a recomputation would."""
     best = tl.full([BLOCK_N], float("inf"), tl.float32)
     best_index = tl.zeros([BLOCK_N], tl.int64)
     for col0 in range(0, m, BLOCK_M):
@@ -77,7 +81,7 @@ def _direct_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: t
             diff = qk[:, None] - ck[None, :]
             score += diff * diff
         best, best_index = _keep_better(score, col_ok, col0, best, best_index)
-    return best_index
+    return best, best_index
 
 
 @triton.jit
@@ -118,8 +122,24 @@ def _dot_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
+def _winner_squared_distance(q_rows, c_base, best_index, row_ok, d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each row's squared distance to its winner, recomputed from differences (never negative)."""
+    matched = c_base + best_index.to(tl.int64) * d
+    squared = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (ks < d)[None, :]
+        q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        c_tile = tl.load(matched[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        diff = q_tile - c_tile
+        squared += tl.sum(diff * diff, axis=1)
+    return squared
+
+
+@triton.jit
 def _nearest_neighbor_kernel(
     base_ptr,
+    narrow_base_ptr,
     groups_ptr,
     slot_offsets_ptr,
     dist_ptr,
@@ -155,7 +175,11 @@ def _nearest_neighbor_kernel(
         row_ok = rows < n
         q_rows = base_ptr + q_off + rows.to(tl.int64) * d
         if d <= DIRECT_MAX_D:
-            best_index = _direct_scan(q_rows, base_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M)
+            # Narrow pairs (locations) are read through their own base, which may have another
+            # dtype than the wide pairs' (float32 locations beside bfloat16 features): one launch.
+            # Their scan's minimum is already the exact squared distance.
+            narrow_q_rows = narrow_base_ptr + q_off + rows.to(tl.int64) * d
+            squared, best_index = _direct_scan(narrow_q_rows, narrow_base_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M)
         elif (d % 16 == 0) & (q_off % 16 == 0) & (c_off % 16 == 0):
             # The same scan with the row stride and offsets rebuilt as visible multiples of 16: the
             # compiler can then prove 16-byte alignment (the launcher picks an aligned base when it
@@ -166,18 +190,14 @@ def _nearest_neighbor_kernel(
             q_rows16 = base_ptr + (q_off // 16) * 16 + rows.to(tl.int64) * d16
             c_base16 = base_ptr + (c_off // 16) * 16
             best_index = _dot_scan(q_rows16, c_base16, row_ok, m, d16, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
+            squared = tl.zeros([BLOCK_N], tl.float32)
         else:
             best_index = _dot_scan(q_rows, base_ptr + c_off, row_ok, m, d, BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, DOT_IN_FLOAT32)
-
-        matched = base_ptr + c_off + best_index.to(tl.int64) * d
-        squared = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, d, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            mask = row_ok[:, None] & (ks < d)[None, :]
-            q_tile = tl.load(q_rows[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            c_tile = tl.load(matched[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-            diff = q_tile - c_tile
-            squared += tl.sum(diff * diff, axis=1)
+            squared = tl.zeros([BLOCK_N], tl.float32)
+        # The expansion's winner, its distance recomputed from differences (never negative); the
+        # narrow scan's minimum already is (d = 0 here skips the loop).
+        wide_d = tl.where(d > DIRECT_MAX_D, d, 0)
+        squared += _winner_squared_distance(q_rows, base_ptr + c_off, best_index, row_ok, wide_d, BLOCK_N, BLOCK_D)
         tl.store(dist_ptr + out_off + rows, tl.sqrt(squared), mask=row_ok)
         tl.store(index_ptr + out_off + rows, best_index.to(tl.int64), mask=row_ok)
 
@@ -384,18 +404,38 @@ def _interpreter_blocks(n_key: int, m_key: int, d_key: int) -> Dict[str, int]:
     return {"BLOCK_N": max(min(n_key, 64), 16), "BLOCK_M": max(min(m_key, 64), 16), "BLOCK_D": min(max(d_key, 16), 1024)}
 
 
+def _is_narrow(query: torch.Tensor) -> bool:
+    """Narrow pairs (locations) take the exact-difference scan, read through the kernel's second base."""
+    return query.shape[2] <= DIRECT_MAX_D
+
+
+def _address_inputs(inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int], List[torch.Tensor]]:
+    if not inputs:
+        return None, [], []
+    address = _address_in_place if _inputs_addressable_from_one_base(inputs[0].device) else _address_in_one_buffer
+    return address(inputs)
+
+
 def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None:
-    """Fill ``dist``/``index`` (flat, float32/int64) for pairs of one dtype, output rows at ``out_rows``.
+    """Fill ``dist``/``index`` (flat, float32/int64) for pairs whose wide inputs (D > DIRECT_MAX_D)
+    share one dtype and whose narrow inputs share one dtype, output rows at ``out_rows``.
 
     Slot ``i`` is ``queries[i]``, slot ``len(queries) + i`` is ``candidates[i]``: positions, not
-    identities, so the group table depends on shapes alone. A tensor passed twice (a view that is the
-    query of one pair and the candidates of another) fills two slots with the same offset and is
-    read in place either way.
+    identities, so the group table depends on shapes alone. A slot's offset counts elements from
+    its own base: the first wide input's base for wide pairs, the narrow one's for narrow pairs.
+    A tensor passed twice (a view that is the query of one pair and the candidates of another)
+    fills two slots with the same offset and is read in place either way.
     """
     inputs = list(queries) + list(candidates)
     device = inputs[0].device
-    address = _address_in_place if _inputs_addressable_from_one_base(device) else _address_in_one_buffer
-    base, slot_offsets, temporaries = address(inputs)
+    narrow_slots = [_is_narrow(queries[slot % len(queries)]) for slot in range(len(inputs))]
+    wide_base, wide_offsets, wide_copies = _address_inputs([t for t, narrow in zip(inputs, narrow_slots) if not narrow])
+    narrow_base, narrow_offsets, narrow_copies = _address_inputs([t for t, narrow in zip(inputs, narrow_slots) if narrow])
+    wide_iter, narrow_iter = iter(wide_offsets), iter(narrow_offsets)
+    slot_offsets = [next(narrow_iter) if narrow else next(wide_iter) for narrow in narrow_slots]
+    # A launch without wide (or narrow) pairs never reads that base; any tensor fills its place.
+    base = wide_base if wide_base is not None else narrow_base
+    narrow_base = narrow_base if narrow_base is not None else base
     shapes = tuple((q.shape[0], q.shape[1], c.shape[1], q.shape[2]) for q, c in zip(queries, candidates))
     key = ("nn", device, tuple(out_rows), shapes)
 
@@ -413,24 +453,27 @@ def _launch_nearest_neighbor(queries, candidates, out_rows, dist, index) -> None
     # Triton's interpreter multiplies bfloat16 tiles wrongly (numpy has no bfloat16); bf16 values are
     # exact in float32, so upcasting there gives the same products the tensor cores form on a GPU.
     dot_in_float32 = triton_interpreted() and base.dtype == torch.bfloat16
-    args = (base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)), max_n)
+    args = (base, narrow_base, table, slots, dist, index, _bucket(max_n), _bucket(max(s[2] for s in shapes)), _bucket(max(s[3] for s in shapes)), max_n)
     if triton_interpreted():
-        blocks = _interpreter_blocks(*args[5:8])
+        blocks = _interpreter_blocks(*args[6:9])
         grid = (table.shape[0] * cdiv(max_n, blocks["BLOCK_N"]),)
         _nearest_neighbor_kernel[grid](*args, **blocks, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
     else:
         grid = lambda meta: (table.shape[0] * cdiv(max_n, meta["BLOCK_N"]),)  # noqa: E731
         _tuned_kernel[grid](*args, DIRECT_MAX_D=DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=dot_in_float32)
-    # The copies of non-contiguous inputs are read through the base pointer only, so nothing else
+    # The copies of non-contiguous inputs are read through the base pointers only, so nothing else
     # holds them: released here, after the launch is queued (the caching allocator reuses their
     # blocks only for work queued later on this stream; the interpreter has finished by now).
-    del temporaries
+    del wide_copies, narrow_copies
 
 
 def nearest_neighbor_many(queries: Sequence[torch.Tensor], candidates: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Nearest candidate of every query row, for every pair ``(queries[i] [B_i, N_i, D_i],
-    candidates[i] [B_i, M_i, D_i])``; one launch per input dtype.
+    candidates[i] [B_i, M_i, D_i])``.
 
+    One launch serves wide pairs of one dtype together with narrow pairs (D <= DIRECT_MAX_D) of one
+    dtype, so a VICRegL step (features in one dtype, locations in the same or another) is one
+    launch; only wide pairs of several dtypes (or narrow pairs of several) take one more each.
     Returns flat ``distance`` (float32) and ``index`` (int64) over all query rows, pair after pair,
     and each pair's first row in them. Inputs are assumed validated (float16/bfloat16/float32, same
     device, non-empty).
@@ -442,10 +485,12 @@ def nearest_neighbor_many(queries: Sequence[torch.Tensor], candidates: Sequence[
     device = queries[0].device
     dist = torch.empty(total, dtype=torch.float32, device=device)
     index = torch.empty(total, dtype=torch.int64, device=device)
-    by_dtype: Dict[torch.dtype, List[int]] = {}
+    wide: Dict[torch.dtype, List[int]] = {}
+    narrow: Dict[torch.dtype, List[int]] = {}
     for i, q in enumerate(queries):
-        by_dtype.setdefault(q.dtype, []).append(i)
-    for members in by_dtype.values():
+        (narrow if _is_narrow(q) else wide).setdefault(q.dtype, []).append(i)
+    for wide_members, narrow_members in itertools.zip_longest(wide.values(), narrow.values(), fillvalue=[]):
+        members = wide_members + narrow_members
         _launch_nearest_neighbor([queries[i] for i in members], [candidates[i] for i in members], [starts[i] for i in members], dist, index)
     return dist, index, starts
 

@@ -522,7 +522,8 @@ operands = [("tensor_core", "bf16", None), ("float32", "fp32", "tf32x3"), ("floa
 for kind, dtype, precision in operands:
     assert nn_kernels._dot_kind(precision) == kind
     for config in nn_kernels._tuning_configs(kind):
-        signature = {"base_ptr": f"*{dtype}", "groups_ptr": "*i64", "slot_offsets_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
+        # float32 locations beside every kind of feature: bf16 features with them is the default bf16 step
+        signature = {"base_ptr": f"*{dtype}", "narrow_base_ptr": "*fp32", "groups_ptr": "*i64", "slot_offsets_ptr": "*i64", "dist_ptr": "*fp32", "index_ptr": "*i64",
                      "n_key": "i32", "m_key": "i32", "d_key": "i32", "max_n": "i32"}
         constants = dict(config.kwargs, DIRECT_MAX_D=nn_kernels.DIRECT_MAX_D, INPUT_PRECISION=precision, DOT_IN_FLOAT32=False)
         compiled = compile_for_sm90(nn_kernels._nearest_neighbor_kernel, signature, constants, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -557,8 +558,9 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("feature_dtype,expected_matching_launches", [(torch.float32, 1), (torch.bfloat16, 2)])
-def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feature_dtype, expected_matching_launches, monkeypatch, device):
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.bfloat16])
+def test_vicregl_step_takes_one_matching_launch_and_one_selection(feature_dtype, monkeypatch, device):
+    """bfloat16 features beside float32 locations (a bf16 training step) share the launch too."""
     from fastdense.kernels import nearest_neighbor as nn_kernels
 
     matching = _LaunchCounter(nn_kernels._tuned_kernel if HAS_CUDA else nn_kernels._nearest_neighbor_kernel)
@@ -566,10 +568,29 @@ def test_vicregl_step_takes_one_matching_launch_per_dtype_and_one_selection(feat
     monkeypatch.setattr(nn_kernels, "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel", matching)
     monkeypatch.setattr(nn_kernels, "_select_rows_kernel", selection)
     _, queries, candidates, ks = vicregl_step_inputs(1, device, feature_dtype)
+    assert {q.dtype for q in queries} == {feature_dtype, torch.float32}
     with ops.backend("triton"):
         ops.nearest_neighbor_pairs_many(queries, candidates, ks)
-    assert (matching.launches, selection.launches) == (expected_matching_launches, 1)
+    assert (matching.launches, selection.launches) == (1, 1)
 
+
+def test_one_matching_launch_per_wide_or_narrow_dtype(monkeypatch, device):
+    """Wide pairs of two dtypes take two launches, each also carrying narrow pairs of one dtype."""
+    from fastdense.kernels import nearest_neighbor as nn_kernels
+
+    name = "_tuned_kernel" if HAS_CUDA else "_nearest_neighbor_kernel"
+    recorder = _LaunchRecorder(getattr(nn_kernels, name))
+    monkeypatch.setattr(nn_kernels, name, recorder)
+    shapes = [(2, 5, 7, 24, torch.float16), (2, 3, 4, 16, torch.bfloat16), (2, 6, 5, 2, torch.float32), (1, 4, 9, 3, torch.bfloat16), (2, 9, 8, 2, torch.float32)]
+    queries, candidates = [], []
+    for i, (b, n, m, d, dtype) in enumerate(shapes):
+        q, c = make_inputs(b, n, m, d, dtype, device, seed=40 + i)
+        queries.append(q)
+        candidates.append(c)
+    dist, index, starts = nn_kernels.nearest_neighbor_many(queries, candidates)
+    assert recorder.launches == 2
+    assert {(args[0].dtype, args[1].dtype) for args in recorder.args} == {(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)}
+    assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
 
 
 def test_float32_searches_in_exact_products_and_16_bit_on_tensor_cores(monkeypatch, device):
@@ -624,7 +645,8 @@ def scattered_pairs(device):
     """Same-dtype pairs whose inputs lie all over memory: separate allocations; views of one storage
     at unaligned and aligned offsets, some below the aligned base the launcher picks (so their
     offsets from it are negative); one view that is the query of one pair and the candidates of
-    another; a non-contiguous input passed twice; and a narrow (D = 2) pair in the same launch."""
+    another; a non-contiguous input passed twice; and a narrow (D = 2) pair in the same launch,
+    read through its own base."""
     g = torch.Generator().manual_seed(11)
     store = torch.randn(1024, generator=g).to(device)
     unaligned = store[1:97].view(2, 3, 16)  # 4 bytes past a 16-byte boundary: never the base
@@ -678,11 +700,13 @@ def test_launch_reads_inputs_in_place(monkeypatch, device):
     recorder, calls = record_launch(monkeypatch)
     dist, index, starts = nearest_neighbor_many(queries, candidates)
     assert recorder.launches == 1 and calls == {"cat": 0, "contiguous copies": 1}, calls
-    base, _, slot_offsets = recorder.args[0][:3]
+    base, narrow_base, _, slot_offsets = recorder.args[0][:4]
     assert base.data_ptr() == queries[1].data_ptr(), "the base must be an input itself (the first aligned one)"
-    itemsize = base.element_size()
-    expected = [(t.data_ptr() - base.data_ptr()) // itemsize for t in queries + candidates if t.is_contiguous()]
-    got = [offset for offset, t in zip(slot_offsets.tolist(), queries + candidates) if t.is_contiguous()]
+    assert narrow_base.data_ptr() in (queries[-1].data_ptr(), candidates[-1].data_ptr()), "narrow pairs have a base of their own"
+    inputs = queries + candidates
+    narrow = [inputs[i % len(queries)].shape[2] <= 8 for i in range(len(inputs))]
+    expected = [(t.data_ptr() - (narrow_base if is_narrow else base).data_ptr()) // t.element_size() for t, is_narrow in zip(inputs, narrow) if t.is_contiguous()]
+    got = [offset for offset, t in zip(slot_offsets.tolist(), inputs) if t.is_contiguous()]
     assert got == expected and min(got) < 0
     assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
 
@@ -721,7 +745,8 @@ def test_interpreter_on_device_tensors_falls_back_to_one_buffer(monkeypatch, dev
     monkeypatch.setattr(nn_kernels, "_inputs_addressable_from_one_base", lambda device: False)
     recorder, calls = record_launch(monkeypatch)
     dist, index, starts = nn_kernels.nearest_neighbor_many(queries, candidates)
-    assert calls["cat"] == 1 and recorder.args[0][0].numel() == sum(t.numel() for t in queries + candidates)
+    # one buffer for the wide inputs, one for the narrow ones
+    assert calls["cat"] == 2 and recorder.args[0][0].numel() + recorder.args[0][1].numel() == sum(t.numel() for t in queries + candidates)
     assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
 
 def test_docstring_examples_run():

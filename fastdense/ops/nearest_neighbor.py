@@ -145,11 +145,12 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
     """:func:`nearest_neighbor_pairs` for many pairs at once: ``[(query_index, candidate_index)]``
     for each ``(queries[i] [B_i, N_i, D_i], candidates[i] [B_i, M_i, D_i], ks[i])``.
 
-    The results equal a loop of :func:`nearest_neighbor_pairs`. On the Triton backend all pairs of
-    one input dtype share one matching launch, whatever their sizes and widths, and every pair shares
-    one selection launch: a VICRegL step's 56 matchings (2 global 7x7 and 6 local 3x3 views, in
-    feature space D = 512 and in location D = 2) take two launches when features and locations are
-    both float32, three when the features are bfloat16. The kernel reads contiguous inputs where
+    The results equal a loop of :func:`nearest_neighbor_pairs`. On the Triton backend one matching
+    launch serves wide pairs (D > 8) of one dtype together with narrow pairs (D <= 8, locations) of
+    one dtype, whatever their sizes, and every pair shares one selection launch: a VICRegL step's 56
+    matchings (2 global 7x7 and 6 local 3x3 views, in feature space D = 512 and in location D = 2)
+    take two launches, with float32 or bfloat16 features beside float32 locations alike; only wide
+    (or narrow) pairs of several dtypes take one more launch each. The kernel reads contiguous inputs where
     they lie (a view that is the query of one pair and the candidates of another included) and
     copies nothing but non-contiguous inputs, once each.
 

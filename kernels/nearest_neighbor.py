@@ -15,7 +15,7 @@ Two kernels, each launched once for any number of (query, candidates) pairs:
   ``|q|^2 + |c|^2`` of each other in squared distance may swap). When every row stride and offset is a multiple of 16 elements the scan runs in
   a branch where the compiler can see that, so tiles stream in with vector asynchronous copies.
 * ``_select_rows_kernel``: one program per group. Row ``i`` is kept when fewer than ``k`` rows come
-  before it in the order (distance, row); kept rows are written in ascending row order with a
+  before it in the order (distance, NaN after every number; row); kept rows are written in ascending row order with a
   running prefix count, so no sort is needed.
 
 Pairs are described by small int64 tables (one row per group), so views of different sizes (7x7
@@ -86,8 +86,9 @@ def _direct_scan(q_rows, c_base, row_ok, m, d, BLOCK_N: tl.constexpr, BLOCK_M: t
 
 @triton.jit
 def _keep_better(score, col_ok, col0, best, best_index):
-    """Fold one tile of scores into the running minimum; a later tile must be strictly better."""
-    score = tl.where(col_ok[None, :], score, float("inf"))
+    """Fold one tile of scores into the running minimum; a later tile must be strictly better. A NaN
+    score counts as -inf, so the first NaN candidate wins, as ``torch.argmin`` picks it."""
+    score = tl.where(col_ok[None, :], tl.where(score != score, float("-inf"), score), float("inf"))
     tile_best, tile_index = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
     better = tile_best < best
     return tl.where(better, tile_best, best), tl.where(better, tile_index + col0, best_index)
@@ -214,11 +215,18 @@ def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out
         i = i0 + tl.arange(0, BLOCK)
         i_ok = i < n
         di = tl.load(dist_ptr + dist_off + i, mask=i_ok, other=float("inf"))
+        # The order of a stable ascending sort: NaN after every number, +inf included.
+        i_nan = di != di
+        di = tl.where(i_nan, float("inf"), di)
         rank = tl.zeros([BLOCK], tl.int32)
         for j0 in range(0, n, BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             dj = tl.load(dist_ptr + dist_off + j, mask=j < n, other=float("inf"))
-            ahead = (dj[None, :] < di[:, None]) | ((dj[None, :] == di[:, None]) & (j[None, :] < i[:, None]))
+            j_nan = dj != dj
+            dj = tl.where(j_nan, float("inf"), dj)
+            same_class = j_nan[None, :] == i_nan[:, None]
+            by_value = (dj[None, :] < di[:, None]) | ((dj[None, :] == di[:, None]) & (j[None, :] < i[:, None]))
+            ahead = (same_class & by_value) | (i_nan[:, None] & ~j_nan[None, :])
             ahead = ahead & (j < n)[None, :]
             rank += tl.sum(ahead.to(tl.int32), axis=1)
         chosen = (rank < k) & i_ok

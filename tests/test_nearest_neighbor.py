@@ -264,6 +264,39 @@ def test_float32_tensor_core_precision_matches_reference(precision, device, monk
         check_triton_against_reference(case, device)
 
 
+@pytest.mark.parametrize("d,dtype", [(2, torch.float32), (16, torch.float32), (16, torch.bfloat16)], ids=["2-float32", "16-float32", "16-bfloat16"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in sqrt")  # the interpreter's numpy, on sqrt(-inf) = NaN
+def test_triton_treats_nan_as_the_reference_does(d, dtype, device):
+    """NaN wins the nearest-neighbour argmin (torch.argmin's rule: the first NaN) and sorts after
+    every number in the row selection (a stable ascending sort's rule), in the kernel as in the reference."""
+    q, c = make_inputs(2, 9, 7, d, dtype, device, seed=5)
+    q[0, 3, 0] = float("nan")  # image 0, row 3: NaN to every candidate
+    c[1, 4, 1] = float("nan")  # image 1, candidate 4: NaN to every row, so every row's nearest
+    expected = nearest_neighbor_reference(q, c)
+    with ops.backend("triton"):
+        got = ops.nearest_neighbor(q, c)
+        many = ops.nearest_neighbor_pairs_many([q] * 3, [c] * 3, [2, 8, 9])
+    assert torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    with ops.backend("reference"):
+        reference = ops.nearest_neighbor_pairs_many([q] * 3, [c] * 3, [2, 8, 9])
+    for (rows, match), (ref_rows, ref_match) in zip(many, reference):
+        assert torch.equal(rows, ref_rows) and torch.equal(match, ref_match)
+
+
+def test_row_selection_puts_nan_after_infinity(device):
+    from fastdense.kernels.nearest_neighbor import select_rows_many
+    from fastdense.ops.nearest_neighbor import select_rows
+
+    nan, inf = float("nan"), float("inf")
+    dist = torch.tensor([[1.0, nan, inf, 0.0, nan, inf, 2.0], [nan, nan, 3.0, nan, inf, 3.0, nan]], device=device)
+    index = torch.arange(dist.numel(), device=device)
+    for k in range(1, 8):
+        rows, match = select_rows_many(dist.reshape(-1), index, [0], [(2, 7)], [k])
+        expected = select_rows(dist, k)
+        assert torch.equal(rows.view(2, k), expected) and torch.equal(match.view(2, k), expected + 7 * torch.arange(2, device=device)[:, None])
+
+
 @pytest.mark.parametrize("d,dtype", [(2, torch.float32), (64, torch.float32), (64, torch.bfloat16)], ids=["2-float32", "64-float32", "64-bfloat16"])
 def test_triton_exact_ties_go_to_lowest_index(d, dtype, device):
     # small integers: exact in every dtype, and their squared norms and dot products are exact in

@@ -97,7 +97,8 @@ def nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[tor
 
     Returns:
         ``(distance, index)``, each ``[B, N]``: float32 Euclidean distances (float64 for float64
-        input) and int64 indices into ``M``. Ties go to the lowest index. No gradient flows through
+        input) and int64 indices into ``M``. Ties go to the lowest index; a NaN distance wins, the
+        first NaN candidate, as ``torch.argmin`` picks it. No gradient flows through
         the distances; gather matched features with the index instead. Empty batches (``B = 0``)
         and empty query sets (``N = 0``) are rejected with a ``ValueError``, like empty candidates.
 
@@ -127,8 +128,9 @@ def nearest_neighbor_pairs(query: torch.Tensor, candidates: torch.Tensor, k: int
     """The ``k`` query rows closest to their nearest candidate, as pairs of indices.
 
     Returns ``(query_index, candidate_index)``, each ``[B, k]`` int64: the ``k`` rows with the smallest
-    nearest-neighbour distance (ties: lower row first), listed in ascending row order, and each one's
-    nearest candidate. This is VICRegL's top-k local matching.
+    nearest-neighbour distance (ties: lower row first; NaN distances after every number, as a stable
+    sort orders them), listed in ascending row order, and each one's nearest candidate. This is
+    VICRegL's top-k local matching.
 
     >>> import torch, fastdense.ops as ops
     >>> q = torch.tensor([[[0.0], [5.0], [1.0]]])

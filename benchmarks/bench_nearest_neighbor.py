@@ -11,9 +11,10 @@ inputs smaller than L2 (``benchmarks.common.rotation_copies``), so they read the
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --quick   # CPU interpreter, seconds
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --host    # host time per call (CPU or GPU)
 
-``--host``: what a VICRegL step's 56 matchings (one ``nearest_neighbor_pairs_many`` call) and one
-pair cost the host, with ``torch.set_num_threads(1)``; on a CPU with the kernels stubbed (see
-``host_cost`` in ``benchmarks/common.py`` and ``bench_vicreg.py --host``).
+``--host``: what a VICRegL step's 56 matchings (one ``nearest_neighbor_pairs_many`` call; float32,
+and bfloat16 features beside float32 locations) and one pair cost the host, with
+``torch.set_num_threads(1)``; on a CPU with the kernels stubbed (see ``host_cost`` in
+``benchmarks/common.py`` and ``bench_vicreg.py --host``).
 """
 
 from __future__ import annotations
@@ -211,16 +212,22 @@ def host_overhead(args) -> None:
     run = HostRun("nearest_neighbor_host", kernels, args.quick, *((10, 3) if args.quick else (30, 15)))
     for b in (8,) if args.quick else (64, 256):
         _, queries, candidates, ks = vicregl_step_pairs(b, run.device)
+        # a bf16 training step: bfloat16 features beside float32 locations
+        _, queries16, candidates16, _ = vicregl_step_pairs(b, run.device, torch.bfloat16)
 
         def step():
             with ops.backend("triton"):
                 return ops.nearest_neighbor_pairs_many(queries, candidates, ks)
 
+        def step_bf16():
+            with ops.backend("triton"):
+                return ops.nearest_neighbor_pairs_many(queries16, candidates16, ks)
+
         def one_pair():
             with ops.backend("triton"):
                 return ops.nearest_neighbor_pairs(queries[0], candidates[0], ks[0])
 
-        run.add(dict(B=b), {"vicregl_step_56_pairs": step, "one_pair": one_pair})
+        run.add(dict(B=b), {"vicregl_step_56_pairs": step, "vicregl_step_56_pairs_bf16": step_bf16, "one_pair": one_pair})
     run.write()
 
 

@@ -23,6 +23,12 @@ this epoch's order, so shards are disjoint and together complete. Every random o
 explicit seed derived from ``(seed, epoch, shard, view)``, so the same seed gives the same crops, and
 switching photometric augmentation on or off does not change them.
 
+Resuming mid-epoch: a pipeline's random streams run on from batch to batch, so a pass cannot start at
+batch k by itself. Pipelines are built with DALI's checkpointing: :meth:`DaliLoader.resume_state`
+takes the checkpoint of a pass in progress (generators and reader as of the batches yielded) and
+:meth:`DaliLoader.resume_from` continues from it without decoding the batches before, with the same
+crops and colours as the uninterrupted pass.
+
 Unreadable files: DALI aborts the pipeline on a decode error, so files are checked once when the
 loader is built (:mod:`fastdense.pipelines.validate`: header, structure and JPEG end marker, cached)
 and left out of the reader. They are listed in ``loader.skipped`` as ``(path, reason)`` and reported
@@ -31,12 +37,13 @@ on the ``fastdense.pipelines`` logger at the end of every epoch.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, epoch_order, num_batches, sample_seed
+from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches, sample_seed
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import GRAY_WEIGHTS
@@ -219,6 +226,8 @@ class DaliLoader:
         check_has_batches(len(self.readable), batch_size, shard_id, num_shards, self.drop_last)
         self.paths = [str(p) for p in paths]
         self.epoch = 0
+        self._iterator = None  # the pass in progress: (epoch, DALI iterator, batches it has yielded)
+        self._resume = None  # a state from :meth:`resume_state` that the next pass continues from
 
     @property
     def skipped(self) -> List[Tuple[str, str]]:
@@ -240,8 +249,29 @@ class DaliLoader:
         """Select the epoch whose order and crops the next iteration produces."""
         self.epoch = int(epoch)
 
+    def resume_state(self) -> Optional[dict]:
+        """Where the pass in progress stands, to continue it later with :meth:`resume_from`:
+        ``{"epoch", "batch", "dali"}``, the batches yielded so far and DALI's own checkpoint (every
+        random generator's state and the reader's position, taken as of those batches, whatever
+        DALI has prefetched), or None when no pass is in progress."""
+        if self._iterator is None:
+            return None
+        epoch, iterator, yielded = self._iterator
+        return {"epoch": epoch, "batch": yielded, "dali": iterator.checkpoints()[0]}
+
+    def resume_from(self, state: dict) -> None:
+        """Make the next pass continue a pass of :meth:`resume_state`'s epoch after its ``batch`` batches,
+        with the same crops and colours as the uninterrupted pass and without decoding the batches
+        before (a resumed run continues mid-epoch with this). It applies to the epoch selected by
+        :meth:`set_epoch` when that is the state's; a DALI that cannot read the checkpoint (another
+        version) makes the pass decode and drop the batches before instead, with a warning."""
+        if not isinstance(state, dict) or not {"epoch", "batch", "dali"} <= state.keys():
+            raise ValueError(f"state must be a dict from DaliLoader.resume_state() with keys epoch, batch and dali, got {state!r:.200}")
+        check_start_batch(state["batch"], len(self))
+        self._resume = state
+
     # -- pipeline --------------------------------------------------------------------------------
-    def _build(self, epoch: int):
+    def _build(self, epoch: int, checkpoint: Optional[str] = None):
         fn, pipeline_def, types, dali_math = _import_dali()
         order = self.epoch_samples(epoch)
         on_gpu = self.device.type == "cuda"
@@ -254,6 +284,9 @@ class DaliLoader:
             device_id=self.device.index if on_gpu else None,
             seed=operator_seed(self.seed, epoch, self.shard_id),
             prefetch_queue_depth=2,
+            # DALI tracks its generators' and reader's states at no measurable cost (its documentation)
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
         )
         def graph():
             encoded, sample_index = fn.readers.file(
@@ -286,8 +319,18 @@ class DaliLoader:
 
         epoch = self.epoch
         self.epoch = epoch + 1  # now, not at the end: a pass stopped early must not repeat its epoch
+        resume, self._resume = self._resume, None
+        start, drop = (resume["batch"], 0) if resume is not None and resume["epoch"] == epoch else (0, 0)
         self._report.reset()
-        pipe = self._build(epoch)
+        pipe = None
+        if start:
+            try:
+                pipe = self._build(epoch, checkpoint=resume["dali"])
+            except Exception as error:  # a checkpoint of another DALI version, for instance
+                warnings.warn(f"DALI could not restore its checkpoint ({error}); decoding the epoch's first {start} batches again to continue after them")
+                drop = start
+        if pipe is None:
+            pipe = self._build(epoch)
         iterator = DALIGenericIterator(
             pipe, self.output_names(), reader_name=READER_NAME, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
         )
@@ -295,13 +338,19 @@ class DaliLoader:
         for path, reason in self.unreadable:
             self._report.add(path, reason)
         last = len(self) - 1
+        self._iterator = (epoch, iterator, start - drop)
         try:
-            for number, outputs in enumerate(iterator):
+            for number, outputs in enumerate(iterator, start=start - drop):
+                if number < start:
+                    self._iterator = (epoch, iterator, number + 1)
+                    continue
                 batch = self._to_batch(outputs[0], sizes)
                 if number == last:
                     self._report.report(epoch, len(self.paths))
+                self._iterator = (epoch, iterator, number + 1)
                 yield batch
         finally:
+            self._iterator = None
             del iterator, pipe
         self._report.report(epoch, len(self.paths))
 

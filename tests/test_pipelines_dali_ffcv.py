@@ -374,3 +374,47 @@ def test_ffcv_loaders_leave_numba_types_alone(raw_beton):
                              device="cpu", photometric=False, drop_last=False)
         assert sum(b.batch_size for b in loader) == len(SIZES)
     assert numba.uint8[::1] is shared and shared.key == key and shared.mutable
+
+
+def test_dali_pass_resumes_from_its_state_without_decoding_the_batches_before(coordinate_pngs, tmp_path, monkeypatch):
+    """A fresh loader (a resumed process) continues an interrupted pass with the crops and colours
+    of the uninterrupted one, building its pipeline from DALI's checkpoint; a checkpoint DALI cannot
+    read falls back to decoding the batches before, with a warning."""
+    from fastdense.pipelines import dali_backend
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    root, _ = coordinate_pngs
+    recipe = dataclasses.replace(two_view_recipe(), views=tuple(dataclasses.replace(v, jitter_p=1.0, flip_p=0.5) for v in two_view_recipe().views))
+
+    def loader():
+        made = make_loader("dali", data=root, recipe=recipe, batch_size=1, num_workers=1, device="cpu", seed=3)
+        made.set_epoch(1)
+        return made
+
+    def same(a, b):
+        return torch.equal(a.index, b.index) and torch.equal(a.matrices, b.matrices) and all(torch.equal(x, y) for x, y in zip(a.views, b.views))
+
+    whole = list(loader())
+    assert len(whole) == 3
+    interrupted = loader()
+    passing = iter(interrupted)
+    next(passing)
+    state = interrupted.resume_state()
+    next(passing)  # moves on past the state taken; the state stays that of one batch
+    assert state["epoch"] == 1 and state["batch"] == 1
+    del passing
+
+    builds, build = [], dali_backend.DaliLoader._build
+    monkeypatch.setattr(dali_backend.DaliLoader, "_build", lambda self, epoch, checkpoint=None: builds.append(checkpoint is not None) or build(self, epoch, checkpoint))
+    resumed = loader()
+    resumed.resume_from(state)
+    rest = list(resumed)
+    assert builds == [True] and len(rest) == 2 and all(same(a, b) for a, b in zip(whole[1:], rest))
+
+    broken = loader()
+    broken.resume_from(dict(state, dali="not a checkpoint"))
+    with pytest.warns(UserWarning, match="could not restore its checkpoint"):
+        rest = list(broken)
+    assert len(rest) == 2 and all(same(a, b) for a, b in zip(whole[1:], rest))
+    with pytest.raises(ValueError, match="resume_state"):
+        broken.resume_from({"batch": 1})

@@ -373,3 +373,28 @@ def test_tensorboard_keeps_the_checkpoint_steps_row_on_resume(tmp_path, monkeypa
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5] and _rows(tmp_path / "run")[3]["loss"] != 9.0
+
+
+def test_dali_resumes_mid_epoch_bit_identically_without_decoding_again(tiny_folder, tmp_path, one_thread, monkeypatch):
+    """DALI's random streams run on from batch to batch: a resumed run continues its pass from the
+    pipeline checkpoint saved with the training checkpoint, not by decoding the consumed batches."""
+    pytest.importorskip("nvidia.dali")
+    from fastdense.pipelines import dali_backend
+
+    builds, build = [], dali_backend.DaliLoader._build
+
+    def spy(self, epoch, checkpoint=None):
+        builds.append((epoch, checkpoint is not None))
+        return build(self, epoch, checkpoint=checkpoint)
+
+    monkeypatch.setattr(dali_backend.DaliLoader, "_build", spy)
+    whole, _ = _train(_method_config("scrl", tiny_folder, tmp_path / "whole", backend="dali"))
+    split_dir = tmp_path / "split"
+    _train(_method_config("scrl", tiny_folder, split_dir, backend="dali", max_steps=1))
+    saved = load_checkpoint(split_dir / "checkpoints" / "last.pt")
+    assert saved["position"] == {"epoch": 0, "batch": 1} and saved["loader_per_rank"][0]["batch"] == 1
+    builds.clear()
+    resumed, _ = _train(_method_config("scrl", tiny_folder, split_dir, backend="dali"), resume=True)
+    assert builds == [(0, True), (1, False)]  # epoch 0 continued from its checkpoint, epoch 1 afresh
+    _assert_same_state(whole, resumed)
+    assert _rows(split_dir) == _rows(tmp_path / "whole")

@@ -5,7 +5,8 @@ the method: box sampling, dropout), a separate RNG state that the loader runs un
 the loader never moves the method's random stream and vice versa), and the loader position (epoch
 and batches consumed). A resumed run re-creates the epoch's iterator from the same seed and skips
 the consumed batches (without decoding them where the loader can start mid-epoch, ``start_at``:
-the torch and ffcv backends), then continues with every state exactly as the interrupted run had it.
+the torch and ffcv backends; the dali backend continues from its own state instead, saved with each
+mid-epoch checkpoint), then continues with every state exactly as the interrupted run had it.
 """
 
 from __future__ import annotations
@@ -191,6 +192,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.loader_rng = RngSandbox()
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        # Loaders whose random streams run on from batch to batch (dali) continue a pass from their
+        # own state: taken at each mid-epoch checkpoint, restored on resume.
+        self.loader_state: Optional[Dict] = None
+        self.loader_resume: Optional[Dict] = None
         self.last_good: Optional[int] = None
         refusal = None
         if self.dist.is_main:
@@ -265,6 +270,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng_per_rank": rngs,
+            "loader_per_rank": distributed.gather_objects(self.loader_state if self.batch_in_epoch else None, self.dist),
             "world_size": self.dist.world_size,
             "config": self.config,
         }
@@ -279,6 +285,7 @@ class Trainer:
         rngs = state["rng_per_rank"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])
+            self.loader_resume = state.get("loader_per_rank", [None] * len(rngs))[self.dist.rank]
         else:
             # Shards and per-rank streams cannot continue exactly; give each rank a fresh stream of
             # its own rather than one rank's stream to all.
@@ -389,8 +396,12 @@ class Trainer:
                     self.loader.set_epoch(self.epoch)
                 skip = self.batch_in_epoch
                 self.loader_rng.reseed(self.config["seed"] + 1_000_003 * self.epoch + 7919 * self.dist.rank)
+                resume, self.loader_resume = self.loader_resume, None
                 if skip and hasattr(self.loader, "start_at"):
                     self.loader.start_at(skip)  # the consumed batches are not decoded again
+                    skip = 0
+                elif skip and resume and resume.get("epoch") == self.epoch and resume.get("batch") == skip and hasattr(self.loader, "resume_from"):
+                    self.loader.resume_from(resume)  # nor here: the loader continues from its own state
                     skip = 0
                 with self.loader_rng:
                     iterator = iter(self.loader)
@@ -408,6 +419,9 @@ class Trainer:
                     self.batch_in_epoch += 1
                     last = self.step >= end_step
                     epoch_done = self.batch_in_epoch >= self.steps_per_epoch
+                    save_mid_epoch = not epoch_done and (last or (config["checkpoint_every"] and self.step % config["checkpoint_every"] == 0))
+                    if save_mid_epoch and hasattr(self.loader, "resume_state"):
+                        self.loader_state = self.loader.resume_state()  # before the next fetch moves it on
                     # Fetch the next batch while the device still works on this step.
                     batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch()
                     loss = self.check_finite(step, out)
@@ -433,7 +447,7 @@ class Trainer:
                         self.epoch += 1
                         self.batch_in_epoch = 0
                         self.save()
-                    elif last or (config["checkpoint_every"] and self.step % config["checkpoint_every"] == 0):
+                    elif save_mid_epoch:
                         self.save()
                 if self.batch_in_epoch and not last:
                     # The loader ran out before len(loader) batches (a shorter shard): the epoch is over.

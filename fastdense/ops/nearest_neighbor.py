@@ -105,8 +105,8 @@ def nearest_neighbor(query: torch.Tensor, candidates: torch.Tensor) -> Tuple[tor
     The Triton kernel (CUDA tensors, or forced) never forms the ``B x N x M`` distance matrix. It
     ranks candidates by ``|c|^2 - 2 q.c`` with float32 accumulation (exact float32 products for
     float32 input, tensor cores for float16/bfloat16), or by exact squared differences for
-    ``D <= 8``, and returns the winner's distance recomputed from differences (never negative or
-    NaN). The expansion's rounding grows with the norms (about float32 epsilon times
+    ``D <= 8``, and returns the winner's distance from exact differences (never negative, and NaN
+    only from NaN input). The expansion's rounding grows with the norms (about float32 epsilon times
     ``|q|^2 + |c|^2``), not with the distance: for ``D > 8``, candidates whose squared distances
     to a row differ by less than that may swap, even an exact copy of the row and a slightly farther
     candidate when the vectors are long compared with the distances between them.

@@ -7,7 +7,7 @@ PERFORMANCE.md plus a whole VICRegL step (2 global 7x7 + 6 local 3x3 views, feat
 locations D = 2: 56 matchings) as one figure. On the GPU, timed calls cycle through copies of
 inputs smaller than L2 (``benchmarks.common.rotation_copies``), so they read them from memory.
 
-    PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py           # GPU, full table (< 90 s)
+    PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py           # GPU, full table (about 150 s on an H200, autotuning included)
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --quick   # CPU interpreter, seconds
     PYTHONPATH=. python3 benchmarks/bench_nearest_neighbor.py --host    # host time per call (CPU or GPU)
 

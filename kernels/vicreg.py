@@ -40,6 +40,7 @@ Float64 tiles avoid ``tl.dot`` (not every GPU lowers it) and multiply by broadca
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -122,9 +123,15 @@ def _matmul_tile(a, b, acc, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
+    """``eps`` in ``ACC``, from the two float32 halves :func:`eps_halves` passes."""
+    return _as_acc(eps_hi, ACC) + _as_acc(eps_lo, ACC)
+
+
+@triton.jit
 def _column_stats_kernel(
     x_ptr, mean_ptr, sumsq_ptr, hinge_ptr,
-    n, D, stride_n, stride_s, stride_d, eps,
+    n, D, stride_n, stride_s, stride_d, eps_hi, eps_lo,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """Per column of one slot: the mean, the centred sum of squares ``d`` and the variance hinge.
@@ -147,7 +154,7 @@ def _column_stats_kernel(
         centred = tl.load(base + rows[:, None] * stride_n, mask=mask, other=0.0).to(ACC) - mean[None, :]
         centred = tl.where(mask, centred, 0.0)
         squares += tl.sum(centred * centred, axis=0)
-    std = tl.sqrt(squares / (n - 1) + eps)
+    std = tl.sqrt(squares / (n - 1) + _eps(eps_hi, eps_lo, ACC))
     out = slot * D + cols
     tl.store(mean_ptr + out, mean, mask=col_mask)
     tl.store(sumsq_ptr + out, squares, mask=col_mask)
@@ -309,17 +316,17 @@ def _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, 
 
 @triton.jit
 def _as_acc(count, ACC: tl.constexpr):
-    """An integer argument as an ``ACC`` scalar (Triton passes an argument equal to 1 as a constant)."""
+    """A scalar argument as an ``ACC`` scalar (Triton passes an integer equal to 1 as a constant)."""
     return count + tl.zeros([], dtype=ACC)
 
 
 @triton.jit
-def _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, GRAM_COVARIANCE: tl.constexpr, ACC: tl.constexpr):
+def _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps_hi, eps_lo, GRAM_COVARIANCE: tl.constexpr, ACC: tl.constexpr):
     """Per column of ``X``: ``coef`` in ``∂L/∂X = scale (A Aᵀ) A + coef ⊙ Xc``. The hinge's part is
     ``-g_var / (S D (n - 1)) / std`` where ``std < 1`` (relu'(0) = 0, as in autograd); the Gram form
     adds the covariance's ``-scale d`` (the ``A diag(d)`` term). ``S`` is the grid's slot count."""
     dof = _as_acc(batch_rows, ACC) - 1.0
-    std = tl.sqrt(sumsq / dof + eps)
+    std = tl.sqrt(sumsq / dof + _eps(eps_hi, eps_lo, ACC))
     hinge_scale = tl.load(grad_variance_ptr).to(ACC) / (_as_acc(tl.num_programs(0), ACC) * _as_acc(dim, ACC) * dof)
     coef = tl.where(std < 1.0, -hinge_scale / std, 0.0)
     if GRAM_COVARIANCE:
@@ -330,7 +337,7 @@ def _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps
 @triton.jit
 def _apply_product_kernel(
     a_ptr, b_ptr, product_ptr, mean_ptr, sumsq_ptr, grad_variance_ptr, grad_covariance_ptr, out_ptr,
-    rows_a, rows_b, inner, row_offset, mean_s, batch_rows, dim, eps,
+    rows_a, rows_b, inner, row_offset, mean_s, batch_rows, dim, eps_hi, eps_lo,
     sa_s, sa_r, sa_k, sb_s, sb_r, sb_k, sp_s, sp_r, sp_c, so_s, so_r, so_k,
     HAS_PRODUCT: tl.constexpr, PACKED_BLOCK: tl.constexpr, MEAN_ON_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -352,11 +359,11 @@ def _apply_product_kernel(
     scale = 4.0 * tl.load(grad_covariance_ptr).to(ACC) / (dof * dof * _as_acc(dim, ACC) * _as_acc(tl.num_programs(0), ACC))
     if MEAN_ON_ROWS:
         sumsq = tl.load(sumsq_ptr + slot * mean_s + a_offset + rows, mask=rows < rows_a, other=0.0)
-        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, False, ACC)[:, None]
+        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps_hi, eps_lo, False, ACC)[:, None]
     else:
         sumsq = tl.load(sumsq_ptr + slot * mean_s + cols, mask=cols < inner, other=0.0)
         # With the covariance (HAS_PRODUCT), the Gram form's coefficient carries its -scale d.
-        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps, HAS_PRODUCT, ACC)[None, :]
+        coef = _gradient_coefficients(sumsq, grad_variance_ptr, scale, batch_rows, dim, eps_hi, eps_lo, HAS_PRODUCT, ACC)[None, :]
     result = coef * a
     if HAS_PRODUCT:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -410,8 +417,12 @@ def _interpreted() -> bool:
 
 def _tile_config(x: torch.Tensor):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot) for products on ``x``."""
-    on_gpu = x.is_cuda and not _interpreted()
-    if x.dtype == torch.float64:
+    return tiles_for(x.dtype, on_gpu=x.is_cuda and not _interpreted())
+
+
+def tiles_for(dtype: torch.dtype, on_gpu: bool):
+    """:func:`_tile_config` for compiled kernels (``on_gpu``) or for Triton's interpreter."""
+    if dtype == torch.float64:
         return (16, 16, 16, 4, 1, False) if on_gpu else (32, 32, 32, 4, 1, False)
     if on_gpu:
         return 128, 128, 32, 8, 3, True
@@ -436,6 +447,13 @@ def _dot_precision(x: torch.Tensor, dim: int) -> str:
     return FP32_DOT_PRECISION
 
 
+def eps_halves(eps: float) -> Tuple[float, float]:
+    """``eps`` as a float32 value plus the float32 remainder: Triton passes a Python float as float32,
+    which moves ``1e-4`` by 2.5e-12 and a float64 hinge by as much (thousands of float64 ulps)."""
+    hi = struct.unpack("f", struct.pack("f", eps))[0]
+    return hi, eps - hi
+
+
 def column_stats(x: torch.Tensor, eps: float):
     """``(mean, d, hinge)``, each ``[S, D]`` in the accumulator dtype, for ``x [n, S, D]``."""
     n, slots, dim = x.shape
@@ -445,7 +463,7 @@ def column_stats(x: torch.Tensor, eps: float):
     block_n = 32 if x.is_cuda and not _interpreted() else 64
     grid = (slots, cdiv(dim, block_d))
     _column_stats_kernel[grid](
-        x, mean, sumsq, hinge, n, dim, x.stride(0), x.stride(1), x.stride(2), float(eps),
+        x, mean, sumsq, hinge, n, dim, x.stride(0), x.stride(1), x.stride(2), *eps_halves(eps),
         BLOCK_N=block_n, BLOCK_D=block_d, ACC=_tl_dtype(x.dtype), num_warps=4,
     )
     return mean, sumsq, hinge
@@ -608,7 +626,7 @@ def apply_product(a: Operand, b: Optional[Operand], product: Optional[torch.Tens
     sp = product.stride()[:3] if has_product else (0, 0, 0)
     _apply_product_kernel[grid](
         a.x, b.x, product, mean, terms.sumsq, terms.grad_variance, terms.grad_covariance, out.x,
-        a.rows, b.rows, a.inner, a.offset, mean.stride(0), terms.batch_rows, dim, float(terms.eps),
+        a.rows, b.rows, a.inner, a.offset, mean.stride(0), terms.batch_rows, dim, *eps_halves(terms.eps),
         *a.strides(), *b.strides(), *sp, *out.strides(),
         HAS_PRODUCT=has_product, PACKED_BLOCK=packed_block, MEAN_ON_ROWS=a.transposed,
         EVEN=b.rows % block_k == 0 and a.inner % block_n == 0,

@@ -298,9 +298,11 @@ def test_vicregl_step_matches_all_pairs_in_one_launch(autocast):
     from fastdense.kernels import nearest_neighbor as nn_kernels
 
     torch.manual_seed(0)
+    # the compiled kernels on a GPU, Triton's interpreter on the CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     # local features wider than the kernel's narrow (exact-difference) width, as in real runs
-    method = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-12", num_matches=[3, 2])
-    batch = make_batch([64, 64, 32, 32], batch=2, dtype=torch.float32)
+    method = build_method("vicregl", preset="cpu", expander="8-8", local_projector="4-12", num_matches=[3, 2]).to(device)
+    batch = make_batch([64, 64, 32, 32], batch=2, dtype=torch.float32).to(device)
     launches = {"matching": 0, "selection": 0}
 
     def counted(kernel, name):
@@ -314,10 +316,10 @@ def test_vicregl_step_matches_all_pairs_in_one_launch(autocast):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(nn_kernels, kernel_name, counted(getattr(nn_kernels, kernel_name), "matching"))
         patch.setattr(nn_kernels, "_select_rows_kernel", counted(nn_kernels._select_rows_kernel, "selection"))
-        with ops.backend("triton"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with ops.backend("triton"), torch.autocast(device, torch.bfloat16, enabled=autocast):
             fast = method(batch)["local_loss"]
     assert launches == {"matching": 1, "selection": 1}
-    with ops.backend("reference"), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+    with ops.backend("reference"), torch.autocast(device, torch.bfloat16, enabled=autocast):
         reference = method(batch)["local_loss"]
     # CONVENTIONS' tolerances: bfloat16 inputs 2e-2, float32 1e-5
     torch.testing.assert_close(fast, reference, rtol=2e-2 if autocast else 1e-5, atol=1e-6)

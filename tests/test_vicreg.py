@@ -3,6 +3,8 @@
 Under Triton's interpreter (no GPU) only the cheap shapes run; the full grid of the issue runs on CUDA.
 """
 
+import struct
+
 import pytest
 import torch
 
@@ -52,11 +54,14 @@ def _spread(*shape, dtype=torch.float32, device="cpu", seed=0):
     return x.to(device=device, dtype=dtype)
 
 
-def _assert_rel(out, ref, tol, what):
+def _assert_rel(out, ref, tol, what, rounding_dtype=None):
+    """``‖out − ref‖ ≤ tol ‖ref‖``; plus, given ``rounding_dtype``, the error of ``ref`` rounded to it:
+    a float16 gradient of 1e-6 entries sits among subnormals 6e-8 apart, a floor no kernel goes below."""
     out, ref = torch.as_tensor(out).double().cpu(), torch.as_tensor(ref).double().cpu()
     err = torch.linalg.vector_norm(out - ref).item()
     scale = torch.linalg.vector_norm(ref).item()
-    assert err <= tol * scale + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3g} > {tol}"
+    floor = 0.0 if rounding_dtype is None else torch.linalg.vector_norm(ref.to(rounding_dtype).double() - ref).item()
+    assert err <= tol * scale + floor + 1e-12, f"{what}: relative error {err / max(scale, 1e-300):.3g} > {tol} (+ rounding {floor / max(scale, 1e-300):.3g})"
 
 
 # Products run in TF32 (operands rounded explicitly, so the interpreter computes the same numbers):
@@ -78,7 +83,7 @@ def _check_triton(x: torch.Tensor, weights=(1.0, 0.5)):
     _assert_rel(variance, ref_var, LOSS_TOL[dtype], "variance")
     _assert_rel(covariance, ref_cov, LOSS_TOL[dtype], "covariance")
     assert x.grad.dtype == dtype and x.grad.shape == x.shape
-    _assert_rel(x.grad, ref_grad, GRAD_TOL[dtype], "gradient")
+    _assert_rel(x.grad, ref_grad, GRAD_TOL[dtype], "gradient", rounding_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- reference vs float64
@@ -187,6 +192,16 @@ def test_triton_backward_recomputes_in_chunks(n, dim, device, monkeypatch):
     assert len(applies.launches) == 2
 
 
+@pytest.mark.parametrize("eps", [1e-4, 0.0, 0.5, 1e-30, 3.0e-7])
+def test_eps_reaches_the_kernels_in_float64(eps):
+    # Triton passes a Python float as float32: the kernels get eps as two float32 halves whose sum
+    # in float64 is eps to 1e-14 of itself (float32 alone moves 1e-4 by 2.5e-12).
+    as_float32 = lambda value: struct.unpack("f", struct.pack("f", value))[0]  # noqa: E731
+    hi, lo = kernels.eps_halves(eps)
+    assert as_float32(hi) == hi
+    assert abs(hi + as_float32(lo) - eps) <= 1e-14 * eps
+
+
 def test_saved_product_budget(monkeypatch):
     """Kept: up to 12 MiB, or up to a quarter of x (in float32) when that is more."""
     monkeypatch.setattr(kernels, "_tile_config", lambda x: (128, 128, 32, 8, 3, True))  # the GPU's 128-wide tiles
@@ -196,10 +211,19 @@ def test_saved_product_budget(monkeypatch):
     assert not kernels.packed_product_fits(wide, 4096)  # 33 MiB, a quarter of x is 32
 
 
+def _interpreter_tiles(monkeypatch):
+    """On a GPU too, the tile sizes of the interpreter, which the shapes of a test count tiles in
+    (the GPU's own are in test_triton_gpu_tile_sizes)."""
+    if HAS_CUDA:
+        monkeypatch.setattr(kernels, "_tile_config", lambda x: kernels.tiles_for(x.dtype, on_gpu=False))
+        monkeypatch.setattr(kernels, "_apply_blocks", lambda x: kernels.tiles_for(x.dtype, on_gpu=False)[:3])
+
+
 @pytest.mark.parametrize("shape, dtype", [((150, 190), torch.float32), ((190, 150), torch.float32), ((130, 2, 140), torch.float32), ((70, 90), torch.float64)])
 def test_triton_backward_reads_the_packed_product(shape, dtype, device, monkeypatch):
     # Three tiles a side: the backward reads tiles left of the diagonal transposed, the rest as
     # stored, and computes no product of its own.
+    _interpreter_tiles(monkeypatch)
     x = _spread(*shape, dtype=dtype, device=device)
     x3 = x if x.dim() == 3 else x[:, None]
     side = min(x3.shape[0], x3.shape[2])
@@ -241,6 +265,7 @@ class _RecordLaunches:
 @pytest.mark.parametrize("shape, even", [((192, 256), True), ((256, 192), True), ((128, 3, 64), True), ((190, 256), False), ((192, 250), False)])
 def test_triton_even_tiles_drop_the_masks(shape, even, device, monkeypatch):
     # Blocks that divide the shape take the unmasked loads; anything else keeps them. Same results.
+    _interpreter_tiles(monkeypatch)
     products = _RecordLaunches(kernels._product_tiles_kernel)
     applies = _RecordLaunches(kernels._apply_product_kernel)
     monkeypatch.setattr(kernels, "_product_tiles_kernel", products)
@@ -472,7 +497,7 @@ applies = ["a_ptr", "b_ptr", "product_ptr", "mean_ptr", "sumsq_ptr", "grad_varia
 apply_ints = ["rows_a", "rows_b", "inner", "row_offset", "mean_s", "batch_rows", "dim", "sa_s", "sa_r", "sa_k", "sb_s", "sb_r", "sb_k", "sp_s", "sp_r", "sp_c", "so_s", "so_r", "so_k"]
 for packed_block, even in ((block_m, True), (0, False)):
     constants = dict(common, HAS_PRODUCT=True, PACKED_BLOCK=packed_block, EVEN=even, **kernels.GPU_APPLY_BLOCKS)
-    compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints, ['eps']), constants, num_warps=warps, num_stages=stages)
+    compiled = compile_for_sm90(kernels._apply_product_kernel, types(applies, apply_ints, ['eps_hi', 'eps_lo']), constants, num_warps=warps, num_stages=stages)
     assert "wgmma" in compiled.asm["ptx"] and spill_bytes(compiled) == 0, "apply: no tensor-core MMA, or spills"
 finish = types(["partial_ptr", "sumsq_ptr", "hinge_ptr", "out_ptr"], ["tiles", "slots_dim", "batch_rows"])
 for gram in (True, False):

@@ -3,6 +3,7 @@
 import os
 import re
 import socket
+import traceback
 
 import pytest
 import torch
@@ -57,35 +58,46 @@ def _inputs(rows, shape_tail):
 
 def _worker(rank, port, result_queue):
     # One spawn serves every case (process start-up dominates); 2-rank cases run on a sub-group.
-    os.environ["TRITON_INTERPRET"] = "1"
+    # With a GPU every rank runs the compiled kernels on it (gloo moves CUDA tensors through the
+    # host); without one, Triton's interpreter.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        for case, (ranks, backend_name, rows, shape_tail, dtype, _) in enumerate(CASES):
-            group = dist.new_group(list(ranks))
-            if rank not in ranks:
-                continue
-            start = sum(rows[: ranks.index(rank)])
-            local = _inputs(rows, shape_tail)[start : start + rows[ranks.index(rank)]].to(dtype).requires_grad_(True)
-            with ops.backend(backend_name):
-                variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
-            (variance + 0.5 * covariance).backward()
-            result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
-        ranks, rows = TOO_FEW
-        group = dist.new_group(list(ranks))
-        if rank in ranks:
-            try:
-                ops.vicreg_variance_covariance(torch.zeros(rows[ranks.index(rank)], 4), group=group)
-                result_queue.put(("too_few", rank, None))
-            except ValueError as error:
-                result_queue.put(("too_few", rank, str(error)))
-            for what, bad in (("mismatch", torch.zeros(3, 4 + rank)), ("dtype", torch.zeros(3, 4, dtype=(torch.float32, torch.float64)[rank % 2]))):
-                try:  # different D, then different dtypes, on the two ranks
-                    ops.vicreg_variance_covariance(bad, group=group)
-                    result_queue.put((what, rank, None))
-                except ValueError as error:
-                    result_queue.put((what, rank, str(error)))
+        _run_cases(rank, device, result_queue)
+    except BaseException:  # the test fails at once with this rank's traceback instead of waiting out its timeout
+        result_queue.put(("error", rank, traceback.format_exc()))
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _run_cases(rank, device, result_queue):
+    for case, (ranks, backend_name, rows, shape_tail, dtype, _) in enumerate(CASES):
+        group = dist.new_group(list(ranks))
+        if rank not in ranks:
+            continue
+        start = sum(rows[: ranks.index(rank)])
+        local = _inputs(rows, shape_tail)[start : start + rows[ranks.index(rank)]].to(device, dtype).requires_grad_(True)
+        with ops.backend(backend_name):
+            variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
+        (variance + 0.5 * covariance).backward()
+        result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+    ranks, rows = TOO_FEW
+    group = dist.new_group(list(ranks))
+    if rank in ranks:
+        try:
+            ops.vicreg_variance_covariance(torch.zeros(rows[ranks.index(rank)], 4, device=device), group=group)
+            result_queue.put(("too_few", rank, None))
+        except ValueError as error:
+            result_queue.put(("too_few", rank, str(error)))
+        for what, bad in (("mismatch", torch.zeros(3, 4 + rank, device=device)), ("dtype", torch.zeros(3, 4, device=device, dtype=(torch.float32, torch.float64)[rank % 2]))):
+            try:  # different D, then different dtypes, on the two ranks
+                ops.vicreg_variance_covariance(bad, group=group)
+                result_queue.put((what, rank, None))
+            except ValueError as error:
+                result_queue.put((what, rank, str(error)))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +109,13 @@ def gloo_results():
     for p in procs:
         p.start()
     expected = sum(len(case[0]) for case in CASES) + 3 * len(TOO_FEW[0])
-    results = [queue.get(timeout=150) for _ in range(expected)]
+    results = []
+    for _ in range(expected):
+        results.append(queue.get(timeout=150))
+        if results[-1][0] == "error":
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {results[-1][1]} failed:\n{results[-1][2]}")
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -22,8 +22,10 @@ takes, so the backward recomputes none of it:
   ``_group_kernel`` computes them in one launch (each box's rank among the boxes ordered by
   (image, position); O(K^2) compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above).
 - ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, from
-  ``_pooled_weights_kernel`` (one program per box). The pooling kernels then spend a box on one
-  weighted reduction instead of rebuilding its bilinear weights in every channel block.
+  ``_pooled_weights_kernel`` (one program per box). The pooling kernels then take an image's boxes
+  ``POOLED_BOX_BLOCK`` at a time in one tensor-core product (``[channels, pixels] x [pixels, boxes]``
+  forward, ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's
+  bilinear weights in every channel block, or waiting on one chain of dependent loads per box.
 
 Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
 weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).
@@ -54,6 +56,8 @@ LARGE_TILE = (8, 16)
 GROUP_KERNEL_MAX_BOXES = 8192
 GROUP_BLOCK = 32
 GROUP_SCAN = 128
+# Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
+POOLED_BOX_BLOCK = 16
 # Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -145,6 +149,7 @@ def _image_forward_kernel(
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
+    BOX_BLOCK: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -157,14 +162,21 @@ def _image_forward_kernel(
     tile = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
-    for j in range(first, last):
-        box = tl.load(order_ptr + j)
-        out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-        if PH * PW == 1:
-            weights = tl.load(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + pixel)  # over the count already
-            value = tl.sum(tile.to(tl.float32) * weights[None, :], axis=1)
-            tl.store(out_base, value.to(out_ptr.dtype.element_ty), mask=c_ok)
-        else:
+    if PH * PW == 1:
+        # BOX_BLOCK boxes at a time, one product [channels, pixels] x [pixels, boxes]: their indices
+        # and weights arrive in one load each, not one dependent load chain per box.
+        for j in range(first, last, BOX_BLOCK):
+            slots = j + tl.arange(0, BOX_BLOCK)
+            real = slots < last
+            boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
+            weights = tl.load(weights_ptr + boxes[:, None] * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)  # over the count already
+            value = tl.dot(tile.to(tl.float32), tl.trans(weights), input_precision="tf32x3")
+            out = out_ptr + boxes[None, :] * C + channels[:, None]
+            tl.store(out, value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
+    else:
+        for j in range(first, last):
+            box = tl.load(order_ptr + j)
+            out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
             _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
             weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
             # Every bin at once: [channels, pixels] x [pixels, bins].
@@ -235,7 +247,7 @@ def _image_backward_kernel(
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr,
+    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, BOX_BLOCK: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -248,13 +260,19 @@ def _image_backward_kernel(
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
-    for j in range(first, last):
-        box = tl.load(order_ptr + j)
-        if WEIGHTS_GIVEN:  # 1x1 output, one tile for the whole map: the forward's per-box weights
-            weights = tl.load(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + pixel)
-            g = tl.load(grad_ptr + box.to(tl.int64) * C + channels, mask=c_ok, other=0.0).to(tl.float32)
-            acc += g[:, None] * weights[None, :]
-        else:
+    if WEIGHTS_GIVEN:
+        # 1x1 output, one tile for the whole map: the forward's per-box weights, BOX_BLOCK boxes per
+        # product [channels, boxes] x [boxes, pixels] (one load each for indices, gradients, weights).
+        for j in range(first, last, BOX_BLOCK):
+            slots = j + tl.arange(0, BOX_BLOCK)
+            real = slots < last
+            boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
+            g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=c_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
+            weights = tl.load(weights_ptr + boxes[:, None] * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
+            acc = tl.dot(g, weights, acc, input_precision="tf32x3")
+    else:
+        for j in range(first, last):
+            box = tl.load(order_ptr + j)
             _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
             # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
             # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
@@ -395,8 +413,8 @@ def prepare_rois(rois: torch.Tensor) -> torch.Tensor:
 
 def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
     tile_h, tile_w = next_power_of_2(height), next_power_of_2(width)
-    if bins > 1:  # tl.dot needs at least 16 along every dimension
-        tile_w = max(tile_w, 16 // min(tile_h, 16))
+    # tl.dot needs at least 16 along every dimension, pixels included (the pooled form multiplies too)
+    tile_w = max(tile_w, 16 // min(tile_h, 16))
     return tile_h, tile_w
 
 
@@ -405,14 +423,15 @@ def _dot_in_float32(dtype: torch.dtype) -> bool:
 
 
 def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
-    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``: about 2048 float32 values of the tile per program (ptxas for
-    sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more channels than exist,
-    and tl.dot's minimum of 16 when there is more than one bin."""
-    minimum = 16 if out_h * out_w > 1 else 1
-    block_c = max(minimum, min(next_power_of_2(channels), max(1, 2048 // tile)))
+    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``, ``BOX_BLOCK``: about 2048 float32 values of the tile per
+    program (ptxas for sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more
+    channels than exist, and tl.dot's minimum of 16 (channels always, bins when there is more than
+    one, boxes in the pooled form's products)."""
+    bins_minimum = 16 if out_h * out_w > 1 else 1
+    block_c = max(16, min(next_power_of_2(channels), max(1, 2048 // tile)))
     ph_pad = next_power_of_2(out_h)
-    pw_pad = max(next_power_of_2(out_w), minimum // min(ph_pad, minimum))
-    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
+    pw_pad = max(next_power_of_2(out_w), bins_minimum // min(ph_pad, bins_minimum))
+    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad, BOX_BLOCK=POOLED_BOX_BLOCK)
 
 
 # The launch configurations depend on shapes and dtype only; a training loop repeats a few of them.

@@ -39,8 +39,9 @@ declare -A STEPS=(
     [bench_vicreg_host]="60 python3 benchmarks/bench_vicreg.py --host"
     [bench_nearest_neighbor_host]="60 python3 benchmarks/bench_nearest_neighbor.py --host"
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
-    # Needs DALI, which the GPU image lacks: scripts/gpu_wheels.sh here, carry the pieces, then
-    # scripts/gpu_install_wheels.sh there (installs into /tmp/site). Not in the default list.
+    # Needs DALI, which the GPU image lacks: scripts/gpu_wheels.sh here; there, one call per piece
+    # (carrying it) runs `scripts/gpu_install_wheels.sh keep`, then `... install` (into /tmp/site).
+    # Not in the default list.
     [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
 )
 ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host bench_train_step)

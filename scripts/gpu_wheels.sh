@@ -4,7 +4,8 @@
 # it into pieces small enough to travel one per remote call (default 56 MiB; a call carries 64 MiB
 # with the working tree). The pieces land in the git-ignored .gpu-wheels/pieces/.
 #   bash scripts/gpu_wheels.sh            # here, where pip can download
-#   bash scripts/gpu_install_wheels.sh    # there, once every piece has arrived: installs into /tmp/site
+#   bash scripts/gpu_install_wheels.sh keep      # there, in each call that carries a piece
+#   bash scripts/gpu_install_wheels.sh install   # there, once every piece has arrived: installs into /tmp/site
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=.gpu-wheels
@@ -23,5 +24,5 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
     --platform manylinux2014_x86_64 -d "$dir/wheels" "${packages[@]}"
 tar -C "$dir" -cf - wheels | split -b "${piece_mib}m" -d -a 2 - "$dir/pieces/part-"
 rm -rf "$dir/wheels"
-echo "carry one piece per call (each call's 'carry' names one file), then run scripts/gpu_install_wheels.sh there:"
+echo "carry one piece per call (each call's 'carry' names one file) and run 'scripts/gpu_install_wheels.sh keep' in it; then 'install':"
 ls "$dir/pieces" | while read -r piece; do echo "$dir/pieces/$piece"; done

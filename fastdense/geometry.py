@@ -82,7 +82,7 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """The matrix that applies ``inner`` first, then ``outer``: ``outer @ inner``, broadcast over
-    leading dimensions. For example, a crop of a crop: ``compose(first_crop, second_crop)`` maps the
+    leading dimensions; both of one dtype and device. For example, a crop of a crop: ``compose(first_crop, second_crop)`` maps the
     second crop's pixels to the source, since ``first_crop`` maps its own pixels there.
 
     >>> first = crop_matrix(100, 0, 200, 200, 100, 100)    # source [100, 300) -> 100 px
@@ -92,6 +92,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     _check_matrices(outer, "outer")
     _check_matrices(inner, "inner")
+    _check_same_dtype_and_device(outer, "outer", inner, "inner")
     return outer @ inner
 
 
@@ -107,11 +108,12 @@ def view_to_view(matrices: torch.Tensor, src: int, dst: int) -> torch.Tensor:
 
 
 def apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Map points ``[..., N, 2]`` (x, y) through matrices ``[..., 3, 3]``."""
+    """Map points ``[..., N, 2]`` (x, y) through matrices ``[..., 3, 3]`` of the same dtype and device."""
     _check_matrices(matrices, "matrices")
     if not torch.is_tensor(points) or points.dim() < 2 or points.shape[-1] != 2:
         shape = list(points.shape) if torch.is_tensor(points) else type(points).__name__
         raise ValueError(f"points must have shape [..., N, 2], got {shape}")
+    _check_same_dtype_and_device(matrices, "matrices", points, "points")
     linear = matrices[..., None, :2, :2]
     shift = matrices[..., None, :2, 2]
     return (linear @ points[..., None]).squeeze(-1) + shift
@@ -143,13 +145,15 @@ def cell_centers_in_source(matrices: torch.Tensor, height: int, width: int, view
 
 
 def map_boxes(matrices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Map boxes ``[..., K, 4]`` given as ``(x1, y1, x2, y2)`` through ``[..., 3, 3]`` matrices.
+    """Map boxes ``[..., K, 4]`` given as ``(x1, y1, x2, y2)`` through ``[..., 3, 3]`` matrices of
+    the same dtype and device.
 
     A flip reverses x, so the mapped corners are re-ordered to keep ``x1 <= x2``. Boxes of view
     ``src`` in view ``dst``: :func:`boxes_between_views`.
     """
     _check_matrices(matrices, "matrices")
     _check_boxes(boxes, "boxes", "[..., K, 4]", min_dim=2)
+    _check_same_dtype_and_device(matrices, "matrices", boxes, "boxes")
     corners = apply(matrices, boxes.reshape(*boxes.shape[:-1], 2, 2).flatten(-3, -2)).unflatten(-2, (boxes.shape[-2], 2))
     low = torch.minimum(corners[..., 0, :], corners[..., 1, :])
     high = torch.maximum(corners[..., 0, :], corners[..., 1, :])
@@ -178,9 +182,11 @@ def view_extent(matrices: torch.Tensor, view_size: Tuple[int, int]) -> torch.Ten
 
 
 def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Intersection of boxes ``[..., 4]``; returns ``(box, non_empty)``. Empty ones have zero size."""
+    """Intersection of boxes ``[..., 4]`` on one device; returns ``(box, non_empty)``. Empty ones
+    have zero size. Dtypes may differ: the box has their promoted dtype."""
     _check_boxes(box_a, "box_a", "[..., 4]", min_dim=1)
     _check_boxes(box_b, "box_b", "[..., 4]", min_dim=1)
+    _check_same_dtype_and_device(box_a, "box_a", box_b, "box_b", dtype=False)
     low = torch.maximum(box_a[..., :2], box_b[..., :2])
     high = torch.maximum(torch.minimum(box_a[..., 2:], box_b[..., 2:]), low)
     box = torch.cat([low, high], dim=-1)
@@ -221,6 +227,16 @@ def _check_boxes(boxes, name: str, shape: str, min_dim: int) -> None:
     if not torch.is_tensor(boxes) or boxes.dim() < min_dim or boxes.shape[-1] != 4:
         got = list(boxes.shape) if torch.is_tensor(boxes) else type(boxes).__name__
         raise ValueError(f"{name} must have shape {shape} (x1, y1, x2, y2), got {got}")
+
+
+def _check_same_dtype_and_device(first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str, dtype: bool = True) -> None:
+    """Raise a TypeError naming both arguments where torch would fail deep inside an op."""
+    if first.device != second.device or (dtype and first.dtype != second.dtype):
+        same = "dtype and device" if dtype else "device"
+        raise TypeError(
+            f"{first_name} and {second_name} must have the same {same}, got {first_name} {first.dtype} on {first.device} "
+            f"and {second_name} {second.dtype} on {second.device}"
+        )
 
 
 def _check_matrices(matrices: torch.Tensor, name: str, min_dim: int = 2) -> None:

@@ -112,6 +112,29 @@ def test_view_extent_and_intersection():
     assert not non_empty and box[2] == box[0]
 
 
+def test_mismatched_dtypes_and_devices_name_both_arguments():
+    m = geometry.crop_matrix(10.0, 20.0, 100.0, 50.0, 200, 100)
+    points = torch.tensor([[1.0, 2.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    cases = [
+        (lambda: geometry.apply(m, points.double()), r"matrices and points must have the same dtype and device, got matrices torch.float32 on cpu and points torch.float64 on cpu"),
+        (lambda: geometry.apply(m, points.to("meta")), r"matrices torch.float32 on cpu and points torch.float32 on meta"),
+        (lambda: geometry.apply(m.double(), points.long()), r"matrices torch.float64 .* points torch.int64"),
+        (lambda: geometry.map_boxes(m, boxes.double()), r"matrices and boxes .* boxes torch.float64 on cpu"),
+        (lambda: geometry.map_boxes(m.to("meta"), boxes), r"matrices torch.float32 on meta and boxes torch.float32 on cpu"),
+        (lambda: geometry.boxes_between_views(torch.stack([m, m]).double(), boxes, 0, 1), r"matrices and boxes"),
+        (lambda: geometry.compose(m, m.double()), r"outer and inner .* outer torch.float32 on cpu and inner torch.float64 on cpu"),
+        (lambda: geometry.intersect(boxes[0], boxes[0].to("meta")), r"box_a and box_b must have the same device, got box_a torch.float32 on cpu and box_b torch.float32 on meta"),
+    ]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
+    # Valid input is unchanged: intersect promotes mixed dtypes, as it always did.
+    box, non_empty = geometry.intersect(boxes[0], torch.tensor([5.0, 5.0, 30.0, 30.0], dtype=torch.float64))
+    assert box.dtype == torch.float64 and non_empty
+    torch.testing.assert_close(box, torch.tensor([5.0, 5.0, 10.0, 20.0], dtype=torch.float64))
+
+
 def test_gradients_flow_through_matrices_and_boxes():
     x0 = torch.tensor([3.0, 5.0], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([50.0, 70.0], dtype=torch.float64, requires_grad=True)

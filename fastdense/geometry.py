@@ -21,9 +21,10 @@ Number = Union[int, float]
 def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> torch.Tensor:
     """The matrix of a crop ``(x0, y0, width, height)`` of the source resized to ``(out_width, out_height)``.
 
-    A horizontal flip of the view maps view x to ``x0 + width - x * width / out_width``.
-    Arguments broadcast; the result has shape ``broadcast_shape + (3, 3)``, float32 unless a float
-    tensor argument says otherwise.
+    A horizontal flip of the view maps view x to ``x0 + width - x * width / out_width``; ``flip`` is
+    a bool or a bool or integer array or tensor (non-zero: flipped). Arguments broadcast; the
+    result has shape ``broadcast_shape + (3, 3)``, float32 unless a float tensor argument says
+    otherwise.
 
     >>> crop_matrix(10, 20, 100, 50, 224, 224)[0]
     tensor([ 0.4464,  0.0000, 10.0000])
@@ -46,12 +47,16 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
     x0, y0, width, height, out_width, out_height = (t.to(device=device, dtype=dtype) for t in tensors)
-    flip = torch.as_tensor(flip, device=device, dtype=torch.bool)
+    try:
+        x0, y0, width, height, out_width, out_height = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height)
+    except RuntimeError as error:
+        shapes = {n: list(t.shape) for n, t in zip(names, (x0, y0, width, height, out_width, out_height))}
+        raise ValueError(f"crop_matrix arguments must broadcast to one shape{_odd_one_out(shapes)}, got {shapes}") from error
+    flip = _flip_tensor(flip, device)
     try:
         x0, y0, width, height, out_width, out_height, flip = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height, flip)
     except RuntimeError as error:
-        shapes = {n: list(t.shape) for n, t in zip(names + ("flip",), (x0, y0, width, height, out_width, out_height, flip))}
-        raise ValueError(f"crop_matrix arguments must broadcast to one shape, got {shapes}") from error
+        raise ValueError(f"flip of shape {list(flip.shape)} does not broadcast with the other arguments' shape {list(x0.shape)}") from error
     sx = width / out_width
     sy = height / out_height
     zero = torch.zeros_like(sx)
@@ -60,6 +65,33 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
     row1 = torch.stack([zero, sy, y0], dim=-1)
     row2 = torch.stack([zero, zero, one], dim=-1)
     return torch.stack([row0, row1, row2], dim=-2)
+
+
+def _flip_tensor(flip, device: torch.device) -> torch.Tensor:
+    """``flip`` as a bool tensor on ``device``, or a TypeError naming it."""
+    if isinstance(flip, (str, bytes)) or flip is None:
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got {type(flip).__name__}")
+    try:
+        flip_tensor = torch.as_tensor(flip)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got {type(flip).__name__}: {error}") from error
+    # A float flip is most likely a probability or a coordinate passed by mistake; rounding it to a
+    # bool would flip views silently.
+    if flip_tensor.is_floating_point() or flip_tensor.is_complex():
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got dtype {flip_tensor.dtype} (use .bool() for 0/1 values)")
+    return flip_tensor.to(device=device, dtype=torch.bool)
+
+
+def _odd_one_out(shapes: dict) -> str:
+    """Name the one argument whose shape alone keeps the others from broadcasting, if there is one."""
+    culprits = []
+    for name, shape in shapes.items():
+        try:
+            torch.broadcast_shapes(*(other for other_name, other in shapes.items() if other_name != name))
+        except RuntimeError:
+            continue
+        culprits.append(f" ({name} of shape {shape} does not broadcast with the others)")
+    return culprits[0] if len(culprits) == 1 else ""
 
 
 def invert(matrices: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,10 @@ def test_crop_matrix_batched_over_views_and_dtype():
     torch.testing.assert_close(m[1, 1], geometry.crop_matrix(3.0, 0.0, 50.0, 40.0, 100, 80).double())
     # NumPy scalars and arrays, as pipelines draw them, are accepted like numbers and tensors.
     torch.testing.assert_close(geometry.crop_matrix(np.int64(4), np.float32(0), np.array([50.0]), 40, 100, 80, True)[0], m[2, 0].float())
+    # flip broadcasts like the others: 0/1 integers, and a flip vector over one scalar crop.
+    torch.testing.assert_close(geometry.crop_matrix(x0, 0.0, 50.0, 40.0, 100, 80, flip.long()), m)
+    both = geometry.crop_matrix(4.0, 0.0, 50.0, 40.0, 100, 80, torch.tensor([True, False]))
+    torch.testing.assert_close(both, torch.stack([geometry.crop_matrix(4.0, 0.0, 50.0, 40.0, 100, 80, flip) for flip in (True, False)]))
 
 
 def test_round_trip_points_through_inverse():
@@ -156,6 +160,13 @@ def test_gradients_flow_through_matrices_and_boxes():
         (lambda: geometry.crop_matrix(0, None, 10, 10, 224, 224), TypeError, "y0"),
         (lambda: geometry.crop_matrix(0, 0, 10, 10, [224, "a"], 224), TypeError, "out_width"),
         (lambda: geometry.crop_matrix(torch.zeros(3), torch.zeros(4), 10, 10, 224, 224), ValueError, "broadcast"),
+        (lambda: geometry.crop_matrix(torch.zeros(3), torch.zeros(3), 10, torch.ones(4), 224, 224), ValueError, r"height of shape \[4\] does not broadcast"),
+        (lambda: geometry.crop_matrix(torch.zeros(3), 0, 10, 10, 224, 224, flip=torch.zeros(4, dtype=torch.bool)), ValueError, r"flip of shape \[4\] does not broadcast with the other arguments' shape \[3\]"),
+        (lambda: geometry.crop_matrix(torch.zeros(2, 3), 0, 10, 10, 224, 224, flip=[True, False]), ValueError, r"flip of shape \[2\]"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip="yes"), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=None), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=[[True], [False, True]]), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=torch.tensor([0.5, 1.0])), TypeError, r"flip .* got dtype torch.float32"),
         (lambda: geometry.invert(torch.zeros(3, 4)), ValueError, r"matrices must have shape \[\.\.\., 3, 3\]"),
         (lambda: geometry.invert([[1.0]]), ValueError, "matrices"),
         (lambda: geometry.compose(torch.eye(3), torch.eye(2)), ValueError, "inner"),

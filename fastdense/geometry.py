@@ -226,18 +226,40 @@ def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, t
     return box, non_empty
 
 
-def views_intersection(matrices: torch.Tensor, view_size: Tuple[int, int], first: int = 0, second: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def views_intersection(
+    matrices: torch.Tensor, view_size: Union[Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]], first: int = 0, second: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The source region ``[..., 4]`` seen by both views ``first`` and ``second`` of ``[..., V, 3, 3]``
-    matrices (views of size ``(H_v, W_v)``), and whether it is non-empty, as :func:`intersect`.
+    matrices, and whether it is non-empty, as :func:`intersect`.
+
+    ``view_size`` is ``(H_v, W_v)`` when both views have that size, or ``((H1, W1), (H2, W2))`` for
+    views of different sizes (multi-crop: a 224 px global view and a 96 px local one), in the
+    order ``first``, ``second``.
 
     >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 224, 224), crop_matrix(60, 30, 100, 100, 224, 224, True)])
     >>> views_intersection(m, (224, 224))
     (tensor([ 60.,  30., 100., 100.]), tensor(True))
+    >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 224, 224), crop_matrix(60, 30, 48, 48, 96, 96)])
+    >>> views_intersection(m, ((224, 224), (96, 96)))
+    (tensor([ 60.,  30., 100.,  78.]), tensor(True))
     """
     _check_matrices(matrices, "matrices", min_dim=3)
     _check_view_index(first, "first", matrices.shape[-3])
     _check_view_index(second, "second", matrices.shape[-3])
-    return intersect(view_extent(matrices[..., first, :, :], view_size), view_extent(matrices[..., second, :, :], view_size))
+    first_size, second_size = _view_sizes_of_two(view_size)
+    return intersect(view_extent(matrices[..., first, :, :], first_size), view_extent(matrices[..., second, :, :], second_size))
+
+
+def _view_sizes_of_two(view_size) -> Tuple[Tuple[Number, Number], Tuple[Number, Number]]:
+    """``(H, W)`` for both views, or ``((H1, W1), (H2, W2))`` one per view, as two checked pairs."""
+    expected = "(H_v, W_v) for both views or ((H1, W1), (H2, W2)) for each"
+    if isinstance(view_size, (tuple, list)) and len(view_size) == 2 and all(isinstance(size, (tuple, list)) for size in view_size):
+        return tuple(_positive_pair(size, f"view_size[{k}]", "(H, W)") for k, size in enumerate(view_size))
+    try:
+        size = _positive_pair(view_size, "view_size", "(H_v, W_v)")
+    except ValueError:
+        raise ValueError(f"view_size must be {expected}, with positive numbers, got {view_size!r}") from None
+    return size, size
 
 
 def _positive_pair(value, name: str, pair: str, allow_scalar: bool = False) -> Tuple[Number, Number]:

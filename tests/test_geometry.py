@@ -116,6 +116,23 @@ def test_view_extent_and_intersection():
     assert not non_empty and box[2] == box[0]
 
 
+def test_views_intersection_of_views_of_different_sizes():
+    # View 0: source [0, 100)^2 at 224 px. View 1: a local view, source [60, 108) x [30, 78) at
+    # 96 px (48 source px over 96 view px: 0.5 each). Both see source [60, 100) x [30, 78).
+    m = torch.stack([geometry.crop_matrix(0.0, 0.0, 100.0, 100.0, 224, 224), geometry.crop_matrix(60.0, 30.0, 48.0, 48.0, 96, 96, True)])
+    box, non_empty = geometry.views_intersection(m, ((224, 224), (96, 96)))
+    torch.testing.assert_close(box, torch.tensor([60.0, 30.0, 100.0, 78.0]))
+    assert non_empty
+    # Sizes follow first and second, not the order of the views in the matrices.
+    torch.testing.assert_close(geometry.views_intersection(m, ((96, 96), (224, 224)), first=1, second=0)[0], box)
+    # One size for both reads view 1 as 224 px: flipped, it would span source [108 - 112, 108) x [30, 142).
+    torch.testing.assert_close(geometry.views_intersection(m, (224, 224))[0], torch.tensor([0.0, 30.0, 100.0, 100.0]))
+    # Non-square views, each with its own (H, W): view 1 is 48 x 96 px of a 96 x 24 source window.
+    m = torch.stack([geometry.crop_matrix(0.0, 0.0, 100.0, 100.0, 224, 112), geometry.crop_matrix(80.0, 10.0, 96.0, 24.0, 96, 48)])
+    box, _ = geometry.views_intersection(m[None].expand(2, 2, 3, 3), [(112, 224), (48, 96)])
+    torch.testing.assert_close(box, torch.tensor([[80.0, 10.0, 100.0, 34.0]] * 2))
+
+
 def test_mismatched_dtypes_and_devices_name_both_arguments():
     m = geometry.crop_matrix(10.0, 20.0, 100.0, 50.0, 200, 100)
     points = torch.tensor([[1.0, 2.0]])
@@ -167,6 +184,9 @@ def test_gradients_flow_through_matrices_and_boxes():
         (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=None), TypeError, "flip must be a bool"),
         (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=[[True], [False, True]]), TypeError, "flip must be a bool"),
         (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=torch.tensor([0.5, 1.0])), TypeError, r"flip .* got dtype torch.float32"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224), (96, 0))), ValueError, r"view_size\[1\] must be a pair \(H, W\)"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224),)), ValueError, r"view_size must be \(H_v, W_v\) for both views or \(\(H1, W1\), \(H2, W2\)\)"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224), 96)), ValueError, "view_size must be"),
         (lambda: geometry.invert(torch.zeros(3, 4)), ValueError, r"matrices must have shape \[\.\.\., 3, 3\]"),
         (lambda: geometry.invert([[1.0]]), ValueError, "matrices"),
         (lambda: geometry.compose(torch.eye(3), torch.eye(2)), ValueError, "inner"),

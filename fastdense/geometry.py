@@ -98,12 +98,25 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
     """Inverse of axis-aligned (scale, flip, translate) matrices ``[..., 3, 3]``, exact and cheap:
     source -> view when ``matrices`` are view -> source.
 
+    A crop of zero width or height has a zero scale and no inverse. CPU tensors are checked and
+    raise a ValueError naming the first such matrix; on a GPU the check would make the host wait
+    for the device, so there the inverse of such a matrix holds ``inf`` (``nan`` where the
+    translation is 0 too), and so does everything mapped through it.
+
     >>> m = crop_matrix(10, 20, 100, 50, 200, 100, flip=True)
     >>> apply(invert(m), torch.tensor([[110.0, 20.0]]))
     tensor([[0., 0.]])
     """
     _check_matrices(matrices, "matrices")
     sx, sy = matrices[..., 0, 0], matrices[..., 1, 1]
+    if matrices.device.type == "cpu":
+        degenerate = (sx == 0) | (sy == 0)
+        if degenerate.any():
+            first = [int(i) for i in degenerate.nonzero()[0]]
+            raise ValueError(
+                f"matrices must be invertible: {int(degenerate.sum())} of the {degenerate.numel()} matrices have a zero scale "
+                f"(a crop of zero width or height), the first at index {first}: {matrices[tuple(first)].tolist()}"
+            )
     tx, ty = matrices[..., 0, 2], matrices[..., 1, 2]
     zero, one = torch.zeros_like(sx), torch.ones_like(sx)
     row0 = torch.stack([1 / sx, zero, -tx / sx], dim=-1)

@@ -156,6 +156,19 @@ def test_mismatched_dtypes_and_devices_name_both_arguments():
     torch.testing.assert_close(box, torch.tensor([5.0, 5.0, 10.0, 20.0], dtype=torch.float64))
 
 
+def test_invert_refuses_zero_size_crops_on_cpu():
+    width = torch.tensor([[50.0, 0.0], [50.0, 50.0]])  # tensors pass crop_matrix unchecked (no GPU sync there)
+    m = geometry.crop_matrix(torch.tensor([[0.0, 5.0], [3.0, 4.0]]), 0.0, width, 40.0, 32, 32)
+    with pytest.raises(ValueError, match=r"matrices must be invertible: 1 of the 4 matrices have a zero scale .* index \[0, 1\]"):
+        geometry.invert(m)
+    with pytest.raises(ValueError, match="zero scale"):
+        geometry.invert(geometry.crop_matrix(0.0, 0.0, 10.0, torch.tensor(0.0), 32, 32))  # zero height
+    with pytest.raises(ValueError, match="invertible"):
+        geometry.view_to_view(m, 0, 1)
+    # A device that is not checked (the GPU's path: no host sync) still gives the shape.
+    assert geometry.invert(m.to("meta")).shape == m.shape
+
+
 def test_gradients_flow_through_matrices_and_boxes():
     x0 = torch.tensor([3.0, 5.0], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([50.0, 70.0], dtype=torch.float64, requires_grad=True)

@@ -127,8 +127,9 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """The matrix that applies ``inner`` first, then ``outer``: ``outer @ inner``, broadcast over
-    leading dimensions; both of one dtype and device. For example, a crop of a crop: ``compose(first_crop, second_crop)`` maps the
-    second crop's pixels to the source, since ``first_crop`` maps its own pixels there.
+    leading dimensions; both of one dtype and device. For example, a crop of a crop:
+    ``compose(first_crop, second_crop)`` maps the second crop's pixels to the source, since
+    ``first_crop`` maps its own pixels there.
 
     >>> first = crop_matrix(100, 0, 200, 200, 100, 100)    # source [100, 300) -> 100 px
     >>> second = crop_matrix(50, 0, 50, 50, 100, 100)      # its pixels [50, 100) -> 100 px

@@ -21,9 +21,10 @@ Number = Union[int, float]
 def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> torch.Tensor:
     """The matrix of a crop ``(x0, y0, width, height)`` of the source resized to ``(out_width, out_height)``.
 
-    A horizontal flip of the view maps view x to ``x0 + width - x * width / out_width``.
-    Arguments broadcast; the result has shape ``broadcast_shape + (3, 3)``, float32 unless a float
-    tensor argument says otherwise.
+    A horizontal flip of the view maps view x to ``x0 + width - x * width / out_width``; ``flip`` is
+    a bool or a bool or integer array or tensor (non-zero: flipped). Arguments broadcast; the
+    result has shape ``broadcast_shape + (3, 3)``, float32 unless a float tensor argument says
+    otherwise.
 
     >>> crop_matrix(10, 20, 100, 50, 224, 224)[0]
     tensor([ 0.4464,  0.0000, 10.0000])
@@ -46,12 +47,16 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
     x0, y0, width, height, out_width, out_height = (t.to(device=device, dtype=dtype) for t in tensors)
-    flip = torch.as_tensor(flip, device=device, dtype=torch.bool)
+    try:
+        x0, y0, width, height, out_width, out_height = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height)
+    except RuntimeError as error:
+        shapes = {n: list(t.shape) for n, t in zip(names, (x0, y0, width, height, out_width, out_height))}
+        raise ValueError(f"crop_matrix arguments must broadcast to one shape{_odd_one_out(shapes)}, got {shapes}") from error
+    flip = _flip_tensor(flip, device)
     try:
         x0, y0, width, height, out_width, out_height, flip = torch.broadcast_tensors(x0, y0, width, height, out_width, out_height, flip)
     except RuntimeError as error:
-        shapes = {n: list(t.shape) for n, t in zip(names + ("flip",), (x0, y0, width, height, out_width, out_height, flip))}
-        raise ValueError(f"crop_matrix arguments must broadcast to one shape, got {shapes}") from error
+        raise ValueError(f"flip of shape {list(flip.shape)} does not broadcast with the other arguments' shape {list(x0.shape)}") from error
     sx = width / out_width
     sy = height / out_height
     zero = torch.zeros_like(sx)
@@ -62,9 +67,41 @@ def crop_matrix(x0, y0, width, height, out_width, out_height, flip=False) -> tor
     return torch.stack([row0, row1, row2], dim=-2)
 
 
+def _flip_tensor(flip, device: torch.device) -> torch.Tensor:
+    """``flip`` as a bool tensor on ``device``, or a TypeError naming it."""
+    if isinstance(flip, (str, bytes)) or flip is None:
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got {type(flip).__name__}")
+    try:
+        flip_tensor = torch.as_tensor(flip)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got {type(flip).__name__}: {error}") from error
+    # A float flip is most likely a probability or a coordinate passed by mistake; rounding it to a
+    # bool would flip views silently.
+    if flip_tensor.is_floating_point() or flip_tensor.is_complex():
+        raise TypeError(f"flip must be a bool or a bool or integer array or tensor, got dtype {flip_tensor.dtype} (use .bool() for 0/1 values)")
+    return flip_tensor.to(device=device, dtype=torch.bool)
+
+
+def _odd_one_out(shapes: dict) -> str:
+    """Name the one argument whose shape alone keeps the others from broadcasting, if there is one."""
+    culprits = []
+    for name, shape in shapes.items():
+        try:
+            torch.broadcast_shapes(*(other for other_name, other in shapes.items() if other_name != name))
+        except RuntimeError:
+            continue
+        culprits.append(f" ({name} of shape {shape} does not broadcast with the others)")
+    return culprits[0] if len(culprits) == 1 else ""
+
+
 def invert(matrices: torch.Tensor) -> torch.Tensor:
     """Inverse of axis-aligned (scale, flip, translate) matrices ``[..., 3, 3]``, exact and cheap:
     source -> view when ``matrices`` are view -> source.
+
+    A crop of zero width or height has a zero scale and no inverse. CPU tensors are checked and
+    raise a ValueError naming the first such matrix; on a GPU the check would make the host wait
+    for the device, so there the inverse of such a matrix holds ``inf`` (``nan`` where the
+    translation is 0 too), and so does everything mapped through it.
 
     >>> m = crop_matrix(10, 20, 100, 50, 200, 100, flip=True)
     >>> apply(invert(m), torch.tensor([[110.0, 20.0]]))
@@ -72,6 +109,14 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
     """
     _check_matrices(matrices, "matrices")
     sx, sy = matrices[..., 0, 0], matrices[..., 1, 1]
+    if matrices.device.type == "cpu":
+        degenerate = (sx == 0) | (sy == 0)
+        if degenerate.any():
+            first = [int(i) for i in degenerate.nonzero()[0]]
+            raise ValueError(
+                f"matrices must be invertible: {int(degenerate.sum())} of the {degenerate.numel()} matrices have a zero scale "
+                f"(a crop of zero width or height), the first at index {first}: {matrices[tuple(first)].tolist()}"
+            )
     tx, ty = matrices[..., 0, 2], matrices[..., 1, 2]
     zero, one = torch.zeros_like(sx), torch.ones_like(sx)
     row0 = torch.stack([1 / sx, zero, -tx / sx], dim=-1)
@@ -82,8 +127,9 @@ def invert(matrices: torch.Tensor) -> torch.Tensor:
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """The matrix that applies ``inner`` first, then ``outer``: ``outer @ inner``, broadcast over
-    leading dimensions. For example, a crop of a crop: ``compose(first_crop, second_crop)`` maps the
-    second crop's pixels to the source, since ``first_crop`` maps its own pixels there.
+    leading dimensions; both of one dtype and device. For example, a crop of a crop:
+    ``compose(first_crop, second_crop)`` maps the second crop's pixels to the source, since
+    ``first_crop`` maps its own pixels there.
 
     >>> first = crop_matrix(100, 0, 200, 200, 100, 100)    # source [100, 300) -> 100 px
     >>> second = crop_matrix(50, 0, 50, 50, 100, 100)      # its pixels [50, 100) -> 100 px
@@ -92,6 +138,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     """
     _check_matrices(outer, "outer")
     _check_matrices(inner, "inner")
+    _check_same_dtype_and_device(outer, "outer", inner, "inner")
     return outer @ inner
 
 
@@ -107,11 +154,12 @@ def view_to_view(matrices: torch.Tensor, src: int, dst: int) -> torch.Tensor:
 
 
 def apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Map points ``[..., N, 2]`` (x, y) through matrices ``[..., 3, 3]``."""
+    """Map points ``[..., N, 2]`` (x, y) through matrices ``[..., 3, 3]`` of the same dtype and device."""
     _check_matrices(matrices, "matrices")
     if not torch.is_tensor(points) or points.dim() < 2 or points.shape[-1] != 2:
         shape = list(points.shape) if torch.is_tensor(points) else type(points).__name__
         raise ValueError(f"points must have shape [..., N, 2], got {shape}")
+    _check_same_dtype_and_device(matrices, "matrices", points, "points")
     linear = matrices[..., None, :2, :2]
     shift = matrices[..., None, :2, 2]
     return (linear @ points[..., None]).squeeze(-1) + shift
@@ -143,13 +191,15 @@ def cell_centers_in_source(matrices: torch.Tensor, height: int, width: int, view
 
 
 def map_boxes(matrices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Map boxes ``[..., K, 4]`` given as ``(x1, y1, x2, y2)`` through ``[..., 3, 3]`` matrices.
+    """Map boxes ``[..., K, 4]`` given as ``(x1, y1, x2, y2)`` through ``[..., 3, 3]`` matrices of
+    the same dtype and device.
 
     A flip reverses x, so the mapped corners are re-ordered to keep ``x1 <= x2``. Boxes of view
     ``src`` in view ``dst``: :func:`boxes_between_views`.
     """
     _check_matrices(matrices, "matrices")
     _check_boxes(boxes, "boxes", "[..., K, 4]", min_dim=2)
+    _check_same_dtype_and_device(matrices, "matrices", boxes, "boxes")
     corners = apply(matrices, boxes.reshape(*boxes.shape[:-1], 2, 2).flatten(-3, -2)).unflatten(-2, (boxes.shape[-2], 2))
     low = torch.minimum(corners[..., 0, :], corners[..., 1, :])
     high = torch.maximum(corners[..., 0, :], corners[..., 1, :])
@@ -178,9 +228,11 @@ def view_extent(matrices: torch.Tensor, view_size: Tuple[int, int]) -> torch.Ten
 
 
 def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Intersection of boxes ``[..., 4]``; returns ``(box, non_empty)``. Empty ones have zero size."""
+    """Intersection of boxes ``[..., 4]`` on one device; returns ``(box, non_empty)``. Empty ones
+    have zero size. Dtypes may differ: the box has their promoted dtype."""
     _check_boxes(box_a, "box_a", "[..., 4]", min_dim=1)
     _check_boxes(box_b, "box_b", "[..., 4]", min_dim=1)
+    _check_same_dtype_and_device(box_a, "box_a", box_b, "box_b", dtype=False)
     low = torch.maximum(box_a[..., :2], box_b[..., :2])
     high = torch.maximum(torch.minimum(box_a[..., 2:], box_b[..., 2:]), low)
     box = torch.cat([low, high], dim=-1)
@@ -188,18 +240,40 @@ def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, t
     return box, non_empty
 
 
-def views_intersection(matrices: torch.Tensor, view_size: Tuple[int, int], first: int = 0, second: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def views_intersection(
+    matrices: torch.Tensor, view_size: Union[Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]], first: int = 0, second: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The source region ``[..., 4]`` seen by both views ``first`` and ``second`` of ``[..., V, 3, 3]``
-    matrices (views of size ``(H_v, W_v)``), and whether it is non-empty, as :func:`intersect`.
+    matrices, and whether it is non-empty, as :func:`intersect`.
+
+    ``view_size`` is ``(H_v, W_v)`` when both views have that size, or ``((H1, W1), (H2, W2))`` for
+    views of different sizes (multi-crop: a 224 px global view and a 96 px local one), in the
+    order ``first``, ``second``.
 
     >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 224, 224), crop_matrix(60, 30, 100, 100, 224, 224, True)])
     >>> views_intersection(m, (224, 224))
     (tensor([ 60.,  30., 100., 100.]), tensor(True))
+    >>> m = torch.stack([crop_matrix(0, 0, 100, 100, 224, 224), crop_matrix(60, 30, 48, 48, 96, 96)])
+    >>> views_intersection(m, ((224, 224), (96, 96)))
+    (tensor([ 60.,  30., 100.,  78.]), tensor(True))
     """
     _check_matrices(matrices, "matrices", min_dim=3)
     _check_view_index(first, "first", matrices.shape[-3])
     _check_view_index(second, "second", matrices.shape[-3])
-    return intersect(view_extent(matrices[..., first, :, :], view_size), view_extent(matrices[..., second, :, :], view_size))
+    first_size, second_size = _view_sizes_of_two(view_size)
+    return intersect(view_extent(matrices[..., first, :, :], first_size), view_extent(matrices[..., second, :, :], second_size))
+
+
+def _view_sizes_of_two(view_size) -> Tuple[Tuple[Number, Number], Tuple[Number, Number]]:
+    """``(H, W)`` for both views, or ``((H1, W1), (H2, W2))`` one per view, as two checked pairs."""
+    expected = "(H_v, W_v) for both views or ((H1, W1), (H2, W2)) for each"
+    if isinstance(view_size, (tuple, list)) and len(view_size) == 2 and all(isinstance(size, (tuple, list)) for size in view_size):
+        return tuple(_positive_pair(size, f"view_size[{k}]", "(H, W)") for k, size in enumerate(view_size))
+    try:
+        size = _positive_pair(view_size, "view_size", "(H_v, W_v)")
+    except ValueError:
+        raise ValueError(f"view_size must be {expected}, with positive numbers, got {view_size!r}") from None
+    return size, size
 
 
 def _positive_pair(value, name: str, pair: str, allow_scalar: bool = False) -> Tuple[Number, Number]:
@@ -221,6 +295,16 @@ def _check_boxes(boxes, name: str, shape: str, min_dim: int) -> None:
     if not torch.is_tensor(boxes) or boxes.dim() < min_dim or boxes.shape[-1] != 4:
         got = list(boxes.shape) if torch.is_tensor(boxes) else type(boxes).__name__
         raise ValueError(f"{name} must have shape {shape} (x1, y1, x2, y2), got {got}")
+
+
+def _check_same_dtype_and_device(first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str, dtype: bool = True) -> None:
+    """Raise a TypeError naming both arguments where torch would fail deep inside an op."""
+    if first.device != second.device or (dtype and first.dtype != second.dtype):
+        same = "dtype and device" if dtype else "device"
+        raise TypeError(
+            f"{first_name} and {second_name} must have the same {same}, got {first_name} {first.dtype} on {first.device} "
+            f"and {second_name} {second.dtype} on {second.device}"
+        )
 
 
 def _check_matrices(matrices: torch.Tensor, name: str, min_dim: int = 2) -> None:

@@ -15,9 +15,11 @@ draws the window itself (torchvision's RandomResizedCrop rule, as :func:`fastden
 applies the flip, and appends the window ``(x0, y0, w, h, flip)`` to its output; one decoder per view
 reads the same ``image`` field. Its random numbers come from a counter-based generator keyed by
 ``(seed, epoch, sample index, view)``, so results do not depend on thread scheduling: the same seed
-gives the same crops. The crop is resized with OpenCV's ``INTER_AREA`` (FFCV's resize), whatever the
-recipe's interpolation. Photometric augmentation and normalisation then run batched on the target
-device (:mod:`fastdense.pipelines.photometric`).
+gives the same crops. The crop is resized with OpenCV's ``INTER_AREA`` (FFCV's resize, which has no
+other mode), whatever the recipe's interpolation: of OpenCV's modes the closest to the recipes'
+antialiased resize when shrinking (README, Performance; ``benchmarks/bench_ffcv_resize.py``).
+Photometric augmentation and normalisation then run batched on the target device
+(:mod:`fastdense.pipelines.photometric`).
 
 Order and sharding: the same as every backend (:func:`fastdense.pipelines.base.epoch_order` over the
 stored samples), handed to FFCV as a custom traversal order, so shards are disjoint and together

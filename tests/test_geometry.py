@@ -38,6 +38,10 @@ def test_crop_matrix_batched_over_views_and_dtype():
     torch.testing.assert_close(m[1, 1], geometry.crop_matrix(3.0, 0.0, 50.0, 40.0, 100, 80).double())
     # NumPy scalars and arrays, as pipelines draw them, are accepted like numbers and tensors.
     torch.testing.assert_close(geometry.crop_matrix(np.int64(4), np.float32(0), np.array([50.0]), 40, 100, 80, True)[0], m[2, 0].float())
+    # flip broadcasts like the others: 0/1 integers, and a flip vector over one scalar crop.
+    torch.testing.assert_close(geometry.crop_matrix(x0, 0.0, 50.0, 40.0, 100, 80, flip.long()), m)
+    both = geometry.crop_matrix(4.0, 0.0, 50.0, 40.0, 100, 80, torch.tensor([True, False]))
+    torch.testing.assert_close(both, torch.stack([geometry.crop_matrix(4.0, 0.0, 50.0, 40.0, 100, 80, flip) for flip in (True, False)]))
 
 
 def test_round_trip_points_through_inverse():
@@ -112,6 +116,59 @@ def test_view_extent_and_intersection():
     assert not non_empty and box[2] == box[0]
 
 
+def test_views_intersection_of_views_of_different_sizes():
+    # View 0: source [0, 100)^2 at 224 px. View 1: a local view, source [60, 108) x [30, 78) at
+    # 96 px (48 source px over 96 view px: 0.5 each). Both see source [60, 100) x [30, 78).
+    m = torch.stack([geometry.crop_matrix(0.0, 0.0, 100.0, 100.0, 224, 224), geometry.crop_matrix(60.0, 30.0, 48.0, 48.0, 96, 96, True)])
+    box, non_empty = geometry.views_intersection(m, ((224, 224), (96, 96)))
+    torch.testing.assert_close(box, torch.tensor([60.0, 30.0, 100.0, 78.0]))
+    assert non_empty
+    # Sizes follow first and second, not the order of the views in the matrices.
+    torch.testing.assert_close(geometry.views_intersection(m, ((96, 96), (224, 224)), first=1, second=0)[0], box)
+    # One size for both reads view 1 as 224 px: flipped, it would span source [108 - 112, 108) x [30, 142).
+    torch.testing.assert_close(geometry.views_intersection(m, (224, 224))[0], torch.tensor([0.0, 30.0, 100.0, 100.0]))
+    # Non-square views, each with its own (H, W): view 1 is 48 x 96 px of a 96 x 24 source window.
+    m = torch.stack([geometry.crop_matrix(0.0, 0.0, 100.0, 100.0, 224, 112), geometry.crop_matrix(80.0, 10.0, 96.0, 24.0, 96, 48)])
+    box, _ = geometry.views_intersection(m[None].expand(2, 2, 3, 3), [(112, 224), (48, 96)])
+    torch.testing.assert_close(box, torch.tensor([[80.0, 10.0, 100.0, 34.0]] * 2))
+
+
+def test_mismatched_dtypes_and_devices_name_both_arguments():
+    m = geometry.crop_matrix(10.0, 20.0, 100.0, 50.0, 200, 100)
+    points = torch.tensor([[1.0, 2.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    cases = [
+        (lambda: geometry.apply(m, points.double()), r"matrices and points must have the same dtype and device, got matrices torch.float32 on cpu and points torch.float64 on cpu"),
+        (lambda: geometry.apply(m, points.to("meta")), r"matrices torch.float32 on cpu and points torch.float32 on meta"),
+        (lambda: geometry.apply(m.double(), points.long()), r"matrices torch.float64 .* points torch.int64"),
+        (lambda: geometry.map_boxes(m, boxes.double()), r"matrices and boxes .* boxes torch.float64 on cpu"),
+        (lambda: geometry.map_boxes(m.to("meta"), boxes), r"matrices torch.float32 on meta and boxes torch.float32 on cpu"),
+        (lambda: geometry.boxes_between_views(torch.stack([m, m]).double(), boxes, 0, 1), r"matrices and boxes"),
+        (lambda: geometry.compose(m, m.double()), r"outer and inner .* outer torch.float32 on cpu and inner torch.float64 on cpu"),
+        (lambda: geometry.intersect(boxes[0], boxes[0].to("meta")), r"box_a and box_b must have the same device, got box_a torch.float32 on cpu and box_b torch.float32 on meta"),
+    ]
+    for call, match in cases:
+        with pytest.raises(TypeError, match=match):
+            call()
+    # Valid input is unchanged: intersect promotes mixed dtypes, as it always did.
+    box, non_empty = geometry.intersect(boxes[0], torch.tensor([5.0, 5.0, 30.0, 30.0], dtype=torch.float64))
+    assert box.dtype == torch.float64 and non_empty
+    torch.testing.assert_close(box, torch.tensor([5.0, 5.0, 10.0, 20.0], dtype=torch.float64))
+
+
+def test_invert_refuses_zero_size_crops_on_cpu():
+    width = torch.tensor([[50.0, 0.0], [50.0, 50.0]])  # tensors pass crop_matrix unchecked (no GPU sync there)
+    m = geometry.crop_matrix(torch.tensor([[0.0, 5.0], [3.0, 4.0]]), 0.0, width, 40.0, 32, 32)
+    with pytest.raises(ValueError, match=r"matrices must be invertible: 1 of the 4 matrices have a zero scale .* index \[0, 1\]"):
+        geometry.invert(m)
+    with pytest.raises(ValueError, match="zero scale"):
+        geometry.invert(geometry.crop_matrix(0.0, 0.0, 10.0, torch.tensor(0.0), 32, 32))  # zero height
+    with pytest.raises(ValueError, match="invertible"):
+        geometry.view_to_view(m, 0, 1)
+    # A device that is not checked (the GPU's path: no host sync) still gives the shape.
+    assert geometry.invert(m.to("meta")).shape == m.shape
+
+
 def test_gradients_flow_through_matrices_and_boxes():
     x0 = torch.tensor([3.0, 5.0], dtype=torch.float64, requires_grad=True)
     w = torch.tensor([50.0, 70.0], dtype=torch.float64, requires_grad=True)
@@ -133,6 +190,16 @@ def test_gradients_flow_through_matrices_and_boxes():
         (lambda: geometry.crop_matrix(0, None, 10, 10, 224, 224), TypeError, "y0"),
         (lambda: geometry.crop_matrix(0, 0, 10, 10, [224, "a"], 224), TypeError, "out_width"),
         (lambda: geometry.crop_matrix(torch.zeros(3), torch.zeros(4), 10, 10, 224, 224), ValueError, "broadcast"),
+        (lambda: geometry.crop_matrix(torch.zeros(3), torch.zeros(3), 10, torch.ones(4), 224, 224), ValueError, r"height of shape \[4\] does not broadcast"),
+        (lambda: geometry.crop_matrix(torch.zeros(3), 0, 10, 10, 224, 224, flip=torch.zeros(4, dtype=torch.bool)), ValueError, r"flip of shape \[4\] does not broadcast with the other arguments' shape \[3\]"),
+        (lambda: geometry.crop_matrix(torch.zeros(2, 3), 0, 10, 10, 224, 224, flip=[True, False]), ValueError, r"flip of shape \[2\]"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip="yes"), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=None), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=[[True], [False, True]]), TypeError, "flip must be a bool"),
+        (lambda: geometry.crop_matrix(0, 0, 10, 10, 224, 224, flip=torch.tensor([0.5, 1.0])), TypeError, r"flip .* got dtype torch.float32"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224), (96, 0))), ValueError, r"view_size\[1\] must be a pair \(H, W\)"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224),)), ValueError, r"view_size must be \(H_v, W_v\) for both views or \(\(H1, W1\), \(H2, W2\)\)"),
+        (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), ((224, 224), 96)), ValueError, "view_size must be"),
         (lambda: geometry.invert(torch.zeros(3, 4)), ValueError, r"matrices must have shape \[\.\.\., 3, 3\]"),
         (lambda: geometry.invert([[1.0]]), ValueError, "matrices"),
         (lambda: geometry.compose(torch.eye(3), torch.eye(2)), ValueError, "inner"),

@@ -26,7 +26,7 @@ from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import PhotometricParams, apply_params, apply_photometric, normalize, sample_params
 from fastdense.pipelines.recipes import RECIPES, Recipe, ViewSpec, get_recipe
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, save_image, unnormalize
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, save_image, single_view, unnormalize
 
 PIPELINES_DIR = Path(pipelines.__file__).resolve().parent
 BACKENDS = ["torch", "dali", "ffcv"]
@@ -241,6 +241,36 @@ def test_round_trip_every_view(backend, recipe_name, flip, coordinate_folder, tm
         assert bool(((batch.matrices[..., 0, 0] < 0) == (flip == "flip")).all())
         stats = roundtrip_check(batch, sources, recipe.mean, recipe.std, noise_levels=2.0)
         assert stats["views_checked"] >= batch.batch_size  # every image had at least one checkable view
+
+
+@pytest.mark.parametrize("recipe_name", ["scrl", "lewel", "vicregl", "selfpatch", "plain"])
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_round_trip_check_catches_a_half_pixel_slip(backend, recipe_name, coordinate_folder, tmp_path):
+    """The round trip cannot pass vacuously: on the sources and recipes of test_round_trip_every_view,
+    its check passes every view with its own matrix and fails it with the matrix moved by half a
+    pixel along x or along y, either way. Half a pixel of the coarser grid: the source's where the
+    view enlarges, the view's where it shrinks (the mistake of mapping pixel corners, not centres).
+    (FFCV's INTER_AREA views are not probed: enlarging, they sit up to 0.26 px off on their own.)"""
+    require_backend(backend)
+    folder, sources = coordinate_folder
+    recipe = with_flips(get_recipe(recipe_name), 0.5)
+    loader = open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, drop_last=False, shuffle=False)
+    batch = next(iter(loader))
+    checked = 0
+    for b in range(batch.batch_size):
+        for v in range(batch.num_views):
+            matrix = batch.matrices[b, v].double()
+            if not roundtrip_check(single_view(batch, b, v, matrix), sources, recipe.mean, recipe.std, noise_levels=2.0)["views_checked"]:
+                continue
+            checked += 1
+            for axis in (0, 1):
+                half_pixel = 0.5 * max(1.0, abs(float(matrix[axis, axis])))
+                for sign in (1, -1):
+                    slipped = matrix.clone()
+                    slipped[axis, 2] += sign * half_pixel
+                    with pytest.raises(AssertionError, match=f"shifted by .* in {'xy'[axis]}"):
+                        roundtrip_check(single_view(batch, b, v, slipped), sources, recipe.mean, recipe.std, noise_levels=2.0)
+    assert checked >= batch.batch_size
 
 
 # ------------------------------------------------------------------------------- seeds and shards

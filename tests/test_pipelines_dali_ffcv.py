@@ -5,6 +5,7 @@
 - FFCV: the round trip on a losslessly stored .beton (FFCV's own JPEG decoder shifts red and blue by
   about one level, which a coordinate encoding reads as a shift in x); write_beton's skip report,
   side file and downscale; the command line; the compiled crop sampler against RandomResizedCrop;
+  the resize (INTER_AREA, whatever the recipe's interpolation);
   several loaders in one process (FFCV 1.0.2 alters a shared numba type, which made the second
   loader's compilation fail in its thread and the main thread wait forever).
 """
@@ -29,7 +30,7 @@ from PIL import Image
 
 from fastdense.pipelines.photometric import GRAY_WEIGHTS
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, unnormalize
+from pipeline_helpers import build_bad_corpus, build_coordinate_folder, coordinate_image, roundtrip_check, unnormalize
 
 pytest.importorskip("nvidia.dali", reason="scripts/install.sh installs nvidia-dali")
 ffcv = pytest.importorskip("ffcv", reason="scripts/install.sh installs ffcv")
@@ -296,6 +297,36 @@ def test_ffcv_round_trip_raw_storage(raw_beton):
     assert not all(torch.equal(a.matrices, b.matrices) for a, b in zip(batches, again))
     loader.set_epoch(0)
     assert all(torch.equal(a.matrices, b.matrices) for a, b in zip(batches, list(loader)))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_ffcv_resizes_with_inter_area_whatever_the_recipe_says(raw_beton, interpolation):
+    """A deliberate choice (README, Performance; benchmarks/bench_ffcv_resize.py): FFCV's compiled
+    ``resize_crop`` resizes with OpenCV's INTER_AREA only, the closest of OpenCV's modes to the
+    recipes' antialiased resize when shrinking. Each view is exactly INTER_AREA of its window,
+    flipped when its matrix says so, for a bicubic and a bilinear recipe alike."""
+    import cv2
+
+    path, sources = raw_beton
+    recipe = two_view_recipe(interpolation, flip_p=(0.5, 0.5))
+    loader = make_loader("ffcv", data=path, recipe=recipe, batch_size=len(SIZES), num_workers=1, device="cpu",
+                         photometric=False, drop_last=False, shuffle=False)
+    batch = next(iter(loader))
+    flips = set()
+    for b, index in enumerate(batch.index.tolist()):
+        source = coordinate_image(*sources[index])
+        for v, spec in enumerate(recipe.views):
+            m = batch.matrices[b, v].double()
+            width, height = round(abs(float(m[0, 0])) * spec.size), round(float(m[1, 1]) * spec.size)
+            flipped = bool(m[0, 0] < 0)
+            x0 = round(float(m[0, 2])) - (width if flipped else 0)
+            y0 = round(float(m[1, 2]))
+            expected = cv2.resize(source[y0:y0 + height, x0:x0 + width], (spec.size, spec.size), interpolation=cv2.INTER_AREA)
+            expected = expected[:, ::-1] if flipped else expected
+            view = unnormalize(batch.views[v][b], recipe.mean, recipe.std)
+            assert np.abs(view - expected).max() < 0.1, f"sample {index} view {v}: not INTER_AREA of window {(x0, y0, width, height)}"
+            flips.add(flipped)
+    assert flips == {False, True}
 
 
 def test_write_beton_skips_reports_and_downscales(corpus_beton, raw_beton, caplog):

@@ -6,6 +6,16 @@ Images: generated scenes, 500x375 JPEG at quality 90 (ImageNet-like), cached und
 ``geometry`` (crop, resize, flip, normalise) and ``full`` (plus the colour pipeline; the baseline
 runs it with PIL in its workers, fastdense batched on the loader's device).
 
+Each loader's first batch is checked before anything is timed (two finite, non-constant views of the
+recipe's size per image; for fastdense, matrices whose views lie inside their source image), and
+every timed batch's view shapes, so a backend that skips work cannot report a fast figure. A figure
+is the median over ``--repeats`` epochs, each timed from the end of its first batch (worker start-up
+excluded). "Per core" is per CPU-second: the CPU time of this process (every thread: DALI's, FFCV's)
+and of its loader worker processes over the same interval, so it holds whatever the worker count
+and however many cores the workers really kept busy (``cores_used``). Targets (PERFORMANCE.md): a
+backend loading on the CPU >= 1.5x the baseline's images per core-second; DALI on one GPU >= 5,000
+images/s.
+
     PYTHONPATH=. python3 benchmarks/bench_pipelines.py            # GPU machine: all backends, 10,000 files
     PYTHONPATH=. python3 benchmarks/bench_pipelines.py --quick    # CPU, seconds
 """
@@ -15,21 +25,26 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import installed_versions, print_table, write_results
+from fastdense.geometry import view_extent
 from fastdense.pipelines import BACKENDS, make_loader
 from fastdense.pipelines.builtin import cache_dir, render_scene
 from fastdense.pipelines.recipes import get_recipe
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+TARGET_CPU_SPEEDUP_PER_CORE = 1.5  # PERFORMANCE.md: a CPU backend against the baseline, images/s per core
+TARGET_DALI_GPU_IMAGES_PER_S = 5000  # PERFORMANCE.md: DALI on one GPU machine
 
 
 # Distinct scenes at most; larger sets repeat them as hard links. Decoding costs the same for a
@@ -91,37 +106,125 @@ def baseline_loader(root: Path, batch_size: int, workers: int, photometric: bool
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0)
 
 
-def images_per_second(loader, device) -> float:
-    """Throughput over one epoch, from the end of the first batch (worker start-up excluded)."""
+def _proc_stat(pid) -> List[str]:
+    """The fields of ``/proc/<pid>/stat`` from field 3 on (the command name, field 2, may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree() -> List[int]:
+    """This process and its descendants (the loader worker processes), from ``/proc``."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int(_proc_stat(entry.name)[1])
+            except OSError:  # exited while the list was read
+                continue
+    tree, frontier = set(), {os.getpid()}
+    while frontier:
+        tree |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - tree
+    return sorted(tree)
+
+
+def cpu_seconds(pids: List[int]) -> Dict[int, float]:
+    """User + system CPU seconds of each process of ``pids`` still running (all its threads)."""
+    tick, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for pid in pids:
+        try:
+            fields = _proc_stat(pid)
+        except OSError:
+            continue
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime and stime, fields 14 and 15
+    return seconds
+
+
+def check_batch(batch, batch_size: int, view_sizes) -> None:
+    """Raise unless ``batch`` (a baseline ``(views, labels)`` or a fastdense ``ViewBatch``) holds one
+    finite, non-constant ``[batch_size, 3, size, size]`` tensor per view size and, for a ViewBatch,
+    matrices that place every view inside its source image."""
+    views = batch.views if hasattr(batch, "views") else batch[0]
+    shapes = [tuple(view.shape) for view in views]
+    expected = [(batch_size, 3, size, size) for size in view_sizes]
+    if shapes != expected:
+        raise ValueError(f"views of shapes {shapes}, expected {expected}")
+    for number, view in enumerate(views):
+        view = view.float()
+        if not bool(torch.isfinite(view).all()) or float(view.std()) == 0.0:
+            raise ValueError(f"view {number} is constant or not finite")
+    if not hasattr(batch, "matrices"):
+        return
+    for number, size in enumerate(view_sizes):
+        extent = view_extent(batch.matrices[:, number].float().cpu(), (size, size))  # [B, 4] source box
+        height, width = batch.source_size.float().cpu().unbind(-1)
+        # Crops lie inside the source; a little slack for the float32 matrices.
+        slack = 1e-3 * torch.maximum(height, width)
+        inside = ((extent[:, 0] >= -slack) & (extent[:, 1] >= -slack) & (extent[:, 2] <= width + slack)
+                  & (extent[:, 3] <= height + slack) & (extent[:, 2] > extent[:, 0]) & (extent[:, 3] > extent[:, 1]))
+        if not bool(inside.all()):
+            raise ValueError(f"view {number}: matrices place a view outside its source image or give it no area")
+
+
+def measure_epoch(loader, device, batch_size: int, view_sizes):
+    """``(images/s, images per CPU-second, cores used)`` over one epoch of ``loader``, timed from the
+    end of its first batch (worker start-up excluded); the first batch is checked in full
+    (:func:`check_batch`), every other one by the shapes of its views."""
     iterator = iter(loader)
-    next(iterator)
-    start, count = time.perf_counter(), 0
-    for batch in iterator:
-        views = batch.views if hasattr(batch, "views") else [v.to(device, non_blocking=True) for v in batch[0]]
-        count += views[0].shape[0]
+    check_batch(next(iterator), batch_size, view_sizes)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return count / (time.perf_counter() - start)
+    pids = process_tree()  # the workers are running by now
+    start, start_cpu, count = time.perf_counter(), cpu_seconds(pids), 0
+    last_cpu = dict(start_cpu)
+    expected = [(batch_size, 3, size, size) for size in view_sizes]
+    for batch in iterator:
+        views = batch.views if hasattr(batch, "views") else [v.to(device, non_blocking=True) for v in batch[0]]
+        if [tuple(view.shape) for view in views] != expected:
+            raise ValueError(f"a batch of views {[tuple(view.shape) for view in views]}, expected {expected}")
+        count += views[0].shape[0]
+        # Read after every batch: a worker that shuts down at the end of the epoch keeps its last reading.
+        last_cpu.update(cpu_seconds(pids))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not count:
+        raise ValueError("the loader yielded one batch per epoch; use more --images or a smaller --batch-size")
+    used = sum(last_cpu.values()) - sum(start_cpu.values())
+    return count / seconds, count / used, used / seconds
 
 
-def main():
+def measure(loader, device, batch_size: int, view_sizes, repeats: int) -> dict:
+    """The medians of :func:`measure_epoch` over ``repeats`` epochs."""
+    epochs = [measure_epoch(loader, device, batch_size, view_sizes) for _ in range(repeats)]
+    rate, per_core, cores = (statistics.median(column) for column in zip(*epochs))
+    return dict(images_per_s=rate, images_per_core_s=per_core, cores_used=cores)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few images, small batches")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--backends", default="torch,dali,ffcv")
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=None, help="timed epochs per loader, the median reported (default 3; 2 with --quick)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: torch's)")
+    args = parser.parse_args(argv)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images = args.images or (96 if args.quick else 10000 if device.type == "cuda" else 5000)
     workers = args.workers if args.workers is not None else (2 if args.quick else 8)
     batch_size = args.batch_size or (16 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 3)
+    view_sizes = [spec.size for spec in get_recipe("scrl").views]
     root = bench_images(images)
     rows = []
     for mode in ("geometry", "full"):
         photometric = mode == "full"
-        baseline = images_per_second(baseline_loader(root, batch_size, workers, photometric), device)
-        rows.append(dict(backend="pil-torchvision baseline", mode=mode, images_per_s=baseline, per_worker=baseline / max(workers, 1), speedup=1.0))
+        baseline = measure(baseline_loader(root, batch_size, workers, photometric), device, batch_size, view_sizes, repeats)
+        rows.append(dict(backend="pil-torchvision baseline", mode=mode, **baseline, speedup=1.0, per_core_speedup=1.0,
+                         meets_per_core_target=None, meets_images_per_s_target=None))
         for backend in args.backends.split(","):
             if backend not in BACKENDS or not (PIPELINES_DIR / f"{backend}_backend.py").is_file():
                 continue
@@ -138,10 +241,21 @@ def main():
             except ImportError as error:
                 print(f"skipping {backend}: {error}")
                 continue
-            rate = images_per_second(loader, device)
-            rows.append(dict(backend=backend, mode=mode, images_per_s=rate, per_worker=rate / max(workers, 1), speedup=rate / baseline))
-    print_table(rows, ["backend", "mode", "images_per_s", "per_worker", "speedup"])
-    path = write_results("bench_pipelines", device, rows, extra=dict(images=images, workers=workers, batch_size=batch_size, image_size="500x375 JPEG q90", quick=args.quick))
+            figures = measure(loader, device, batch_size, view_sizes, repeats)
+            per_core_speedup = figures["images_per_core_s"] / baseline["images_per_core_s"]
+            # Each target is for one configuration: a backend loading on the CPU, DALI loading on a GPU.
+            on_cpu = device.type == "cpu"
+            rows.append(dict(backend=backend, mode=mode, **figures, speedup=figures["images_per_s"] / baseline["images_per_s"],
+                             per_core_speedup=per_core_speedup,
+                             meets_per_core_target=per_core_speedup >= TARGET_CPU_SPEEDUP_PER_CORE if on_cpu else None,
+                             meets_images_per_s_target=figures["images_per_s"] >= TARGET_DALI_GPU_IMAGES_PER_S
+                             if backend == "dali" and not on_cpu else None))
+    print_table(rows, ["backend", "mode", "images_per_s", "images_per_core_s", "cores_used", "speedup", "per_core_speedup"])
+    extra = dict(images=images, workers=workers, threads=threads, batch_size=batch_size, view_sizes=view_sizes, repeats=repeats,
+                 image_size="500x375 JPEG q90", quick=args.quick, target_per_core_speedup=TARGET_CPU_SPEEDUP_PER_CORE,
+                 target_dali_gpu_images_per_s=TARGET_DALI_GPU_IMAGES_PER_S,
+                 versions=installed_versions("torchvision", "pillow", "nvidia-dali", "ffcv"))
+    path = write_results("bench_pipelines" + ("_quick" if args.quick else ""), device, rows, extra=extra)
     print(f"wrote {path}")
 
 

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -95,6 +95,21 @@ def git_commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def installed_versions(*names: str) -> Dict[str, Optional[str]]:
+    """The installed version of each distribution in ``names`` (None when absent), read from the
+    package metadata without importing it; a name also matches its build variants (``nvidia-dali``
+    matches ``nvidia-dali-cuda130``)."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        installed = (dist.metadata["Name"] or "").lower()
+        for name in names:
+            if installed == name or installed.startswith(name + "-"):
+                found.setdefault(name, dist.version)
+    return {name: found.get(name) for name in names}
 
 
 def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict = None, out_dir: Path = None) -> Path:

@@ -1,0 +1,87 @@
+"""The benchmarks of the pipelines and the training step: their ``--quick`` runs finish and write what
+PERFORMANCE.md asks of them (medians, ratios measured in the same run, data wait, target flags), and
+the pipeline benchmark refuses batches that are not the recipe's two views with their matrices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.bench_pipelines import check_batch
+from fastdense.geometry import crop_matrix
+from fastdense.pipelines import ViewBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, out: Path, *args: str) -> dict:
+    env = dict(os.environ, FASTDENSE_BENCH_OUT=str(out), PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], env=env, check=True, capture_output=True, timeout=300)
+    (path,) = out.glob("*_quick_*.json")
+    result = json.loads(path.read_text())
+    for key in ("device", "torch", "triton", "commit"):
+        assert result[key], key
+    assert result["versions"]["torchvision"] and result["versions"]["pillow"]
+    return result
+
+
+@pytest.mark.slow
+def test_train_step_quick_reports_medians_data_wait_and_targets(tmp_path):
+    result = run_quick("bench_train_step.py", tmp_path, "--threads", "1", "--steps", "3", "--warmup", "1")
+    (row,) = result["rows"]
+    assert (row["threads"], row["steps"], row["warmup"], row["batch"]) == (1, 3, 1, 8)
+    assert row["backend"] and row["workers"] >= 0
+    for side in ("reference", "fastdense"):
+        assert row[f"{side}_images_per_s"] == pytest.approx(row["batch"] / row[f"{side}_median_step_s"])
+        assert 0 < row[f"{side}_data_wait_fraction"] < 1
+    assert row["speedup"] == pytest.approx(row["fastdense_images_per_s"] / row["reference_images_per_s"])
+    assert row["meets_data_wait_target"] == (row["fastdense_data_wait_fraction"] < result["target_data_wait_fraction"])
+    # The speedup target is the GPU configuration's (ResNet-50, 224 px, 256 images); quick is not it.
+    assert result["target_speedup"] is None and row["meets_speedup_target"] is None
+
+
+@pytest.mark.slow
+def test_pipelines_quick_reports_per_core_ratios_and_targets(tmp_path):
+    result = run_quick("bench_pipelines.py", tmp_path, "--backends", "torch", "--repeats", "2", "--threads", "1")
+    assert (result["threads"], result["repeats"], result["view_sizes"]) == (1, 2, [224, 224])
+    rows = {(row["backend"], row["mode"]): row for row in result["rows"]}
+    modes = ("geometry", "full")
+    assert set(rows) == {(backend, mode) for backend in ("pil-torchvision baseline", "torch") for mode in modes}
+    on_cpu = not torch.cuda.is_available()
+    for mode in modes:
+        baseline, fast = rows[("pil-torchvision baseline", mode)], rows[("torch", mode)]
+        assert fast["speedup"] == pytest.approx(fast["images_per_s"] / baseline["images_per_s"])
+        assert fast["per_core_speedup"] == pytest.approx(fast["images_per_core_s"] / baseline["images_per_core_s"])
+        target = fast["per_core_speedup"] >= result["target_per_core_speedup"] if on_cpu else None
+        assert fast["meets_per_core_target"] == target
+        for row in (baseline, fast):
+            # This process and its workers only: never more cores than the machine has (clock-tick slack).
+            assert 0 < row["cores_used"] <= os.cpu_count() + 0.5, row
+
+
+def _two_view_batch(batch_size=4, size=224, views=None, x0=10.0):
+    source = torch.tensor([[375, 500]] * batch_size)
+    matrices = crop_matrix(torch.full((batch_size, 2), x0), 20.0, 300.0, 200.0, size, size)
+    views = views if views is not None else [torch.randn(batch_size, 3, size, size) for _ in range(2)]
+    return ViewBatch(views=views, matrices=matrices, source_size=source, index=torch.arange(batch_size))
+
+
+def test_check_batch_accepts_the_recipe_views():
+    check_batch(_two_view_batch(), 4, [224, 224])
+    check_batch(([torch.randn(4, 3, 224, 224)] * 2, torch.zeros(4)), 4, [224, 224])  # the baseline's (views, labels)
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda: _two_view_batch(batch_size=3), "shapes"),
+    (lambda: _two_view_batch(size=112), "shapes"),
+    (lambda: _two_view_batch(views=[torch.randn(4, 3, 224, 224), torch.zeros(4, 3, 224, 224)]), "constant"),
+    (lambda: _two_view_batch(views=[torch.full((4, 3, 224, 224), float("nan"))] * 2), "not finite"),
+    (lambda: _two_view_batch(x0=250.0), "outside"),  # the crop runs past the source's right edge
+], ids=["smaller batch", "smaller views", "blank view", "NaN views", "crop outside the source"])
+def test_check_batch_refuses_a_broken_batch(broken, message):
+    with pytest.raises(ValueError, match=message):
+        check_batch(broken(), 4, [224, 224])

@@ -8,6 +8,18 @@ from typing import List, Optional
 import torch
 
 
+def to_device_async(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory without the host
+    waiting: a plain (or pageable) copy waits for every kernel queued before it, a training step's
+    included, which the loader would then count as its own time."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and tensor.numel():
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class ViewBatch:
     """Augmented views of ``B`` images and where each view came from.

@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from fastdense.pipelines.batch import to_device_async
 from fastdense.pipelines.recipes import ViewSpec
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
@@ -50,7 +51,8 @@ class PhotometricParams:
     solarize: torch.Tensor
 
     def to(self, device) -> "PhotometricParams":
-        return PhotometricParams(**{k: v.to(device) for k, v in self.__dict__.items()})
+        """On ``device`` (from the CPU to a GPU without waiting: :func:`to_device_async`)."""
+        return PhotometricParams(**{k: to_device_async(v, device) for k, v in self.__dict__.items()})
 
     def __getitem__(self, rows) -> "PhotometricParams":
         """The parameters of images ``rows`` (a slice or an index tensor)."""
@@ -113,25 +115,31 @@ def apply_photometric(
 def apply_params(images: torch.Tensor, params: PhotometricParams, blur_kernel_size: int, solarize_threshold: float) -> torch.Tensor:
     """Apply drawn parameters; the deterministic half of :func:`apply_photometric`."""
     _check_images(images)
+    # Which rows take which operation is read off the host's copy of the parameters: on a GPU, a
+    # torch.nonzero or bool() of a device tensor makes the host wait for every queued kernel.
+    host = params.to("cpu")
     params = params.to(images.device)
     out = images.clone()
-    jittered = params.jitter
-    if bool(jittered.any()):
-        for position in range(4):
-            for op in range(4):
-                rows = torch.nonzero(jittered & (params.order[:, position] == op)).squeeze(1)
-                if rows.numel():
-                    out[rows] = _JITTER_OPS[op](out[rows], params.factors[rows, op])
-    rows = torch.nonzero(params.grayscale).squeeze(1)
+
+    def rows_of(mask: torch.Tensor) -> torch.Tensor:
+        return to_device_async(torch.nonzero(mask).squeeze(1), images.device)
+
+    for position in range(4):
+        for op in range(4):
+            rows = rows_of(host.jitter & (host.order[:, position] == op))
+            if rows.numel():
+                out[rows] = _JITTER_OPS[op](out[rows], params.factors[rows, op])
+    rows = rows_of(host.grayscale)
     if rows.numel():
         out[rows] = rgb_to_gray(out[rows]).expand(-1, 3, -1, -1)
-    rows = torch.nonzero(params.blur).squeeze(1)
+    rows = rows_of(host.blur)
     if rows.numel():
         out[rows] = gaussian_blur(out[rows], blur_kernel_size, params.sigma[rows])
-    rows = torch.nonzero(params.solarize).squeeze(1)
+    rows = rows_of(host.solarize)
     if rows.numel():
         out[rows] = torch.where(out[rows] >= solarize_threshold, 1.0 - out[rows], out[rows])
     return out
+
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], inplace: bool = False) -> torch.Tensor:

@@ -556,6 +556,16 @@ def test_photometric_parameters_follow_spec():
     assert params.order[:, 0].bincount(minlength=4).min() > 800  # every op comes first about a quarter of the time
 
 
+def test_photometric_asks_the_device_nothing():
+    # On a GPU, a torch.nonzero or bool() of a device tensor makes the host wait for every queued
+    # kernel (the training step's); the meta device stands in for it, since such calls raise there.
+    spec = dataclasses.replace(get_recipe("scrl").views[0], jitter_p=0.9, grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
+    params = sample_params(spec, 16, torch.Generator().manual_seed(0))
+    assert all(0 < int(mask.sum()) < 16 for mask in (params.jitter, params.grayscale, params.blur, params.solarize))
+    out = apply_params(torch.rand(16, 3, 32, 32, device="meta"), params, spec.blur_kernel_size, spec.solarize_threshold)
+    assert out.device.type == "meta" and out.shape == (16, 3, 32, 32)
+
+
 def test_apply_photometric_per_sample_specs_and_validation():
     plain, strong = ViewSpec(32, (0.2, 1.0), jitter_p=0, grayscale_p=0), ViewSpec(32, (0.2, 1.0), grayscale_p=1.0, jitter_p=0)
     images = _images(batch=4)

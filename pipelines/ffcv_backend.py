@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
 from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches
-from fastdense.pipelines.batch import ViewBatch
+from fastdense.pipelines.batch import ViewBatch, to_device_async
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
 from fastdense.pipelines.torch_backend import to_rgb
@@ -596,7 +596,7 @@ class FfcvLoader:
             size = torch.tensor(sizes, dtype=torch.float32)
             yield ViewBatch(
                 views=views,
-                matrices=crop_matrix(x0, y0, w, h, size, size, flip.bool()).to(self.device),
+                matrices=to_device_async(crop_matrix(x0, y0, w, h, size, size, flip.bool()), self.device),
                 source_size=self._column(outputs[position["source_size"]], 2),
                 index=self._column(outputs[position["index"]]),
                 label=self._column(outputs[position["label"]]),
@@ -606,7 +606,7 @@ class FfcvLoader:
     def _column(self, values, width: int = 0) -> torch.Tensor:
         array = np.asarray(values).astype(np.int64)  # a copy: FFCV reuses its buffers
         array = array.reshape(-1, width) if width else array.reshape(-1)
-        return torch.from_numpy(array).to(self.device)
+        return to_device_async(torch.from_numpy(array), self.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def apply_photometric(
         raise ValueError(f"specs_or_spec must be one ViewSpec or {images.shape[0]} of them (one per image), got {len(specs)}")
     out = images.clone()
     for spec in dict.fromkeys(specs):  # unique specs, first-seen order, so draws are reproducible
-        rows = torch.tensor([k for k, s in enumerate(specs) if s == spec], device=images.device)
+        rows = to_device_async(torch.tensor([k for k, s in enumerate(specs) if s == spec]), images.device)
         params = sample_params(spec, len(rows), generator)
         out[rows] = apply_params(images[rows], params, spec.blur_kernel_size, spec.solarize_threshold)
     return out
@@ -146,8 +146,8 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     """``(images - mean) / std`` per channel, for ``[B, 3, H, W]`` images on any device; with
     ``inplace``, written over ``images`` (on CPU a fresh batch-sized buffer costs more than the maths)."""
     _check_images(images)
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean_t = to_device_async(torch.as_tensor(mean, dtype=images.dtype), images.device).view(1, -1, 1, 1)
+    std_t = to_device_async(torch.as_tensor(std, dtype=images.dtype), images.device).view(1, -1, 1, 1)
     if inplace:
         return images.sub_(mean_t).div_(std_t)
     return (images - mean_t) / std_t

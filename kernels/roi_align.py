@@ -27,6 +27,10 @@ takes, so the backward recomputes none of it:
   forward, ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's
   bilinear weights in every channel block, or waiting on one chain of dependent loads per box.
 
+``_box_check_kernel`` checks the boxes' values for ``fastdense.ops.roi_align(check_boxes=True)`` in one
+launch, where the same checks in PyTorch took a dozen (each a launch and host work on a GPU); the
+flags it writes are read back once, the check's one host sync.
+
 Input is addressed through its strides, so NCHW and channels_last are both read in place. Coordinates,
 weights and sums are float32 whatever the input dtype (float16, bfloat16, float32).
 """
@@ -402,6 +406,60 @@ def group_by_sort(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, to
     sorted_image, order = torch.sort(image, stable=True)
     offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
     return order.to(torch.int32), offsets.to(torch.int32)
+
+
+# Bits of :func:`invalid_box_flags`.
+BAD_BATCH_INDEX = 1
+INVERTED_BOX = 2
+NOT_FINITE = 4
+# Boxes checked per program of ``_box_check_kernel``; SCRL's 2560 take one program.
+CHECK_BOXES_PER_PROGRAM = 8192
+CHECK_BLOCK = 1024
+INFINITY = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def _box_check_kernel(rois_ptr, flags_ptr, K, stride_k, stride_col, last_image,
+                      BOXES_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr, IN_FLOAT64: tl.constexpr):
+    """``flags[program]``: the OR of :data:`BAD_BATCH_INDEX`, :data:`INVERTED_BOX` and
+    :data:`NOT_FINITE` over this program's boxes. NaN fails every ordered comparison, so a NaN batch
+    index is a bad index and a NaN coordinate is not finite (never an inverted box)."""
+    program = tl.program_id(0)
+    compute = tl.float64 if IN_FLOAT64 else tl.float32
+    bad_index = tl.zeros((BLOCK,), tl.int32)
+    inverted = tl.zeros((BLOCK,), tl.int32)
+    not_finite = tl.zeros((BLOCK,), tl.int32)
+    for start in range(program * BOXES_PER_PROGRAM, tl.minimum(K, (program + 1) * BOXES_PER_PROGRAM), BLOCK):
+        box = start + tl.arange(0, BLOCK)
+        real = box < K
+        row = rois_ptr + box.to(tl.int64) * stride_k
+        index = tl.load(row, mask=real, other=0.0).to(compute)
+        x1 = tl.load(row + stride_col, mask=real, other=0.0).to(compute)
+        y1 = tl.load(row + 2 * stride_col, mask=real, other=0.0).to(compute)
+        x2 = tl.load(row + 3 * stride_col, mask=real, other=0.0).to(compute)
+        y2 = tl.load(row + 4 * stride_col, mask=real, other=0.0).to(compute)
+        integral = (index >= 0) & (index <= last_image) & (index == tl.floor(index))
+        bad_index |= (real & ~integral).to(tl.int32)
+        inverted |= (real & ((x2 < x1) | (y2 < y1))).to(tl.int32)
+        finite = (tl.abs(x1) < INFINITY) & (tl.abs(y1) < INFINITY) & (tl.abs(x2) < INFINITY) & (tl.abs(y2) < INFINITY)
+        not_finite |= (real & ~finite).to(tl.int32)
+    flags = tl.max(bad_index, axis=0) * 1 + tl.max(inverted, axis=0) * 2 + tl.max(not_finite, axis=0) * 4
+    tl.store(flags_ptr + program, flags)
+
+
+def invalid_box_flags(rois: torch.Tensor, num_images: int) -> torch.Tensor:
+    """What is wrong with ``rois [K, 5]`` (any float dtype and strides) as boxes of ``num_images``
+    images: int32 flags, one word per ``CHECK_BOXES_PER_PROGRAM`` boxes, whose OR holds
+    :data:`BAD_BATCH_INDEX` (a batch index that is not an integer in ``[0, num_images)``),
+    :data:`INVERTED_BOX` (``x2 < x1`` or ``y2 < y1``) and :data:`NOT_FINITE` (a coordinate). One
+    launch, on the device: reading the words back is the check's only host synchronisation."""
+    programs = max(1, cdiv(rois.shape[0], CHECK_BOXES_PER_PROGRAM))
+    flags = torch.empty(programs, dtype=torch.int32, device=rois.device)
+    _box_check_kernel[(programs,)](
+        rois, flags, rois.shape[0], rois.stride(0), rois.stride(1), num_images - 1,
+        BOXES_PER_PROGRAM=CHECK_BOXES_PER_PROGRAM, BLOCK=CHECK_BLOCK, IN_FLOAT64=rois.dtype == torch.float64, num_warps=4,
+    )
+    return flags
 
 
 def prepare_rois(rois: torch.Tensor) -> torch.Tensor:

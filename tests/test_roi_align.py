@@ -384,11 +384,74 @@ GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
         (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
     ],
 )
-def test_bad_input(kwargs, error, message):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bad_input(device, backend, kwargs, error, message):
+    """Every backend refuses the same input with the same message (the Triton path checks the
+    boxes' values with a kernel of its own)."""
     args = dict(input=GOOD_X, boxes=GOOD_ROIS, output_size=2, spatial_scale=1.0, sampling_ratio=-1)
     args.update(kwargs)
-    with pytest.raises(error, match=message):
+    to_device = lambda value: value.to(device) if torch.is_tensor(value) else [to_device(v) for v in value] if isinstance(value, list) else value  # noqa: E731
+    args = {name: to_device(value) for name, value in args.items()}
+    with ops.backend(backend), pytest.raises(error, match=message):
         ops.roi_align(**args)
+
+
+def box_value_cases(generator: torch.Generator):
+    """``(name, rois, num_images)``: valid boxes and every kind of bad value, alone and together."""
+    good = random_rois(5, 7, 7, 1 / 32, 6, generator).float()
+    cases = [("valid", good, 5), ("valid, index at the last image", good, 5), ("no image for index 4", good, 4)]
+    for name, column, value in [("fractional index", 0, 2.5), ("negative index", 0, -1.0), ("nan index", 0, float("nan")),
+                                ("inf index", 0, float("inf")), ("inverted x", 1, 1e4), ("inverted y", 2, 1e4),
+                                ("nan x1", 1, float("nan")), ("inf y2", 4, float("inf")), ("-inf x2", 3, float("-inf"))]:
+        bad = good.clone()
+        bad[int(torch.randint(good.shape[0], (), generator=generator)), column] = value
+        cases.append((name, bad, 5))
+    several = good.clone()
+    several[0, 0], several[1, 3], several[2, 2] = 7.0, -1e4, float("nan")
+    cases.append(("three faults", several, 5))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_box_check_kernel_matches_the_pytorch_check(monkeypatch, device, dtype):
+    """The Triton check's flags against the same three checks in PyTorch, on every dtype, on a
+    non-contiguous view of the boxes, and over several programs (a bad box in the last one)."""
+    from fastdense.kernels import roi_align as kernels
+
+    monkeypatch.setattr(kernels, "CHECK_BOXES_PER_PROGRAM", 8)
+    monkeypatch.setattr(kernels, "CHECK_BLOCK", 4)
+    for name, rois, num_images in box_value_cases(torch.Generator().manual_seed(3)):
+        rois = rois.to(dtype)
+        strided = torch.zeros(rois.shape[0], 9, dtype=dtype)[:, ::2]
+        strided.copy_(rois)
+        flags = kernels.invalid_box_flags(strided.to(device), num_images)
+        assert flags.shape == (-(-rois.shape[0] // 8),), name
+        found = 0
+        for word in flags.tolist():
+            found |= word
+        index = rois[:, 0].double()
+        expected = (kernels.BAD_BATCH_INDEX * bool(((index < 0) | (index > num_images - 1) | (index != index.floor()) | index.isnan()).any())
+                    + kernels.INVERTED_BOX * bool(((rois[:, 3:5] < rois[:, 1:3])).any())
+                    + kernels.NOT_FINITE * bool((~rois[:, 1:].isfinite()).any()))
+        assert found == expected, name
+
+
+def test_box_check_is_one_launch_and_one_transfer_on_the_triton_path(monkeypatch, device):
+    """The Triton path checks the boxes with one kernel and reads back its flags once (on a GPU,
+    the call's only host sync), instead of a dozen PyTorch ops; other backends keep the PyTorch check."""
+    from fastdense.kernels import roi_align as kernels
+
+    calls, transfers = [], []
+    real_flags, real_tolist = kernels.invalid_box_flags, torch.Tensor.tolist
+    monkeypatch.setattr(kernels, "invalid_box_flags", lambda *args: calls.append(args[0].shape) or real_flags(*args))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: transfers.append(tuple(self.shape)) or real_tolist(self))
+    x, rois = GOOD_X.to(device), torch.tensor([[0, 0.0, 0.0, 2.0, 2.0], [1, 1.0, 0.5, 4.0, 3.0]], device=device)
+    with ops.backend("triton"):
+        ops.roi_pool_vectors(x, rois)
+    assert calls == [(2, 5)] and transfers == [(1,)]
+    with ops.backend("reference"):
+        ops.roi_align(x.cpu(), rois.cpu(), 2)
+    assert calls == [(2, 5)] and transfers[1] == (3,)  # the PyTorch check's three flags
 
 
 def test_check_boxes_false_skips_only_the_value_checks(monkeypatch):
@@ -500,6 +563,10 @@ types = {"rois_ptr": "*fp32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "s
 assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]
 types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
 assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]
+for dtype in ("fp32", "fp64", "bf16", "fp16"):
+    types = {"rois_ptr": f"*{dtype}", "flags_ptr": "*i32", "K": "i32", "stride_k": "i32", "stride_col": "i32", "last_image": "i32"}
+    constants = {"BOXES_PER_PROGRAM": kernels.CHECK_BOXES_PER_PROGRAM, "BLOCK": kernels.CHECK_BLOCK, "IN_FLOAT64": dtype == "fp64"}
+    assert compile_for_sm90(kernels._box_check_kernel, types, constants, num_warps=4).asm["cubin"], f"box check {dtype}"
 print("compiled")
 """
 

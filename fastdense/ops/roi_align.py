@@ -283,8 +283,9 @@ def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes: bool = True) -> Tuple[int, int]:
-    """Validate (the boxes' values too when ``check_boxes``); return ``output_size`` as ``(height, width)``."""
+def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio) -> Tuple[int, int]:
+    """Validate everything but the boxes' values (:func:`check_box_values`); return ``output_size``
+    as ``(height, width)``."""
     check_tensor(input, "input", "[N, C, H, W]", dims=4)
     if input.shape[2] == 0 or input.shape[3] == 0:
         # No pixel to sample; torchvision's CPU kernel reads out of bounds (and crashes) here.
@@ -299,27 +300,45 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
-    if check_boxes and rois.numel():
-        bad_index_message = f"boxes[:, 0] must hold integer batch indices in [0, {input.shape[0] - 1}] for input of shape {list(input.shape)}"
-        if input.shape[0] == 0:
-            raise ValueError(bad_index_message)
-        # One device-to-host transfer for all three checks (on a GPU each would be a sync of its own),
-        # in few ops: an integer in [0, N) is the only value that clamping to [0, N - 1] and flooring
-        # leave unchanged (NaN compares unequal to itself); x * 0 is 0 for finite x and NaN for
+    return tuple(output_size)
+
+
+def check_box_values(rois: torch.Tensor, input_shape, with_kernel: bool = False) -> None:
+    """Raise ``ValueError`` unless every batch index of ``rois [K, 5]`` is an integer in ``[0, N)``,
+    every box has ``x1 <= x2`` and ``y1 <= y2`` and every coordinate is finite.
+
+    One device-to-host transfer for all three checks (on a GPU it is a host sync). ``with_kernel``:
+    one Triton launch computes the three flags (:func:`fastdense.kernels.roi_align.invalid_box_flags`);
+    otherwise a few PyTorch ops do, a dozen launches on a GPU."""
+    if not rois.numel():
+        return
+    num_images = input_shape[0]
+    bad_index_message = f"boxes[:, 0] must hold integer batch indices in [0, {num_images - 1}] for input of shape {list(input_shape)}"
+    if num_images == 0:
+        raise ValueError(bad_index_message)
+    if with_kernel:
+        from fastdense.kernels import roi_align as kernels
+
+        flags = 0
+        for word in kernels.invalid_box_flags(rois, num_images).tolist():
+            flags |= word
+        bad_index, inverted, not_finite = (bool(flags & bit) for bit in (kernels.BAD_BATCH_INDEX, kernels.INVERTED_BOX, kernels.NOT_FINITE))
+    else:
+        # An integer in [0, N) is the only value that clamping to [0, N - 1] and flooring leave
+        # unchanged (NaN compares unequal to itself); x * 0 is 0 for finite x and NaN for
         # infinities and NaN, so the sum is NaN exactly when a coordinate is not finite.
         index = rois[:, 0]
         bad_index, inverted, not_finite = torch.stack([
-            (index.clamp(0, input.shape[0] - 1).floor_() != index).any(),
+            (index.clamp(0, num_images - 1).floor_() != index).any(),
             (rois[:, 3:5] < rois[:, 1:3]).any(),
             rois.mul(0).sum().isnan(),
         ]).tolist()
-        if bad_index:
-            raise ValueError(bad_index_message)
-        if inverted:
-            raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
-        if not_finite:
-            raise ValueError("boxes must be finite")
-    return tuple(output_size)
+    if bad_index:
+        raise ValueError(bad_index_message)
+    if inverted:
+        raise ValueError("boxes must satisfy x1 <= x2 and y1 <= y2 (inverted boxes are not allowed)")
+    if not_finite:
+        raise ValueError("boxes must be finite")
 
 
 def roi_align(
@@ -348,9 +367,9 @@ def roi_align(
         aligned: half-pixel offset (see above).
         check_boxes: verify that batch indices are integers in ``[0, N)``, that ``x1 <= x2`` and
             ``y1 <= y2`` and that coordinates are finite, raising ``ValueError`` otherwise. On a GPU
-            that costs a device-to-host transfer, a host sync every call; pass ``False`` for boxes
-            valid by construction (SCRL's sampler) to keep the call asynchronous, as torchvision's
-            is. Invalid boxes are then undefined behaviour, as in torchvision.
+            that costs one small kernel and a device-to-host transfer, a host sync every call; pass
+            ``False`` for boxes valid by construction (SCRL's sampler) to keep the call asynchronous,
+            as torchvision's is. Invalid boxes are then undefined behaviour, as in torchvision.
 
     Returns:
         ``[K, C, output_size[0], output_size[1]]`` in the input's dtype.
@@ -373,7 +392,7 @@ def roi_align(
 def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, check_boxes, flat: bool) -> torch.Tensor:
     """:func:`roi_align`, as ``[K, C * PH * PW]`` when ``flat``."""
     rois = boxes_to_rois(boxes, dtype=getattr(input, "dtype", None), device=getattr(input, "device", None))
-    output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, check_boxes)
+    output_size = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio)
     if not torch.is_tensor(boxes):
         # Shapes only, no host sync: checked with check_boxes=False too, where a box of a missing
         # image would be read out of bounds.
@@ -384,7 +403,10 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     if not input.is_cuda and _has_torchvision():
         available += ("cpp",)
     implementation = resolve("roi_align", (input, rois), available=available)
-    if implementation == "triton" and plain_eager(input, rois):
+    eager_triton = implementation == "triton" and plain_eager(input, rois)
+    if check_boxes:
+        check_box_values(rois, input.shape, with_kernel=eager_triton)
+    if eager_triton:
         return _EagerTritonRoIAlign.apply(input, rois, output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), flat)
     out = torch.ops.fastdense.roi_align(input, rois, *output_size, float(spatial_scale), int(sampling_ratio), bool(aligned), implementation)[0]
     return out.flatten(1) if flat else out

@@ -14,7 +14,7 @@ Each side's figure is the median step time over the timed steps (images/s = batc
 speedup is the ratio of the two, measured in the same process. The data-wait fraction is the time
 the loop spent blocked in ``next()`` on its batch stream over the time of the timed steps (target:
 under 5% for fastdense). fastdense's loop is ``Trainer.fit``'s (the step queued, the next batch
-fetched while the device runs it, then the loss read) without its logging and checkpoints. The
+fetched and its boxes drawn while the device runs it, then the loss read) without its logging and checkpoints. The
 loaders move batches to the GPU through pinned memory without waiting for queued kernels, so the
 fetch is not charged for the step's GPU time; were a copy to block, the figure would count it as
 data wait (the pessimistic side of the target).
@@ -266,11 +266,12 @@ def run_fastdense(config, device, warmup, steps):
         epoch = 0
         while True:
             trainer.loader.set_epoch(epoch)
-            prefetcher = Prefetcher(iter(trainer.loader), trainer.device, trainer.channels_last, trainer.loader_rng)
-            batch, _ = prefetcher.fetch()
+            # The method's host work (SCRL's boxes) runs as each batch is fetched, as in fit.
+            prefetcher = Prefetcher(iter(trainer.loader), trainer.device, trainer.channels_last, trainer.loader_rng, prepare=trainer.method.prepare)
+            batch, _ = prefetcher.fetch(trainer.step)
             while batch is not None:
                 yield prefetcher.ready(batch)
-                batch, _ = prefetcher.fetch()
+                batch, _ = prefetcher.fetch(trainer.step)
             epoch += 1
 
     stream = batches()

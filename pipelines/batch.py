@@ -39,6 +39,19 @@ class ViewBatch:
     index: torch.Tensor
     label: Optional[torch.Tensor] = None
     extras: dict = field(default_factory=dict)
+    # CPU copies of the small tensors, kept by loaders that made them there (:meth:`on_device`), so
+    # host-side work reads them without waiting for the device (:meth:`on_host`).
+    host: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def on_device(cls, views: List[torch.Tensor], matrices: torch.Tensor, source_size: torch.Tensor, index: torch.Tensor,
+                  label: Optional[torch.Tensor], device) -> "ViewBatch":
+        """A batch whose ``views`` are given on the training device and whose other tensors, made on
+        the CPU, go to ``device`` without the host waiting (:func:`to_device_async`), their CPU
+        copies kept for :meth:`on_host`."""
+        host = {"matrices": matrices, "source_size": source_size, "index": index, "label": label}
+        moved = {name: None if t is None else to_device_async(t, device) for name, t in host.items()}
+        return cls(views=views, host=host, **moved)
 
     def __post_init__(self):
         if not self.views:
@@ -56,6 +69,14 @@ class ViewBatch:
             raise ValueError(f"ViewBatch.index must have shape [{batch}], got {list(self.index.shape)}")
         if self.label is not None and tuple(self.label.shape) != (batch,):
             raise ValueError(f"ViewBatch.label must have shape [{batch}], got {list(self.label.shape)}")
+
+    def on_host(self, name: str) -> Optional[torch.Tensor]:
+        """Field ``name`` (``matrices``, ``source_size``, ``index`` or ``label``) on the CPU: the
+        loader's own copy when it kept one, which costs no device synchronisation, else a copy."""
+        if self.host is not None and name in self.host:
+            return self.host[name]
+        value = getattr(self, name)
+        return None if value is None else value.cpu()
 
     @property
     def batch_size(self) -> int:
@@ -78,4 +99,5 @@ class ViewBatch:
             index=move(self.index),
             label=move(self.label),
             extras={k: move(v) if torch.is_tensor(v) else v for k, v in self.extras.items()},
+            host=self.host,
         )

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches, sample_seed
-from fastdense.pipelines.batch import ViewBatch, to_device_async
+from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import GRAY_WEIGHTS
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
@@ -360,10 +360,5 @@ class DaliLoader:
         size = torch.tensor(sizes, dtype=torch.float32)
         x0, y0, w, h, flip = windows.unbind(-1)
         matrices = crop_matrix(x0, y0, w, h, size, size, flip.bool())
-        return ViewBatch(
-            views=[out[f"view{v}"].to(self.device, non_blocking=True) for v in range(len(sizes))],
-            matrices=to_device_async(matrices, self.device),
-            source_size=to_device_async(out["shape"][:, :2].to(torch.int64), self.device),
-            index=to_device_async(index, self.device),
-            label=to_device_async(self.labels[index], self.device),
-        )
+        views = [out[f"view{v}"].to(self.device, non_blocking=True) for v in range(len(sizes))]
+        return ViewBatch.on_device(views, matrices, out["shape"][:, :2].to(torch.int64), index, self.labels[index], self.device)

@@ -47,7 +47,7 @@ from PIL import Image, ImageOps
 
 from fastdense.geometry import crop_matrix
 from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches
-from fastdense.pipelines.batch import ViewBatch, to_device_async
+from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.recipes import Recipe, ViewSpec, get_recipe
 from fastdense.pipelines.torch_backend import to_rgb
@@ -594,19 +594,17 @@ class FfcvLoader:
             views = finish_views(views_nchw, self.recipe, self.photometric, self.seed, epoch, self.shard_id, batch_number)
             x0, y0, w, h, flip = torch.stack(windows, dim=1).to(torch.float32).unbind(-1)  # each [B, V]
             size = torch.tensor(sizes, dtype=torch.float32)
-            yield ViewBatch(
-                views=views,
-                matrices=to_device_async(crop_matrix(x0, y0, w, h, size, size, flip.bool()), self.device),
-                source_size=self._column(outputs[position["source_size"]], 2),
-                index=self._column(outputs[position["index"]]),
-                label=self._column(outputs[position["label"]]),
+            yield ViewBatch.on_device(
+                views, crop_matrix(x0, y0, w, h, size, size, flip.bool()), _column(outputs[position["source_size"]], 2),
+                _column(outputs[position["index"]]), _column(outputs[position["label"]]), self.device,
             )
         self._report.report(epoch, self.num_stored + len(self.unreadable))
 
-    def _column(self, values, width: int = 0) -> torch.Tensor:
-        array = np.asarray(values).astype(np.int64)  # a copy: FFCV reuses its buffers
-        array = array.reshape(-1, width) if width else array.reshape(-1)
-        return to_device_async(torch.from_numpy(array), self.device)
+
+def _column(values, width: int = 0) -> torch.Tensor:
+    """An FFCV integer column as an int64 CPU tensor (``[B, width]`` when ``width``)."""
+    array = np.asarray(values).astype(np.int64)  # a copy: FFCV reuses its buffers
+    return torch.from_numpy(array.reshape(-1, width) if width else array.reshape(-1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from fastdense.pipelines.base import SkipReport, check_has_batches, check_loader_args, check_start_batch, epoch_order, num_batches, sample_seed
-from fastdense.pipelines.batch import ViewBatch, to_device_async
+from fastdense.pipelines.batch import ViewBatch
 from fastdense.pipelines.crops import crops_to_matrices, sample_crop
 from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import apply_params, normalize, sample_params
@@ -376,8 +376,7 @@ class TorchLoader:
         if self.device.type == "cuda":
             views = finish_views(views, self.recipe, self.photometric, self.seed, part["epoch"], self.shard_id, part["batch_number"])
         matrices = crops_to_matrices(part["crops"], [spec.size for spec in self.recipe.views])
-        return ViewBatch(views=views, matrices=to_device_async(matrices, self.device), source_size=to_device_async(part["size"], self.device),
-                         index=to_device_async(part["index"], self.device), label=to_device_async(part["label"], self.device))
+        return ViewBatch.on_device(views, matrices, part["size"], part["index"], part["label"], self.device)
 
 
 class _EpochBatches(torch.utils.data.Sampler):

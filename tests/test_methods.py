@@ -6,6 +6,7 @@ alignment maps, class attention, neighbour selection, the losses) is recomputed 
 formulas, in float64, without calling the method's own helpers.
 """
 
+import copy
 import math
 
 import pytest
@@ -82,6 +83,31 @@ def scrl_rois(batch):
     rois1 = torch.tensor([[0, 3.0, 5.0, 50.0, 60.0], [0, 20.0, 1.0, 64.0, 30.0], [2, 10.0, 10.0, 40.0, 55.0]], dtype=torch.float64)
     rois2 = torch.tensor([[0, 0.0, 8.0, 44.0, 64.0], [0, 12.0, 4.0, 60.0, 28.0], [2, 2.0, 18.0, 37.0, 50.0]], dtype=torch.float64)
     return [rois1, rois2]
+
+
+def test_scrl_prepare_draws_the_steps_boxes_without_reading_the_device():
+    """The trainer calls ``prepare`` while the device still runs the step before: it reads the
+    matrices and indices from the loader's host copies and the box seed from its host cache, so it
+    never waits for the device. On the meta device any such read would fail. ``forward`` takes the
+    prepared boxes; they are keyed by the step, the same as ``sample_boxes(draw=step)``."""
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    host = make_batch([64, 64], batch=4, dtype=torch.float32)
+    expected = method.sample_boxes(host, draw=7).rois
+    assert all(r.device.type == "cpu" for r in expected) and expected[0].shape[0] > 0
+    assert not torch.equal(method.sample_boxes(host, draw=8).rois[0], expected[0])
+    assert int(method.box_draws) == 0  # a given draw leaves the counter alone
+
+    on_meta = ViewBatch.on_device([v.to("meta") for v in host.views], host.matrices, host.source_size, host.index, host.label, "meta")
+    assert on_meta.matrices.device.type == "meta" and on_meta.on_host("matrices") is host.matrices
+    copy.deepcopy(method).to("meta").prepare(on_meta, step=7)
+    prepared = on_meta.extras["scrl_rois"]
+    assert [r.device.type for r in prepared] == ["meta", "meta"] and [r.shape for r in prepared] == [r.shape for r in expected]
+
+    host.extras["scrl_rois"] = expected
+    taken = []
+    method.box_loss = lambda view1, view2, rois: taken.append(rois) or {"loss": torch.zeros(())}
+    method(host)
+    assert taken[0] is expected
 
 
 def test_scrl_loss_matches_float64():

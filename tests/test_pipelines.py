@@ -277,7 +277,18 @@ def test_round_trip_check_catches_a_half_pixel_slip(backend, recipe_name, coordi
 
 
 def _batches(loader):
-    return [(b.index.clone(), b.matrices.clone(), [v.clone() for v in b.views]) for b in loader]
+    return [(b.index.clone(), b.matrices.clone(), [v.clone() for v in b.views]) for b in _with_host_copies(loader)]
+
+
+def _with_host_copies(loader):
+    """The loader's batches, each checked to carry CPU copies of its small tensors (what host-side
+    work such as SCRL's box sampler reads without a device sync) equal to the tensors themselves."""
+    for batch in loader:
+        assert batch.host is not None
+        for name in ("matrices", "source_size", "index", "label"):
+            copy = batch.on_host(name)
+            assert copy is batch.host[name] and copy.device.type == "cpu" and torch.equal(copy, getattr(batch, name).cpu()), name
+        yield batch
 
 
 def _assert_same(first, second):

@@ -129,6 +129,30 @@ def test_every_method_resumes_bit_identically_mid_epoch_and_at_an_epoch_boundary
     assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decayed["params"])
 
 
+def test_scrl_resumes_exactly_from_a_checkpoint_saved_after_the_next_batch_was_prepared(tiny_folder, tmp_path, monkeypatch, one_thread):
+    """SCRL draws a batch's boxes when the trainer fetches it, while the step before still runs, so a
+    mid-epoch checkpoint of that step is written after the next batch's boxes were drawn. Keyed by
+    the step they serve (not by a count of draws), the resumed run draws those boxes again."""
+    snapshots = {}
+    real_save = Trainer.save
+
+    def save(self):
+        real_save(self)
+        snapshots.setdefault(self.step, self.checkpoint_path.read_bytes())
+
+    monkeypatch.setattr(Trainer, "save", save)
+    whole, _ = _train(_method_config("scrl", tiny_folder, tmp_path / "whole", checkpoint_every=1))
+    assert whole.step == STEPS_PER_EPOCH * EPOCHS
+    split_dir = tmp_path / "split"
+    (split_dir / "checkpoints").mkdir(parents=True)
+    (split_dir / "checkpoints" / "last.pt").write_bytes(snapshots[1])  # mid epoch 0, batch 2 fetched
+    assert load_checkpoint(split_dir / "checkpoints" / "last.pt")["position"] == {"epoch": 0, "batch": 1}
+    resumed, _ = _train(_method_config("scrl", tiny_folder, split_dir, checkpoint_every=1), resume=True)
+    assert resumed.step == whole.step
+    _assert_same_state(whole, resumed)
+
+
+
 # ---------------------------------------------------------------------------- refused up front
 
 def _no_trainer(monkeypatch):

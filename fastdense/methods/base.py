@@ -36,6 +36,11 @@ class Method(nn.Module):
     def forward(self, batch) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def prepare(self, batch, step: int) -> None:
+        """Host-side work for ``batch`` ahead of training step ``step``, left in ``batch.extras`` for
+        :meth:`forward`. The trainer calls it as it fetches the batch, while the device still runs
+        the step before, so the work overlaps it. Nothing by default."""
+
     def frozen_parameters(self, epoch: int) -> List[nn.Parameter]:
         """Parameters the trainer leaves unchanged in ``epoch`` (0-based): their gradients are dropped
         before the optimiser step."""

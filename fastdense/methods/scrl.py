@@ -15,7 +15,7 @@ and their last Linear has no bias (BYOL's heads).
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,10 @@ from fastdense.methods.options import check_choice, check_range, resized_recipe,
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp
 from fastdense.ops import roi_pool_vectors
+from fastdense.pipelines.batch import to_device_async
+
+# Where :meth:`SCRL.prepare` leaves a batch's boxes.
+ROIS_KEY = "scrl_rois"
 
 
 class SCRL(EmaTargetMethod):
@@ -39,9 +43,12 @@ class SCRL(EmaTargetMethod):
     initialises the target independently; ``"copy"``: start from the online weights);
     ``view_sizes`` (recipe resize map).
 
-    Distributed, one step equals the whole batch in one process: an image's boxes depend on its
-    dataset index and a draw counter (buffers ``box_seed``, ``box_draws``), not on its rank, and the
-    loss is the mean over the boxes of all ranks.
+    Boxes are drawn on the host by the C++ sampler. In training, :meth:`prepare` draws them as the
+    trainer fetches the batch, overlapping the device's work on the step before; called directly,
+    :meth:`forward` draws them itself. Distributed, one step equals the whole batch in one process:
+    an image's boxes depend on its dataset index, the buffer ``box_seed`` and the training step (the
+    counter ``box_draws`` when called outside the trainer), not on its rank, and the loss is the
+    mean over the boxes of all ranks.
 
     >>> from fastdense.methods import build_method
     >>> method = build_method("scrl", preset="cpu")
@@ -92,10 +99,14 @@ class SCRL(EmaTargetMethod):
         fresh = opts["target_init"] == "random"
         self.target_backbone = make_target(self.backbone, build_backbone(opts["backbone"]) if fresh else None)
         self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"], last_bias=False) if fresh else None)
-        # Box randoms are keyed by (box_seed, box_draws, dataset index): an image gets the same boxes
-        # whichever rank holds it, and the state dict carries the stream for exact resume.
+        # Box randoms are keyed by (box_seed, step or box_draws, dataset index): an image gets the
+        # same boxes whichever rank holds it, and the state dict carries the seed for exact resume.
         self.register_buffer("box_seed", torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
         self.register_buffer("box_draws", torch.zeros((), dtype=torch.int64))
+        # The seed as a Python int, read from the (device) buffer once: reading it at every batch
+        # would make the host wait for the device's queued work.
+        self._host_box_seed = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_host_box_seed", None))
 
     def ema_pairs(self):
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
@@ -105,18 +116,24 @@ class SCRL(EmaTargetMethod):
         size = self.options["box_min_size"]
         return 32.0 * view_width / 224.0 if size is None else float(size)
 
-    def sample_boxes(self, batch, generator=None):
-        """SCRL boxes for ``batch``; with ``generator`` the keys come from it (:func:`draw_scrl_randoms`),
-        else from the image indices and this method's draw counter, which advances by one."""
+    def sample_boxes(self, batch, generator=None, draw: Optional[int] = None):
+        """SCRL boxes for ``batch``, on the CPU, from its host matrices and indices (no device sync).
+        With ``generator`` the keys come from it (:func:`draw_scrl_randoms`); else they hash
+        ``(box_seed, draw, dataset index)``, ``draw`` being the trainer's step or, when None, this
+        method's draw counter, which then advances by one."""
         from fastdense.boxes import keyed_scrl_randoms, sample_scrl_boxes
 
         height, width = batch.views[0].shape[-2:]
         keys = None
         if generator is None:
-            keys = keyed_scrl_randoms(int(self.box_seed), int(self.box_draws), batch.index.cpu())
-            self.box_draws += 1
+            if draw is None:
+                draw = int(self.box_draws)
+                self.box_draws += 1
+            if self._host_box_seed is None:
+                self._host_box_seed = int(self.box_seed)
+            keys = keyed_scrl_randoms(self._host_box_seed, draw, batch.on_host("index"))
         return sample_scrl_boxes(
-            batch.matrices[:, :2].float(),
+            batch.on_host("matrices")[:, :2].float(),
             view_size=(height, width),
             num_boxes=self.options["num_boxes"],
             min_size=self.box_min_size(width),
@@ -126,13 +143,26 @@ class SCRL(EmaTargetMethod):
             random=keys,
         )
 
+    def prepare(self, batch, step: int) -> None:
+        """Draw ``batch``'s boxes for training step ``step`` on the host, ahead of the step: the
+        trainer calls this as it fetches the batch, while the device still runs the step before.
+        They reach the device without the host waiting and :meth:`forward` takes them from
+        ``batch.extras``. Keyed by the step, a resumed run draws the boxes the uninterrupted one did."""
+        batch.extras[ROIS_KEY] = self._on_device(self.sample_boxes(batch, draw=step).rois, batch.views[0].device)
+
+    @staticmethod
+    def _on_device(rois, device) -> List[torch.Tensor]:
+        return [to_device_async(r, device) for r in rois]
+
     def forward(self, batch, rois: Sequence[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Box-level BYOL on views 0 and 1. ``rois`` (two ``[K, 5]`` tensors in view pixels, batch
-        index first) overrides the sampler, for tests and for callers that sample ahead of time."""
+        index first) overrides the boxes; else those :meth:`prepare` drew, else the sampler's."""
         if batch.num_views < 2:
             raise ValueError(f"SCRL needs 2 views, got {batch.num_views}")
         if rois is None:
-            rois = self.sample_boxes(batch).rois
+            rois = batch.extras.get(ROIS_KEY)
+        if rois is None:
+            rois = self._on_device(self.sample_boxes(batch).rois, batch.views[0].device)
         return {**self.box_loss(batch.views[0], batch.views[1], rois), "boxes_per_image": torch.tensor(rois[0].shape[0] / batch.batch_size)}
 
     def box_loss(self, view1: torch.Tensor, view2: torch.Tensor, rois: List[torch.Tensor]) -> Dict[str, torch.Tensor]:

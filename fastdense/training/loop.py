@@ -106,25 +106,31 @@ def _to_device(batch, device: torch.device, channels_last: bool):
 
 class Prefetcher:
     """Fetches batches from ``iterator`` under the loader's RNG and moves them to the device; on a GPU
-    the copy runs on a side stream, so fetching batch k+1 overlaps the queued kernels of step k."""
+    the copy runs on a side stream, so fetching batch k+1 overlaps the queued kernels of step k.
+    ``prepare(batch, step)`` (a method's :meth:`~fastdense.methods.base.Method.prepare`) runs on each
+    fetched batch, so its host work overlaps them too."""
 
-    def __init__(self, iterator: Iterator, device: torch.device, channels_last: bool, sandbox: RngSandbox):
+    def __init__(self, iterator: Iterator, device: torch.device, channels_last: bool, sandbox: RngSandbox, prepare=None):
         self.iterator, self.device, self.channels_last, self.sandbox = iterator, device, channels_last, sandbox
+        self.prepare = prepare
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def fetch(self):
-        """``(batch or None at the end, seconds blocked in the loader)``."""
+    def fetch(self, step: int = 0):
+        """``(batch for training step `step` or None at the end, seconds spent on it: blocked in the
+        loader and preparing it)``."""
         start = time.perf_counter()
         with self.sandbox:
             batch = next(self.iterator, None)
-        waited = time.perf_counter() - start
         if batch is None:
-            return None, waited
+            return None, time.perf_counter() - start
         if self.stream is None:
-            return _to_device(batch, self.device, self.channels_last), waited
-        with torch.cuda.stream(self.stream):
             batch = _to_device(batch, self.device, self.channels_last)
-        return batch, waited
+        else:
+            with torch.cuda.stream(self.stream):
+                batch = _to_device(batch, self.device, self.channels_last)
+        if self.prepare is not None:
+            self.prepare(batch, step)
+        return batch, time.perf_counter() - start
 
     def ready(self, batch):
         """Make the compute stream wait for ``batch``'s copy before it is used."""
@@ -407,9 +413,9 @@ class Trainer:
                     iterator = iter(self.loader)
                     for _ in range(skip):
                         next(iterator)
-                prefetcher = Prefetcher(iterator, self.device, self.channels_last, self.loader_rng)
+                prefetcher = Prefetcher(iterator, self.device, self.channels_last, self.loader_rng, prepare=self.method.prepare)
                 tick = time.perf_counter()
-                batch, waited = prefetcher.fetch()
+                batch, waited = prefetcher.fetch(self.step)
                 last = False
                 while batch is not None and not last:
                     out = self.train_step(prefetcher.ready(batch))
@@ -423,7 +429,7 @@ class Trainer:
                     if save_mid_epoch and hasattr(self.loader, "resume_state"):
                         self.loader_state = self.loader.resume_state()  # before the next fetch moves it on
                     # Fetch the next batch while the device still works on this step.
-                    batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch()
+                    batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch(self.step)
                     loss = self.check_finite(step, out)
                     now = time.perf_counter()
                     window["wait"] += waited

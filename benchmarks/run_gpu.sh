@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, append to $out/gpu_r
     rm -f "$out/.step.log"
 }
 # Steps by name; `bash benchmarks/run_gpu.sh tests_nn bench_vicreg` runs just those (one device call
-# has 10 minutes: the whole list takes about 14, so split it over two calls).
+# has 10 minutes: the whole list takes about 17, so split it over two or three calls).
 declare -A STEPS=(
     [tests_nn]="180 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_methods.py::test_vicregl_step_matches_all_pairs_in_one_launch"
     [tests_vicreg]="120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_vicreg.py tests/test_vicreg_distributed.py"
@@ -36,6 +36,7 @@ declare -A STEPS=(
     [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
     [bench_roi_align]="160 python3 benchmarks/bench_roi_align.py"
     [bench_roi_align_host]="90 python3 benchmarks/bench_roi_align.py --host"
+    [tune_roi_align]="300 python3 benchmarks/tune_roi_align.py"
     [bench_vicreg_host]="60 python3 benchmarks/bench_vicreg.py --host"
     [bench_nearest_neighbor_host]="60 python3 benchmarks/bench_nearest_neighbor.py --host"
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
@@ -44,7 +45,7 @@ declare -A STEPS=(
     # Not in the default list.
     [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
 )
-ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host bench_train_step)
+ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_train_step)
 for name in "${@:-${ORDER[@]}}"; do
     [[ -n "${STEPS[$name]:-}" ]] || { echo "unknown step $name (steps: ${ORDER[*]})"; exit 2; }
     # shellcheck disable=SC2086

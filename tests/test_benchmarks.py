@@ -1,6 +1,7 @@
 """The benchmarks of the pipelines and the training step: their ``--quick`` runs finish and write what
 PERFORMANCE.md asks of them (medians, ratios measured in the same run, data wait, target flags), and
-the pipeline benchmark refuses batches that are not the recipe's two views with their matrices."""
+the pipeline benchmark refuses batches that are not the recipe's two views with their matrices. The
+RoIAlign tuning script's quick run too, and it refuses a configuration that changes the result."""
 
 import json
 import os
@@ -18,14 +19,15 @@ from fastdense.pipelines import ViewBatch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, out: Path, *args: str) -> dict:
+def run_quick(script: str, out: Path, *args: str, versions: bool = True) -> dict:
     env = dict(os.environ, FASTDENSE_BENCH_OUT=str(out), PYTHONPATH=str(ROOT))
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], env=env, check=True, capture_output=True, timeout=300)
     (path,) = out.glob("*_quick_*.json")
     result = json.loads(path.read_text())
     for key in ("device", "torch", "triton", "commit"):
         assert result[key], key
-    assert result["versions"]["torchvision"] and result["versions"]["pillow"]
+    if versions:  # the data benchmarks record their image libraries
+        assert result["versions"]["torchvision"] and result["versions"]["pillow"]
     return result
 
 
@@ -85,3 +87,26 @@ def test_check_batch_accepts_the_recipe_views():
 def test_check_batch_refuses_a_broken_batch(broken, message):
     with pytest.raises(ValueError, match=message):
         check_batch(broken(), 4, [224, 224])
+
+
+def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
+    result = run_quick("tune_roi_align.py", tmp_path, versions=False)
+    assert [(row["dtype"], row["layout"]) for row in result["rows"]] == [
+        ("float32", "nchw"), ("float32", "channels_last"), ("bfloat16", "nchw"), ("bfloat16", "channels_last")]
+    for row in result["rows"]:
+        assert all(row[f"{launch}_ms"] > 0 for launch in ("group", "weights", "forward", "backward"))
+        for which in ("forward", "backward"):
+            assert [entry["BLOCK_C"] for entry in row[f"{which}_sweep"]] == [32, 16]
+            assert all(entry["error"] is None and entry["ms"] > 0 for entry in row[f"{which}_sweep"])
+            assert row[f"{which}_best"]["BLOCK_C"] in (32, 16) and row[f"{which}_best_speedup"] > 0
+
+
+def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
+    from benchmarks.tune_roi_align import PooledCase, sweep
+
+    case = PooledCase((2, 16, 7, 7), 2, torch.float32, "nchw", torch.device("cpu"), torch.Generator().manual_seed(0))
+    honest = case.forward
+    case.forward = lambda x, block_c=None, *rest: honest(x, block_c, *rest) * (1.5 if block_c == 16 else 1.0)
+    (kept, refused) = sweep(case, "forward", [(32, 4, None), (16, 4, None)], tolerance=1e-5)
+    assert kept[1] > 0 and kept[2] is None
+    assert refused[1] is None and "differs from the package's configuration" in refused[2]

@@ -1,0 +1,191 @@
+"""Where SCRL's pooled RoIAlign spends its GPU time, and which launch configuration is fastest.
+
+At SCRL's shape (``[256, 2048, 7, 7]``, 10 boxes per image, 1x1 output) a forward is three launches
+(grouping the boxes by image, each box's bilinear weights, the pooling product) and a backward one.
+For float32 and bfloat16, NCHW and channels_last, this script times each launch alone, replayed
+from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
+(their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
+it sweeps the pooling kernels' ``BLOCK_C`` and ``num_warps`` (``--stages``: ``num_stages`` too) and
+reports the fastest configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
+chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
+its error, not timed). Nothing here changes the package: a faster configuration found here goes into
+``_blocks`` / ``_forward_config`` / ``_backward_config`` by hand, with its figures.
+
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: 48 compilations)
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
+
+Writes ``benchmarks/results/roi_align_tuning_{device}.json`` (``_quick`` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_roi_align import graph_ms, scrl_rois  # noqa: E402
+from benchmarks.common import _fmt, measured_bandwidth, print_table, rotation_copies, write_results  # noqa: E402
+from fastdense.kernels import roi_align as kernels  # noqa: E402
+
+SPATIAL_SCALE = 1 / 32
+BLOCK_CS = (16, 32, 64, 128)
+NUM_WARPS = (2, 4, 8)
+# Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
+# the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
+SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
+# The kernels' box loops run once at 10 boxes an image, so software pipelining has nothing to
+# overlap; Triton's default stage count stays (--stages sweeps it too, at three times the compiles).
+NUM_STAGES = (None,)
+
+
+class PooledCase:
+    """One dtype and layout at one shape: inputs, the package's plan, and launchers of the two pooling
+    kernels that take a configuration (``BLOCK_C``, ``num_warps``, ``num_stages``; None: the package's)."""
+
+    def __init__(self, shape, per_image, dtype, layout, device, generator):
+        self.shape, self.dtype, self.layout, self.device = shape, dtype, layout, device
+        num, channels, height, width = shape
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        self.inputs = [torch.randn(shape, generator=generator).to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+                       for _ in range(rotation_copies(nbytes, device))]
+        self.rois = scrl_rois(num, per_image, 224, generator).to(device)
+        self.grad = torch.randn(self.rois.shape[0], channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
+        self.order, self.offsets = kernels.group_by_image(self.rois, num)
+        self.weights = kernels.pooled_weights(self.rois, height, width, SPATIAL_SCALE, -1, False)
+        _, self.forward_channels, self.forward_constexprs = kernels._forward_config(channels, height, width, 1, 1, dtype, -1, False)
+        self.backward_grid_channels, self.grid_tiles, self.tiles_w, self.backward_constexprs = kernels._backward_config(
+            channels, height, width, 1, 1, dtype, -1, False)
+        # bytes the pooling kernels must move: the map read (forward) or written (backward), plus the
+        # pooled values written or read; weights and indices are L2-resident and small beside them.
+        self.forward_bytes = nbytes + self.rois.shape[0] * channels * self.inputs[0].element_size()
+        self.backward_bytes = self.forward_bytes
+
+    def forward(self, x, block_c=None, num_warps=None, num_stages=None):
+        num, channels, height, width = self.shape
+        constexprs, options = _launch_config(self.forward_constexprs, block_c, num_warps, num_stages)
+        out = torch.empty(self.rois.shape[0], channels, 1, 1, dtype=x.dtype, device=x.device)
+        kernels._image_forward_kernel[(num, kernels.cdiv(channels, constexprs["BLOCK_C"]))](
+            x, self.rois, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(), SPATIAL_SCALE,
+            **constexprs, **options,
+        )
+        return out
+
+    def backward(self, x, block_c=None, num_warps=None, num_stages=None):
+        num, channels, height, width = self.shape
+        constexprs, options = _launch_config(self.backward_constexprs, block_c, num_warps, num_stages)
+        grad_input = torch.empty_like(x)
+        kernels._image_backward_kernel[(num, kernels.cdiv(channels, constexprs["BLOCK_C"]), self.grid_tiles)](
+            self.grad, self.rois, self.order, self.offsets, self.weights, grad_input, channels, height, width, *grad_input.stride(),
+            SPATIAL_SCALE, self.tiles_w, **constexprs, **options,
+        )
+        return grad_input
+
+
+def _launch_config(constexprs: dict, block_c, num_warps, num_stages):
+    """``(constexprs, launch options)``: the package's, with whichever of the three is given instead."""
+    constexprs = dict(constexprs, **({"BLOCK_C": block_c} if block_c is not None else {}))
+    return constexprs, {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+
+
+def gpu_ms(fn, inputs, device, repeats: int = 3) -> float:
+    """GPU milliseconds per call (CUDA graph replay on a GPU; on a CPU the interpreter's wall time)."""
+    if device.type == "cuda":
+        return graph_ms(fn, inputs, device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for x in inputs:
+            fn(x)
+    return (time.perf_counter() - start) * 1e3 / (repeats * len(inputs))
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def breakdown(case: PooledCase, bandwidth: float) -> dict:
+    """GPU time of each launch of a forward and a backward, with the package's configuration."""
+    num, _, height, width = case.shape
+    row = {
+        "group_ms": gpu_ms(lambda x: kernels.group_by_image(case.rois, num), case.inputs[:1], case.device),
+        "weights_ms": gpu_ms(lambda x: kernels.pooled_weights(case.rois, height, width, SPATIAL_SCALE, -1, False), case.inputs[:1], case.device),
+        "forward_ms": gpu_ms(case.forward, case.inputs, case.device),
+        "backward_ms": gpu_ms(case.backward, case.inputs, case.device),
+    }
+    row["forward_floor_ms"] = case.forward_bytes / bandwidth * 1e3
+    row["backward_floor_ms"] = case.backward_bytes / bandwidth * 1e3
+    row["forward_bandwidth_fraction"] = row["forward_floor_ms"] / row["forward_ms"]
+    row["backward_bandwidth_fraction"] = row["backward_floor_ms"] / row["backward_ms"]
+    return row
+
+
+def sweep(case: PooledCase, which: str, configs, tolerance: float):
+    """``[(config, ms or None, error text or None)]`` of one pooling kernel over ``configs``."""
+    launch = case.forward if which == "forward" else case.backward
+    expected = launch(case.inputs[0])
+    results = []
+    for block_c, num_warps, num_stages in configs:
+        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages}
+        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"])  # noqa: E731
+        try:
+            error = relative_error(fn(case.inputs[0]), expected)
+        except Exception as failure:  # out of shared memory or registers: this configuration does not exist
+            results.append((config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"))
+            continue
+        if not error <= tolerance:
+            results.append((config, None, f"differs from the package's configuration (relative error {error:.3g})"))
+            continue
+        results.append((config, gpu_ms(fn, case.inputs, case.device), None))
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes, two configurations per kernel (checks the script)")
+    parser.add_argument("--stages", action="store_true", help="sweep num_stages (1, 2, 3) too")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.quick:
+        parser.error("needs a GPU (use --quick on a CPU)")
+    generator = torch.Generator().manual_seed(0)
+    shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
+    stages = (1, 2, 3) if args.stages else NUM_STAGES
+    configs = [(32, 4, 1), (16, 2, 2)] if args.quick else list(itertools.product(BLOCK_CS, NUM_WARPS, stages))
+    bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
+    rows = []
+    for dtype, layout in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
+        case = PooledCase(shape, per_image, dtype, layout, device, generator)
+        row = {"shape": "x".join(map(str, shape)), "boxes": int(case.rois.shape[0]), "dtype": str(dtype).removeprefix("torch."), "layout": layout}
+        row.update(breakdown(case, bandwidth))
+        # The package's configuration is the reference; the products' sums agree to rounding.
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        for which, chosen in (("forward", case.forward_constexprs), ("backward", case.backward_constexprs)):
+            results = sweep(case, which, configs if (dtype, layout) in SWEPT or args.quick else [], tolerance)
+            timed = [(config, ms) for config, ms, error in results if ms is not None]
+            best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
+            row[f"{which}_package_block_c"] = chosen["BLOCK_C"]
+            row[f"{which}_best"] = best_config
+            row[f"{which}_best_ms"] = best_ms
+            row[f"{which}_best_speedup"] = row[f"{which}_ms"] / best_ms
+            row[f"{which}_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in results]
+        rows.append(row)
+        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not k.endswith("_sweep")), flush=True)
+        path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
+    print_table(rows, ["dtype", "layout", "group_ms", "weights_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
+                       "backward_ms", "backward_bandwidth_fraction", "backward_best_ms"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

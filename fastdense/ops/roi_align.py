@@ -318,9 +318,12 @@ def check_box_values(rois: torch.Tensor, input_shape, with_kernel: bool = False)
         raise ValueError(bad_index_message)
     if with_kernel:
         from fastdense.kernels import roi_align as kernels
+        from fastdense.kernels._launch import on_device_of
 
+        with on_device_of(rois):
+            words = kernels.invalid_box_flags(rois, num_images)
         flags = 0
-        for word in kernels.invalid_box_flags(rois, num_images).tolist():
+        for word in words.tolist():
             flags |= word
         bad_index, inverted, not_finite = (bool(flags & bit) for bit in (kernels.BAD_BATCH_INDEX, kernels.INVERTED_BOX, kernels.NOT_FINITE))
     else:

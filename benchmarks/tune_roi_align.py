@@ -62,7 +62,7 @@ class PooledCase:
         self.rois = scrl_rois(num, per_image, 224, generator).to(device)
         self.grad = torch.randn(self.rois.shape[0], channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
         self.order, self.offsets = kernels.group_by_image(self.rois, num)
-        self.weights = kernels.pooled_weights(self.rois, height, width, SPATIAL_SCALE, -1, False)
+        self.weights = kernels.pooled_weights(self.rois, self.order, height, width, SPATIAL_SCALE, -1, False)
         _, self.forward_channels, self.forward_constexprs = kernels._forward_config(channels, height, width, 1, 1, dtype, -1, False)
         self.backward_grid_channels, self.grid_tiles, self.tiles_w, self.backward_constexprs = kernels._backward_config(
             channels, height, width, 1, 1, dtype, -1, False)
@@ -119,7 +119,7 @@ def breakdown(case: PooledCase, bandwidth: float) -> dict:
     num, _, height, width = case.shape
     row = {
         "group_ms": gpu_ms(lambda x: kernels.group_by_image(case.rois, num), case.inputs[:1], case.device),
-        "weights_ms": gpu_ms(lambda x: kernels.pooled_weights(case.rois, height, width, SPATIAL_SCALE, -1, False), case.inputs[:1], case.device),
+        "weights_ms": gpu_ms(lambda x: kernels.pooled_weights(case.rois, case.order, height, width, SPATIAL_SCALE, -1, False), case.inputs[:1], case.device),
         "forward_ms": gpu_ms(case.forward, case.inputs, case.device),
         "backward_ms": gpu_ms(case.backward, case.inputs, case.device),
     }

@@ -22,7 +22,8 @@ takes, so the backward recomputes none of it:
   ``_group_kernel`` computes them in one launch (each box's rank among the boxes ordered by
   (image, position); O(K^2) compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above).
 - ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, from
-  ``_pooled_weights_kernel`` (one program per box). The pooling kernels then take an image's boxes
+  ``_pooled_weights_kernel`` (one program per box), its rows in grouped order so that a program
+  reads its image's rows as soon as it has the image's offset. The pooling kernels then take an image's boxes
   ``POOLED_BOX_BLOCK`` at a time in one tensor-core product (``[channels, pixels] x [pixels, boxes]``
   forward, ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's
   bilinear weights in every channel block, or waiting on one chain of dependent loads per box.
@@ -173,7 +174,8 @@ def _image_forward_kernel(
             slots = j + tl.arange(0, BOX_BLOCK)
             real = slots < last
             boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
-            weights = tl.load(weights_ptr + boxes[:, None] * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)  # over the count already
+            # Rows in grouped order (over the count already): read beside the indices, not after them.
+            weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
             value = tl.dot(tile.to(tl.float32), tl.trans(weights), input_precision="tf32x3")
             out = out_ptr + boxes[None, :] * C + channels[:, None]
             tl.store(out, value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
@@ -272,7 +274,7 @@ def _image_backward_kernel(
             real = slots < last
             boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
             g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=c_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
-            weights = tl.load(weights_ptr + boxes[:, None] * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
+            weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
             acc = tl.dot(g, weights, acc, input_precision="tf32x3")
     else:
         for j in range(first, last):
@@ -312,14 +314,15 @@ def _image_backward_kernel(
 
 
 @triton.jit
-def _pooled_weights_kernel(rois_ptr, weights_ptr, H, W, spatial_scale,
+def _pooled_weights_kernel(rois_ptr, order_ptr, weights_ptr, H, W, spatial_scale,
                            SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Row ``box`` of ``weights [K, TILE_H * TILE_W]``: what each pixel of the whole map contributes to
-    the box's 1x1 output, already over the sample count."""
-    box = tl.program_id(0)
+    """Row ``slot`` of ``weights [K, TILE_H * TILE_W]``, for box ``order[slot]``: what each pixel of the
+    whole map contributes to the box's 1x1 output, already over the sample count."""
+    slot = tl.program_id(0)
+    box = tl.load(order_ptr + slot)
     _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, 1, 1, SAMPLING, ALIGNED)
     weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, 1, 1, 1, 1, TILE_H, TILE_W)
-    tl.store(weights_ptr + box.to(tl.int64) * (TILE_H * TILE_W) + tl.arange(0, TILE_H * TILE_W)[None, :], weights / count)
+    tl.store(weights_ptr + slot.to(tl.int64) * (TILE_H * TILE_W) + tl.arange(0, TILE_H * TILE_W)[None, :], weights / count)
 
 
 def uses_pooled_weights(height: int, width: int, out_h: int, out_w: int) -> bool:
@@ -338,14 +341,16 @@ def pooled_weights_shape(boxes: int, height: int, width: int, out_h: int, out_w:
     return (boxes, tile_h * tile_w)
 
 
-def pooled_weights(rois: torch.Tensor, height: int, width: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): each box's weight per pixel
-    in its 1x1 RoIAlign output, the sample count included. One launch, one program per box."""
+def pooled_weights(rois: torch.Tensor, order: torch.Tensor, height: int, width: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): row ``j`` holds box
+    ``order[j]``'s weight per pixel in its 1x1 RoIAlign output, the sample count included. In the
+    grouped order of :func:`group_by_image`, so the pooling kernels read an image's rows at once,
+    without waiting for the box indices first. One launch, one program per box."""
     tile_h, tile_w = _whole_map_tile(height, width, 1)
     weights = torch.empty(rois.shape[0], tile_h * tile_w, dtype=torch.float32, device=rois.device)
     if rois.shape[0]:
         _pooled_weights_kernel[(rois.shape[0],)](
-            rois, weights, height, width, float(spatial_scale),
+            rois, order, weights, height, width, float(spatial_scale),
             SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), TILE_H=tile_h, TILE_W=tile_w, num_warps=1,
         )
     return weights
@@ -534,7 +539,7 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     rois = prepare_rois(rois)
     order, offsets = group_by_image(rois, num)
     if uses_pooled_weights(height, width, out_h, out_w):
-        weights = pooled_weights(rois, height, width, spatial_scale, sampling_ratio, aligned)
+        weights = pooled_weights(rois, order, height, width, spatial_scale, sampling_ratio, aligned)
     else:
         weights = rois.new_empty(0)
     out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)

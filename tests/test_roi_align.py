@@ -559,7 +559,7 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ptx = compiled.asm["ptx"]
         assert spill_bytes(compiled) == 0, f"backward {dtype} {pooled}x{pooled}: register spills"
         assert "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
-types = {"rois_ptr": "*fp32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
+types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]
 types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
 assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]

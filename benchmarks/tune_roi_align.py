@@ -5,13 +5,14 @@ At SCRL's shape (``[256, 2048, 7, 7]``, 10 boxes per image, 1x1 output) a forwar
 For float32 and bfloat16, NCHW and channels_last, this script times each launch alone, replayed
 from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
-it sweeps the pooling kernels' ``BLOCK_C`` and ``num_warps`` (``--stages``: ``num_stages`` too) and
-reports the fastest configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
+it sweeps the pooling kernels' ``BLOCK_C`` and ``num_warps`` (``--stages``: ``num_stages`` too), and
+once the grouping kernel's ``BLOCK``, ``SCAN`` and ``num_warps``, and reports the fastest
+configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
 ``_blocks`` / ``_forward_config`` / ``_backward_config`` by hand, with its figures.
 
-    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: 48 compilations)
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: 66 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
 
 Writes ``benchmarks/results/roi_align_tuning_{device}.json`` (``_quick`` for --quick).
@@ -40,6 +41,9 @@ from fastdense.kernels import roi_align as kernels  # noqa: E402
 SPATIAL_SCALE = 1 / 32
 BLOCK_CS = (16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
+# The box-grouping kernel's boxes per program and scan width (num_warps 4 and 8).
+GROUP_BLOCKS = (16, 32, 64)
+GROUP_SCANS = (128, 256, 512)
 # Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
 # the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
 SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
@@ -150,6 +154,26 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
     return results
 
 
+def sweep_grouping(rois: torch.Tensor, num_images: int, configs, device):
+    """``[(config, ms or None, error text or None)]`` of the box-grouping kernel over ``configs``
+    (``BLOCK``, ``SCAN``, ``num_warps``), each checked to give the package's order and offsets."""
+    expected = kernels.group_by_rank(rois, num_images)
+    results = []
+    for block, scan, num_warps in configs:
+        config = {"BLOCK": block, "SCAN": scan, "num_warps": num_warps}
+        fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, c["BLOCK"], c["SCAN"], c["num_warps"])  # noqa: E731
+        try:
+            same = all(torch.equal(got, want) for got, want in zip(fn(None), expected))
+        except Exception as failure:
+            results.append((config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"))
+            continue
+        if not same:
+            results.append((config, None, "differs from the package's order and offsets"))
+            continue
+        results.append((config, gpu_ms(fn, [None], device), None))
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes, two configurations per kernel (checks the script)")
@@ -163,11 +187,19 @@ def main(argv=None) -> None:
     stages = (1, 2, 3) if args.stages else NUM_STAGES
     configs = [(32, 4, 1), (16, 2, 2)] if args.quick else list(itertools.product(BLOCK_CS, NUM_WARPS, stages))
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
-    rows = []
+    group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else list(itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:]))
+    rows, extra = [], {"measured_bandwidth_bytes_per_s": bandwidth}
     for dtype, layout in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
         case = PooledCase(shape, per_image, dtype, layout, device, generator)
         row = {"shape": "x".join(map(str, shape)), "boxes": int(case.rois.shape[0]), "dtype": str(dtype).removeprefix("torch."), "layout": layout}
         row.update(breakdown(case, bandwidth))
+        if not rows:  # grouping depends on the boxes alone
+            grouping = sweep_grouping(case.rois, shape[0], group_configs, device)
+            timed = [(config, ms) for config, ms, error in grouping if ms is not None]
+            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "num_warps": 4, "ms": row["group_ms"]}
+            extra["grouping_best"] = dict(min(timed, key=lambda item: item[1])[0], ms=min(ms for _, ms in timed)) if timed else None
+            extra["grouping_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in grouping]
+            print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)
         # The package's configuration is the reference; the products' sums agree to rounding.
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         for which, chosen in (("forward", case.forward_constexprs), ("backward", case.backward_constexprs)):
@@ -181,7 +213,7 @@ def main(argv=None) -> None:
             row[f"{which}_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in results]
         rows.append(row)
         print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not k.endswith("_sweep")), flush=True)
-        path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
+        path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
     print_table(rows, ["dtype", "layout", "group_ms", "weights_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
                        "backward_ms", "backward_bandwidth_fraction", "backward_best_ms"])
     print(f"wrote {path}")

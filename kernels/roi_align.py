@@ -393,14 +393,15 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, K, num_images, rank_programs
         tl.store(offsets_ptr + mine, count, mask=mine <= num_images)
 
 
-def group_by_rank(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`group_by_image` in one launch of ``_group_kernel`` (any number of boxes, but quadratic work)."""
+def group_by_rank(rois: torch.Tensor, num_images: int, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN, num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`group_by_image` in one launch of ``_group_kernel`` (any number of boxes, but quadratic
+    work); ``block``, ``scan`` and ``num_warps`` change only its speed (``benchmarks/tune_roi_align.py``)."""
     boxes = rois.shape[0]
     order = torch.empty(boxes, dtype=torch.int32, device=rois.device)
     offsets = torch.empty(num_images + 1, dtype=torch.int32, device=rois.device)
-    rank_programs = cdiv(boxes, GROUP_BLOCK)
-    _group_kernel[(rank_programs + cdiv(num_images + 1, GROUP_BLOCK),)](
-        rois, order, offsets, boxes, num_images, rank_programs, BLOCK=GROUP_BLOCK, SCAN=GROUP_SCAN,
+    rank_programs = cdiv(boxes, block)
+    _group_kernel[(rank_programs + cdiv(num_images + 1, block),)](
+        rois, order, offsets, boxes, num_images, rank_programs, BLOCK=block, SCAN=scan, num_warps=num_warps,
     )
     return order, offsets
 

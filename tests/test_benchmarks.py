@@ -99,6 +99,8 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
             assert [entry["BLOCK_C"] for entry in row[f"{which}_sweep"]] == [32, 16]
             assert all(entry["error"] is None and entry["ms"] > 0 for entry in row[f"{which}_sweep"])
             assert row[f"{which}_best"]["BLOCK_C"] in (32, 16) and row[f"{which}_best_speedup"] > 0
+    assert [(entry["BLOCK"], entry["SCAN"], entry["error"]) for entry in result["grouping_sweep"]] == [(32, 128, None), (16, 256, None)]
+    assert result["grouping_best"]["ms"] > 0 and result["grouping_package"]["BLOCK"] == 32
 
 
 def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():

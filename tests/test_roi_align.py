@@ -227,10 +227,12 @@ def test_grouping_kernel_matches_stable_sort(device, name, image, num_images):
     from fastdense.kernels.roi_align import group_by_rank, group_by_sort
 
     rois = torch.cat([image[:, None], torch.rand(image.shape[0], 4)], dim=1).to(device)
-    order, offsets = group_by_rank(rois, num_images)
     expected_order, expected_offsets = group_by_sort(rois, num_images)
-    assert order.dtype == offsets.dtype == torch.int32
-    assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets)
+    # The package's launch, and the other shapes the tuning script tries (blocks, scan widths, warps).
+    for config in ({}, dict(block=16, scan=256, num_warps=8), dict(block=64, scan=512, num_warps=4)):
+        order, offsets = group_by_rank(rois, num_images, **config)
+        assert order.dtype == offsets.dtype == torch.int32
+        assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets), config
 
 
 def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):

@@ -12,7 +12,8 @@ the bin's sample rows and columns). Three kernels do the pooling:
 - ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
   loops over that image's boxes and accumulates their gradients into its tile in registers, then
   writes the tile once. Whole small maps take every bin of a box in one tl.dot; tiles of large maps
-  visit only the bins that reach them, one rank-1 update each. No atomics and a fixed summation
+  test ``SCAN_BOXES`` boxes at a time for overlap and visit only those that reach them, and of those
+  only the bins that do, one rank-1 update each. No atomics and a fixed summation
   order, so gradients are bit-identical run after run; ``grad_input`` needs no zero-fill.
 
 The forward also makes a plan that :func:`roi_align_forward` returns and :func:`roi_align_backward`
@@ -63,6 +64,9 @@ GROUP_BLOCK = 32
 GROUP_SCAN = 128
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
 POOLED_BOX_BLOCK = 16
+# Boxes a backward tile of a large map tests for overlap at once (vector loads) before visiting those
+# that reach it.
+SCAN_BOXES = 16
 # Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -248,12 +252,72 @@ def _box_forward_kernel(
 
 
 @triton.jit
+def _boxes_near_tile(rois_ptr, boxes, real, spatial_scale, top, left, TILE_H: tl.constexpr, TILE_W: tl.constexpr, ALIGNED: tl.constexpr):
+    """For a vector of box indices: whether each box can reach the tile at ``(top, left)``. A superset
+    of what :func:`_box_gradient` tests exactly (a margin of 3 pixels where it has 2, the extent of
+    either sign), so rounding can only let a box through, never keep one out."""
+    base = rois_ptr + boxes.to(tl.int64) * 5
+    if ALIGNED:
+        offset = 0.5
+    else:
+        offset = 0.0
+    x1 = tl.load(base + 1, mask=real, other=0.0) * spatial_scale - offset
+    y1 = tl.load(base + 2, mask=real, other=0.0) * spatial_scale - offset
+    x2 = tl.load(base + 3, mask=real, other=0.0) * spatial_scale - offset
+    y2 = tl.load(base + 4, mask=real, other=0.0) * spatial_scale - offset
+    if not ALIGNED:  # torchvision's smallest box: one pixel a side
+        x2 = tl.maximum(x2, x1 + 1.0)
+        y2 = tl.maximum(y2, y1 + 1.0)
+    rows = (tl.minimum(y1, y2) - 3.0 < top + TILE_H) & (tl.maximum(y1, y2) + 3.0 >= top)
+    cols = (tl.minimum(x1, x2) - 3.0 < left + TILE_W) & (tl.maximum(x1, x2) + 3.0 >= left)
+    return rows & cols
+
+
+@triton.jit
+def _box_gradient(acc, box, grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial_scale, top, left,
+                  PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                  PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr, PER_BIN: tl.constexpr):
+    """``acc`` (``[channels, tile pixels]``) plus what box ``box``'s output gradient gives the tile."""
+    _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+    # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
+    # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
+    meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
+    meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
+    if meets_rows & meets_cols:
+        grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+        if PH * PW == 1:
+            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+            g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
+            acc += g[:, None] * weights
+        elif PER_BIN:
+            # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
+            # each, rather than multiplying by the mostly-zero weights of every bin.
+            for ph in range(0, PH):
+                bin_top = start_y + ph * bin_h
+                if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
+                    weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
+                    for pw in range(0, PW):
+                        bin_left = start_x + pw * bin_w
+                        if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
+                            weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
+                            weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
+                            g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
+                            acc += g[:, None] * weight[None, :]
+        else:
+            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+            offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+            g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
+            acc += _weighted_sum(g, weights, DOT_FP32) / count
+    return acc
+
+
+@triton.jit
 def _image_backward_kernel(
     grad_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, BOX_BLOCK: tl.constexpr,
+    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, BOX_BLOCK: tl.constexpr, SCAN_BOXES: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -276,39 +340,24 @@ def _image_backward_kernel(
             g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=c_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
             weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
             acc = tl.dot(g, weights, acc, input_precision="tf32x3")
+    elif PER_BIN:
+        # A tile of a large map meets few of its image's boxes. Test SCAN_BOXES of them at a time
+        # with vector loads and visit only those that can reach the tile, instead of one chain of
+        # dependent loads (index, then coordinates) per box to find out.
+        lanes = tl.arange(0, SCAN_BOXES)
+        for j in range(first, last, SCAN_BOXES):
+            real = j + lanes < last
+            boxes = tl.load(order_ptr + j + lanes, mask=real, other=0)
+            near = real & _boxes_near_tile(rois_ptr, boxes, real, spatial_scale, top, left, TILE_H, TILE_W, ALIGNED)
+            if tl.max(near.to(tl.int32), axis=0) > 0:
+                for b in range(0, SCAN_BOXES):
+                    if tl.max(tl.where(lanes == b, near, False).to(tl.int32), axis=0) > 0:
+                        acc = _box_gradient(acc, tl.load(order_ptr + j + b), grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial_scale, top, left,
+                                            PH, PW, SAMPLING, ALIGNED, TILE_H, TILE_W, PH_PAD, PW_PAD, DOT_FP32, PER_BIN)
     else:
         for j in range(first, last):
-            box = tl.load(order_ptr + j)
-            _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
-            # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
-            # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
-            meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
-            meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
-            if meets_rows & meets_cols:
-                grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-                if PH * PW == 1:
-                    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
-                    g = tl.load(grad_base, mask=c_ok, other=0.0).to(tl.float32) / count
-                    acc += g[:, None] * weights
-                elif PER_BIN:
-                    # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
-                    # each, rather than multiplying by the mostly-zero weights of every bin.
-                    for ph in range(0, PH):
-                        bin_top = start_y + ph * bin_h
-                        if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
-                            weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
-                            for pw in range(0, PW):
-                                bin_left = start_x + pw * bin_w
-                                if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
-                                    weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
-                                    weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
-                                    g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
-                                    acc += g[:, None] * weight[None, :]
-                else:
-                    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
-                    offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
-                    g = tl.load(grad_base[:, None] + offsets[None, :], mask=c_ok[:, None] & real[None, :], other=0.0)
-                    acc += _weighted_sum(g, weights, DOT_FP32) / count
+            acc = _box_gradient(acc, tl.load(order_ptr + j), grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial_scale, top, left,
+                                PH, PW, SAMPLING, ALIGNED, TILE_H, TILE_W, PH_PAD, PW_PAD, DOT_FP32, PER_BIN)
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
 
@@ -525,7 +574,8 @@ def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: 
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
     constexprs = dict(
         PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned, TILE_H=tile_h, TILE_W=tile_w,
-        DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, WEIGHTS_GIVEN=uses_pooled_weights(height, width, out_h, out_w), **blocks,
+        DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, WEIGHTS_GIVEN=uses_pooled_weights(height, width, out_h, out_w),
+        SCAN_BOXES=SCAN_BOXES, **blocks,
     )
     return cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w, tiles_w, constexprs
 

@@ -126,6 +126,25 @@ def test_triton_matches_torchvision_large_map(device, output_size, sampling_rati
     check_against_torchvision("triton", device, output_size, sampling_ratio, aligned, 0.5, dtype, memory, shape=shape, per_image=5 if HAS_CUDA else 2)
 
 
+@pytest.mark.parametrize("aligned, sampling_ratio", [(False, 1), (True, 2)])
+def test_large_map_backward_tests_boxes_in_blocks(device, aligned, sampling_ratio):
+    """A large map's backward tiles test SCAN_BOXES boxes at a time and visit those that reach them:
+    more boxes per image than two blocks (the last one partial), most of them far from a given tile,
+    some outside the map or degenerate; then bit-identical gradients run after run."""
+    from fastdense.kernels.roi_align import SCAN_BOXES
+
+    per_image = 2 * SCAN_BOXES + 7
+    shape = (2, 2, 17, 40)  # 32 x 64 padded: over the whole-map limit, so tiled
+    check_against_torchvision("triton", device, (2, 3), sampling_ratio, aligned, 0.5, torch.float32, "nchw", shape=shape, per_image=per_image)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    rois = random_rois(2, 17, 40, 0.5, per_image, generator).to(device=device, dtype=torch.float32)
+    grad = torch.randn(rois.shape[0], 2, 2, 3, generator=generator).to(device)
+    with ops.backend("triton"):
+        grads = [torch.autograd.grad(ops.roi_align(x, rois, (2, 3), 0.5, sampling_ratio, aligned), x, grad)[0] for _ in range(2)]
+    assert all(torch.equal(g, grads[0]) for g in grads[1:])
+
+
 def test_triton_non_contiguous_input_and_box_list(device):
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(2, 6, 5, 9, generator=generator).to(device)
@@ -563,6 +582,11 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         assert "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
 types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]
+for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # the detection shape's tiled backward
+    _, _, _, backward = kernels._backward_config(256, 200, 304, 7, 7, torch_dtype, 2, True)
+    types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
+    compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
+    assert spill_bytes(compiled) == 0, f"detection backward {dtype}: register spills"
 types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
 assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]
 for dtype in ("fp32", "fp64", "bf16", "fp16"):

@@ -42,8 +42,9 @@ declare -A STEPS=(
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
     # Needs DALI, which the GPU image lacks: scripts/gpu_wheels.sh here; there, one call per piece
     # (carrying it) runs `scripts/gpu_install_wheels.sh keep`, then `... install` (into /tmp/site).
-    # Not in the default list.
+    # Not in the default list; nor tests_pipelines_gpu, whose DALI case needs the same.
     [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
+    [tests_pipelines_gpu]="180 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_pipelines.py"
 )
 ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_train_step)
 for name in "${@:-${ORDER[@]}}"; do

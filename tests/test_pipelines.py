@@ -635,13 +635,20 @@ def test_photometric_gpu_equals_cpu():
 
 
 @pytest.mark.gpu
-def test_torch_backend_on_gpu_round_trip(coordinate_folder, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_gpu_round_trip(backend, coordinate_folder, tmp_path):
+    """On a GPU (DALI: nvJPEG's mixed decoder, resize on the GPU): views on the device, and each
+    view's matrix still says where its pixels came from; the host keeps the matrices' CPU copies."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (a GPU machine gets it from scripts/gpu_install_wheels.sh)")
     folder, sources = coordinate_folder
     recipe = get_recipe("vicregl")
-    loader = open_loader("torch", folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, device="cuda", drop_last=False)
+    loader = open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=len(sources), photometric=False, device="cuda", drop_last=False)
+    checked = 0
     for batch in loader:
-        assert all(v.is_cuda for v in batch.views) and batch.matrices.is_cuda
-        roundtrip_check(batch, sources, recipe.mean, recipe.std, noise_levels=2.0)
+        assert all(v.is_cuda for v in batch.views) and batch.matrices.is_cuda and not batch.on_host("matrices").is_cuda
+        checked += roundtrip_check(batch, sources, recipe.mean, recipe.std, noise_levels=2.0)["views_checked"]
+    assert checked >= len(sources)
 
 
 # ------------------------------------------------------------------------------------ built-in data

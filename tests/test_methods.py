@@ -110,6 +110,14 @@ def test_scrl_prepare_draws_the_steps_boxes_without_reading_the_device():
     assert taken[0] is expected
 
 
+def test_scrl_refuses_a_batch_without_two_views():
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    one_view = make_batch([64], batch=2, dtype=torch.float32)
+    for call in (lambda: method.prepare(one_view, step=0), lambda: method(one_view)):
+        with pytest.raises(ValueError, match="SCRL needs 2 views, got 1"):
+            call()
+
+
 def test_scrl_loss_matches_float64():
     torch.manual_seed(0)
     method = build_method("scrl", preset="cpu", **SMALL_BYOL).double()

@@ -123,6 +123,8 @@ class SCRL(EmaTargetMethod):
         method's draw counter, which then advances by one."""
         from fastdense.boxes import keyed_scrl_randoms, sample_scrl_boxes
 
+        if batch.num_views < 2:
+            raise ValueError(f"SCRL needs 2 views, got {batch.num_views}")
         height, width = batch.views[0].shape[-2:]
         keys = None
         if generator is None:

@@ -264,7 +264,8 @@ class _EagerTritonRoIAlign(torch.autograd.Function):
 
 
 def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
-    """``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` from a ``[K, 5]`` tensor or a list of ``[k_i, 4]``."""
+    """``[K, 5]`` rois ``(batch_index, x1, y1, x2, y2)`` from a ``[K, 5]`` tensor (as it is) or a list of
+    ``[k_i, 4]`` (in at least float32, where every image index is exact)."""
     if torch.is_tensor(boxes):
         check_tensor(boxes, "boxes", "[K, 5] (batch_index, x1, y1, x2, y2)", dims=2)
         if boxes.shape[1] != 5:
@@ -277,7 +278,10 @@ def boxes_to_rois(boxes: BoxesArg, dtype=None, device=None) -> torch.Tensor:
         check_tensor(b, f"boxes[{i}]", "[k_i, 4] (x1, y1, x2, y2)", dims=2)
         if b.shape[1] != 4:
             raise ValueError(f"boxes[{i}] must have shape [k_i, 4] (x1, y1, x2, y2), got {list(b.shape)}")
-        parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
+        # At least float32: a 16-bit type holds image indices exactly only up to 256 (bfloat16)
+        # or 2048 (float16), and would move the boxes of later images to another image.
+        dtype_i = torch.promote_types(b.dtype, torch.float32)
+        parts.append(torch.cat([torch.full((b.shape[0], 1), i, dtype=dtype_i, device=b.device), b.to(dtype_i)], dim=1))
     if not parts:
         return torch.zeros(0, 5, dtype=dtype or torch.float32, device=device)
     return torch.cat(parts, dim=0)
@@ -330,7 +334,7 @@ def check_box_values(rois: torch.Tensor, input_shape, with_kernel: bool = False)
         # An integer in [0, N) is the only value that clamping to [0, N - 1] and flooring leave
         # unchanged (NaN compares unequal to itself); x * 0 is 0 for finite x and NaN for
         # infinities and NaN, so the sum is NaN exactly when a coordinate is not finite.
-        index = rois[:, 0]
+        index = rois[:, 0].double()  # N - 1 may round up to N in a 16-bit type, letting index N pass
         bad_index, inverted, not_finite = torch.stack([
             (index.clamp(0, num_images - 1).floor_() != index).any(),
             (rois[:, 3:5] < rois[:, 1:3]).any(),

@@ -87,8 +87,8 @@ def scrl_rois(batch):
 
 def test_scrl_prepare_draws_the_steps_boxes_without_reading_the_device():
     """The trainer calls ``prepare`` while the device still runs the step before: it reads the
-    matrices and indices from the loader's host copies and the box seed from its host cache, so it
-    never waits for the device. On the meta device any such read would fail. ``forward`` takes the
+    matrices and indices from the loader's host copies, and the box seed is a host int, so it never
+    waits for the device. On the meta device any such read would fail. ``forward`` takes the
     prepared boxes; they are keyed by the step, the same as ``sample_boxes(draw=step)``."""
     method = build_method("scrl", preset="cpu", **SMALL_BYOL)
     host = make_batch([64, 64], batch=4, dtype=torch.float32)
@@ -108,6 +108,26 @@ def test_scrl_prepare_draws_the_steps_boxes_without_reading_the_device():
     method.box_loss = lambda view1, view2, rois: taken.append(rois) or {"loss": torch.zeros(())}
     method(host)
     assert taken[0] is expected
+
+
+def test_scrl_box_seed_is_host_state_that_checkpoints_carry():
+    """The box seed lives on the host (no device read per batch) and travels in the state dict, as
+    a tensor (checkpoints load with weights_only); older checkpoints held it as a buffer."""
+    import pickle
+
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    other = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    assert isinstance(method.box_seed, int) and method.box_seed != other.box_seed
+    state = method.state_dict()
+    assert torch.equal(state["_extra_state"], torch.tensor(method.box_seed))
+    other.load_state_dict(state)
+    assert other.box_seed == method.box_seed
+    batch = make_batch([64, 64], batch=4, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(other.sample_boxes(batch, draw=3).rois, method.sample_boxes(batch, draw=3).rois))
+    legacy = {k: v for k, v in state.items() if k != "_extra_state"} | {"box_seed": torch.tensor(12345)}
+    other.load_state_dict(legacy)
+    assert other.box_seed == 12345
+    assert pickle.loads(pickle.dumps(method)).box_seed == method.box_seed
 
 
 def test_scrl_refuses_a_batch_without_two_views():

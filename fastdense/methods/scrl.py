@@ -46,9 +46,9 @@ class SCRL(EmaTargetMethod):
     Boxes are drawn on the host by the C++ sampler. In training, :meth:`prepare` draws them as the
     trainer fetches the batch, overlapping the device's work on the step before; called directly,
     :meth:`forward` draws them itself. Distributed, one step equals the whole batch in one process:
-    an image's boxes depend on its dataset index, the buffer ``box_seed`` and the training step (the
-    counter ``box_draws`` when called outside the trainer), not on its rank, and the loss is the
-    mean over the boxes of all ranks.
+    an image's boxes depend on its dataset index, ``box_seed`` (an int in the state dict) and the
+    training step (the counter ``box_draws`` when called outside the trainer), not on its rank, and
+    the loss is the mean over the boxes of all ranks.
 
     >>> from fastdense.methods import build_method
     >>> method = build_method("scrl", preset="cpu")
@@ -100,13 +100,10 @@ class SCRL(EmaTargetMethod):
         self.target_backbone = make_target(self.backbone, build_backbone(opts["backbone"]) if fresh else None)
         self.target_projector = make_target(self.projector, mlp(self.backbone.out_channels, opts["projector_dims"], last_bias=False) if fresh else None)
         # Box randoms are keyed by (box_seed, step or box_draws, dataset index): an image gets the
-        # same boxes whichever rank holds it, and the state dict carries the seed for exact resume.
-        self.register_buffer("box_seed", torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+        # same boxes whichever rank holds it. The seed stays a host int, kept in the state dict as
+        # extra state for exact resume: as a device buffer, every read would wait for the device.
+        self.box_seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
         self.register_buffer("box_draws", torch.zeros((), dtype=torch.int64))
-        # The seed as a Python int, read from the (device) buffer once: reading it at every batch
-        # would make the host wait for the device's queued work.
-        self._host_box_seed = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_host_box_seed", None))
 
     def ema_pairs(self):
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
@@ -131,9 +128,7 @@ class SCRL(EmaTargetMethod):
             if draw is None:
                 draw = int(self.box_draws)
                 self.box_draws += 1
-            if self._host_box_seed is None:
-                self._host_box_seed = int(self.box_seed)
-            keys = keyed_scrl_randoms(self._host_box_seed, draw, batch.on_host("index"))
+            keys = keyed_scrl_randoms(self.box_seed, draw, batch.on_host("index"))
         return sample_scrl_boxes(
             batch.on_host("matrices")[:, :2].float(),
             view_size=(height, width),
@@ -144,6 +139,18 @@ class SCRL(EmaTargetMethod):
             generator=generator,
             random=keys,
         )
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(self.box_seed, dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        self.box_seed = int(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the seed became extra state hold it as a buffer.
+        if prefix + "box_seed" in state_dict and prefix + "_extra_state" not in state_dict:
+            state_dict[prefix + "_extra_state"] = state_dict.pop(prefix + "box_seed")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prepare(self, batch, step: int) -> None:
         """Draw ``batch``'s boxes for training step ``step`` on the host, ahead of the step: the

@@ -92,7 +92,7 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
 def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
-    from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
+    from fastdense.training import CheckpointError
 
     args = parser().parse_args(argv)
     try:
@@ -108,8 +108,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(config, sort_keys=False), end="")
         return 0
+    from fastdense.training.distributed import shutdown
+
     try:
-        trainer = Trainer(config, resume=args.resume)
+        return _train(config, args.resume)
+    finally:  # whatever the outcome, once the trainer is gone
+        shutdown()
+
+
+def _train(config, resume: bool) -> int:
+    """Set up and run one training process; its exit code."""
+    from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
+
+    try:
+        trainer = Trainer(config, resume=resume)
         # Set-up reads the checkpoint, builds the method and the loader (which checks --data) and
         # probes the run directory; what it refuses is a setting to fix, not a crash to debug.
         trainer.setup()
@@ -141,10 +153,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         resumed = f" (resumed at step {summary['first_step']}, now at step {summary['steps']})" if summary["first_step"] else ""
         print(f"fastdense-train: {ran} step{'s' if ran != 1 else ''}{resumed} in {summary['seconds']:.0f} s;{loss} run directory "
               f"{summary['run_dir']}: " + ", ".join(where))
-    if trainer.dist.enabled:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
     return 0
 
 

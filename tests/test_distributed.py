@@ -25,6 +25,7 @@ from test_methods import tiny_resnet_like
 from fastdense.geometry import crop_matrix
 from fastdense.pipelines.batch import ViewBatch
 from fastdense.training import CPUSyncBatchNorm, Trainer
+from fastdense.training.distributed import shutdown
 from fastdense.training.sync_batchnorm import convert
 from fastdense.training import checkpoint as ckpt
 from fastdense.training import config as cfg
@@ -110,7 +111,7 @@ def sync_bn_worker(rank, port, out_path):
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown()
 
 
 def test_cpu_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
@@ -236,7 +237,8 @@ def methods_worker(rank, port, run_dir, out_path):
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
-    dist.destroy_process_group()
+    del trainer
+    shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +337,8 @@ def resume_worker(rank, port, root, phase):
     if rank == 0:
         torch.save(gathered, f"{root}/{phase}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    del trainer
+    shutdown()
 
 
 def _non_finite_on_one_rank(run_dir, rank):

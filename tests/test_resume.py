@@ -131,6 +131,27 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     assert "non-finite loss (nan) at step 0" in capsys.readouterr().err
 
 
+def test_a_checkpoint_that_cannot_be_written_mid_run_stops_training_and_keeps_the_last_good(tmp_path, monkeypatch, capsys):
+    """A write that fails mid-run (the disk filled up since the start) is a message and exit code 3
+    naming the checkpoint, the step and the last good checkpoint, which is left as it was."""
+    train_doubles.install(monkeypatch)
+    real_save = ckpt.save_checkpoint
+
+    def fill_the_disk_at_step_4(state, path):
+        if state["step"] == 4:
+            raise OSError(28, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", fill_the_disk_at_step_4)
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--preset", "full", "--device", "cpu", "--batch-size", "4", "--no-progress", "--checkpoint-every", "2"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "could not be written (OSError: [Errno 28] No space left on device)" in err and str(run_dir / "checkpoints" / "last.pt") in err
+    assert "stopped after 4 steps" in err and "last good checkpoint (step 2)" in err
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_unwritable_run_dir_is_reported_before_training(tmp_path, monkeypatch, capsys):
     train_doubles.install(monkeypatch)
     blocker = tmp_path / "a-file"

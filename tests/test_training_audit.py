@@ -17,6 +17,7 @@ from fastdense.train import main
 from fastdense.training import CheckpointError, Trainer, load_checkpoint
 from fastdense.training import checkpoint as ckpt
 from fastdense.training import config as cfg
+from fastdense.training.distributed import shutdown
 from fastdense.methods.ema import cosine_momentum
 
 # The CPU presets, shrunk further (smaller views, a 2-block ViT) so four methods resume in seconds.
@@ -360,7 +361,8 @@ def _two_rank_worker(rank, port, root):
     dist.all_gather_object(gathered, result)
     if rank == 0:
         torch.save(gathered, f"{root}/results.pt")
-    dist.destroy_process_group()
+    del trainer
+    shutdown()
 
 
 def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):

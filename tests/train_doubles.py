@@ -189,8 +189,11 @@ def ddp_step_worker(rank, world_size, port, run_dir, out_path):
         torch.save(result, out_path)
     import torch.distributed as dist
 
+    from fastdense.training.distributed import shutdown
+
     dist.barrier()
-    dist.destroy_process_group()
+    del trainer
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -303,10 +303,27 @@ class Trainer:
         self.last_good = self.step
 
     def save(self) -> None:
+        """Rank 0 writes the checkpoint; every rank returns once it is on disk, so that nothing a rank
+        does next (a resume, an evaluation of ``last.pt``) can read the one before. A write that
+        fails (a full disk, say) stops every rank together with a :class:`RunDirError`, rather than
+        leaving the others waiting in their next collective."""
         self.check_state_finite()
         state = self.state()  # every rank joins the RNG gather
+        failure = None
         if self.dist.is_main:
-            ckpt.save_checkpoint(state, self.checkpoint_path)
+            try:
+                ckpt.save_checkpoint(state, self.checkpoint_path)
+            except OSError as e:
+                failure = e
+        if self.dist.enabled:  # the wait for rank 0's write, and its outcome, in one collective
+            flag = torch.tensor(float(failure is not None), device=self.device)
+            failed_somewhere = float(distributed.all_reduce_mean(flag, self.dist)) > 0
+        else:
+            failed_somewhere = failure is not None
+        if failed_somewhere:
+            reason = f"{type(failure).__name__}: {failure}" if failure is not None else "on rank 0"
+            raise ckpt.RunDirError(f"the checkpoint {str(self.checkpoint_path)!r} could not be written ({reason}); training "
+                                   f"stopped after {self.step} steps; {self._last_good()}")
         self.last_good = self.step
 
     # -- the loop ------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ Each side's figure is the median step time over the timed steps (images/s = batc
 speedup is the ratio of the two, measured in the same process. The data-wait fraction is the time
 the loop spent blocked in ``next()`` on its batch stream over the time of the timed steps (target:
 under 5% for fastdense). fastdense's loop is ``Trainer.fit``'s (the step queued, the next batch
-fetched and its boxes drawn while the device runs it, then the loss read) without its logging and checkpoints. The
+fetched and its boxes drawn while the device runs it, then the loss read) without its logging and checkpoints.
+Its data wait therefore includes drawing SCRL's boxes (the trainer does it as it fetches a batch),
+where the reference draws them inside its step: the pessimistic side for fastdense's figure. The
 loaders move batches to the GPU through pinned memory without waiting for queued kernels, so the
 fetch is not charged for the step's GPU time; were a copy to block, the figure would count it as
 data wait (the pessimistic side of the target).

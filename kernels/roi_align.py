@@ -274,16 +274,24 @@ def _boxes_near_tile(rois_ptr, boxes, real, spatial_scale, top, left, TILE_H: tl
 
 
 @triton.jit
+def _reaches(start, length, tile_start, TILE: tl.constexpr):
+    """Whether samples between ``start`` and ``start + length`` (``length`` of either sign) can give
+    weight to the tile ``[tile_start, tile_start + TILE)`` of one axis: 2 pixels of margin."""
+    low = tl.minimum(start, start + length)
+    high = tl.maximum(start, start + length)
+    return (low - 2.0 < tile_start + TILE) & (high + 2.0 >= tile_start)
+
+
+@triton.jit
 def _box_gradient(acc, box, grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial_scale, top, left,
                   PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                   PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr, PER_BIN: tl.constexpr):
     """``acc`` (``[channels, tile pixels]``) plus what box ``box``'s output gradient gives the tile."""
     _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
-    # Samples of the box lie in [start, start + PH * bin]; each touches its floor and floor + 1
+    # Samples of the box lie between start and start + PH * bin (either way round: an inverted box,
+    # which check_boxes=False lets through, has a negative bin); each touches its floor and floor + 1
     # (after clamping to the map), so a margin of 2 pixels bounds every pixel it can reach.
-    meets_rows = (start_y - 2.0 < top + TILE_H) & (start_y + bin_h * PH + 2.0 >= top)
-    meets_cols = (start_x - 2.0 < left + TILE_W) & (start_x + bin_w * PW + 2.0 >= left)
-    if meets_rows & meets_cols:
+    if _reaches(start_y, bin_h * PH, top, TILE_H) & _reaches(start_x, bin_w * PW, left, TILE_W):
         grad_base = grad_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
         if PH * PW == 1:
             weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
@@ -293,12 +301,10 @@ def _box_gradient(acc, box, grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial
             # A tile of a large map meets few bins of a box: visit only those, a rank-1 update
             # each, rather than multiplying by the mostly-zero weights of every bin.
             for ph in range(0, PH):
-                bin_top = start_y + ph * bin_h
-                if (bin_top - 2.0 < top + TILE_H) & (bin_top + bin_h + 2.0 >= top):
+                if _reaches(start_y + ph * bin_h, bin_h, top, TILE_H):
                     weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
                     for pw in range(0, PW):
-                        bin_left = start_x + pw * bin_w
-                        if (bin_left - 2.0 < left + TILE_W) & (bin_left + bin_w + 2.0 >= left):
+                        if _reaches(start_x + pw * bin_w, bin_w, left, TILE_W):
                             weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
                             weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
                             g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count

@@ -374,7 +374,8 @@ def roi_align(
         aligned: half-pixel offset (see above).
         check_boxes: verify that batch indices are integers in ``[0, N)``, that ``x1 <= x2`` and
             ``y1 <= y2`` and that coordinates are finite, raising ``ValueError`` otherwise. On a GPU
-            that costs one small kernel and a device-to-host transfer, a host sync every call; pass
+            that costs a device-to-host transfer, a host sync every call (and one small kernel in
+            eager calls, a dozen PyTorch ops under torch.compile); pass
             ``False`` for boxes valid by construction (SCRL's sampler) to keep the call asynchronous,
             as torchvision's is. Invalid boxes are then undefined behaviour, as in torchvision.
 

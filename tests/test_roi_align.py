@@ -145,6 +145,25 @@ def test_large_map_backward_tests_boxes_in_blocks(device, aligned, sampling_rati
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 40, 40), (1, 2, 7, 7)], ids=["tiled map", "whole map"])
+def test_inverted_boxes_unchecked_follow_torchvision_both_ways(device, shape):
+    """check_boxes=False lets inverted boxes through (undefined, as in torchvision, but the kernels
+    still follow its arithmetic): their samples run backwards from the start, and the backward
+    must find the pixels they reach, on tiled and whole maps alike."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    extent = shape[-1]
+    rois = torch.tensor([[0, 0.15, 0.75, 0.75, 0.05], [0, 0.7, 0.1, 0.2, 0.6]]).mul(torch.tensor([1.0] + [extent] * 4)).to(device)
+    grad = torch.randn(2, 2, 2, 2, generator=generator).to(device)
+    with ops.backend("triton"):
+        out = ops.roi_align(x, rois, (2, 2), 1.0, 2, True, check_boxes=False)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (2, 2), 1.0, 2, True)
+    assert expected_grad.abs().sum() > 0  # the inverted boxes do reach pixels
+    assert relative_error(out, expected) <= TOLERANCE[torch.float32]
+    assert relative_error(grad_x, expected_grad) <= TOLERANCE[torch.float32]
+
+
 def test_triton_non_contiguous_input_and_box_list(device):
     generator = torch.Generator().manual_seed(3)
     base = torch.randn(2, 6, 5, 9, generator=generator).to(device)
@@ -420,7 +439,12 @@ def test_bad_input(device, backend, kwargs, error, message):
 def box_value_cases(generator: torch.Generator):
     """``(name, rois, num_images)``: valid boxes and every kind of bad value, alone and together."""
     good = random_rois(5, 7, 7, 1 / 32, 6, generator).float()
-    cases = [("valid", good, 5), ("valid, index at the last image", good, 5), ("no image for index 4", good, 4)]
+    last_of_many = good.clone()
+    last_of_many[0, 0] = 511.0  # 512 images: in bfloat16 index 511 rounds to 512, one past the last
+    past_many = good.clone()
+    past_many[0, 0] = 512.0
+    cases = [("valid", good, 5), ("no image for index 4", good, 4), ("last of 512 images", last_of_many, 512),
+             ("one past 512 images", past_many, 512)]
     for name, column, value in [("fractional index", 0, 2.5), ("negative index", 0, -1.0), ("nan index", 0, float("nan")),
                                 ("inf index", 0, float("inf")), ("inverted x", 1, 1e4), ("inverted y", 2, 1e4),
                                 ("nan x1", 1, float("nan")), ("inf y2", 4, float("inf")), ("-inf x2", 3, float("-inf"))]:
@@ -435,9 +459,11 @@ def box_value_cases(generator: torch.Generator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_box_check_kernel_matches_the_pytorch_check(monkeypatch, device, dtype):
-    """The Triton check's flags against the same three checks in PyTorch, on every dtype, on a
-    non-contiguous view of the boxes, and over several programs (a bad box in the last one)."""
+    """The Triton check's flags against the three conditions computed here in float64, on every
+    dtype, on a non-contiguous view of the boxes, and over several programs (a bad box in the last
+    one); and the Triton and PyTorch paths of check_box_values refuse the same boxes alike."""
     from fastdense.kernels import roi_align as kernels
+    from fastdense.ops.roi_align import check_box_values
 
     monkeypatch.setattr(kernels, "CHECK_BOXES_PER_PROGRAM", 8)
     monkeypatch.setattr(kernels, "CHECK_BLOCK", 4)
@@ -455,6 +481,14 @@ def test_box_check_kernel_matches_the_pytorch_check(monkeypatch, device, dtype):
                     + kernels.INVERTED_BOX * bool(((rois[:, 3:5] < rois[:, 1:3])).any())
                     + kernels.NOT_FINITE * bool((~rois[:, 1:].isfinite()).any()))
         assert found == expected, name
+        outcomes = []
+        for with_kernel in (True, False):
+            try:
+                check_box_values(strided.to(device), (num_images, 1, 7, 7), with_kernel=with_kernel)
+                outcomes.append(None)
+            except ValueError as error:
+                outcomes.append(str(error))
+        assert outcomes[0] == outcomes[1] and (outcomes[0] is None) == (expected == 0), (name, outcomes)
 
 
 def test_box_check_is_one_launch_and_one_transfer_on_the_triton_path(monkeypatch, device):
@@ -503,6 +537,15 @@ def test_bad_device():
     meta_boxes = GOOD_ROIS.to("meta")
     with pytest.raises(ValueError, match="boxes must be on the device of input"):
         ops.roi_align(GOOD_X, meta_boxes, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_list_of_16_bit_boxes_keeps_every_image_index(dtype):
+    """bfloat16 holds integers exactly only up to 256 (float16: 2048): the rois built from a list
+    get their image indices in float32, so image 2999's box stays image 2999's."""
+    boxes = [torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=dtype) for _ in range(3000)]
+    rois = boxes_to_rois(boxes)
+    assert rois.dtype == torch.float32 and torch.equal(rois[:, 0], torch.arange(3000, dtype=torch.float32))
 
 
 def test_boxes_to_rois_keeps_image_order():

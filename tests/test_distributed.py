@@ -11,6 +11,7 @@ DINO centre, a per-rank box mean) would change.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import os
@@ -111,7 +112,9 @@ def sync_bn_worker(rank, port, out_path):
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
-    shutdown()
+    del module
+    gc.collect()  # the modules hold the group: release it before leaving it (see distributed.shutdown)
+    dist.destroy_process_group()
 
 
 def test_cpu_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
@@ -124,6 +127,23 @@ def test_cpu_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
         for part, got, want in zip(("output", "input grad", "weight/bias grad", "running stats"), synced[name], expected):
             for step, (a, b) in enumerate(zip(got, want)):
                 torch.testing.assert_close(a, b, **tol, msg=f"{name}: {part} {step}")
+
+
+def test_shutdown_leaves_only_a_group_that_init_distributed_started(tmp_path):
+    """fastdense-train ends the process group it joined (after collecting the trainers that hold
+    it); a group its caller started stays the caller's."""
+    from fastdense.training import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        distributed.shutdown()
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    distributed._joined_here = True  # as init_distributed sets it when it starts the group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    distributed.shutdown()
+    assert not dist.is_initialized() and not distributed._joined_here
 
 
 def test_sync_batchnorm_is_plain_batchnorm_without_process_group():

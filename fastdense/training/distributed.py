@@ -41,17 +41,25 @@ def init_distributed(device_type: str) -> DistInfo:
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        global _joined_here
+        _joined_here = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
+# Whether init_distributed started the process group (one a caller started is the caller's to end).
+_joined_here = False
+
+
 def shutdown() -> None:
-    """Leave the process group, if this process joined one. Garbage is collected first: trainers sit
-    in reference cycles, and the DDP wrappers and synchronised BatchNorms in them hold the group;
-    left to interpreter shutdown, its teardown can abort the process (gloo: SIGABRT, "terminate
-    called without an active exception") after a run that succeeded."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group that :func:`init_distributed` joined, if it did. Garbage is collected
+    first: trainers sit in reference cycles, and the DDP wrappers and synchronised BatchNorms in them
+    hold the group; left to interpreter shutdown, its teardown can abort the process (gloo: SIGABRT,
+    "terminate called without an active exception") after a run that succeeded."""
+    global _joined_here
+    if _joined_here and dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+    _joined_here = False
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -281,8 +281,8 @@ def _grouping_times(device, generator):
     for per_image, images in GROUPING_CASES:
         rois = scrl_rois(images, per_image, 224, generator)
         rois = rois[torch.randperm(rois.shape[0], generator=generator)].to(device)
-        kernel_order, kernel_offsets = kernels.group_by_rank(rois, images)
-        sort_order, sort_offsets = kernels.group_by_sort(rois, images)
+        kernel_order, kernel_offsets, _ = kernels.group_by_rank(rois, images)
+        sort_order, sort_offsets, _ = kernels.group_by_sort(rois, images)
         assert torch.equal(kernel_order, sort_order) and torch.equal(kernel_offsets, sort_offsets)
         entry = dict(boxes=int(rois.shape[0]), images=images)
         entry["kernel_ms"] = time_ms(lambda: kernels.group_by_rank(rois, images), device, gpu_window_ms=GPU_WINDOW_MS)

@@ -1,16 +1,17 @@
 """Where SCRL's pooled RoIAlign spends its GPU time, and which launch configuration is fastest.
 
-At SCRL's shape (``[256, 2048, 7, 7]``, 10 boxes per image, 1x1 output) a forward is three launches
-(grouping the boxes by image, each box's bilinear weights, the pooling product) and a backward one.
+At SCRL's shape (``[256, 2048, 7, 7]``, 10 boxes per image, 1x1 output) a forward is two launches
+(the plan: the boxes grouped by image and each box's bilinear weights; the pooling product) and a
+backward one.
 For float32 and bfloat16, NCHW and channels_last, this script times each launch alone, replayed
 from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
 it sweeps the pooling kernels' ``BLOCK_C`` and ``num_warps`` (``--stages``: ``num_stages`` too), and
-once the grouping kernel's ``BLOCK``, ``SCAN`` and ``num_warps``, and reports the fastest
+once the plan kernel's ``BLOCK``, ``SCAN`` and ``num_warps``, and reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_forward_config`` / ``_backward_config`` by hand, with its figures.
+``_blocks`` / ``_forward_config`` / ``_backward_config`` / ``GROUP_BLOCK`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: 66 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
@@ -41,9 +42,11 @@ from fastdense.kernels import roi_align as kernels  # noqa: E402
 SPATIAL_SCALE = 1 / 32
 BLOCK_CS = (16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
-# The box-grouping kernel's boxes per program and scan width (num_warps 4 and 8).
+# The plan kernel's boxes per program and scan width (num_warps 4 and 8), where its BLOCK x SCAN
+# counters take at most GROUP_MAX_COUNTERS registers a thread.
 GROUP_BLOCKS = (16, 32, 64)
 GROUP_SCANS = (128, 256, 512)
+GROUP_MAX_COUNTERS = 64
 # Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
 # the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
 SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
@@ -65,8 +68,8 @@ class PooledCase:
                        for _ in range(rotation_copies(nbytes, device))]
         self.rois = scrl_rois(num, per_image, 224, generator).to(device)
         self.grad = torch.randn(self.rois.shape[0], channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
-        self.order, self.offsets = kernels.group_by_image(self.rois, num)
-        self.weights = kernels.pooled_weights(self.rois, self.order, height, width, SPATIAL_SCALE, -1, False)
+        self.pooled = kernels.PooledMap(height, width, SPATIAL_SCALE, -1, False)
+        self.order, self.offsets, self.weights = kernels.group_by_image(self.rois, num, self.pooled)
         _, self.forward_channels, self.forward_constexprs = kernels._forward_config(channels, height, width, 1, 1, dtype, -1, False)
         self.backward_grid_channels, self.grid_tiles, self.tiles_w, self.backward_constexprs = kernels._backward_config(
             channels, height, width, 1, 1, dtype, -1, False)
@@ -120,10 +123,9 @@ def relative_error(actual, expected) -> float:
 
 def breakdown(case: PooledCase, bandwidth: float) -> dict:
     """GPU time of each launch of a forward and a backward, with the package's configuration."""
-    num, _, height, width = case.shape
+    num = case.shape[0]
     row = {
-        "group_ms": gpu_ms(lambda x: kernels.group_by_image(case.rois, num), case.inputs[:1], case.device),
-        "weights_ms": gpu_ms(lambda x: kernels.pooled_weights(case.rois, case.order, height, width, SPATIAL_SCALE, -1, False), case.inputs[:1], case.device),
+        "plan_ms": gpu_ms(lambda x: kernels.group_by_image(case.rois, num, case.pooled), case.inputs[:1], case.device),
         "forward_ms": gpu_ms(case.forward, case.inputs, case.device),
         "backward_ms": gpu_ms(case.backward, case.inputs, case.device),
     }
@@ -154,21 +156,22 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
     return results
 
 
-def sweep_grouping(rois: torch.Tensor, num_images: int, configs, device):
-    """``[(config, ms or None, error text or None)]`` of the box-grouping kernel over ``configs``
-    (``BLOCK``, ``SCAN``, ``num_warps``), each checked to give the package's order and offsets."""
-    expected = kernels.group_by_rank(rois, num_images)
+def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device):
+    """``[(config, ms or None, error text or None)]`` of the plan kernel (grouping and pooled weights)
+    over ``configs`` (``BLOCK``, ``SCAN``, ``num_warps``), each checked to give the package's order,
+    offsets and weights."""
+    expected = kernels.group_by_rank(rois, num_images, pooled)
     results = []
     for block, scan, num_warps in configs:
         config = {"BLOCK": block, "SCAN": scan, "num_warps": num_warps}
-        fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, c["BLOCK"], c["SCAN"], c["num_warps"])  # noqa: E731
+        fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, pooled, block=c["BLOCK"], scan=c["SCAN"], num_warps=c["num_warps"])  # noqa: E731
         try:
             same = all(torch.equal(got, want) for got, want in zip(fn(None), expected))
         except Exception as failure:
             results.append((config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"))
             continue
         if not same:
-            results.append((config, None, "differs from the package's order and offsets"))
+            results.append((config, None, "differs from the package's order, offsets or weights"))
             continue
         results.append((config, gpu_ms(fn, [None], device), None))
     return results
@@ -187,16 +190,18 @@ def main(argv=None) -> None:
     stages = (1, 2, 3) if args.stages else NUM_STAGES
     configs = [(32, 4, 1), (16, 2, 2)] if args.quick else list(itertools.product(BLOCK_CS, NUM_WARPS, stages))
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
-    group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else list(itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:]))
+    group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else [
+        (block, scan, warps) for block, scan, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:])
+        if block * scan <= GROUP_MAX_COUNTERS * 32 * warps]
     rows, extra = [], {"measured_bandwidth_bytes_per_s": bandwidth}
     for dtype, layout in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
         case = PooledCase(shape, per_image, dtype, layout, device, generator)
         row = {"shape": "x".join(map(str, shape)), "boxes": int(case.rois.shape[0]), "dtype": str(dtype).removeprefix("torch."), "layout": layout}
         row.update(breakdown(case, bandwidth))
         if not rows:  # grouping depends on the boxes alone
-            grouping = sweep_grouping(case.rois, shape[0], group_configs, device)
+            grouping = sweep_grouping(case.rois, shape[0], case.pooled, group_configs, device)
             timed = [(config, ms) for config, ms, error in grouping if ms is not None]
-            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "num_warps": 4, "ms": row["group_ms"]}
+            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "num_warps": 4, "ms": row["plan_ms"]}
             extra["grouping_best"] = dict(min(timed, key=lambda item: item[1])[0], ms=min(ms for _, ms in timed)) if timed else None
             extra["grouping_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in grouping]
             print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)
@@ -214,7 +219,7 @@ def main(argv=None) -> None:
         rows.append(row)
         print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not k.endswith("_sweep")), flush=True)
         path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
-    print_table(rows, ["dtype", "layout", "group_ms", "weights_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
+    print_table(rows, ["dtype", "layout", "plan_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
                        "backward_ms", "backward_bandwidth_fraction", "backward_best_ms"])
     print(f"wrote {path}")
 

@@ -22,9 +22,10 @@ takes, so the backward recomputes none of it:
 - ``order``, ``offsets``: the boxes grouped by image, which both per-image kernels need.
   ``_group_kernel`` computes them in one launch (each box's rank among the boxes ordered by
   (image, position); O(K^2) compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above).
-- ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, from
-  ``_pooled_weights_kernel`` (one program per box), its rows in grouped order so that a program
-  reads its image's rows as soon as it has the image's offset. The pooling kernels then take an image's boxes
+- ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, its
+  rows in grouped order so that a program reads its image's rows as soon as it has the image's
+  offset. ``_group_kernel`` writes them too, to the row of each box's rank, so SCRL's forward is
+  two launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort. The pooling kernels then take an image's boxes
   ``POOLED_BOX_BLOCK`` at a time in one tensor-core product (``[channels, pixels] x [pixels, boxes]``
   forward, ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's
   bilinear weights in every channel block, or waiting on one chain of dependent loads per box.
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -62,6 +63,8 @@ LARGE_TILE = (8, 16)
 GROUP_KERNEL_MAX_BOXES = 8192
 GROUP_BLOCK = 32
 GROUP_SCAN = 128
+# Boxes per program of the pooled weights' own launch (above GROUP_KERNEL_MAX_BOXES).
+POOLED_WEIGHT_BOXES = 32
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
 POOLED_BOX_BLOCK = 16
 # Boxes a backward tile of a large map tests for overlap at once (vector loads) before visiting those
@@ -98,14 +101,16 @@ def _box_geometry(rois_ptr, j, spatial_scale, PH: tl.constexpr, PW: tl.constexpr
 
 
 @triton.jit
-def _bin_weights(start, bin_size, grid, p, idx, extent):
+def _bin_weights(start, bin_size, grid, samples, p, idx, extent):
     """Summed bilinear weights that the ``grid`` samples of bin ``p`` (one axis) give to positions
-    ``idx``; ``p`` and ``idx`` broadcast (a scalar bin, or ``[BINS, 1]`` against ``[1, PIXELS]``)."""
-    acc = tl.zeros_like(p + idx).to(tl.float32)
+    ``idx``; ``p`` and ``idx`` broadcast (a scalar bin, or ``[BINS, 1]`` against ``[1, PIXELS]``).
+    ``start``, ``bin_size`` and ``grid`` may be one per row (``[BOXES, 1]``, several boxes at once);
+    ``samples``, a scalar at least every ``grid``, bounds the loop."""
+    acc = tl.zeros_like(p + idx + start).to(tl.float32)
     grid_f = tl.maximum(grid, 1).to(tl.float32)
-    for s in range(0, grid):
+    for s in range(0, samples):
         pos = start + p * bin_size + (s + 0.5) * bin_size / grid_f
-        inside = (pos >= -1.0) & (pos <= extent)
+        inside = (pos >= -1.0) & (pos <= extent) & (s < grid)
         pos = tl.maximum(pos, 0.0)
         low = pos.to(tl.int32)
         at_edge = low >= extent - 1
@@ -126,8 +131,8 @@ def _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, top, left, H, W
     outer product of one matrix per axis, so the per-sample work is per row and per column only."""
     bin_rows = tl.arange(0, PH_PAD)
     bin_cols = tl.arange(0, PW_PAD)
-    weight_y = _bin_weights(start_y, bin_h, grid_h, bin_rows[:, None], (top + tl.arange(0, TILE_H))[None, :], H)
-    weight_x = _bin_weights(start_x, bin_w, grid_w, bin_cols[:, None], (left + tl.arange(0, TILE_W))[None, :], W)
+    weight_y = _bin_weights(start_y, bin_h, grid_h, grid_h, bin_rows[:, None], (top + tl.arange(0, TILE_H))[None, :], H)
+    weight_x = _bin_weights(start_x, bin_w, grid_w, grid_w, bin_cols[:, None], (left + tl.arange(0, TILE_W))[None, :], W)
     weight_y = tl.where((bin_rows < PH)[:, None], weight_y, 0.0)
     weight_x = tl.where((bin_cols < PW)[:, None], weight_x, 0.0)
     return tl.reshape(weight_y[:, None, :, None] * weight_x[None, :, None, :], (PH_PAD * PW_PAD, TILE_H * TILE_W))
@@ -302,10 +307,10 @@ def _box_gradient(acc, box, grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial
             # each, rather than multiplying by the mostly-zero weights of every bin.
             for ph in range(0, PH):
                 if _reaches(start_y + ph * bin_h, bin_h, top, TILE_H):
-                    weight_y = _bin_weights(start_y, bin_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
+                    weight_y = _bin_weights(start_y, bin_h, grid_h, grid_h, ph, top + tl.arange(0, TILE_H), H)
                     for pw in range(0, PW):
                         if _reaches(start_x + pw * bin_w, bin_w, left, TILE_W):
-                            weight_x = _bin_weights(start_x, bin_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
+                            weight_x = _bin_weights(start_x, bin_w, grid_w, grid_w, pw, left + tl.arange(0, TILE_W), W)
                             weight = tl.reshape(weight_y[:, None] * weight_x[None, :], (TILE_H * TILE_W,))
                             g = tl.load(grad_base + ph * PW + pw, mask=c_ok, other=0.0).to(tl.float32) / count
                             acc += g[:, None] * weight[None, :]
@@ -369,15 +374,44 @@ def _image_backward_kernel(
 
 
 @triton.jit
-def _pooled_weights_kernel(rois_ptr, order_ptr, weights_ptr, H, W, spatial_scale,
-                           SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Row ``slot`` of ``weights [K, TILE_H * TILE_W]``, for box ``order[slot]``: what each pixel of the
-    whole map contributes to the box's 1x1 output, already over the sample count."""
-    slot = tl.program_id(0)
-    box = tl.load(order_ptr + slot)
-    _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, 1, 1, SAMPLING, ALIGNED)
-    weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, 1, 1, 1, 1, TILE_H, TILE_W)
-    tl.store(weights_ptr + slot.to(tl.int64) * (TILE_H * TILE_W) + tl.arange(0, TILE_H * TILE_W)[None, :], weights / count)
+def _pooled_weight_rows(rois_ptr, boxes, H, W, spatial_scale, BOXES: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+                        TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """``[BOXES, TILE_H * TILE_W]``: row ``i`` holds what each pixel of the whole map contributes to box
+    ``boxes[i]``'s 1x1 output, already over the sample count. ``boxes``: valid indices."""
+    _, start_y, start_x, height, width, grid_h, grid_w, _ = _box_geometry(rois_ptr, boxes, spatial_scale, 1, 1, SAMPLING, ALIGNED)
+    # One grid per box even where SAMPLING fixes it; the loop runs to the block's largest.
+    grid_h = grid_h + tl.zeros((BOXES,), tl.int32)
+    grid_w = grid_w + tl.zeros((BOXES,), tl.int32)
+    weight_y = _bin_weights(start_y[:, None], height[:, None], grid_h[:, None], tl.max(grid_h, axis=0), 0, tl.arange(0, TILE_H)[None, :], H)
+    weight_x = _bin_weights(start_x[:, None], width[:, None], grid_w[:, None], tl.max(grid_w, axis=0), 0, tl.arange(0, TILE_W)[None, :], W)
+    rows = tl.reshape(weight_y[:, :, None] * weight_x[:, None, :], (BOXES, TILE_H * TILE_W))
+    return rows / tl.maximum(grid_h * grid_w, 1).to(tl.float32)[:, None]
+
+
+@triton.jit
+def _store_weight_rows(weights_ptr, slots, rows, real, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    tl.store(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + tl.arange(0, TILE_H * TILE_W)[None, :], rows, mask=real[:, None])
+
+
+@triton.jit
+def _pooled_weights_kernel(rois_ptr, order_ptr, weights_ptr, K, H, W, spatial_scale,
+                           BOXES: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Rows ``slots`` of ``weights [K, TILE_H * TILE_W]``, for boxes ``order[slots]``, ``BOXES`` per program."""
+    slots = tl.program_id(0) * BOXES + tl.arange(0, BOXES)
+    real = slots < K
+    boxes = tl.load(order_ptr + slots, mask=real, other=0)
+    rows = _pooled_weight_rows(rois_ptr, boxes, H, W, spatial_scale, BOXES, SAMPLING, ALIGNED, TILE_H, TILE_W)
+    _store_weight_rows(weights_ptr, slots, rows, real, TILE_H, TILE_W)
+
+
+class PooledMap(NamedTuple):
+    """The map and sampling whose pooled weights (:func:`pooled_weights`) a plan also computes."""
+
+    height: int
+    width: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
 
 
 def uses_pooled_weights(height: int, width: int, out_h: int, out_w: int) -> bool:
@@ -400,33 +434,47 @@ def pooled_weights(rois: torch.Tensor, order: torch.Tensor, height: int, width: 
     """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): row ``j`` holds box
     ``order[j]``'s weight per pixel in its 1x1 RoIAlign output, the sample count included. In the
     grouped order of :func:`group_by_image`, so the pooling kernels read an image's rows at once,
-    without waiting for the box indices first. One launch, one program per box."""
+    without waiting for the box indices first. One launch, ``POOLED_WEIGHT_BOXES`` boxes per
+    program; :func:`group_by_rank` computes the same rows in its own launch."""
+    pooled = PooledMap(height, width, spatial_scale, sampling_ratio, aligned)
     tile_h, tile_w = _whole_map_tile(height, width, 1)
-    weights = torch.empty(rois.shape[0], tile_h * tile_w, dtype=torch.float32, device=rois.device)
+    weights = _empty_weights(rois, pooled)
     if rois.shape[0]:
-        _pooled_weights_kernel[(rois.shape[0],)](
-            rois, order, weights, height, width, float(spatial_scale),
-            SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), TILE_H=tile_h, TILE_W=tile_w, num_warps=1,
+        _pooled_weights_kernel[(cdiv(rois.shape[0], POOLED_WEIGHT_BOXES),)](
+            rois, order, weights, rois.shape[0], height, width, float(spatial_scale),
+            BOXES=POOLED_WEIGHT_BOXES, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), TILE_H=tile_h, TILE_W=tile_w, num_warps=4,
         )
     return weights
 
 
-def group_by_image(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(order, offsets)``, int32: ``rois[order]`` is grouped by image (the batch index truncated to an
-    integer, as ``.long()`` does), and image ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in
-    their original order. On the device, without a host sync. ``rois``: ``[K, 5]`` float32, contiguous."""
+def _empty_weights(rois: torch.Tensor, pooled: Optional[PooledMap]) -> torch.Tensor:
+    if pooled is None:
+        return rois.new_empty(0)
+    tile_h, tile_w = _whole_map_tile(pooled.height, pooled.width, 1)
+    return torch.empty(rois.shape[0], tile_h * tile_w, dtype=torch.float32, device=rois.device)
+
+
+def group_by_image(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, offsets, weights)``: ``order`` and ``offsets`` (int32) group the boxes by image: ``rois[order]``
+    is grouped by image (the batch index truncated to an integer, as ``.long()`` does), and image
+    ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in their original order; ``weights`` are
+    their :func:`pooled_weights` on ``pooled`` (empty without it). On the device, without a host sync;
+    one launch for all three up to ``GROUP_KERNEL_MAX_BOXES``. ``rois``: ``[K, 5]`` float32, contiguous."""
     if rois.shape[0] <= GROUP_KERNEL_MAX_BOXES:
-        return group_by_rank(rois, num_images)
-    return group_by_sort(rois, num_images)
+        return group_by_rank(rois, num_images, pooled)
+    return group_by_sort(rois, num_images, pooled)
 
 
 @triton.jit
-def _group_kernel(rois_ptr, order_ptr, offsets_ptr, K, num_images, rank_programs, BLOCK: tl.constexpr, SCAN: tl.constexpr):
+def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, rank_programs, H, W, spatial_scale,
+                  BLOCK: tl.constexpr, SCAN: tl.constexpr, WEIGHTS: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+                  TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Programs below ``rank_programs`` place ``BLOCK`` boxes each: box ``j`` goes to ``order[rank]``,
     ``rank`` being the number of boxes before it in (image, position) order, a permutation with each
-    image's boxes in their original order. The others write ``offsets[b]``, the number of boxes
-    with image below ``b``, for ``BLOCK`` images each. Integer keys are totally ordered (a float key
-    could be NaN), so ``order`` is a permutation, valid box indices, whatever the batch indices hold."""
+    image's boxes in their original order; with ``WEIGHTS``, its pooled weights go to row ``rank`` of
+    ``weights`` in the same launch. The others write ``offsets[b]``, the number of boxes with image
+    below ``b``, for ``BLOCK`` images each. Integer keys are totally ordered (a float key could be
+    NaN), so ``order`` is a permutation, valid box indices, whatever the batch indices hold."""
     program = tl.program_id(0)
     if program < rank_programs:
         mine = program * BLOCK + tl.arange(0, BLOCK)
@@ -434,39 +482,56 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, K, num_images, rank_programs
     else:
         mine = (program - rank_programs) * BLOCK + tl.arange(0, BLOCK)
         key = mine.to(tl.int64)
-    count = tl.zeros((BLOCK,), tl.int32)
+    # Summed across lanes once after the loop: the iterations then depend on each other only
+    # through elementwise adds, not through a reduction each.
+    before_counts = tl.zeros((BLOCK, SCAN), tl.int32)
     for start in range(0, K, SCAN):
         other = start + tl.arange(0, SCAN)
         other_key = tl.load(rois_ptr + other * 5, mask=other < K, other=0.0).to(tl.int64)
         before = other_key[None, :] < key[:, None]
         if program < rank_programs:
             before = before | ((other_key[None, :] == key[:, None]) & (other[None, :] < mine[:, None]))
-        count += tl.sum((before & (other < K)[None, :]).to(tl.int32), axis=1)
+        before_counts += (before & (other < K)[None, :]).to(tl.int32)
+    count = tl.sum(before_counts, axis=1)
     if program < rank_programs:
-        tl.store(order_ptr + count, mine, mask=mine < K)
+        real = mine < K
+        tl.store(order_ptr + count, mine, mask=real)
+        if WEIGHTS:
+            rows = _pooled_weight_rows(rois_ptr, tl.where(real, mine, 0), H, W, spatial_scale, BLOCK, SAMPLING, ALIGNED, TILE_H, TILE_W)
+            _store_weight_rows(weights_ptr, count, rows, real, TILE_H, TILE_W)
     else:
         tl.store(offsets_ptr + mine, count, mask=mine <= num_images)
 
 
-def group_by_rank(rois: torch.Tensor, num_images: int, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN, num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`group_by_image` in one launch of ``_group_kernel`` (any number of boxes, but quadratic
-    work); ``block``, ``scan`` and ``num_warps`` change only its speed (``benchmarks/tune_roi_align.py``)."""
+def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN,
+                  num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`group_by_image` in one launch of ``_group_kernel``, the pooled weights included (any
+    number of boxes, but quadratic work); ``block``, ``scan`` and ``num_warps`` change only its speed
+    (``benchmarks/tune_roi_align.py``)."""
     boxes = rois.shape[0]
     order = torch.empty(boxes, dtype=torch.int32, device=rois.device)
     offsets = torch.empty(num_images + 1, dtype=torch.int32, device=rois.device)
+    weights = _empty_weights(rois, pooled)
     rank_programs = cdiv(boxes, block)
+    height, width, spatial_scale, sampling_ratio, aligned = pooled or (1, 1, 1.0, 0, False)
+    tile_h, tile_w = _whole_map_tile(height, width, 1)
     _group_kernel[(rank_programs + cdiv(num_images + 1, block),)](
-        rois, order, offsets, boxes, num_images, rank_programs, BLOCK=block, SCAN=scan, num_warps=num_warps,
+        rois, order, offsets, weights, boxes, num_images, rank_programs, height, width, float(spatial_scale),
+        BLOCK=block, SCAN=scan, WEIGHTS=pooled is not None, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+        TILE_H=tile_h, TILE_W=tile_w, num_warps=num_warps,
     )
-    return order, offsets
+    return order, offsets, weights
 
 
-def group_by_sort(rois: torch.Tensor, num_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`group_by_image` with a stable torch.sort and searchsorted (several launches, O(K log K))."""
+def group_by_sort(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`group_by_image` with a stable torch.sort and searchsorted (several launches, O(K log K)),
+    then :func:`pooled_weights`."""
     image = rois[:, 0].to(torch.int64)
     sorted_image, order = torch.sort(image, stable=True)
     offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
-    return order.to(torch.int32), offsets.to(torch.int32)
+    order = order.to(torch.int32)
+    weights = _empty_weights(rois, pooled) if pooled is None else pooled_weights(rois, order, *pooled)
+    return order, offsets.to(torch.int32), weights
 
 
 # Bits of :func:`invalid_box_flags`.
@@ -594,11 +659,8 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     num, channels, height, width = input.shape
     out_h, out_w = output_size
     rois = prepare_rois(rois)
-    order, offsets = group_by_image(rois, num)
-    if uses_pooled_weights(height, width, out_h, out_w):
-        weights = pooled_weights(rois, order, height, width, spatial_scale, sampling_ratio, aligned)
-    else:
-        weights = rois.new_empty(0)
+    pooled = PooledMap(height, width, spatial_scale, sampling_ratio, aligned) if uses_pooled_weights(height, width, out_h, out_w) else None
+    order, offsets, weights = group_by_image(rois, num, pooled)
     out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out, order, offsets, weights

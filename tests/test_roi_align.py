@@ -265,12 +265,37 @@ def test_grouping_kernel_matches_stable_sort(device, name, image, num_images):
     from fastdense.kernels.roi_align import group_by_rank, group_by_sort
 
     rois = torch.cat([image[:, None], torch.rand(image.shape[0], 4)], dim=1).to(device)
-    expected_order, expected_offsets = group_by_sort(rois, num_images)
+    expected_order, expected_offsets, no_weights = group_by_sort(rois, num_images)
+    assert no_weights.numel() == 0
     # The package's launch, and the other shapes the tuning script tries (blocks, scan widths, warps).
-    for config in ({}, dict(block=16, scan=256, num_warps=8), dict(block=64, scan=512, num_warps=4)):
-        order, offsets = group_by_rank(rois, num_images, **config)
-        assert order.dtype == offsets.dtype == torch.int32
+    for config in ({}, dict(block=16, scan=256, num_warps=8), dict(block=64, scan=128, num_warps=8)):
+        order, offsets, weights = group_by_rank(rois, num_images, **config)
+        assert order.dtype == offsets.dtype == torch.int32 and weights.numel() == 0
         assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets), config
+
+
+@pytest.mark.parametrize("sampling_ratio, aligned", [(-1, False), (2, True), (3, False)])
+@pytest.mark.parametrize("height, width", [(7, 7), (5, 11), (1, 3)])
+def test_grouping_launch_writes_the_pooled_weights_of_the_separate_kernel(device, sampling_ratio, aligned, height, width):
+    """The plan's one launch (ranks and weights) gives the rows that the sort fallback's own weights
+    launch gives, bit for bit: boxes of every size in a block (sample grids of 1 to many, partly
+    outside the map, degenerate), blocks partly filled."""
+    from fastdense.kernels.roi_align import PooledMap, group_by_rank, group_by_sort, pooled_weights
+
+    generator = torch.Generator().manual_seed(height * 31 + width)
+    boxes = 45
+    image = torch.randint(0, 4, (boxes,), generator=generator).float()
+    corner = torch.rand(boxes, 2, generator=generator) * torch.tensor([width * 1.6, height * 1.6]) - torch.tensor([width * 0.3, height * 0.3])
+    size = torch.rand(boxes, 2, generator=generator) * torch.tensor([width * 1.5, height * 1.5])
+    size[::7] = 0.0  # degenerate boxes
+    rois = torch.cat([image[:, None], corner, corner + size], dim=1).to(device)
+    pooled = PooledMap(height, width, 1.0, sampling_ratio, aligned)
+    expected_order, expected_offsets, expected_weights = group_by_sort(rois, 4, pooled)
+    assert torch.equal(expected_weights, pooled_weights(rois, expected_order, *pooled))
+    for config in ({}, dict(block=16, scan=256, num_warps=8)):
+        order, offsets, weights = group_by_rank(rois, 4, pooled, **config)
+        assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets), config
+        assert weights.shape == expected_weights.shape and torch.equal(weights, expected_weights), config
 
 
 def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
@@ -283,7 +308,7 @@ def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
     kernels.group_by_image(rois, 2)
     assert calls == ["rank"]
     monkeypatch.setattr(kernels, "GROUP_KERNEL_MAX_BOXES", 3)
-    order, offsets = kernels.group_by_image(rois, 2)
+    order, offsets, _ = kernels.group_by_image(rois, 2)
     assert calls == ["rank"]
     assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 4]
     # The whole op on the fallback.
@@ -293,13 +318,13 @@ def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
 @pytest.mark.parametrize("output", [2, 1])
 @pytest.mark.parametrize("path", ["eager", "custom_op"])
 def test_backward_reuses_the_forward_plan(monkeypatch, device, path, output):
-    """One grouping (and for a 1x1 output one set of box weights) per forward+backward, on the eager
-    path and through the custom op's autograd."""
+    """One plan per forward+backward (for a 1x1 output the box weights too, in the grouping's launch),
+    on the eager path and through the custom op's autograd."""
     import fastdense.kernels.roi_align as kernels
 
     groupings, weights = [], []
     real_group_by_image, real_pooled_weights = kernels.group_by_image, kernels.pooled_weights
-    monkeypatch.setattr(kernels, "group_by_image", lambda *args: groupings.append(args[0].shape[0]) or real_group_by_image(*args))
+    monkeypatch.setattr(kernels, "group_by_image", lambda *args: groupings.append((args[0].shape[0], args[2] is not None)) or real_group_by_image(*args))
     monkeypatch.setattr(kernels, "pooled_weights", lambda *args: weights.append(args[0].shape[0]) or real_pooled_weights(*args))
     generator = torch.Generator().manual_seed(8)
     x = torch.randn(3, 2, 6, 7, generator=generator).to(device).requires_grad_()
@@ -310,8 +335,8 @@ def test_backward_reuses_the_forward_plan(monkeypatch, device, path, output):
         else:
             out = torch.ops.fastdense.roi_align(x, rois, output, output, 1.0, -1, False, "triton")[0]
         (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    assert groupings == [rois.shape[0]]
-    assert weights == ([rois.shape[0]] if output == 1 else [])
+    assert groupings == [(rois.shape[0], output == 1)]
+    assert weights == []  # no launch of its own below GROUP_KERNEL_MAX_BOXES
     assert ("EagerTritonRoIAlign" in type(out.grad_fn).__name__) == (path == "eager")
     expected, expected_grad = torchvision_forward_backward(x, rois, torch.ones_like(out), (output, output), 1.0, -1, False)
     assert relative_error(out, expected) <= 1e-5 and relative_error(grad_x, expected_grad) <= 1e-5
@@ -623,15 +648,19 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ptx = compiled.asm["ptx"]
         assert spill_bytes(compiled) == 0, f"backward {dtype} {pooled}x{pooled}: register spills"
         assert "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
-types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
-assert compile_for_sm90(kernels._pooled_weights_kernel, types, dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8), num_warps=1).asm["cubin"]
+types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "K": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
+weights = dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8)
+compiled = compile_for_sm90(kernels._pooled_weights_kernel, types, weights | {"BOXES": kernels.POOLED_WEIGHT_BOXES}, num_warps=4)
+assert spill_bytes(compiled) == 0, "pooled weights: register spills"
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # the detection shape's tiled backward
     _, _, _, backward = kernels._backward_config(256, 200, 304, 7, 7, torch_dtype, 2, True)
     types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
     compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
     assert spill_bytes(compiled) == 0, f"detection backward {dtype}: register spills"
-types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32"}
-assert compile_for_sm90(kernels._group_kernel, types, {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN}).asm["cubin"]
+types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
+for with_weights in (False, True):  # the plan's one launch, with SCRL's weights and without
+    constants = weights | {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "WEIGHTS": with_weights}
+    assert spill_bytes(compile_for_sm90(kernels._group_kernel, types, constants)) == 0, f"grouping (weights {with_weights}): register spills"
 for dtype in ("fp32", "fp64", "bf16", "fp16"):
     types = {"rois_ptr": f"*{dtype}", "flags_ptr": "*i32", "K": "i32", "stride_k": "i32", "stride_col": "i32", "last_image": "i32"}
     constants = {"BOXES_PER_PROGRAM": kernels.CHECK_BOXES_PER_PROGRAM, "BLOCK": kernels.CHECK_BLOCK, "IN_FLOAT64": dtype == "fp64"}

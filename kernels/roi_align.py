@@ -25,10 +25,11 @@ takes, so the backward recomputes none of it:
 - ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, its
   rows in grouped order so that a program reads its image's rows as soon as it has the image's
   offset. ``_group_kernel`` writes them too, to the row of each box's rank, so SCRL's forward is
-  two launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort. The pooling kernels then take an image's boxes
-  ``POOLED_BOX_BLOCK`` at a time in one tensor-core product (``[channels, pixels] x [pixels, boxes]``
-  forward, ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's
-  bilinear weights in every channel block, or waiting on one chain of dependent loads per box.
+  two launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort.
+  The pooling kernels then take an image's boxes ``POOLED_BOX_BLOCK`` at a time in one tensor-core
+  product (:func:`_pooled_product`; ``[channels, pixels] x [pixels, boxes]`` forward,
+  ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's bilinear
+  weights in every channel block, or waiting on one chain of dependent loads per box.
 
 ``_box_check_kernel`` checks the boxes' values for ``fastdense.ops.roi_align(check_boxes=True)`` in one
 launch, where the same checks in PyTorch took a dozen (each a launch and host work on a GPU); the
@@ -158,6 +159,17 @@ def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _pooled_product(values, weights, acc, FLOAT32_VALUES: tl.constexpr):
+    """``acc + values @ weights``, float32 operands, on tensor cores: the pooled form's product. Values
+    read from float16 or bfloat16 are exact in TF32, so one TF32 product serves them (the weights, in
+    [0, 1], rounded to TF32: 2^-11 relative, finer than those types' own rounding); float32 values
+    take three (``tf32x3``, float32-level error), a third of the rate and twice the operand work."""
+    if FLOAT32_VALUES:
+        return tl.dot(values, weights, acc, input_precision="tf32x3")
+    return tl.dot(values, weights, acc, input_precision="tf32")
+
+
+@triton.jit
 def _image_forward_kernel(
     x_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
@@ -185,7 +197,8 @@ def _image_forward_kernel(
             boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
             # Rows in grouped order (over the count already): read beside the indices, not after them.
             weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
-            value = tl.dot(tile.to(tl.float32), tl.trans(weights), input_precision="tf32x3")
+            value = _pooled_product(tile.to(tl.float32), tl.trans(weights), tl.zeros((BLOCK_C, BOX_BLOCK), tl.float32),
+                                    x_ptr.dtype.element_ty == tl.float32)
             out = out_ptr + boxes[None, :] * C + channels[:, None]
             tl.store(out, value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
     else:
@@ -350,7 +363,7 @@ def _image_backward_kernel(
             boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
             g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=c_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
             weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
-            acc = tl.dot(g, weights, acc, input_precision="tf32x3")
+            acc = _pooled_product(g, weights, acc, grad_ptr.dtype.element_ty == tl.float32)
     elif PER_BIN:
         # A tile of a large map meets few of its image's boxes. Test SCAN_BOXES of them at a time
         # with vector loads and visit only those that can reach the tile, instead of one chain of

@@ -240,6 +240,43 @@ def test_pooled_form_takes_boxes_in_blocks(device, dtype, memory):
         assert relative_error(grad_x, expected_grad) <= tol
 
 
+def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` rounded to TF32 (10 mantissa bits) to nearest, ties away from zero, as the tensor
+    cores' ``cvt.rna.tf32.f32`` does (finite values)."""
+    bits = x.float().contiguous().view(torch.int32)
+    magnitude = ((bits & 0x7FFFFFFF) + 0x1000) & 0x7FFFE000
+    return (magnitude | (bits & -0x80000000)).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
+    """The premise of the pooled kernels' one TF32 product for 16-bit input (``_pooled_product``),
+    which Triton's interpreter cannot show (it multiplies in float32): 16-bit values are exact in
+    TF32, and weights rounded to TF32 keep forward and backward within the dtype's tolerance of
+    torchvision. The products here are emulated in float64 on TF32-rounded weights."""
+    from fastdense.kernels.roi_align import PooledMap, group_by_image
+
+    assert round_to_tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11)])).tolist() == [1 + 2**-10, 1 + 2**-9, -(1 + 2**-10)]
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 64, 7, 7, generator=generator).to(dtype)
+    values = torch.cat([x.flatten().float(), torch.tensor([6e-8, 65504.0, -1e-40, 3.3e38]).to(dtype).float()])
+    assert torch.equal(round_to_tf32(values), values)  # subnormal, largest and tiny values included
+    rois = random_rois(4, 224, 224, 1 / 32, 10, generator)
+    order, offsets, weights = group_by_image(rois, 4, PooledMap(7, 7, 1 / 32, -1, False))
+    rows = torch.zeros(rois.shape[0], 64, dtype=torch.float64)
+    rows[order.long()] = round_to_tf32(weights).double()
+    pixels = torch.zeros(4, 64, 64, dtype=torch.float64)  # [image, channel, padded 8x8 pixel]
+    pixels.view(4, 64, 8, 8)[:, :, :7, :7] = x.double()
+    image = rois[:, 0].long()
+    pooled = torch.einsum("kp,kcp->kc", rows, pixels[image]).to(dtype)
+    grad = torch.randn(rois.shape[0], 64, generator=generator).to(dtype)
+    grad_pixels = torch.zeros(4, 64, 64, dtype=torch.float64).index_add_(0, image, grad.double()[:, :, None] * rows[:, None, :])
+    grad_x = grad_pixels.view(4, 64, 8, 8)[:, :, :7, :7].to(dtype)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, -1, False)
+    assert relative_error(pooled, expected.flatten(1)) <= TOLERANCE[dtype] / 4
+    assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype] / 4
+
+
 # ---------------------------------------------------------------------------------------------------
 # Grouping the boxes by image: one ranking launch (up to GROUP_KERNEL_MAX_BOXES boxes), else torch.sort
 

@@ -112,15 +112,16 @@ def installed_versions(*names: str) -> Dict[str, Optional[str]]:
     return {name: found.get(name) for name in names}
 
 
-def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict = None, out_dir: Path = None) -> Path:
-    """Write ``{name}_{device}.json`` with environment facts and ``rows``; return the path."""
+def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict = None, out_dir: Path = None, device_label: str = None) -> Path:
+    """Write ``{name}_{device}.json`` with environment facts and ``rows``; return the path.
+    ``device_label`` names a target that is not this machine's device (code compiled for one)."""
     out_dir = Path(out_dir or os.environ.get("FASTDENSE_BENCH_OUT", RESULTS_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     import triton
 
     payload = {
         "benchmark": name,
-        "device": device_name(device),
+        "device": device_label or device_name(device),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -129,7 +130,7 @@ def write_results(name: str, device: torch.device, rows: List[Dict], extra: Dict
         "rows": rows,
         **(extra or {}),
     }
-    path = out_dir / f"{name}_{slug(device_name(device))}.json"
+    path = out_dir / f"{name}_{slug(device_label or device_name(device))}.json"
     path.write_text(json.dumps(payload, indent=2))
     return path
 

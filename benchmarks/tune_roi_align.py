@@ -13,7 +13,7 @@ chosen one's before it is timed (a configuration that differs, or does not compi
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
 ``_blocks`` / ``_forward_config`` / ``_backward_config`` / ``GROUP_BLOCK`` by hand, with its figures.
 
-    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: 66 compilations)
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 95 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
 
 Writes ``benchmarks/results/roi_align_tuning_{device}.json`` (``_quick`` for --quick).
@@ -51,8 +51,13 @@ GROUP_MAX_COUNTERS = 64
 # the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
 SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
 # The kernels' box loops run once at 10 boxes an image, so software pipelining has nothing to
-# overlap; Triton's default stage count stays (--stages sweeps it too, at three times the compiles).
-NUM_STAGES = (None,)
+# overlap, yet Triton's default of three stages costs the pooled forward 10 KiB more shared memory and
+# a sixth more instructions on sm_90 (benchmarks/static_roi_align.py): one stage is tried beside it
+# (--stages: 1, 2 and 3).
+NUM_STAGES = (1, None)
+# Channel blocks far from their warp count's sweet spot (a tile thinner than the threads, or many
+# registers a thread) are left out: (BLOCK_C, num_warps).
+SKIPPED = ((16, 8), (128, 2))
 
 
 class PooledCase:
@@ -188,7 +193,8 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
     stages = (1, 2, 3) if args.stages else NUM_STAGES
-    configs = [(32, 4, 1), (16, 2, 2)] if args.quick else list(itertools.product(BLOCK_CS, NUM_WARPS, stages))
+    configs = [(32, 4, 1), (16, 2, 2)] if args.quick else [
+        (block_c, warps, stage) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED]
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
     group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else [
         (block, scan, warps) for block, scan, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:])

@@ -240,7 +240,7 @@ def _select_rows_kernel(dist_ptr, index_ptr, groups_ptr, rows_out_ptr, match_out
 
 # Tiles tried by the autotuner, per kind of dot: (BLOCK_N, BLOCK_M, BLOCK_D, warps, stages). Each set
 # holds only tiles that ptxas fits in registers for sm_90, give or take a few parked addresses
-# (tests/sm90.spill_bytes; the sm_90 test checks every one). float32 operands take twice the
+# (benchmarks/sm90.spill_bytes; the sm_90 test checks every one). float32 operands take twice the
 # registers of 16-bit ones: the one list for all kinds held 128 x 128 float32 tiles that spilled 0.5
 # to 9 KB a thread, which cost tuning time (compiled and timed on every first call of a shape).
 _TILES = {

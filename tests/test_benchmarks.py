@@ -103,6 +103,28 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
     assert result["grouping_best"]["ms"] > 0 and result["grouping_package"]["BLOCK"] == 32
 
 
+def test_static_roi_align_reports_the_sm90_code_of_each_launch(tmp_path):
+    result = run_quick("static_roi_align.py", tmp_path, versions=False)
+    assert result["device"] == "sm_90"
+    assert [(row["launch"], row["dtype"], row["layout"]) for row in result["rows"]] == [
+        ("plan", "-", "-"), ("forward", "bfloat16", "channels_last"), ("backward", "bfloat16", "channels_last")]
+    for row in result["rows"]:
+        assert row["registers"] > 0 and row["spill_bytes"] == 0 and row["instructions"] > 0, row
+        assert 1 <= row["programs_per_sm"] <= 32 and row["num_warps"] >= 1, row
+        assert any(op.startswith("LDG") for op in row["global_loads"]), row
+    assert all(row["tensor_core_instructions"] > 0 for row in result["rows"][1:])
+
+
+def test_programs_per_sm_takes_the_tightest_limit():
+    from benchmarks.sm90 import programs_per_sm
+
+    assert programs_per_sm(96, 28672, 4) == 5  # registers: 96 x 32 x 4 a program of 65536
+    assert programs_per_sm(48, 73728, 4) == 3  # shared memory: 228 KiB over 72 + 1 KiB
+    assert programs_per_sm(16, 0, 8) == 8  # warps: 64 over 8
+    assert programs_per_sm(16, 0, 1) == 32  # programs
+    assert programs_per_sm(93, 0, 4) == 5  # 93 registers are allocated as 96
+
+
 def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
     from benchmarks.tune_roi_align import PooledCase, sweep
 

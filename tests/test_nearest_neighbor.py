@@ -544,7 +544,7 @@ def test_kernel_never_allocates_the_distance_matrix(device):
 
 _SM90_COMPILE_SCRIPT = r"""
 import re
-from sm90 import compile_for_sm90, spill_bytes
+from benchmarks.sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import nearest_neighbor as nn_kernels
 
 # Every tile the autotuner may pick, with the operands of its kind of dot: it compiles, streams its
@@ -575,8 +575,8 @@ print("compiled")
 
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_h100():
-    """Compiling to sm_90 machine code catches what the interpreter lets through (see tests/sm90.py)."""
-    from sm90 import run_compile_script
+    """Compiling to sm_90 machine code catches what the interpreter lets through (see benchmarks/sm90.py)."""
+    from benchmarks.sm90 import run_compile_script
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

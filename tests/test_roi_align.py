@@ -666,7 +666,7 @@ def test_cpp_backend_is_torchvision_on_cpu(dtype):
 
 _SM90_COMPILE_SCRIPT = r"""
 import torch
-from sm90 import compile_for_sm90, spill_bytes
+from benchmarks.sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import roi_align as kernels
 
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
@@ -709,8 +709,8 @@ print("compiled")
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_h100():
     """SCRL's launch configurations lower to sm_90 code without register spills, on tensor cores
-    (float32 as 3xTF32; the pooled form's box blocks too) (see tests/sm90.py)."""
-    from sm90 import run_compile_script
+    (float32 as 3xTF32; the pooled form's box blocks too) (see benchmarks/sm90.py)."""
+    from benchmarks.sm90 import run_compile_script
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

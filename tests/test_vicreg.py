@@ -475,7 +475,7 @@ def test_forcing_an_absent_backend_is_an_error():
 
 _SM90_COMPILE_SCRIPT = r"""
 import triton.language as tl
-from sm90 import compile_for_sm90, spill_bytes
+from benchmarks.sm90 import compile_for_sm90, spill_bytes
 from fastdense.kernels import vicreg as kernels
 
 def types(pointers, ints, floats=()):
@@ -509,8 +509,8 @@ print("compiled")
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the kernels run for real in the tests above")
 def test_kernels_compile_for_h100():
     """The GPU configuration of the product and apply kernels lowers to sm_90 tensor-core code
-    without register spills, and the finishing kernel's float64 sums lower too (see tests/sm90.py)."""
-    from sm90 import run_compile_script
+    without register spills, and the finishing kernel's float64 sums lower too (see benchmarks/sm90.py)."""
+    from benchmarks.sm90 import run_compile_script
 
     result = run_compile_script(_SM90_COMPILE_SCRIPT)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -5,8 +5,9 @@ boxes per image, 1x1 output) is compiled as the package would launch it (its con
 launch specialisation of unit strides and multiples of 16) and ptxas and cuobjdump report:
 registers a thread, spills, shared memory, an estimate of the programs one SM holds at once
 (registers, shared memory, warps), and the static instruction count: all, tensor-core (HMMA) and
-global loads by width. Static counts are not times: they show what a change does to a kernel's
-code between GPU runs (``tune_roi_align.py`` times the launches when there is a GPU).
+global loads by width. Static counts are not times, and they count every branch and loop body
+once, whether it runs never or many times: they show what a change does to a kernel's code between
+GPU runs (``tune_roi_align.py`` times the launches when there is a GPU).
 
     PYTHONPATH=. python3 benchmarks/static_roi_align.py           # ten seconds on two cores
     PYTHONPATH=. python3 benchmarks/static_roi_align.py --quick   # bfloat16 channels_last only
@@ -33,8 +34,9 @@ from benchmarks.sm90 import compile_like_launch, programs_per_sm, ptxas_report, 
 from fastdense.kernels import roi_align as kernels  # noqa: E402
 
 SHAPE, PER_IMAGE, SPATIAL_SCALE = (256, 2048, 7, 7), 10, 1 / 32
-def launches(dtype: torch.dtype, layout: str):
-    """``(name, kernel, args, constexprs, options)`` of a pooled forward+backward's launches."""
+def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None):
+    """``(name, kernel, args, constexprs, options)`` of a pooled forward+backward's launches, the
+    package's (``channel_blocks``: that many channel blocks a pooling program instead)."""
     num, channels, height, width = SHAPE
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.empty(SHAPE, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
@@ -44,19 +46,18 @@ def launches(dtype: torch.dtype, layout: str):
     offsets = torch.empty(num + 1, dtype=torch.int32, device="meta")
     weights = torch.empty(kernels.pooled_weights_shape(boxes, height, width, 1, 1), device="meta")
     out = torch.empty(boxes, channels, 1, 1, dtype=dtype, device="meta")
-    geometry = dict(C=channels, H=height, W=width, **dict(zip(("stride_n", "stride_c", "stride_h", "stride_w"), x.stride())), spatial_scale=SPATIAL_SCALE)
+    geometry = dict(C=channels, H=height, W=width, **dict(zip(("stride_n", "stride_c", "stride_h", "stride_w"), x.stride())))
     plan = dict(SAMPLING=0, ALIGNED=False, **dict(zip(("TILE_H", "TILE_W"), kernels._whole_map_tile(height, width, 1))))
     yield ("plan", kernels._group_kernel,
            dict(rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, K=boxes, num_images=num,
                 rank_programs=kernels.cdiv(boxes, kernels.GROUP_BLOCK), H=height, W=width, spatial_scale=SPATIAL_SCALE),
            dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, WEIGHTS=True, **plan), dict(num_warps=4))
-    _, _, forward = kernels._forward_config(channels, height, width, 1, 1, dtype, -1, False)
-    yield ("forward", kernels._image_forward_kernel,
-           dict(x_ptr=x, rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry), forward, {})
-    _, _, tiles_w, backward = kernels._backward_config(channels, height, width, 1, 1, dtype, -1, False)
-    yield ("backward", kernels._image_backward_kernel,
-           dict(grad_ptr=out, rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry, tiles_w=tiles_w),
-           backward, {})
+    _, pooled = kernels._pooled_config(channels, height, width)
+    pooled = dict(pooled, **({"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}))
+    yield ("forward", kernels._pooled_forward_kernel,
+           dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry), pooled, {})
+    yield ("backward", kernels._pooled_backward_kernel,
+           dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), pooled, {})
 
 
 def describe(compiled) -> dict:

@@ -6,14 +6,15 @@ backward one.
 For float32 and bfloat16, NCHW and channels_last, this script times each launch alone, replayed
 from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
-it sweeps the pooling kernels' ``BLOCK_C`` and ``num_warps`` (``--stages``: ``num_stages`` too), and
+it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one and Triton's default;
+``--stages``: 1, 2, 3) and ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn), and
 once the plan kernel's ``BLOCK``, ``SCAN`` and ``num_warps``, and reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_forward_config`` / ``_backward_config`` / ``GROUP_BLOCK`` by hand, with its figures.
+``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``GROUP_BLOCK`` by hand, with its figures.
 
-    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 95 compilations)
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
 
 Writes ``benchmarks/results/roi_align_tuning_{device}.json`` (``_quick`` for --quick).
@@ -58,11 +59,16 @@ NUM_STAGES = (1, None)
 # Channel blocks far from their warp count's sweet spot (a tile thinner than the threads, or many
 # registers a thread) are left out: (BLOCK_C, num_warps).
 SKIPPED = ((16, 8), (128, 2))
+# Programs that take several channel blocks in turn (CHANNEL_BLOCKS, their boxes' weights loaded
+# once, the blocks' loads pipelined), with Triton's default stages: (BLOCK_C, num_warps).
+STREAMING = ((32, 4), (64, 4), (128, 8))
+CHANNEL_BLOCKS = (4, 16)
 
 
 class PooledCase:
     """One dtype and layout at one shape: inputs, the package's plan, and launchers of the two pooling
-    kernels that take a configuration (``BLOCK_C``, ``num_warps``, ``num_stages``; None: the package's)."""
+    kernels that take a configuration (``BLOCK_C``, ``num_warps``, ``num_stages``, ``CHANNEL_BLOCKS``;
+    None: the package's)."""
 
     def __init__(self, shape, per_image, dtype, layout, device, generator):
         self.shape, self.dtype, self.layout, self.device = shape, dtype, layout, device
@@ -75,39 +81,33 @@ class PooledCase:
         self.grad = torch.randn(self.rois.shape[0], channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
         self.pooled = kernels.PooledMap(height, width, SPATIAL_SCALE, -1, False)
         self.order, self.offsets, self.weights = kernels.group_by_image(self.rois, num, self.pooled)
-        _, self.forward_channels, self.forward_constexprs = kernels._forward_config(channels, height, width, 1, 1, dtype, -1, False)
-        self.backward_grid_channels, self.grid_tiles, self.tiles_w, self.backward_constexprs = kernels._backward_config(
-            channels, height, width, 1, 1, dtype, -1, False)
+        _, self.constexprs = kernels._pooled_config(channels, height, width)
         # bytes the pooling kernels must move: the map read (forward) or written (backward), plus the
         # pooled values written or read; weights and indices are L2-resident and small beside them.
         self.forward_bytes = nbytes + self.rois.shape[0] * channels * self.inputs[0].element_size()
         self.backward_bytes = self.forward_bytes
 
-    def forward(self, x, block_c=None, num_warps=None, num_stages=None):
+    def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None):
         num, channels, height, width = self.shape
-        constexprs, options = _launch_config(self.forward_constexprs, block_c, num_warps, num_stages)
+        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
         out = torch.empty(self.rois.shape[0], channels, 1, 1, dtype=x.dtype, device=x.device)
-        kernels._image_forward_kernel[(num, kernels.cdiv(channels, constexprs["BLOCK_C"]))](
-            x, self.rois, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(), SPATIAL_SCALE,
-            **constexprs, **options,
-        )
+        kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(), **constexprs, **options)
         return out
 
-    def backward(self, x, block_c=None, num_warps=None, num_stages=None):
+    def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None):
         num, channels, height, width = self.shape
-        constexprs, options = _launch_config(self.backward_constexprs, block_c, num_warps, num_stages)
+        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
         grad_input = torch.empty_like(x)
-        kernels._image_backward_kernel[(num, kernels.cdiv(channels, constexprs["BLOCK_C"]), self.grid_tiles)](
-            self.grad, self.rois, self.order, self.offsets, self.weights, grad_input, channels, height, width, *grad_input.stride(),
-            SPATIAL_SCALE, self.tiles_w, **constexprs, **options,
-        )
+        kernels._pooled_backward_kernel[grid](self.grad, self.order, self.offsets, self.weights, grad_input, channels, height, width,
+                                             *grad_input.stride(), **constexprs, **options)
         return grad_input
 
-
-def _launch_config(constexprs: dict, block_c, num_warps, num_stages):
-    """``(constexprs, launch options)``: the package's, with whichever of the three is given instead."""
-    constexprs = dict(constexprs, **({"BLOCK_C": block_c} if block_c is not None else {}))
-    return constexprs, {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+    def _launch(self, block_c, num_warps, num_stages, channel_blocks):
+        """``(grid, constexprs, launch options)``: the package's, with whichever of the four is given instead."""
+        given = {"BLOCK_C": block_c, "CHANNEL_BLOCKS": channel_blocks}
+        constexprs = dict(self.constexprs, **{k: v for k, v in given.items() if v is not None})
+        grid = (self.shape[0], kernels.cdiv(self.shape[1], constexprs["BLOCK_C"] * constexprs["CHANNEL_BLOCKS"]))
+        return grid, constexprs, {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
 def gpu_ms(fn, inputs, device, repeats: int = 3) -> float:
@@ -146,9 +146,9 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
     launch = case.forward if which == "forward" else case.backward
     expected = launch(case.inputs[0])
     results = []
-    for block_c, num_warps, num_stages in configs:
-        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages}
-        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"])  # noqa: E731
+    for block_c, num_warps, num_stages, channel_blocks in configs:
+        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks}
+        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"])  # noqa: E731
         try:
             error = relative_error(fn(case.inputs[0]), expected)
         except Exception as failure:  # out of shared memory or registers: this configuration does not exist
@@ -193,8 +193,9 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
     stages = (1, 2, 3) if args.stages else NUM_STAGES
-    configs = [(32, 4, 1), (16, 2, 2)] if args.quick else [
-        (block_c, warps, stage) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED]
+    configs = [(32, 4, 1, None), (16, 2, 2, 2)] if args.quick else [
+        (block_c, warps, stage, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
+    ] + [(block_c, warps, None, blocks) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)]
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
     group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else [
         (block, scan, warps) for block, scan, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:])
@@ -213,11 +214,11 @@ def main(argv=None) -> None:
             print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)
         # The package's configuration is the reference; the products' sums agree to rounding.
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-        for which, chosen in (("forward", case.forward_constexprs), ("backward", case.backward_constexprs)):
+        for which in ("forward", "backward"):
             results = sweep(case, which, configs if (dtype, layout) in SWEPT or args.quick else [], tolerance)
             timed = [(config, ms) for config, ms, error in results if ms is not None]
             best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
-            row[f"{which}_package_block_c"] = chosen["BLOCK_C"]
+            row[f"{which}_package"] = {"BLOCK_C": case.constexprs["BLOCK_C"], "CHANNEL_BLOCKS": case.constexprs["CHANNEL_BLOCKS"]}
             row[f"{which}_best"] = best_config
             row[f"{which}_best_ms"] = best_ms
             row[f"{which}_best_speedup"] = row[f"{which}_ms"] / best_ms

@@ -2,19 +2,28 @@
 
 Bilinear sampling is separable: the samples of output bin ``(ph, pw)`` of box ``k`` give input pixel
 ``(h, w)`` the weight ``a_y[ph, h] * a_x[pw, w] / count`` (``a_y``, ``a_x``: summed bilinear weights of
-the bin's sample rows and columns). Three kernels do the pooling:
+the bin's sample rows and columns). Five kernels do the pooling:
 
-- ``_image_forward_kernel`` (maps up to ``MAX_TILE`` pixels, SCRL's ``[B, 2048, 7, 7]``): one program
-  per (image, channel block) holds the whole map of its channels in registers, reads it once, and
-  reduces it against every box of that image. Input is read exactly once.
+- ``_pooled_forward_kernel`` and ``_pooled_backward_kernel`` (SCRL's case: a 1x1 output, ``[K, C]``,
+  from a map one program holds whole, such as ``[B, 2048, 7, 7]``): one program per (image,
+  ``POOLED_CHANNEL_BLOCKS`` channel blocks) multiplies the image's map with its boxes' precomputed
+  weights, ``POOLED_BOX_BLOCK`` boxes a tensor-core product (:func:`_pooled_product`;
+  ``[channels, pixels] x [pixels, boxes]`` forward, ``[channels, boxes] x [boxes, pixels]``
+  backward), instead of rebuilding each box's bilinear weights in every channel block or waiting
+  on one chain of dependent loads per box.
+- ``_image_forward_kernel`` (other outputs from maps up to ``MAX_TILE`` pixels): one program per
+  (image, channel block) holds the whole map of its channels in registers, reads it once, and
+  reduces it against every box of that image, every bin of a box in one tl.dot.
 - ``_box_forward_kernel`` (larger maps): one program per (box, channel block) gathers the four
   corners of each sample, vectorised over channels and output bins.
-- ``_image_backward_kernel`` (every map size): one program per (image, channel block, spatial tile)
-  loops over that image's boxes and accumulates their gradients into its tile in registers, then
-  writes the tile once. Whole small maps take every bin of a box in one tl.dot; tiles of large maps
-  test ``SCAN_BOXES`` boxes at a time for overlap and visit only those that reach them, and of those
-  only the bins that do, one rank-1 update each. No atomics and a fixed summation
-  order, so gradients are bit-identical run after run; ``grad_input`` needs no zero-fill.
+- ``_image_backward_kernel`` (other outputs, every map size): one program per (image, channel block,
+  spatial tile) loops over that image's boxes and accumulates their gradients into its tile in
+  registers, then writes the tile once. Whole small maps take every bin of a box in one tl.dot;
+  tiles of large maps test ``SCAN_BOXES`` boxes at a time for overlap and visit only those that
+  reach them, and of those only the bins that do, one rank-1 update each.
+
+No backward uses atomics and each sums in a fixed order, so gradients are bit-identical run after
+run; ``grad_input`` needs no zero-fill.
 
 The forward also makes a plan that :func:`roi_align_forward` returns and :func:`roi_align_backward`
 takes, so the backward recomputes none of it:
@@ -26,10 +35,6 @@ takes, so the backward recomputes none of it:
   rows in grouped order so that a program reads its image's rows as soon as it has the image's
   offset. ``_group_kernel`` writes them too, to the row of each box's rank, so SCRL's forward is
   two launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort.
-  The pooling kernels then take an image's boxes ``POOLED_BOX_BLOCK`` at a time in one tensor-core
-  product (:func:`_pooled_product`; ``[channels, pixels] x [pixels, boxes]`` forward,
-  ``[channels, boxes] x [boxes, pixels]`` backward) instead of rebuilding each box's bilinear
-  weights in every channel block, or waiting on one chain of dependent loads per box.
 
 ``_box_check_kernel`` checks the boxes' values for ``fastdense.ops.roi_align(check_boxes=True)`` in one
 launch, where the same checks in PyTorch took a dozen (each a launch and host work on a GPU); the
@@ -68,6 +73,9 @@ GROUP_SCAN = 128
 POOLED_WEIGHT_BOXES = 32
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
 POOLED_BOX_BLOCK = 16
+# Channel blocks one pooled program takes in turn, its boxes' weights loaded once for all of them.
+# One until a GPU run of benchmarks/tune_roi_align.py, which sweeps it, shows more to be faster.
+POOLED_CHANNEL_BLOCKS = 1
 # Boxes a backward tile of a large map tests for overlap at once (vector loads) before visiting those
 # that reach it.
 SCAN_BOXES = 16
@@ -171,11 +179,10 @@ def _pooled_product(values, weights, acc, FLOAT32_VALUES: tl.constexpr):
 
 @triton.jit
 def _image_forward_kernel(
-    x_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr,
+    x_ptr, rois_ptr, order_ptr, offsets_ptr, out_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    BOX_BLOCK: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -188,34 +195,20 @@ def _image_forward_kernel(
     tile = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
-    if PH * PW == 1:
-        # BOX_BLOCK boxes at a time, one product [channels, pixels] x [pixels, boxes]: their indices
-        # and weights arrive in one load each, not one dependent load chain per box.
-        for j in range(first, last, BOX_BLOCK):
-            slots = j + tl.arange(0, BOX_BLOCK)
-            real = slots < last
-            boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
-            # Rows in grouped order (over the count already): read beside the indices, not after them.
-            weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
-            value = _pooled_product(tile.to(tl.float32), tl.trans(weights), tl.zeros((BLOCK_C, BOX_BLOCK), tl.float32),
-                                    x_ptr.dtype.element_ty == tl.float32)
-            out = out_ptr + boxes[None, :] * C + channels[:, None]
-            tl.store(out, value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
-    else:
-        for j in range(first, last):
-            box = tl.load(order_ptr + j)
-            out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
-            _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
-            weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
-            # Every bin at once: [channels, pixels] x [pixels, bins].
-            values = tile
-            if DOT_FP32:
-                # Read again (from cache) per box: a float32 tile kept live across the loop next to
-                # tl.dot's operand copies spills registers (ptxas, sm_90).
-                values = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
-            value = _weighted_sum(values, tl.trans(weights), DOT_FP32) / count
-            offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
-            tl.store(out_base[:, None] + offsets[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
+    for j in range(first, last):
+        box = tl.load(order_ptr + j)
+        out_base = out_ptr + box.to(tl.int64) * C * PH * PW + channels * (PH * PW)
+        _, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
+        weights = _box_weights(start_y, start_x, bin_h, bin_w, grid_h, grid_w, 0, 0, H, W, PH, PW, PH_PAD, PW_PAD, TILE_H, TILE_W)
+        # Every bin at once: [channels, pixels] x [pixels, bins].
+        values = tile
+        if DOT_FP32:
+            # Read again (from cache) per box: a float32 tile kept live across the loop next to
+            # tl.dot's operand copies spills registers (ptxas, sm_90).
+            values = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
+        value = _weighted_sum(values, tl.trans(weights), DOT_FP32) / count
+        offsets, real = _bin_offsets(PH, PW, PH_PAD, PW_PAD)
+        tl.store(out_base[:, None] + offsets[None, :], value.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & real[None, :])
 
 
 @triton.jit
@@ -337,11 +330,11 @@ def _box_gradient(acc, box, grad_ptr, rois_ptr, channels, c_ok, C, H, W, spatial
 
 @triton.jit
 def _image_backward_kernel(
-    grad_ptr, rois_ptr, order_ptr, offsets_ptr, weights_ptr, grad_x_ptr,
+    grad_ptr, rois_ptr, order_ptr, offsets_ptr, grad_x_ptr,
     C, H, W, stride_n, stride_c, stride_h, stride_w, spatial_scale, tiles_w,
     PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, PH_PAD: tl.constexpr, PW_PAD: tl.constexpr, DOT_FP32: tl.constexpr,
-    PER_BIN: tl.constexpr, WEIGHTS_GIVEN: tl.constexpr, BOX_BLOCK: tl.constexpr, SCAN_BOXES: tl.constexpr,
+    PER_BIN: tl.constexpr, SCAN_BOXES: tl.constexpr,
 ):
     image = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -354,17 +347,7 @@ def _image_backward_kernel(
     acc = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
-    if WEIGHTS_GIVEN:
-        # 1x1 output, one tile for the whole map: the forward's per-box weights, BOX_BLOCK boxes per
-        # product [channels, boxes] x [boxes, pixels] (one load each for indices, gradients, weights).
-        for j in range(first, last, BOX_BLOCK):
-            slots = j + tl.arange(0, BOX_BLOCK)
-            real = slots < last
-            boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
-            g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=c_ok[:, None] & real[None, :], other=0.0).to(tl.float32)
-            weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=real[:, None], other=0.0)
-            acc = _pooled_product(g, weights, acc, grad_ptr.dtype.element_ty == tl.float32)
-    elif PER_BIN:
+    if PER_BIN:
         # A tile of a large map meets few of its image's boxes. Test SCAN_BOXES of them at a time
         # with vector loads and visit only those that can reach the tile, instead of one chain of
         # dependent loads (index, then coordinates) per box to find out.
@@ -384,6 +367,116 @@ def _image_backward_kernel(
                                 PH, PW, SAMPLING, ALIGNED, TILE_H, TILE_W, PH_PAD, PW_PAD, DOT_FP32, PER_BIN)
     dst = grad_x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
     tl.store(dst, acc.to(grad_x_ptr.dtype.element_ty), mask=c_ok[:, None] & ((rows < H) & (cols < W))[None, :])
+
+
+@triton.jit
+def _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Pointers to, and mask of, ``[channels, TILE_H * TILE_W]`` of image ``image``'s whole map."""
+    pixel = tl.arange(0, TILE_H * TILE_W)
+    rows = pixel // TILE_W
+    cols = pixel % TILE_W
+    ptrs = x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (rows * stride_h + cols * stride_w)[None, :]
+    return ptrs, (channels < C)[:, None] & ((rows < H) & (cols < W))[None, :]
+
+
+@triton.jit
+def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr):
+    """``(boxes, real, weights)`` of the grouped slots ``start .. start + BOX_BLOCK`` (up to ``last``):
+    box indices and weight rows in one load each, the rows read beside the indices, not after them
+    (they are stored in grouped order)."""
+    slots = start + tl.arange(0, BOX_BLOCK)
+    real = slots < last
+    boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
+    weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * PIXELS + tl.arange(0, PIXELS)[None, :], mask=real[:, None], other=0.0)
+    return boxes, real, weights
+
+
+@triton.jit
+def _pool_block(tile, boxes, real, weights, channels, out_ptr, C, FLOAT32: tl.constexpr):
+    """``out[boxes, channels]``: the ``[channels, pixels] x [pixels, boxes]`` product of a map block and the boxes' weights."""
+    value = _pooled_product(tile.to(tl.float32), tl.trans(weights), tl.zeros((tile.shape[0], weights.shape[0]), tl.float32), FLOAT32)
+    tl.store(out_ptr + boxes[None, :] * C + channels[:, None], value.to(out_ptr.dtype.element_ty), mask=(channels < C)[:, None] & real[None, :])
+
+
+@triton.jit
+def _pooled_forward_kernel(
+    x_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
+):
+    """SCRL's 1x1 output, ``out [K, C]``: one program per (image, ``CHANNEL_BLOCKS`` blocks of
+    ``BLOCK_C`` channels) multiplies the image's whole map with its boxes' weights (:func:`pooled_weights`),
+    ``BOX_BLOCK`` boxes a product."""
+    image = tl.program_id(0)
+    first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
+    FLOAT32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    if CHANNEL_BLOCKS == 1:
+        # One block: its map is on its way before the boxes' offsets arrive, not after them.
+        channels = first_channel + tl.arange(0, BLOCK_C)
+        tile_ptrs, tile_mask = _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
+        tile = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    for j in range(first, last, BOX_BLOCK):
+        boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W)
+        if CHANNEL_BLOCKS == 1:
+            _pool_block(tile, boxes, real, weights, channels, out_ptr, C, FLOAT32)
+        else:
+            # The boxes' weights stay while the channel blocks stream past them, their loads
+            # pipelined (an image's boxes take one block at SCRL's 10).
+            for block in range(0, CHANNEL_BLOCKS):
+                channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
+                tile_ptrs, tile_mask = _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
+                _pool_block(tl.load(tile_ptrs, mask=tile_mask, other=0.0), boxes, real, weights, channels, out_ptr, C, FLOAT32)
+
+
+@triton.jit
+def _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, FLOAT32: tl.constexpr):
+    """``acc`` plus the ``[channels, boxes] x [boxes, pixels]`` product of the boxes' output gradients and weights."""
+    g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=(channels < C)[:, None] & real[None, :], other=0.0)
+    return _pooled_product(g.to(tl.float32), weights, acc, FLOAT32)
+
+
+@triton.jit
+def _store_map_block(ptr, image, channels, values, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    ptrs, mask = _map_block(ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
+    tl.store(ptrs, values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pooled_backward_kernel(
+    grad_ptr, order_ptr, offsets_ptr, weights_ptr, grad_x_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
+):
+    """Gradient of :func:`_pooled_forward_kernel`'s output with respect to the map: one program per
+    (image, ``CHANNEL_BLOCKS`` channel blocks) sums its boxes' contributions, ``BOX_BLOCK`` a product,
+    in a fixed order, and writes each block of the map once: no atomics (bit-identical run after
+    run), no zero-fill first."""
+    image = tl.program_id(0)
+    first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
+    FLOAT32: tl.constexpr = grad_ptr.dtype.element_ty == tl.float32
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    zeros = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
+    if CHANNEL_BLOCKS > 1:
+        streaming = last - first <= BOX_BLOCK
+    else:
+        streaming = False  # one channel block: the general loop below is the same work, without a second code path
+    if streaming:
+        # One block of boxes (SCRL's 10 an image, or none): its weights stay while the channel
+        # blocks stream past them.
+        boxes, real, weights = _box_block(order_ptr, weights_ptr, first, last, BOX_BLOCK, TILE_H * TILE_W)
+        for block in range(0, CHANNEL_BLOCKS):
+            channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
+            acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, zeros, FLOAT32)
+            _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
+    else:
+        for block in range(0, CHANNEL_BLOCKS):
+            channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
+            acc = zeros
+            for j in range(first, last, BOX_BLOCK):
+                boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W)
+                acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, FLOAT32)
+            _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
 
 @triton.jit
@@ -620,21 +713,30 @@ def _dot_in_float32(dtype: torch.dtype) -> bool:
 
 
 def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
-    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``, ``BOX_BLOCK``: about 2048 float32 values of the tile per
-    program (ptxas for sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more
-    channels than exist, and tl.dot's minimum of 16 (channels always, bins when there is more than
-    one, boxes in the pooled form's products)."""
+    """``BLOCK_C``, ``PH_PAD``, ``PW_PAD``: about 2048 float32 values of the tile per program (ptxas
+    for sm_90 then needs 63-156 registers, no spills, at 7x7 maps), not far more channels than
+    exist, and tl.dot's minimum of 16 (channels always, bins when there is more than one)."""
     bins_minimum = 16 if out_h * out_w > 1 else 1
     block_c = max(16, min(next_power_of_2(channels), max(1, 2048 // tile)))
     ph_pad = next_power_of_2(out_h)
     pw_pad = max(next_power_of_2(out_w), bins_minimum // min(ph_pad, bins_minimum))
-    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad, BOX_BLOCK=POOLED_BOX_BLOCK)
+    return dict(BLOCK_C=block_c, PH_PAD=ph_pad, PW_PAD=pw_pad)
 
 
 # The launch configurations depend on shapes and dtype only; a training loop repeats a few of them.
 @functools.lru_cache(maxsize=256)
+def _pooled_config(channels: int, height: int, width: int):
+    """``(grid_channels, constexprs)`` of both pooled kernels (:func:`uses_pooled_weights`)."""
+    tile_h, tile_w = _whole_map_tile(height, width, 1)
+    block_c = _blocks(channels, tile_h * tile_w, 1, 1)["BLOCK_C"]
+    channel_blocks = max(1, min(POOLED_CHANNEL_BLOCKS, cdiv(channels, block_c)))
+    constexprs = dict(BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BOX_BLOCK=POOLED_BOX_BLOCK, CHANNEL_BLOCKS=channel_blocks)
+    return cdiv(channels, block_c * channel_blocks), constexprs
+
+
+@functools.lru_cache(maxsize=256)
 def _forward_config(channels: int, height: int, width: int, out_h: int, out_w: int, dtype: torch.dtype, sampling_ratio: int, aligned: bool):
-    """``(whole_map, grid_channels, constexprs)`` of the forward launch."""
+    """``(whole_map, grid_channels, constexprs)`` of the forward launch where the output is not pooled."""
     common = dict(PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned)
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     if tile_h * tile_w <= MAX_TILE:
@@ -648,7 +750,7 @@ def _forward_config(channels: int, height: int, width: int, out_h: int, out_w: i
 
 @functools.lru_cache(maxsize=256)
 def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: int, dtype: torch.dtype, sampling_ratio: int, aligned: bool):
-    """``(grid_channels, grid_tiles, tiles_w, constexprs)`` of the backward launch."""
+    """``(grid_channels, grid_tiles, tiles_w, constexprs)`` of the backward launch where the output is not pooled."""
     tile_h, tile_w = _whole_map_tile(height, width, out_h * out_w)
     per_bin = tile_h * tile_w > MAX_TILE
     if per_bin:
@@ -658,8 +760,7 @@ def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: 
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
     constexprs = dict(
         PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned, TILE_H=tile_h, TILE_W=tile_w,
-        DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, WEIGHTS_GIVEN=uses_pooled_weights(height, width, out_h, out_w),
-        SCAN_BOXES=SCAN_BOXES, **blocks,
+        DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, SCAN_BOXES=SCAN_BOXES, **blocks,
     )
     return cdiv(channels, blocks["BLOCK_C"]), cdiv(height, tile_h) * tiles_w, tiles_w, constexprs
 
@@ -677,10 +778,14 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     out = torch.empty(rois.shape[0], channels, out_h, out_w, dtype=input.dtype, device=input.device)
     if out.numel() == 0:
         return out, order, offsets, weights
+    if pooled is not None:
+        grid_channels, constexprs = _pooled_config(channels, height, width)
+        _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(), **constexprs)
+        return out, order, offsets, weights
     whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     if whole_map:
         _image_forward_kernel[(num, grid_channels)](
-            input, rois, order, offsets, weights, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
+            input, rois, order, offsets, out, channels, height, width, *input.stride(), float(spatial_scale), **constexprs,
         )
     else:
         _box_forward_kernel[(rois.shape[0], grid_channels)](
@@ -701,8 +806,12 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     rois = prepare_rois(rois)
     if grad.dtype != input.dtype or not grad.is_contiguous():
         grad = grad.to(input.dtype).contiguous()
+    if uses_pooled_weights(height, width, out_h, out_w):
+        grid_channels, constexprs = _pooled_config(channels, height, width)
+        _pooled_backward_kernel[(num, grid_channels)](grad, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(), **constexprs)
+        return grad_input
     grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     _image_backward_kernel[(num, grid_channels, grid_tiles)](
-        grad, rois, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
+        grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
     )
     return grad_input

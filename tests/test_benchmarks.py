@@ -131,6 +131,6 @@ def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
     case = PooledCase((2, 16, 7, 7), 2, torch.float32, "nchw", torch.device("cpu"), torch.Generator().manual_seed(0))
     honest = case.forward
     case.forward = lambda x, block_c=None, *rest: honest(x, block_c, *rest) * (1.5 if block_c == 16 else 1.0)
-    (kept, refused) = sweep(case, "forward", [(32, 4, None), (16, 4, None)], tolerance=1e-5)
+    (kept, refused) = sweep(case, "forward", [(32, 4, None, None), (16, 4, None, 2)], tolerance=1e-5)
     assert kept[1] > 0 and kept[2] is None
     assert refused[1] is None and "differs from the package's configuration" in refused[2]

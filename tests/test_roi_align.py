@@ -240,6 +240,37 @@ def test_pooled_form_takes_boxes_in_blocks(device, dtype, memory):
         assert relative_error(grad_x, expected_grad) <= tol
 
 
+@pytest.mark.parametrize("channel_blocks", [2, 3])
+@pytest.mark.parametrize("dtype, memory", [(torch.float32, "channels_last"), (torch.bfloat16, "nchw")])
+def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, dtype, memory):
+    """``POOLED_CHANNEL_BLOCKS`` (which the tuning script sweeps) changes only who computes what: 100
+    channels in blocks of 32 (the last program's blocks partly and wholly past the channels), an
+    image with more boxes than one product takes (the backward's general branch), one with none."""
+    import fastdense.kernels.roi_align as kernels
+
+    monkeypatch.setattr(kernels, "POOLED_CHANNEL_BLOCKS", channel_blocks)
+    kernels._pooled_config.cache_clear()
+    try:
+        generator = torch.Generator().manual_seed(channel_blocks)
+        x = layout(torch.randn(3, 100, 7, 7, generator=generator).to(device, dtype), memory).requires_grad_()
+        many = random_rois(1, 224, 224, 1 / 32, kernels.POOLED_BOX_BLOCK + 3, generator)
+        few = random_rois(1, 224, 224, 1 / 32, 4, generator)
+        few[:, 0] = 2.0
+        rois = torch.cat([many, few])[torch.randperm(many.shape[0] + few.shape[0], generator=generator)].to(device)
+        grad = torch.randn(rois.shape[0], 100, generator=generator).to(device, dtype)
+        grid_channels, constexprs = kernels._pooled_config(100, 7, 7)
+        assert (constexprs["BLOCK_C"], constexprs["CHANNEL_BLOCKS"], grid_channels) == (32, channel_blocks, -(-4 // channel_blocks))
+        with ops.backend("triton"):
+            pooled = ops.roi_pool_vectors(x, rois, 1 / 32, sampling_ratio=2, aligned=True)
+            (grad_x,) = torch.autograd.grad(pooled, x, grad)
+        expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, 2, True)
+        assert relative_error(pooled, expected.flatten(1)) <= TOLERANCE[dtype]
+        assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype]
+        assert torch.all(grad_x[1] == 0)
+    finally:
+        kernels._pooled_config.cache_clear()
+
+
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     """float32 ``x`` rounded to TF32 (10 mantissa bits) to nearest, ties away from zero, as the tensor
     cores' ``cvt.rna.tf32.f32`` does (finite values)."""
@@ -666,25 +697,34 @@ def test_cpp_backend_is_torchvision_on_cpu(dtype):
 
 _SM90_COMPILE_SCRIPT = r"""
 import torch
-from benchmarks.sm90 import compile_for_sm90, spill_bytes
+from benchmarks.sm90 import compile_for_sm90, compile_like_launch, spill_bytes
+from benchmarks.static_roi_align import launches
 from fastdense.kernels import roi_align as kernels
 
+# SCRL's pooled form on [256, 2048, 7, 7] as the package launches it (and with four channel blocks a
+# program, which the tuning script tries), then the 7x7 output.
+for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.float32, "channels_last", 4), (torch.bfloat16, "nchw", 4),
+                                      (torch.bfloat16, "channels_last", None), (torch.float16, "channels_last", None)):
+    for name, kernel, args, constexprs, options in launches(dtype, layout, channel_blocks):
+        if name == "plan":
+            continue  # below, with and without weights
+        compiled = compile_like_launch(kernel, args, constexprs, **options)
+        # The package's configurations spill nothing; the tried ones need only lower (their cost is timed).
+        assert channel_blocks or spill_bytes(compiled) == 0, f"{name} {dtype} {layout}: register spills"
+        assert "mma" in compiled.asm["ptx"], f"{name} {dtype} {layout} {channel_blocks}: no tensor-core MMA"
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
-grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32", "weights_ptr": "*fp32"}
+grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32"}
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    for pooled in (1, 7):  # SCRL's [K, C] form and the 7x7 output, on [B, 2048, 7, 7] maps
-        _, _, forward = kernels._forward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
-        types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
-        compiled = compile_for_sm90(kernels._image_forward_kernel, types, forward)
-        ptx = compiled.asm["ptx"]
-        assert spill_bytes(compiled) == 0, f"forward {dtype} {pooled}x{pooled}: register spills"
-        assert "mma" in ptx, f"forward {dtype} {pooled}x{pooled}: no tensor-core MMA"
-        _, _, _, backward = kernels._backward_config(2048, 7, 7, pooled, pooled, torch_dtype, -1, False)
-        types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
-        compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
-        ptx = compiled.asm["ptx"]
-        assert spill_bytes(compiled) == 0, f"backward {dtype} {pooled}x{pooled}: register spills"
-        assert "mma" in ptx, f"backward {dtype} {pooled}x{pooled}: no tensor-core MMA"
+    _, _, forward = kernels._forward_config(2048, 7, 7, 7, 7, torch_dtype, -1, False)
+    types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+    compiled = compile_for_sm90(kernels._image_forward_kernel, types, forward)
+    assert spill_bytes(compiled) == 0, f"forward {dtype} 7x7: register spills"
+    assert "mma" in compiled.asm["ptx"], f"forward {dtype} 7x7: no tensor-core MMA"
+    _, _, _, backward = kernels._backward_config(2048, 7, 7, 7, 7, torch_dtype, -1, False)
+    types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
+    compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
+    assert spill_bytes(compiled) == 0, f"backward {dtype} 7x7: register spills"
+    assert "mma" in compiled.asm["ptx"], f"backward {dtype} 7x7: no tensor-core MMA"
 types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "K": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 weights = dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8)
 compiled = compile_for_sm90(kernels._pooled_weights_kernel, types, weights | {"BOXES": kernels.POOLED_WEIGHT_BOXES}, num_warps=4)
@@ -694,7 +734,7 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  
     types = geometry | grouping | {"grad_ptr": f"*{dtype}", "grad_x_ptr": f"*{dtype}", "tiles_w": "i32"}
     compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
     assert spill_bytes(compiled) == 0, f"detection backward {dtype}: register spills"
-types = grouping | {"K": "i32", "num_images": "i32", "rank_programs": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
+types = grouping | {"weights_ptr": "*fp32", "K": "i32", "num_images": "i32", "rank_programs": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 for with_weights in (False, True):  # the plan's one launch, with SCRL's weights and without
     constants = weights | {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "WEIGHTS": with_weights}
     assert spill_bytes(compile_for_sm90(kernels._group_kernel, types, constants)) == 0, f"grouping (weights {with_weights}): register spills"

@@ -138,6 +138,10 @@ def graph_ms(fn, inputs, device) -> float:
     input: the kernels' time without the host's per-call work (NaN on CPU, or if capture fails)."""
     if device.type != "cuda":
         return float("nan")
+    # Fresh leaves: the inputs' own gradient accumulators were made on the default stream by the
+    # eager timings, and autograd reaching one from the capture stream breaks the capture (the
+    # H200 run lost its first case's forward+backward graph so).
+    inputs = [x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in inputs]
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

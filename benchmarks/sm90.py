@@ -87,6 +87,8 @@ def spill_bytes(compiled) -> int:
 # sm_90: per SM 65536 registers (allocated per warp, 8 a thread at a time), 64 warps, 32 programs,
 # 228 KiB of shared memory with 1 KiB reserved per program.
 SM_REGISTERS, SM_WARPS, SM_PROGRAMS, SM_SHARED, SHARED_RESERVED = 65536, 64, 32, 228 * 1024, 1024
+# The most shared memory one program may take (opt-in): a kernel that needs more cannot launch.
+MAX_SHARED_PER_PROGRAM = 227 * 1024
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:

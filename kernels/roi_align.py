@@ -55,9 +55,15 @@ import triton
 import triton.language as tl
 
 from fastdense.kernels._launch import cdiv, next_power_of_2
+from fastdense.kernels._tf32 import round_to_tf32
 
-# Largest padded map (pixels) that one program keeps whole in registers for the forward.
-MAX_TILE = 1024
+# Largest padded map (pixels) that one program keeps whole in registers (the pooled kernels, the
+# image forward, the backward's whole-map branch). At 32x32, compiled for sm_90, the float32 pooled
+# forward wanted 320 KiB of shared memory (an H100 gives a program 227 KiB: it could not launch) and
+# every whole-map kernel spilled 1-23 KB of registers a thread (benchmarks.sm90's compile of their
+# launches at 32x32 with a limit of 1024); maps past 16x16 take the box-wise forward and the tiled
+# backward. The sm_90 compile test checks the kernels at this limit.
+MAX_TILE = 256
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
 # Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
@@ -169,9 +175,10 @@ def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
 @triton.jit
 def _pooled_product(values, weights, acc, FLOAT32_VALUES: tl.constexpr):
     """``acc + values @ weights``, float32 operands, on tensor cores: the pooled form's product. Values
-    read from float16 or bfloat16 are exact in TF32, so one TF32 product serves them (the weights, in
-    [0, 1], rounded to TF32: 2^-11 relative, finer than those types' own rounding); float32 values
-    take three (``tf32x3``, float32-level error), a third of the rate and twice the operand work."""
+    read from float16 or bfloat16 are exact in TF32, so one TF32 product serves them, given weights
+    already rounded to TF32 (:func:`_box_block` rounds them: 2^-11 relative, unbiased, finer than
+    those types' own rounding; the tensor cores would truncate them, 2^-10 and biased low); float32
+    values take three (``tf32x3``, float32-level error), a third of the rate and twice the operand work."""
     if FLOAT32_VALUES:
         return tl.dot(values, weights, acc, input_precision="tf32x3")
     return tl.dot(values, weights, acc, input_precision="tf32")
@@ -380,7 +387,7 @@ def _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, st
 
 
 @triton.jit
-def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr):
+def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
     """``(boxes, real, weights)`` of the grouped slots ``start .. start + BOX_BLOCK`` (up to ``last``):
     box indices and weight rows in one load each, the rows read beside the indices, not after them
     (they are stored in grouped order)."""
@@ -388,6 +395,8 @@ def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIX
     real = slots < last
     boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
     weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * PIXELS + tl.arange(0, PIXELS)[None, :], mask=real[:, None], other=0.0)
+    if not FLOAT32:
+        weights = round_to_tf32(weights)  # for the one-pass product of 16-bit values (_pooled_product)
     return boxes, real, weights
 
 
@@ -417,7 +426,7 @@ def _pooled_forward_kernel(
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
     for j in range(first, last, BOX_BLOCK):
-        boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W)
+        boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
         if CHANNEL_BLOCKS == 1:
             _pool_block(tile, boxes, real, weights, channels, out_ptr, C, FLOAT32)
         else:
@@ -464,7 +473,7 @@ def _pooled_backward_kernel(
     if streaming:
         # One block of boxes (SCRL's 10 an image, or none): its weights stay while the channel
         # blocks stream past them.
-        boxes, real, weights = _box_block(order_ptr, weights_ptr, first, last, BOX_BLOCK, TILE_H * TILE_W)
+        boxes, real, weights = _box_block(order_ptr, weights_ptr, first, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
         for block in range(0, CHANNEL_BLOCKS):
             channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
             acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, zeros, FLOAT32)
@@ -474,7 +483,7 @@ def _pooled_backward_kernel(
             channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
             acc = zeros
             for j in range(first, last, BOX_BLOCK):
-                boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W)
+                boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
                 acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, FLOAT32)
             _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from fastdense.kernels._launch import cdiv
+from fastdense.kernels._tf32 import round_to_tf32
 
 
 # How float32 tiles are multiplied: "tf32" (operands rounded to TF32; ~4e-4 relative gradient
@@ -80,14 +81,6 @@ GPU_APPLY_BLOCKS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16)
 
 
 @triton.jit
-def _round_to_tf32(tile):
-    """Round float32 to TF32's 10-bit mantissa, to nearest (ties away from zero). Tensor cores
-    truncate instead, which biases every square low by about 1e-3; rounding keeps errors unbiased."""
-    bits = tile.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_ptr, MEAN_ON_ROWS: tl.constexpr, ACC: tl.constexpr, ROUND_TF32: tl.constexpr,
                   EVEN: tl.constexpr = False):
     """A ``[len(rows), len(cols)]`` tile of ``A`` (``Xc`` or ``Xcᵀ``), centred, zero outside.
@@ -111,7 +104,7 @@ def _load_centred(ptr, rows, cols, row_stride, col_stride, n_rows, n_cols, mean_
             tile = tile - mean[None, :]
         tile = tl.where(mask, tile, 0.0)
     if ROUND_TF32:
-        tile = _round_to_tf32(tile)
+        tile = round_to_tf32(tile)
     return tile
 
 
@@ -309,7 +302,7 @@ def _accumulate_product(p, b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, 
                         EVEN: tl.constexpr):
     """``acc + p @ B[js, cols]`` with ``B`` centred on the fly (``p``: a ``[rows, js]`` block of ``P``)."""
     if ROUND_TF32:
-        p = _round_to_tf32(p)
+        p = round_to_tf32(p)
     b = _load_centred(b_base, js, cols, sb_r, sb_k, rows_b, inner, b_mean, MEAN_ON_ROWS, ACC, ROUND_TF32, EVEN)
     return _matmul_tile(p, b, acc, USE_DOT, DOT_PRECISION)
 

@@ -10,8 +10,11 @@ import itertools
 import pytest
 import torch
 import torchvision
+import triton
+import triton.language as tl
 
 import fastdense.ops as ops
+from fastdense.kernels.roi_align import _box_block
 from fastdense.ops.roi_align import boxes_to_rois, roi_align_backward_reference, roi_align_reference
 from conftest import HAS_CUDA
 
@@ -44,6 +47,12 @@ def random_rois(num_images: int, height: int, width: int, spatial_scale: float, 
         rows.append(torch.cat([torch.full((per_image, 1), float(image), dtype=torch.float64), start, start + size], dim=1))
     rois = torch.cat(rows)
     return rois[torch.randperm(rois.shape[0], generator=generator)]
+
+
+def assert_most_boxes_reach_the_map(expected: torch.Tensor) -> None:
+    """Guards a test's boxes: pooled outputs that are all zero would agree with anything."""
+    reached = (expected.flatten(1).abs().sum(1) > 0).double().mean().item()
+    assert reached >= 0.5, f"only {reached:.0%} of the boxes reach the map: check the map size given to random_rois"
 
 
 def layout(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -228,13 +237,14 @@ def test_pooled_form_takes_boxes_in_blocks(device, dtype, memory):
     for height, width in ((7, 7), (3, 3)):
         generator = torch.Generator().manual_seed(height)
         x = layout(torch.randn(3, 20, height, width, generator=generator).to(device, dtype), memory).requires_grad_()
-        rois = random_rois(3, height * 32, width * 32, 1 / 32, POOLED_BOX_BLOCK + 5, generator).to(device)
+        rois = random_rois(3, height, width, 1 / 32, POOLED_BOX_BLOCK + 5, generator).to(device)
         grad = torch.randn(rois.shape[0], 20, generator=generator).to(device, dtype)
         with ops.backend("triton"):
             # two samples a side: the interpreter pays per sample, and this test is about the blocks
             pooled = ops.roi_pool_vectors(x, rois, 1 / 32, sampling_ratio=2, aligned=True)
             (grad_x,) = torch.autograd.grad(pooled, x, grad)
         expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, 2, True)
+        assert_most_boxes_reach_the_map(expected)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         assert relative_error(pooled, expected.flatten(1)) <= tol
         assert relative_error(grad_x, expected_grad) <= tol
@@ -253,8 +263,8 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, devic
     try:
         generator = torch.Generator().manual_seed(channel_blocks)
         x = layout(torch.randn(3, 100, 7, 7, generator=generator).to(device, dtype), memory).requires_grad_()
-        many = random_rois(1, 224, 224, 1 / 32, kernels.POOLED_BOX_BLOCK + 3, generator)
-        few = random_rois(1, 224, 224, 1 / 32, 4, generator)
+        many = random_rois(1, 7, 7, 1 / 32, kernels.POOLED_BOX_BLOCK + 3, generator)
+        few = random_rois(1, 7, 7, 1 / 32, 4, generator)
         few[:, 0] = 2.0
         rois = torch.cat([many, few])[torch.randperm(many.shape[0] + few.shape[0], generator=generator)].to(device)
         grad = torch.randn(rois.shape[0], 100, generator=generator).to(device, dtype)
@@ -264,6 +274,7 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, devic
             pooled = ops.roi_pool_vectors(x, rois, 1 / 32, sampling_ratio=2, aligned=True)
             (grad_x,) = torch.autograd.grad(pooled, x, grad)
         expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, 2, True)
+        assert_most_boxes_reach_the_map(expected)
         assert relative_error(pooled, expected.flatten(1)) <= TOLERANCE[dtype]
         assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype]
         assert torch.all(grad_x[1] == 0)
@@ -292,7 +303,7 @@ def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
     x = torch.randn(4, 64, 7, 7, generator=generator).to(dtype)
     values = torch.cat([x.flatten().float(), torch.tensor([6e-8, 65504.0, -1e-40, 3.3e38]).to(dtype).float()])
     assert torch.equal(round_to_tf32(values), values)  # subnormal, largest and tiny values included
-    rois = random_rois(4, 224, 224, 1 / 32, 10, generator)
+    rois = random_rois(4, 7, 7, 1 / 32, 10, generator)
     order, offsets, weights = group_by_image(rois, 4, PooledMap(7, 7, 1 / 32, -1, False))
     rows = torch.zeros(rois.shape[0], 64, dtype=torch.float64)
     rows[order.long()] = round_to_tf32(weights).double()
@@ -304,8 +315,35 @@ def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
     grad_pixels = torch.zeros(4, 64, 64, dtype=torch.float64).index_add_(0, image, grad.double()[:, :, None] * rows[:, None, :])
     grad_x = grad_pixels.view(4, 64, 8, 8)[:, :, :7, :7].to(dtype)
     expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, -1, False)
+    assert_most_boxes_reach_the_map(expected)
     assert relative_error(pooled, expected.flatten(1)) <= TOLERANCE[dtype] / 4
     assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype] / 4
+
+
+@triton.jit
+def _read_box_block(order_ptr, weights_ptr, boxes_ptr, out_ptr, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
+    boxes, real, weights = _box_block(order_ptr, weights_ptr, 0, last, BOX_BLOCK, PIXELS, FLOAT32)
+    tl.store(boxes_ptr + tl.arange(0, BOX_BLOCK), tl.where(real, boxes, -1))
+    tl.store(out_ptr + tl.arange(0, BOX_BLOCK)[:, None] * PIXELS + tl.arange(0, PIXELS)[None, :], weights)
+
+
+@pytest.mark.parametrize("float32", [True, False])
+def test_box_block_rounds_the_weights_for_one_tf32_pass(device, float32):
+    """The other half of that premise: the weights a pooled kernel multiplies 16-bit values with are
+    rounded to TF32 first (the tensor cores would truncate them); float32 values' three-pass product
+    takes them as they are. Past ``last``: no box, zero weights."""
+    generator = torch.Generator().manual_seed(5)
+    weights = torch.rand(16, 64, generator=generator).to(device)
+    weights[0, :3] = torch.tensor([1 + 2**-11, 1 - 2**-12, 0.0])  # a tie rounds up; 1 - 2^-12 rounds to 1
+    order = torch.randperm(16, generator=generator).to(device=device, dtype=torch.int32)
+    boxes = torch.empty(16, dtype=torch.int64, device=device)
+    read = torch.empty_like(weights)
+    _read_box_block[(1,)](order, weights, boxes, read, 11, BOX_BLOCK=16, PIXELS=64, FLOAT32=float32)
+    expected = (weights if float32 else round_to_tf32(weights))[:11]
+    assert torch.equal(read[:11], expected) and torch.all(read[11:] == 0)
+    assert torch.equal(boxes[:11], order[:11].long()) and torch.all(boxes[11:] == -1)
+    if not float32:
+        assert read[0, :3].tolist() == [1 + 2**-10, 1.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -712,9 +750,25 @@ for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.floa
         # The package's configurations spill nothing; the tried ones need only lower (their cost is timed).
         assert channel_blocks or spill_bytes(compiled) == 0, f"{name} {dtype} {layout}: register spills"
         assert "mma" in compiled.asm["ptx"], f"{name} {dtype} {layout} {channel_blocks}: no tensor-core MMA"
+        # float32 takes 3xTF32 (operands split with cvt.rna); 16-bit one pass on weights rounded in bits
+        assert ("cvt.rna.tf32" in compiled.asm["ptx"]) == (dtype == torch.float32), f"{name} {dtype}: TF32 passes"
+# The largest map that one program holds whole (kernels.MAX_TILE pixels): every such launch must fit
+# an SM's shared memory, or it cannot start.
+import benchmarks.static_roi_align as static
+from benchmarks.sm90 import MAX_SHARED_PER_PROGRAM
+side = int(kernels.MAX_TILE ** 0.5)
+static.SHAPE = (8, 2048, side, side)
+for dtype in (torch.float32, torch.bfloat16):
+    for name, kernel, args, constexprs, options in static.launches(dtype, "channels_last"):
+        shared = compile_like_launch(kernel, args, constexprs, **options).metadata.shared
+        assert shared <= MAX_SHARED_PER_PROGRAM, f"{name} {dtype} {side}x{side}: {shared} bytes of shared memory"
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
 grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32"}
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    _, _, forward = kernels._forward_config(2048, side, side, 7, 7, torch_dtype, -1, False)
+    types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
+    shared = compile_for_sm90(kernels._image_forward_kernel, types, forward).metadata.shared
+    assert shared <= MAX_SHARED_PER_PROGRAM, f"forward {dtype} {side}x{side}: {shared} bytes of shared memory"
     _, _, forward = kernels._forward_config(2048, 7, 7, 7, 7, torch_dtype, -1, False)
     types = geometry | grouping | {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"}
     compiled = compile_for_sm90(kernels._image_forward_kernel, types, forward)

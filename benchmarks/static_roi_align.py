@@ -34,12 +34,12 @@ from benchmarks.sm90 import compile_like_launch, programs_per_sm, ptxas_report, 
 from fastdense.kernels import roi_align as kernels  # noqa: E402
 
 SHAPE, PER_IMAGE, SPATIAL_SCALE = (256, 2048, 7, 7), 10, 1 / 32
-def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None):
-    """``(name, kernel, args, constexprs, options)`` of a pooled forward+backward's launches, the
-    package's (``channel_blocks``: that many channel blocks a pooling program instead)."""
-    num, channels, height, width = SHAPE
+def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None, shape: tuple = SHAPE):
+    """``(name, kernel, args, constexprs, options)`` of a pooled forward+backward's launches on a map
+    of ``shape``, the package's (``channel_blocks``: that many channel blocks a pooling program instead)."""
+    num, channels, height, width = shape
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.empty(SHAPE, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
+    x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
     boxes = num * PER_IMAGE
     rois = torch.empty(boxes, 5, device="meta")
     order = torch.empty(boxes, dtype=torch.int32, device="meta")

@@ -754,12 +754,10 @@ for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.floa
         assert ("cvt.rna.tf32" in compiled.asm["ptx"]) == (dtype == torch.float32), f"{name} {dtype}: TF32 passes"
 # The largest map that one program holds whole (kernels.MAX_TILE pixels): every such launch must fit
 # an SM's shared memory, or it cannot start.
-import benchmarks.static_roi_align as static
 from benchmarks.sm90 import MAX_SHARED_PER_PROGRAM
 side = int(kernels.MAX_TILE ** 0.5)
-static.SHAPE = (8, 2048, side, side)
 for dtype in (torch.float32, torch.bfloat16):
-    for name, kernel, args, constexprs, options in static.launches(dtype, "channels_last"):
+    for name, kernel, args, constexprs, options in launches(dtype, "channels_last", shape=(8, 2048, side, side)):
         shared = compile_like_launch(kernel, args, constexprs, **options).metadata.shared
         assert shared <= MAX_SHARED_PER_PROGRAM, f"{name} {dtype} {side}x{side}: {shared} bytes of shared memory"
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}

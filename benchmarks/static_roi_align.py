@@ -51,7 +51,7 @@ def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None, shape:
     yield ("plan", kernels._group_kernel,
            dict(rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, K=boxes, num_images=num,
                 rank_programs=kernels.cdiv(boxes, kernels.GROUP_BLOCK), H=height, W=width, spatial_scale=SPATIAL_SCALE),
-           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, WEIGHTS=True, **plan), dict(num_warps=4))
+           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, LOADS=kernels.GROUP_LOADS, WEIGHTS=True, **plan), dict(num_warps=4))
     _, pooled = kernels._pooled_config(channels, height, width)
     pooled = dict(pooled, **({"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}))
     yield ("forward", kernels._pooled_forward_kernel,

@@ -8,11 +8,11 @@ from a CUDA graph (GPU time, no host work), beside the memory floor of the two p
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
 it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one and Triton's default;
 ``--stages``: 1, 2, 3) and ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn), and
-once the plan kernel's ``BLOCK``, ``SCAN`` and ``num_warps``, and reports the fastest
+once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``, and reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``GROUP_BLOCK`` by hand, with its figures.
+``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
@@ -43,10 +43,11 @@ from fastdense.kernels import roi_align as kernels  # noqa: E402
 SPATIAL_SCALE = 1 / 32
 BLOCK_CS = (16, 32, 64, 128)
 NUM_WARPS = (2, 4, 8)
-# The plan kernel's boxes per program and scan width (num_warps 4 and 8), where its BLOCK x SCAN
-# counters take at most GROUP_MAX_COUNTERS registers a thread.
+# The plan kernel's boxes per program, scan width and key loads in flight (num_warps 4 and 8),
+# where its BLOCK x SCAN counters take at most GROUP_MAX_COUNTERS registers a thread.
 GROUP_BLOCKS = (16, 32, 64)
-GROUP_SCANS = (128, 256, 512)
+GROUP_SCANS = (128, 256)
+GROUP_LOADS = (1, 4, 8)
 GROUP_MAX_COUNTERS = 64
 # Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
 # the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
@@ -163,13 +164,14 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
 
 def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device):
     """``[(config, ms or None, error text or None)]`` of the plan kernel (grouping and pooled weights)
-    over ``configs`` (``BLOCK``, ``SCAN``, ``num_warps``), each checked to give the package's order,
+    over ``configs`` (``BLOCK``, ``SCAN``, ``LOADS``, ``num_warps``), each checked to give the package's order,
     offsets and weights."""
     expected = kernels.group_by_rank(rois, num_images, pooled)
     results = []
-    for block, scan, num_warps in configs:
-        config = {"BLOCK": block, "SCAN": scan, "num_warps": num_warps}
-        fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, pooled, block=c["BLOCK"], scan=c["SCAN"], num_warps=c["num_warps"])  # noqa: E731
+    for block, scan, loads, num_warps in configs:
+        config = {"BLOCK": block, "SCAN": scan, "LOADS": loads, "num_warps": num_warps}
+        fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, pooled, block=c["BLOCK"], scan=c["SCAN"], loads=c["LOADS"],  # noqa: E731
+                                                       num_warps=c["num_warps"])
         try:
             same = all(torch.equal(got, want) for got, want in zip(fn(None), expected))
         except Exception as failure:
@@ -197,8 +199,8 @@ def main(argv=None) -> None:
         (block_c, warps, stage, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
     ] + [(block_c, warps, None, blocks) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)]
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
-    group_configs = [(32, 128, 4), (16, 256, 8)] if args.quick else [
-        (block, scan, warps) for block, scan, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, NUM_WARPS[1:])
+    group_configs = [(32, 128, 4, 4), (16, 256, 1, 8)] if args.quick else [
+        (block, scan, loads, warps) for block, scan, loads, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, GROUP_LOADS, NUM_WARPS[1:])
         if block * scan <= GROUP_MAX_COUNTERS * 32 * warps]
     rows, extra = [], {"measured_bandwidth_bytes_per_s": bandwidth}
     for dtype, layout in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
@@ -208,7 +210,8 @@ def main(argv=None) -> None:
         if not rows:  # grouping depends on the boxes alone
             grouping = sweep_grouping(case.rois, shape[0], case.pooled, group_configs, device)
             timed = [(config, ms) for config, ms, error in grouping if ms is not None]
-            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "num_warps": 4, "ms": row["plan_ms"]}
+            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "LOADS": kernels.GROUP_LOADS, "num_warps": 4,
+                                         "ms": row["plan_ms"]}
             extra["grouping_best"] = dict(min(timed, key=lambda item: item[1])[0], ms=min(ms for _, ms in timed)) if timed else None
             extra["grouping_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in grouping]
             print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)

@@ -67,14 +67,16 @@ MAX_TILE = 256
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
 # Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
-# K^2 compares over K / GROUP_BLOCK programs: SCRL's 2560 boxes are 6.6 M (about a microsecond of an
-# H100's integer throughput, so the launch's latency is what counts); at the limit 67 M, some 15 us,
-# about what torch.sort's 3-4 launches plus searchsorted take, and quadratic beyond it, so above it
-# the sort serves. `bench_roi_align.py --host` times both on a GPU around this limit (an estimate
-# until then).
+# K^2 compares over K / GROUP_BLOCK programs, one int32 compare a pair: SCRL's 2560 boxes are 6.6 M
+# (on sm_90 a thread's scan of all 2560 keys is 5 trips of 447 instructions, each waiting on one
+# round of GROUP_LOADS loads); at the limit 67 M, about what torch.sort's 3-4 launches plus
+# searchsorted take, and quadratic beyond it, so above it the sort serves. `bench_roi_align.py
+# --host` times both on a GPU around this limit (an estimate until then).
 GROUP_KERNEL_MAX_BOXES = 8192
 GROUP_BLOCK = 32
 GROUP_SCAN = 128
+# Blocks of GROUP_SCAN keys a grouping program reads before comparing any (loads in flight at once).
+GROUP_LOADS = 4
 # Boxes per program of the pooled weights' own launch (above GROUP_KERNEL_MAX_BOXES).
 POOLED_WEIGHT_BOXES = 32
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
@@ -571,42 +573,55 @@ def _empty_weights(rois: torch.Tensor, pooled: Optional[PooledMap]) -> torch.Ten
 
 def group_by_image(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(order, offsets, weights)``: ``order`` and ``offsets`` (int32) group the boxes by image: ``rois[order]``
-    is grouped by image (the batch index truncated to an integer, as ``.long()`` does), and image
-    ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in their original order; ``weights`` are
-    their :func:`pooled_weights` on ``pooled`` (empty without it). On the device, without a host sync;
-    one launch for all three up to ``GROUP_KERNEL_MAX_BOXES``. ``rois``: ``[K, 5]`` float32, contiguous."""
-    if rois.shape[0] <= GROUP_KERNEL_MAX_BOXES:
+    is grouped by image (the batch index truncated to an integer, as ``.long()`` does; indices
+    outside ``[0, num_images)``, NaN among them, go first if negative or NaN, last otherwise), and
+    image ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in their original order;
+    ``weights`` are their :func:`pooled_weights` on ``pooled`` (empty without it). On the device,
+    without a host sync; one launch for all three up to ``GROUP_KERNEL_MAX_BOXES`` (while the int32
+    keys of :func:`group_by_rank` fit). ``rois``: ``[K, 5]`` float32, contiguous."""
+    if rois.shape[0] <= GROUP_KERNEL_MAX_BOXES and (num_images + 2) * rois.shape[0] < 2**31:
         return group_by_rank(rois, num_images, pooled)
     return group_by_sort(rois, num_images, pooled)
 
 
 @triton.jit
+def _grouping_keys(rois_ptr, boxes, K, num_images):
+    """``(image + 1) * K + box`` (int32) for each box index in ``boxes``, ``image`` its batch index
+    truncated to an integer and clamped to ``[-1, num_images]`` (NaN to -1): one total order that
+    puts boxes by image, each image's in their original order. Indices past ``K`` get the largest
+    int32, so nothing ranks after them."""
+    real = boxes < K
+    image = tl.load(rois_ptr + boxes * 5, mask=real, other=0.0)
+    image = tl.where(image == image, image, -1.0)
+    image = tl.minimum(tl.maximum(image, -1.0), num_images.to(tl.float32)).to(tl.int32)
+    return tl.where(real, (image + 1) * K + boxes, 2147483647)
+
+
+@triton.jit
 def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, rank_programs, H, W, spatial_scale,
-                  BLOCK: tl.constexpr, SCAN: tl.constexpr, WEIGHTS: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
-                  TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+                  BLOCK: tl.constexpr, SCAN: tl.constexpr, LOADS: tl.constexpr, WEIGHTS: tl.constexpr, SAMPLING: tl.constexpr,
+                  ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Programs below ``rank_programs`` place ``BLOCK`` boxes each: box ``j`` goes to ``order[rank]``,
-    ``rank`` being the number of boxes before it in (image, position) order, a permutation with each
-    image's boxes in their original order; with ``WEIGHTS``, its pooled weights go to row ``rank`` of
-    ``weights`` in the same launch. The others write ``offsets[b]``, the number of boxes with image
-    below ``b``, for ``BLOCK`` images each. Integer keys are totally ordered (a float key could be
-    NaN), so ``order`` is a permutation, valid box indices, whatever the batch indices hold."""
+    ``rank`` being the number of boxes whose key (:func:`_grouping_keys`) is below its own, a
+    permutation whatever the batch indices hold, with each image's boxes in their original order;
+    with ``WEIGHTS``, its pooled weights go to row ``rank`` of ``weights`` in the same launch. The
+    others write ``offsets[b]``, the number of keys below ``(b + 1) * K`` (boxes of an image below
+    ``b``), for ``BLOCK`` images each."""
     program = tl.program_id(0)
     if program < rank_programs:
         mine = program * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(rois_ptr + mine * 5, mask=mine < K, other=0.0).to(tl.int64)
+        key = _grouping_keys(rois_ptr, mine, K, num_images)
     else:
         mine = (program - rank_programs) * BLOCK + tl.arange(0, BLOCK)
-        key = mine.to(tl.int64)
-    # Summed across lanes once after the loop: the iterations then depend on each other only
-    # through elementwise adds, not through a reduction each.
+        key = (mine + 1) * K
+    # One int32 compare a pair. LOADS blocks of keys are read before any is compared, so their
+    # latencies overlap (the loop is not software-pipelined: no tl.dot consumes the loads); the
+    # counts are summed across lanes once after the loop, not once an iteration.
     before_counts = tl.zeros((BLOCK, SCAN), tl.int32)
-    for start in range(0, K, SCAN):
-        other = start + tl.arange(0, SCAN)
-        other_key = tl.load(rois_ptr + other * 5, mask=other < K, other=0.0).to(tl.int64)
-        before = other_key[None, :] < key[:, None]
-        if program < rank_programs:
-            before = before | ((other_key[None, :] == key[:, None]) & (other[None, :] < mine[:, None]))
-        before_counts += (before & (other < K)[None, :]).to(tl.int32)
+    for start in range(0, K, SCAN * LOADS):
+        for part in tl.static_range(LOADS):
+            other_key = _grouping_keys(rois_ptr, start + part * SCAN + tl.arange(0, SCAN), K, num_images)
+            before_counts += (other_key[None, :] < key[:, None]).to(tl.int32)
     count = tl.sum(before_counts, axis=1)
     if program < rank_programs:
         real = mine < K
@@ -619,10 +634,10 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, 
 
 
 def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN,
-                  num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  loads: int = GROUP_LOADS, num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`group_by_image` in one launch of ``_group_kernel``, the pooled weights included (any
-    number of boxes, but quadratic work); ``block``, ``scan`` and ``num_warps`` change only its speed
-    (``benchmarks/tune_roi_align.py``)."""
+    number of boxes while ``(num_images + 2) * K < 2**31``, but quadratic work); ``block``, ``scan``,
+    ``loads`` and ``num_warps`` change only its speed (``benchmarks/tune_roi_align.py``)."""
     boxes = rois.shape[0]
     order = torch.empty(boxes, dtype=torch.int32, device=rois.device)
     offsets = torch.empty(num_images + 1, dtype=torch.int32, device=rois.device)
@@ -632,7 +647,7 @@ def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMa
     tile_h, tile_w = _whole_map_tile(height, width, 1)
     _group_kernel[(rank_programs + cdiv(num_images + 1, block),)](
         rois, order, offsets, weights, boxes, num_images, rank_programs, height, width, float(spatial_scale),
-        BLOCK=block, SCAN=scan, WEIGHTS=pooled is not None, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+        BLOCK=block, SCAN=scan, LOADS=loads, WEIGHTS=pooled is not None, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
         TILE_H=tile_h, TILE_W=tile_w, num_warps=num_warps,
     )
     return order, offsets, weights
@@ -641,7 +656,7 @@ def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMa
 def group_by_sort(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`group_by_image` with a stable torch.sort and searchsorted (several launches, O(K log K)),
     then :func:`pooled_weights`."""
-    image = rois[:, 0].to(torch.int64)
+    image = rois[:, 0].nan_to_num(-1.0, posinf=num_images, neginf=-1.0).clamp(-1, num_images).to(torch.int64)  # as _grouping_keys
     sorted_image, order = torch.sort(image, stable=True)
     offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
     order = order.to(torch.int32)

@@ -363,6 +363,9 @@ def grouping_cases():
         ("fractional indices", torch.tensor([1.9, 0.2, 1.0, -0.5, 2.99, 0.0, 1.5]), 3),
         ("more offsets than a block", torch.randint(0, 40, (33,), generator=generator).float(), 40),
         ("several scan steps", torch.randint(0, 3, (300,), generator=generator).float(), 3),
+        ("several scan loops", torch.randint(0, 6, (1100,), generator=generator).float(), 6),
+        # check_boxes=False lets these through: still a permutation, the images' boxes still found.
+        ("indices outside the images", torch.tensor([float("nan"), 3.0, -2.0, float("inf"), 1.0, -float("inf"), 1e10, 0.0, 2.0, -1e10, 5.0, 0.7]), 3),
     ]
 
 
@@ -373,8 +376,13 @@ def test_grouping_kernel_matches_stable_sort(device, name, image, num_images):
     rois = torch.cat([image[:, None], torch.rand(image.shape[0], 4)], dim=1).to(device)
     expected_order, expected_offsets, no_weights = group_by_sort(rois, num_images)
     assert no_weights.numel() == 0
+    # The sort against its definition: each image's boxes, in their original order.
+    assert sorted(expected_order.tolist()) == list(range(image.shape[0]))
+    truncated = [int(value) if -1 < value < num_images else None for value in image.tolist()]
+    for b in range(num_images):
+        assert expected_order[expected_offsets[b]:expected_offsets[b + 1]].tolist() == [j for j, t in enumerate(truncated) if t == b]
     # The package's launch, and the other shapes the tuning script tries (blocks, scan widths, warps).
-    for config in ({}, dict(block=16, scan=256, num_warps=8), dict(block=64, scan=128, num_warps=8)):
+    for config in ({}, dict(block=16, scan=256, loads=1, num_warps=8), dict(block=64, scan=128, loads=3, num_warps=8)):
         order, offsets, weights = group_by_rank(rois, num_images, **config)
         assert order.dtype == offsets.dtype == torch.int32 and weights.numel() == 0
         assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets), config
@@ -788,7 +796,7 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  
     assert spill_bytes(compiled) == 0, f"detection backward {dtype}: register spills"
 types = grouping | {"weights_ptr": "*fp32", "K": "i32", "num_images": "i32", "rank_programs": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
 for with_weights in (False, True):  # the plan's one launch, with SCRL's weights and without
-    constants = weights | {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "WEIGHTS": with_weights}
+    constants = weights | {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "LOADS": kernels.GROUP_LOADS, "WEIGHTS": with_weights}
     assert spill_bytes(compile_for_sm90(kernels._group_kernel, types, constants)) == 0, f"grouping (weights {with_weights}): register spills"
 for dtype in ("fp32", "fp64", "bf16", "fp16"):
     types = {"rois_ptr": f"*{dtype}", "flags_ptr": "*i32", "K": "i32", "stride_k": "i32", "stride_col": "i32", "last_image": "i32"}

@@ -42,20 +42,22 @@ def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None, shape:
     x = torch.empty(shape, dtype=dtype, device="meta").contiguous(memory_format=memory_format)
     boxes = num * PER_IMAGE
     rois = torch.empty(boxes, 5, device="meta")
-    order = torch.empty(boxes, dtype=torch.int32, device="meta")
+    order_shape, weights_shape = kernels.plan_shapes(boxes, num, height, width, 1, 1)
+    order = torch.empty(order_shape, dtype=torch.int32, device="meta")
     offsets = torch.empty(num + 1, dtype=torch.int32, device="meta")
-    weights = torch.empty(kernels.pooled_weights_shape(boxes, height, width, 1, 1), device="meta")
+    weights = torch.empty(weights_shape, device="meta")
     out = torch.empty(boxes, channels, 1, 1, dtype=dtype, device="meta")
     geometry = dict(C=channels, H=height, W=width, **dict(zip(("stride_n", "stride_c", "stride_h", "stride_w"), x.stride())))
     plan = dict(SAMPLING=0, ALIGNED=False, **dict(zip(("TILE_H", "TILE_W"), kernels._whole_map_tile(height, width, 1))))
     yield ("plan", kernels._group_kernel,
            dict(rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, K=boxes, num_images=num,
                 rank_programs=kernels.cdiv(boxes, kernels.GROUP_BLOCK), H=height, W=width, spatial_scale=SPATIAL_SCALE),
-           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, LOADS=kernels.GROUP_LOADS, WEIGHTS=True, **plan), dict(num_warps=4))
+           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, LOADS=kernels.GROUP_LOADS, WEIGHTS=True, HEAD=kernels.POOLED_BOX_BLOCK, **plan), dict(num_warps=4))
     _, pooled = kernels._pooled_config(channels, height, width)
     pooled = dict(pooled, **({"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}))
     yield ("forward", kernels._pooled_forward_kernel,
-           dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry), pooled, {})
+           dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry),
+           dict(pooled, CHUNK=kernels.pooled_forward_chunk(height, width)), {})
     yield ("backward", kernels._pooled_backward_kernel,
            dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), pooled, {})
 

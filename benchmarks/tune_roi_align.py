@@ -7,12 +7,13 @@ For float32 and bfloat16, NCHW and channels_last, this script times each launch 
 from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
 it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one and Triton's default;
-``--stages``: 1, 2, 3) and ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn), and
+``--stages``: 1, 2, 3), ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn) and the
+forward's ``CHUNK`` (pixels a step of its pipelined product, with two to four stages), and
 once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``, and reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` by hand, with its figures.
+``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
@@ -52,11 +53,13 @@ GROUP_MAX_COUNTERS = 64
 # Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
 # the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
 SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
-# The kernels' box loops run once at 10 boxes an image, so software pipelining has nothing to
-# overlap, yet Triton's default of three stages costs the pooled forward 10 KiB more shared memory and
-# a sixth more instructions on sm_90 (benchmarks/static_roi_align.py): one stage is tried beside it
-# (--stages: 1, 2 and 3).
+# The backward's box loop runs once at 10 boxes an image, so software pipelining has nothing to
+# overlap there, yet costs shared memory; the forward's pixel loop (CHUNK pixels a step) is what its
+# pipelining overlaps. One stage is tried beside Triton's default (--stages: 1, 2 and 3).
 NUM_STAGES = (1, None)
+# The forward's pixels a step, each with two to four stages, at the package's channel block and warps.
+CHUNKS = (16, 32, 64)
+CHUNK_STAGES = (2, 3, 4)
 # Channel blocks far from their warp count's sweet spot (a tile thinner than the threads, or many
 # registers a thread) are left out: (BLOCK_C, num_warps).
 SKIPPED = ((16, 8), (128, 2))
@@ -68,8 +71,8 @@ CHANNEL_BLOCKS = (4, 16)
 
 class PooledCase:
     """One dtype and layout at one shape: inputs, the package's plan, and launchers of the two pooling
-    kernels that take a configuration (``BLOCK_C``, ``num_warps``, ``num_stages``, ``CHANNEL_BLOCKS``;
-    None: the package's)."""
+    kernels that take a configuration (``BLOCK_C``, ``num_warps``, ``num_stages``, ``CHANNEL_BLOCKS``,
+    the forward's ``CHUNK``; None: the package's)."""
 
     def __init__(self, shape, per_image, dtype, layout, device, generator):
         self.shape, self.dtype, self.layout, self.device = shape, dtype, layout, device
@@ -88,14 +91,16 @@ class PooledCase:
         self.forward_bytes = nbytes + self.rois.shape[0] * channels * self.inputs[0].element_size()
         self.backward_bytes = self.forward_bytes
 
-    def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None):
+    def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
         num, channels, height, width = self.shape
         grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
         out = torch.empty(self.rois.shape[0], channels, 1, 1, dtype=x.dtype, device=x.device)
-        kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(), **constexprs, **options)
+        kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(),
+                                            CHUNK=kernels.pooled_forward_chunk(height, width, chunk), **constexprs, **options)
         return out
 
-    def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None):
+    def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
+        assert chunk is None, "CHUNK is the forward's"
         num, channels, height, width = self.shape
         grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
         grad_input = torch.empty_like(x)
@@ -147,9 +152,11 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
     launch = case.forward if which == "forward" else case.backward
     expected = launch(case.inputs[0])
     results = []
-    for block_c, num_warps, num_stages, channel_blocks in configs:
-        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks}
-        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"])  # noqa: E731
+    for block_c, num_warps, num_stages, channel_blocks, chunk in configs:
+        if chunk is not None and which != "forward":
+            continue
+        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks, "CHUNK": chunk}
+        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"], c["CHUNK"])  # noqa: E731
         try:
             error = relative_error(fn(case.inputs[0]), expected)
         except Exception as failure:  # out of shared memory or registers: this configuration does not exist
@@ -195,9 +202,10 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
     stages = (1, 2, 3) if args.stages else NUM_STAGES
-    configs = [(32, 4, 1, None), (16, 2, 2, 2)] if args.quick else [
-        (block_c, warps, stage, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
-    ] + [(block_c, warps, None, blocks) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)]
+    configs = [(32, 4, 1, None, None), (16, 2, 2, 2, None), (None, None, 2, None, 16)] if args.quick else [
+        (block_c, warps, stage, None, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
+    ] + [(block_c, warps, None, blocks, None) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)
+    ] + [(None, None, stage, None, chunk) for chunk, stage in itertools.product(CHUNKS, CHUNK_STAGES)]
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
     group_configs = [(32, 128, 4, 4), (16, 256, 1, 8)] if args.quick else [
         (block, scan, loads, warps) for block, scan, loads, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, GROUP_LOADS, NUM_WARPS[1:])
@@ -222,6 +230,8 @@ def main(argv=None) -> None:
             timed = [(config, ms) for config, ms, error in results if ms is not None]
             best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
             row[f"{which}_package"] = {"BLOCK_C": case.constexprs["BLOCK_C"], "CHANNEL_BLOCKS": case.constexprs["CHANNEL_BLOCKS"]}
+            if which == "forward":
+                row["forward_package"]["CHUNK"] = kernels.pooled_forward_chunk(*shape[2:])
             row[f"{which}_best"] = best_config
             row[f"{which}_best_ms"] = best_ms
             row[f"{which}_best_speedup"] = row[f"{which}_ms"] / best_ms

@@ -10,7 +10,10 @@ the bin's sample rows and columns). Five kernels do the pooling:
   weights, ``POOLED_BOX_BLOCK`` boxes a tensor-core product (:func:`_pooled_product`;
   ``[channels, pixels] x [pixels, boxes]`` forward, ``[channels, boxes] x [boxes, pixels]``
   backward), instead of rebuilding each box's bilinear weights in every channel block or waiting
-  on one chain of dependent loads per box.
+  on one chain of dependent loads per box. An image's first block of boxes comes from the plan's
+  head rows, whose addresses need no offset, so a program's loads do not wait on one another; the
+  forward sums over the pixels ``POOLED_CHUNK`` at a time, a loop Triton software-pipelines, so
+  its map and weights are in flight together.
 - ``_image_forward_kernel`` (other outputs from maps up to ``MAX_TILE`` pixels): one program per
   (image, channel block) holds the whole map of its channels in registers, reads it once, and
   reduces it against every box of that image, every bin of a box in one tl.dot.
@@ -31,10 +34,10 @@ takes, so the backward recomputes none of it:
 - ``order``, ``offsets``: the boxes grouped by image, which both per-image kernels need.
   ``_group_kernel`` computes them in one launch (each box's rank among the boxes ordered by
   (image, position); O(K^2) compares, cheap up to ``GROUP_KERNEL_MAX_BOXES``; torch.sort above).
-- ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, its
-  rows in grouped order so that a program reads its image's rows as soon as it has the image's
-  offset. ``_group_kernel`` writes them too, to the row of each box's rank, so SCRL's forward is
-  two launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort.
+- ``weights``: for a 1x1 output from a whole map (SCRL's case), each box's weight per pixel, in
+  grouped order, and also (with the box indices in ``order``) in ``POOLED_BOX_BLOCK`` head rows per
+  image (:func:`pooled_weights`). ``_group_kernel`` writes them too, so SCRL's forward is two
+  launches (plan, pooling); above the limit ``_pooled_weights_kernel`` does, after the sort.
 
 ``_box_check_kernel`` checks the boxes' values for ``fastdense.ops.roi_align(check_boxes=True)`` in one
 launch, where the same checks in PyTorch took a dozen (each a launch and host work on a GPU); the
@@ -81,6 +84,9 @@ GROUP_LOADS = 4
 POOLED_WEIGHT_BOXES = 32
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
 POOLED_BOX_BLOCK = 16
+# Pixels a step of the pooled forward's product takes (its K loop, software-pipelined), at most the
+# padded map's.
+POOLED_CHUNK = 32
 # Channel blocks one pooled program takes in turn, its boxes' weights loaded once for all of them.
 # One until a GPU run of benchmarks/tune_roi_align.py, which sweeps it, shows more to be faster.
 POOLED_CHANNEL_BLOCKS = 1
@@ -93,9 +99,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def _box_geometry(rois_ptr, j, spatial_scale, PH: tl.constexpr, PW: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr):
-    """Image index, start, bin size and sample grid of box ``j``, in torchvision's arithmetic order."""
+    """Batch index (as stored: only the box-wise forward reads it), start, bin size and sample grid
+    of box ``j``, in torchvision's arithmetic order."""
     base = rois_ptr + j * 5
-    image = tl.load(base).to(tl.int32)
+    image = tl.load(base)
     if ALIGNED:
         offset = 0.5
     else:
@@ -235,7 +242,7 @@ def _box_forward_kernel(
     c_ok = channels < C
     bins_ok = bins < PH * PW
     image, start_y, start_x, bin_h, bin_w, grid_h, grid_w, count = _box_geometry(rois_ptr, box, spatial_scale, PH, PW, SAMPLING, ALIGNED)
-    base = x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c
+    base = x_ptr + image.to(tl.int32).to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c
     grid_hf = tl.maximum(grid_h, 1).to(tl.float32)
     grid_wf = tl.maximum(grid_w, 1).to(tl.float32)
     acc = tl.zeros((BLOCK_C, BLOCK_BINS), tl.float32)
@@ -403,41 +410,78 @@ def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIX
 
 
 @triton.jit
-def _pool_block(tile, boxes, real, weights, channels, out_ptr, C, FLOAT32: tl.constexpr):
-    """``out[boxes, channels]``: the ``[channels, pixels] x [pixels, boxes]`` product of a map block and the boxes' weights."""
-    value = _pooled_product(tile.to(tl.float32), tl.trans(weights), tl.zeros((tile.shape[0], weights.shape[0]), tl.float32), FLOAT32)
+def _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, rows, rows_real,
+               TILE_H: tl.constexpr, TILE_W: tl.constexpr, CHUNK: tl.constexpr, FLOAT32: tl.constexpr):
+    """``[channels, boxes]``: image ``image``'s map times the weights of plan rows ``rows``, summed over
+    the pixels ``CHUNK`` at a time: a K loop, which Triton software-pipelines, so the map's and the
+    weights' loads of the first chunks are all in flight at once (as straight-line code, each
+    operand's trip through shared memory waited for its load before the other's was issued)."""
+    acc = tl.zeros((channels.shape[0], rows.shape[0]), tl.float32)
+    for start in range(0, TILE_H * TILE_W, CHUNK):
+        pixel = start + tl.arange(0, CHUNK)
+        map_rows = pixel // TILE_W
+        map_cols = pixel % TILE_W
+        tile = tl.load(x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (map_rows * stride_h + map_cols * stride_w)[None, :],
+                       mask=(channels < C)[:, None] & ((map_rows < H) & (map_cols < W))[None, :], other=0.0)
+        weights = tl.load(weights_ptr + rows[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=rows_real[:, None], other=0.0)
+        if not FLOAT32:
+            weights = round_to_tf32(weights)  # for the one-pass product of 16-bit values (_pooled_product)
+        acc = _pooled_product(tile.to(tl.float32), tl.trans(weights), acc, FLOAT32)
+    return acc
+
+
+@triton.jit
+def _store_pooled(out_ptr, boxes, real, channels, C, value):
     tl.store(out_ptr + boxes[None, :] * C + channels[:, None], value.to(out_ptr.dtype.element_ty), mask=(channels < C)[:, None] & real[None, :])
+
+
+@triton.jit
+def _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
+    """``(boxes, real, weights, first, last)``: image ``image``'s first ``BOX_BLOCK`` boxes, from the
+    plan's head rows (:func:`pooled_weights`; an unused row holds box -1, zero weights), and its
+    boxes' grouped slots ``first .. last``. Every load's address depends on the image alone, so all
+    are requested at once, not the rows after the offsets."""
+    first = tl.load(offsets_ptr + image)
+    last = tl.load(offsets_ptr + image + 1)
+    slots = image * BOX_BLOCK + tl.arange(0, BOX_BLOCK)
+    boxes = tl.load(order_ptr + slots).to(tl.int64)
+    weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * PIXELS + tl.arange(0, PIXELS)[None, :])
+    if not FLOAT32:
+        weights = round_to_tf32(weights)  # as _box_block
+    real = boxes >= 0
+    return boxes, real, weights, first, last
 
 
 @triton.jit
 def _pooled_forward_kernel(
     x_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     """SCRL's 1x1 output, ``out [K, C]``: one program per (image, ``CHANNEL_BLOCKS`` blocks of
     ``BLOCK_C`` channels) multiplies the image's whole map with its boxes' weights (:func:`pooled_weights`),
-    ``BOX_BLOCK`` boxes a product."""
+    ``BOX_BLOCK`` boxes a product (:func:`_pool_rows`): the image's first block from the plan's head
+    rows, whose addresses need no offset, and any further blocks (an image with more boxes) from the
+    grouped rows."""
     image = tl.program_id(0)
     first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
     FLOAT32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
-    if CHANNEL_BLOCKS == 1:
-        # One block: its map is on its way before the boxes' offsets arrive, not after them.
-        channels = first_channel + tl.arange(0, BLOCK_C)
-        tile_ptrs, tile_mask = _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
-        tile = tl.load(tile_ptrs, mask=tile_mask, other=0.0)
+    heads = tl.num_programs(0) * BOX_BLOCK
+    head_rows = image * BOX_BLOCK + tl.arange(0, BOX_BLOCK)
+    boxes = tl.load(order_ptr + head_rows).to(tl.int64)
     first = tl.load(offsets_ptr + image)
     last = tl.load(offsets_ptr + image + 1)
-    for j in range(first, last, BOX_BLOCK):
-        boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
-        if CHANNEL_BLOCKS == 1:
-            _pool_block(tile, boxes, real, weights, channels, out_ptr, C, FLOAT32)
-        else:
-            # The boxes' weights stay while the channel blocks stream past them, their loads
-            # pipelined (an image's boxes take one block at SCRL's 10).
-            for block in range(0, CHANNEL_BLOCKS):
-                channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-                tile_ptrs, tile_mask = _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
-                _pool_block(tl.load(tile_ptrs, mask=tile_mask, other=0.0), boxes, real, weights, channels, out_ptr, C, FLOAT32)
+    for block in range(0, CHANNEL_BLOCKS):
+        channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
+        value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, head_rows,
+                           head_rows >= 0, TILE_H, TILE_W, CHUNK, FLOAT32)  # every head row is set: no mask waits on the boxes
+        _store_pooled(out_ptr, boxes, boxes >= 0, channels, C, value)
+        for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
+            slots = j + tl.arange(0, BOX_BLOCK)
+            real = slots < last
+            value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, heads + slots, real,
+                               TILE_H, TILE_W, CHUNK, FLOAT32)
+            _store_pooled(out_ptr, tl.load(order_ptr + heads + slots, mask=real, other=0).to(tl.int64), real, channels, C, value)
 
 
 @triton.jit
@@ -461,33 +505,21 @@ def _pooled_backward_kernel(
     """Gradient of :func:`_pooled_forward_kernel`'s output with respect to the map: one program per
     (image, ``CHANNEL_BLOCKS`` channel blocks) sums its boxes' contributions, ``BOX_BLOCK`` a product,
     in a fixed order, and writes each block of the map once: no atomics (bit-identical run after
-    run), no zero-fill first."""
+    run), no zero-fill first. The first block's rows and boxes come with the offsets (:func:`_head_block`),
+    so the gradients' gather waits on one round of loads, not two."""
     image = tl.program_id(0)
     first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
     FLOAT32: tl.constexpr = grad_ptr.dtype.element_ty == tl.float32
-    first = tl.load(offsets_ptr + image)
-    last = tl.load(offsets_ptr + image + 1)
-    zeros = tl.zeros((BLOCK_C, TILE_H * TILE_W), tl.float32)
-    if CHANNEL_BLOCKS > 1:
-        streaming = last - first <= BOX_BLOCK
-    else:
-        streaming = False  # one channel block: the general loop below is the same work, without a second code path
-    if streaming:
-        # One block of boxes (SCRL's 10 an image, or none): its weights stay while the channel
-        # blocks stream past them.
-        boxes, real, weights = _box_block(order_ptr, weights_ptr, first, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
-        for block in range(0, CHANNEL_BLOCKS):
-            channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-            acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, zeros, FLOAT32)
-            _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
-    else:
-        for block in range(0, CHANNEL_BLOCKS):
-            channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-            acc = zeros
-            for j in range(first, last, BOX_BLOCK):
-                boxes, real, weights = _box_block(order_ptr, weights_ptr, j, last, BOX_BLOCK, TILE_H * TILE_W, FLOAT32)
-                acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, FLOAT32)
-            _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
+    PIXELS: tl.constexpr = TILE_H * TILE_W
+    boxes, real, weights, first, last = _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK, PIXELS, FLOAT32)
+    heads = tl.num_programs(0) * BOX_BLOCK
+    for block in range(0, CHANNEL_BLOCKS):
+        channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
+        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), FLOAT32)
+        for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
+            more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
+            acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, FLOAT32)
+        _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
 
 @triton.jit
@@ -511,14 +543,44 @@ def _store_weight_rows(weights_ptr, slots, rows, real, TILE_H: tl.constexpr, TIL
 
 
 @triton.jit
-def _pooled_weights_kernel(rois_ptr, order_ptr, weights_ptr, K, H, W, spatial_scale,
-                           BOXES: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
-    """Rows ``slots`` of ``weights [K, TILE_H * TILE_W]``, for boxes ``order[slots]``, ``BOXES`` per program."""
+def _place_pooled_rows(rois_ptr, order_ptr, weights_ptr, boxes, slots, within, image, real, num_images, H, W, spatial_scale,
+                       BOXES: tl.constexpr, HEAD: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+                       TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Puts ``boxes`` (at grouped ``slots``, ``within`` their rank among image ``image``'s boxes) into a
+    pooled plan (:func:`pooled_weights`): every box's weights into its grouped row, and an image's
+    first ``HEAD`` boxes into its head rows of ``order`` and ``weights`` too."""
+    head = real & (image >= 0) & (image < num_images) & (within < HEAD)
+    head_slot = image * HEAD + within
+    tl.store(order_ptr + head_slot, boxes, mask=head)
+    rows = _pooled_weight_rows(rois_ptr, tl.where(real, boxes, 0), H, W, spatial_scale, BOXES, SAMPLING, ALIGNED, TILE_H, TILE_W)
+    _store_weight_rows(weights_ptr, num_images * HEAD + slots, rows, real, TILE_H, TILE_W)
+    _store_weight_rows(weights_ptr, head_slot, rows, head, TILE_H, TILE_W)
+
+
+@triton.jit
+def _fill_unused_heads(order_ptr, weights_ptr, images, counts, real, HEAD: tl.constexpr, PIXELS: tl.constexpr):
+    """Head rows of ``images`` (``counts`` boxes each) that no box takes: box -1, zero weights, so the
+    plan holds no unset value."""
+    for within in tl.static_range(HEAD):
+        unused = real & (counts <= within)
+        tl.store(order_ptr + images * HEAD + within, tl.full(images.shape, -1, tl.int32), mask=unused)
+        rows = (images * HEAD + within).to(tl.int64)
+        tl.store(weights_ptr + rows[:, None] * PIXELS + tl.arange(0, PIXELS)[None, :], tl.zeros((images.shape[0], PIXELS), tl.float32), mask=unused[:, None])
+
+
+@triton.jit
+def _pooled_weights_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, H, W, spatial_scale,
+                           BOXES: tl.constexpr, HEAD: tl.constexpr, SAMPLING: tl.constexpr, ALIGNED: tl.constexpr,
+                           TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """The pooled plan's rows (:func:`pooled_weights`) of grouped slots ``slots``, ``BOXES`` per program,
+    from its grouped ``order`` and ``offsets``."""
     slots = tl.program_id(0) * BOXES + tl.arange(0, BOXES)
     real = slots < K
-    boxes = tl.load(order_ptr + slots, mask=real, other=0)
-    rows = _pooled_weight_rows(rois_ptr, boxes, H, W, spatial_scale, BOXES, SAMPLING, ALIGNED, TILE_H, TILE_W)
-    _store_weight_rows(weights_ptr, slots, rows, real, TILE_H, TILE_W)
+    boxes = tl.load(order_ptr + num_images * HEAD + slots, mask=real, other=0)
+    image = _image_index(rois_ptr, boxes, real, num_images)
+    first = tl.load(offsets_ptr + image, mask=real & (image >= 0) & (image < num_images), other=0)
+    _place_pooled_rows(rois_ptr, order_ptr, weights_ptr, boxes, slots, slots - first, image, real, num_images, H, W, spatial_scale,
+                       BOXES, HEAD, SAMPLING, ALIGNED, TILE_H, TILE_W)
 
 
 class PooledMap(NamedTuple):
@@ -539,36 +601,49 @@ def uses_pooled_weights(height: int, width: int, out_h: int, out_w: int) -> bool
     return out_h * out_w == 1 and tile_h * tile_w <= MAX_TILE
 
 
-def pooled_weights_shape(boxes: int, height: int, width: int, out_h: int, out_w: int) -> Tuple[int, ...]:
-    """Shape of the forward's ``weights``: ``[K, TILE_H * TILE_W]`` where :func:`uses_pooled_weights`, else ``[0]``."""
+def plan_shapes(boxes: int, num_images: int, height: int, width: int, out_h: int, out_w: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Shapes of the forward's ``order`` and ``weights``: ``[N * POOLED_BOX_BLOCK + K]`` and
+    ``[N * POOLED_BOX_BLOCK + K, TILE_H * TILE_W]`` where :func:`uses_pooled_weights` (a pooled plan,
+    :func:`pooled_weights`), else ``[K]`` and ``[0]``."""
     if not uses_pooled_weights(height, width, out_h, out_w):
-        return (0,)
+        return (boxes,), (0,)
     tile_h, tile_w = _whole_map_tile(height, width, 1)
-    return (boxes, tile_h * tile_w)
+    rows = num_images * POOLED_BOX_BLOCK + boxes
+    return (rows,), (rows, tile_h * tile_w)
 
 
-def pooled_weights(rois: torch.Tensor, order: torch.Tensor, height: int, width: int, spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
-    """``[K, TILE_H * TILE_W]`` float32 (the map padded to powers of two): row ``j`` holds box
-    ``order[j]``'s weight per pixel in its 1x1 RoIAlign output, the sample count included. In the
-    grouped order of :func:`group_by_image`, so the pooling kernels read an image's rows at once,
-    without waiting for the box indices first. One launch, ``POOLED_WEIGHT_BOXES`` boxes per
-    program; :func:`group_by_rank` computes the same rows in its own launch."""
+def pooled_weights(rois: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, num_images: int, height: int, width: int,
+                   spatial_scale: float, sampling_ratio: int, aligned: bool) -> torch.Tensor:
+    """A pooled plan's ``weights``, ``[N * HEAD + K, TILE_H * TILE_W]`` float32 (``HEAD``:
+    ``POOLED_BOX_BLOCK``; the map padded to powers of two): each box's weight per pixel in its 1x1
+    RoIAlign output, the sample count included, and the head rows of ``order`` (``[N * HEAD + K]``,
+    its grouped part, from row ``N * HEAD``, and ``offsets`` already set).
+
+    Row ``N * HEAD + j`` of both is the box in grouped slot ``j``; image ``b``'s ``i``-th box
+    (``i < HEAD``) is also in row ``b * HEAD + i``, so a pooling program reads its image's first block
+    of boxes at addresses that need no offset first, all its loads at once (the grouped rows serve
+    an image's further boxes). Head rows past an image's box count hold box -1 and zero weights.
+    Three launches here (two fills, then the rows, ``POOLED_WEIGHT_BOXES`` boxes a program);
+    :func:`group_by_rank` makes the same plan in its one launch."""
     pooled = PooledMap(height, width, spatial_scale, sampling_ratio, aligned)
     tile_h, tile_w = _whole_map_tile(height, width, 1)
-    weights = _empty_weights(rois, pooled)
+    weights = _empty_weights(rois, num_images, pooled)
+    heads = num_images * POOLED_BOX_BLOCK
+    order[:heads].fill_(-1)
+    weights[:heads].zero_()
     if rois.shape[0]:
         _pooled_weights_kernel[(cdiv(rois.shape[0], POOLED_WEIGHT_BOXES),)](
-            rois, order, weights, rois.shape[0], height, width, float(spatial_scale),
-            BOXES=POOLED_WEIGHT_BOXES, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned), TILE_H=tile_h, TILE_W=tile_w, num_warps=4,
+            rois, order, offsets, weights, rois.shape[0], num_images, height, width, float(spatial_scale),
+            BOXES=POOLED_WEIGHT_BOXES, HEAD=POOLED_BOX_BLOCK, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+            TILE_H=tile_h, TILE_W=tile_w, num_warps=4,
         )
     return weights
 
 
-def _empty_weights(rois: torch.Tensor, pooled: Optional[PooledMap]) -> torch.Tensor:
+def _empty_weights(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap]) -> torch.Tensor:
     if pooled is None:
         return rois.new_empty(0)
-    tile_h, tile_w = _whole_map_tile(pooled.height, pooled.width, 1)
-    return torch.empty(rois.shape[0], tile_h * tile_w, dtype=torch.float32, device=rois.device)
+    return torch.empty(plan_shapes(rois.shape[0], num_images, pooled.height, pooled.width, 1, 1)[1], dtype=torch.float32, device=rois.device)
 
 
 def group_by_image(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -576,7 +651,8 @@ def group_by_image(rois: torch.Tensor, num_images: int, pooled: Optional[PooledM
     is grouped by image (the batch index truncated to an integer, as ``.long()`` does; indices
     outside ``[0, num_images)``, NaN among them, go first if negative or NaN, last otherwise), and
     image ``b``'s boxes are ``order[offsets[b]:offsets[b + 1]]``, in their original order;
-    ``weights`` are their :func:`pooled_weights` on ``pooled`` (empty without it). On the device,
+    with ``pooled``, ``order`` and ``weights`` are a pooled plan (:func:`pooled_weights`: ``order``'s
+    grouped part starts at row ``N * POOLED_BOX_BLOCK``), else ``weights`` is empty. On the device,
     without a host sync; one launch for all three up to ``GROUP_KERNEL_MAX_BOXES`` (while the int32
     keys of :func:`group_by_rank` fit). ``rois``: ``[K, 5]`` float32, contiguous."""
     if rois.shape[0] <= GROUP_KERNEL_MAX_BOXES and (num_images + 2) * rois.shape[0] < 2**31:
@@ -585,28 +661,37 @@ def group_by_image(rois: torch.Tensor, num_images: int, pooled: Optional[PooledM
 
 
 @triton.jit
-def _grouping_keys(rois_ptr, boxes, K, num_images):
-    """``(image + 1) * K + box`` (int32) for each box index in ``boxes``, ``image`` its batch index
-    truncated to an integer and clamped to ``[-1, num_images]`` (NaN to -1): one total order that
-    puts boxes by image, each image's in their original order. Indices past ``K`` get the largest
-    int32, so nothing ranks after them."""
-    real = boxes < K
-    image = tl.load(rois_ptr + boxes * 5, mask=real, other=0.0)
+def _image_index(rois_ptr, boxes, real, num_images):
+    """Box ``boxes``' batch index truncated to an integer and clamped to ``[-1, num_images]``, NaN to
+    -1 (int32; -1 where not ``real``)."""
+    image = tl.load(rois_ptr + boxes.to(tl.int64) * 5, mask=real, other=-1.0)
     image = tl.where(image == image, image, -1.0)
-    image = tl.minimum(tl.maximum(image, -1.0), num_images.to(tl.float32)).to(tl.int32)
-    return tl.where(real, (image + 1) * K + boxes, 2147483647)
+    return tl.minimum(tl.maximum(image, -1.0), num_images.to(tl.float32)).to(tl.int32)
+
+
+@triton.jit
+def _grouping_keys(rois_ptr, boxes, K, num_images):
+    """``(image + 1) * K + box`` (int32) for each box index in ``boxes``, ``image`` its
+    :func:`_image_index`: one total order that puts boxes by image, each image's in their original
+    order. Indices past ``K`` get the largest int32, so nothing ranks after them."""
+    real = boxes < K
+    return tl.where(real, (_image_index(rois_ptr, boxes, real, num_images) + 1) * K + boxes, 2147483647)
 
 
 @triton.jit
 def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, rank_programs, H, W, spatial_scale,
-                  BLOCK: tl.constexpr, SCAN: tl.constexpr, LOADS: tl.constexpr, WEIGHTS: tl.constexpr, SAMPLING: tl.constexpr,
-                  ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+                  BLOCK: tl.constexpr, SCAN: tl.constexpr, LOADS: tl.constexpr, WEIGHTS: tl.constexpr, HEAD: tl.constexpr,
+                  SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Programs below ``rank_programs`` place ``BLOCK`` boxes each: box ``j`` goes to ``order[rank]``,
     ``rank`` being the number of boxes whose key (:func:`_grouping_keys`) is below its own, a
-    permutation whatever the batch indices hold, with each image's boxes in their original order;
-    with ``WEIGHTS``, its pooled weights go to row ``rank`` of ``weights`` in the same launch. The
-    others write ``offsets[b]``, the number of keys below ``(b + 1) * K`` (boxes of an image below
-    ``b``), for ``BLOCK`` images each."""
+    permutation whatever the batch indices hold, with each image's boxes in their original order.
+    The others write ``offsets[b]``, the number of keys below ``(b + 1) * K`` (boxes of an image
+    below ``b``), for ``BLOCK`` images each.
+
+    With ``WEIGHTS`` the launch makes a pooled plan (:func:`pooled_weights`, ``HEAD`` head rows an
+    image), counting a second bound per lane: a box's rank within its image comes from the keys
+    below its image's first (``(image + 1) * K``), and image ``b``'s box count from those below
+    ``(b + 2) * K``, so the programs of the offsets fill the head rows its boxes leave."""
     program = tl.program_id(0)
     if program < rank_programs:
         mine = program * BLOCK + tl.arange(0, BLOCK)
@@ -614,40 +699,56 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, 
     else:
         mine = (program - rank_programs) * BLOCK + tl.arange(0, BLOCK)
         key = (mine + 1) * K
-    # One int32 compare a pair. LOADS blocks of keys are read before any is compared, so their
-    # latencies overlap (the loop is not software-pipelined: no tl.dot consumes the loads); the
-    # counts are summed across lanes once after the loop, not once an iteration.
+    if program < rank_programs:
+        second = key - mine  # (image + 1) * K: the first key of the box's image
+    else:
+        second = key + K  # the next image's offset
+    # One int32 compare a pair (two with WEIGHTS, both counts in one word: low and high 16 bits, as
+    # K < 2^15). LOADS blocks of keys are read before any is compared, so their latencies overlap
+    # (the loop is not software-pipelined: no tl.dot consumes the loads); the counts are summed
+    # across lanes once after the loop, not once an iteration.
     before_counts = tl.zeros((BLOCK, SCAN), tl.int32)
     for start in range(0, K, SCAN * LOADS):
         for part in tl.static_range(LOADS):
             other_key = _grouping_keys(rois_ptr, start + part * SCAN + tl.arange(0, SCAN), K, num_images)
             before_counts += (other_key[None, :] < key[:, None]).to(tl.int32)
-    count = tl.sum(before_counts, axis=1)
+            if WEIGHTS:
+                before_counts += (other_key[None, :] < second[:, None]).to(tl.int32) << 16
+    counts = tl.sum(before_counts, axis=1)
+    count = counts & 0xFFFF if WEIGHTS else counts
     if program < rank_programs:
         real = mine < K
-        tl.store(order_ptr + count, mine, mask=real)
         if WEIGHTS:
-            rows = _pooled_weight_rows(rois_ptr, tl.where(real, mine, 0), H, W, spatial_scale, BLOCK, SAMPLING, ALIGNED, TILE_H, TILE_W)
-            _store_weight_rows(weights_ptr, count, rows, real, TILE_H, TILE_W)
+            tl.store(order_ptr + num_images * HEAD + count, mine, mask=real)
+            _place_pooled_rows(rois_ptr, order_ptr, weights_ptr, mine, count, count - (counts >> 16), second // K - 1, real, num_images,
+                               H, W, spatial_scale, BLOCK, HEAD, SAMPLING, ALIGNED, TILE_H, TILE_W)
+        else:
+            tl.store(order_ptr + count, mine, mask=real)
     else:
         tl.store(offsets_ptr + mine, count, mask=mine <= num_images)
+        if WEIGHTS:
+            _fill_unused_heads(order_ptr, weights_ptr, mine, (counts >> 16) - count, mine < num_images, HEAD, TILE_H * TILE_W)
 
 
 def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN,
                   loads: int = GROUP_LOADS, num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`group_by_image` in one launch of ``_group_kernel``, the pooled weights included (any
-    number of boxes while ``(num_images + 2) * K < 2**31``, but quadratic work); ``block``, ``scan``,
-    ``loads`` and ``num_warps`` change only its speed (``benchmarks/tune_roi_align.py``)."""
+    """:func:`group_by_image` in one launch of ``_group_kernel``, the pooled plan included (any
+    number of boxes while ``(num_images + 2) * K < 2**31``, and below ``2**15`` with ``pooled``, but
+    quadratic work); ``block``, ``scan``, ``loads`` and ``num_warps`` change only its speed
+    (``benchmarks/tune_roi_align.py``)."""
     boxes = rois.shape[0]
-    order = torch.empty(boxes, dtype=torch.int32, device=rois.device)
+    if pooled is not None and boxes >= 2**15:
+        raise ValueError(f"group_by_rank packs two counts of the boxes in an int32: at most {2**15 - 1} boxes with pooled weights, got {boxes}")
+    order_shape = (boxes,) if pooled is None else plan_shapes(boxes, num_images, pooled.height, pooled.width, 1, 1)[0]
+    order = torch.empty(order_shape, dtype=torch.int32, device=rois.device)
     offsets = torch.empty(num_images + 1, dtype=torch.int32, device=rois.device)
-    weights = _empty_weights(rois, pooled)
+    weights = _empty_weights(rois, num_images, pooled)
     rank_programs = cdiv(boxes, block)
     height, width, spatial_scale, sampling_ratio, aligned = pooled or (1, 1, 1.0, 0, False)
     tile_h, tile_w = _whole_map_tile(height, width, 1)
     _group_kernel[(rank_programs + cdiv(num_images + 1, block),)](
         rois, order, offsets, weights, boxes, num_images, rank_programs, height, width, float(spatial_scale),
-        BLOCK=block, SCAN=scan, LOADS=loads, WEIGHTS=pooled is not None, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
+        BLOCK=block, SCAN=scan, LOADS=loads, WEIGHTS=pooled is not None, HEAD=POOLED_BOX_BLOCK, SAMPLING=max(int(sampling_ratio), 0), ALIGNED=bool(aligned),
         TILE_H=tile_h, TILE_W=tile_w, num_warps=num_warps,
     )
     return order, offsets, weights
@@ -655,13 +756,16 @@ def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMa
 
 def group_by_sort(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`group_by_image` with a stable torch.sort and searchsorted (several launches, O(K log K)),
-    then :func:`pooled_weights`."""
+    then :func:`pooled_weights` (with a copy of the order into the plan's)."""
     image = rois[:, 0].nan_to_num(-1.0, posinf=num_images, neginf=-1.0).clamp(-1, num_images).to(torch.int64)  # as _grouping_keys
     sorted_image, order = torch.sort(image, stable=True)
     offsets = torch.searchsorted(sorted_image, torch.arange(num_images + 1, device=rois.device, dtype=torch.int64))
-    order = order.to(torch.int32)
-    weights = _empty_weights(rois, pooled) if pooled is None else pooled_weights(rois, order, *pooled)
-    return order, offsets.to(torch.int32), weights
+    order, offsets = order.to(torch.int32), offsets.to(torch.int32)
+    if pooled is None:
+        return order, offsets, _empty_weights(rois, num_images, None)
+    plan_order = torch.empty(plan_shapes(rois.shape[0], num_images, pooled.height, pooled.width, 1, 1)[0], dtype=torch.int32, device=rois.device)
+    plan_order[num_images * POOLED_BOX_BLOCK:] = order
+    return plan_order, offsets, pooled_weights(rois, plan_order, offsets, num_images, *pooled)
 
 
 # Bits of :func:`invalid_box_flags`.
@@ -758,6 +862,12 @@ def _pooled_config(channels: int, height: int, width: int):
     return cdiv(channels, block_c * channel_blocks), constexprs
 
 
+def pooled_forward_chunk(height: int, width: int, chunk: int = None) -> int:
+    """The pooled forward's ``CHUNK``: ``POOLED_CHUNK`` (or ``chunk``) pixels, at most the padded map's."""
+    tile_h, tile_w = _whole_map_tile(height, width, 1)
+    return min(chunk or POOLED_CHUNK, tile_h * tile_w)
+
+
 @functools.lru_cache(maxsize=256)
 def _forward_config(channels: int, height: int, width: int, out_h: int, out_w: int, dtype: torch.dtype, sampling_ratio: int, aligned: bool):
     """``(whole_map, grid_channels, constexprs)`` of the forward launch where the output is not pooled."""
@@ -804,7 +914,8 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
         return out, order, offsets, weights
     if pooled is not None:
         grid_channels, constexprs = _pooled_config(channels, height, width)
-        _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(), **constexprs)
+        _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(),
+                                                     CHUNK=pooled_forward_chunk(height, width), **constexprs)
         return out, order, offsets, weights
     whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     if whole_map:

@@ -96,9 +96,12 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
     for row in result["rows"]:
         assert all(row[f"{launch}_ms"] > 0 for launch in ("plan", "forward", "backward"))
         for which in ("forward", "backward"):
-            assert [entry["BLOCK_C"] for entry in row[f"{which}_sweep"]] == [32, 16]
+            # the third configuration, a CHUNK of the forward's pixel loop, is the forward's alone
+            expected = [(32, None), (16, None), (None, 16)] if which == "forward" else [(32, None), (16, None)]
+            assert [(entry["BLOCK_C"], entry["CHUNK"]) for entry in row[f"{which}_sweep"]] == expected
             assert all(entry["error"] is None and entry["ms"] > 0 for entry in row[f"{which}_sweep"])
-            assert row[f"{which}_best"]["BLOCK_C"] in (32, 16) and row[f"{which}_best_speedup"] > 0
+            assert row[f"{which}_best"]["BLOCK_C"] in (32, 16, None) and row[f"{which}_best_speedup"] > 0
+        assert row["forward_package"]["CHUNK"] == 32
     assert [(entry["BLOCK"], entry["SCAN"], entry["error"]) for entry in result["grouping_sweep"]] == [(32, 128, None), (16, 256, None)]
     assert result["grouping_best"]["ms"] > 0 and result["grouping_package"]["BLOCK"] == 32
 
@@ -131,6 +134,6 @@ def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
     case = PooledCase((2, 16, 7, 7), 2, torch.float32, "nchw", torch.device("cpu"), torch.Generator().manual_seed(0))
     honest = case.forward
     case.forward = lambda x, block_c=None, *rest: honest(x, block_c, *rest) * (1.5 if block_c == 16 else 1.0)
-    (kept, refused) = sweep(case, "forward", [(32, 4, None, None), (16, 4, None, 2)], tolerance=1e-5)
+    (kept, refused) = sweep(case, "forward", [(32, 4, None, None, None), (16, 4, None, 2, None)], tolerance=1e-5)
     assert kept[1] > 0 and kept[2] is None
     assert refused[1] is None and "differs from the package's configuration" in refused[2]

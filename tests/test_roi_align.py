@@ -255,7 +255,7 @@ def test_pooled_form_takes_boxes_in_blocks(device, dtype, memory):
 def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, dtype, memory):
     """``POOLED_CHANNEL_BLOCKS`` (which the tuning script sweeps) changes only who computes what: 100
     channels in blocks of 32 (the last program's blocks partly and wholly past the channels), an
-    image with more boxes than one product takes (the backward's general branch), one with none."""
+    image with more boxes than one product takes (beyond its head rows), one with none."""
     import fastdense.kernels.roi_align as kernels
 
     monkeypatch.setattr(kernels, "POOLED_CHANNEL_BLOCKS", channel_blocks)
@@ -290,6 +290,28 @@ def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
     return (magnitude | (bits & -0x80000000)).view(torch.float32)
 
 
+def pooled_rows_by_box(order: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Each box's row of a pooled plan's ``weights`` (``pooled_weights``' layout), by box index (NaN for
+    a box of no image, whose row no kernel reads), checking on the way that an image's head rows list
+    its first boxes, the grouped rows hold every box's weights, and head rows left over hold box -1
+    and zero weights."""
+    from fastdense.kernels.roi_align import POOLED_BOX_BLOCK as HEAD
+
+    order, offsets, weights = order.cpu().long(), offsets.cpu().tolist(), weights.cpu()
+    heads = num_images * HEAD
+    assert order.shape[0] == weights.shape[0] == heads + len(order[heads:])
+    rows = torch.full((order.shape[0] - heads, weights.shape[1]), float("nan"))
+    for b in range(num_images):
+        for within, slot in enumerate(range(offsets[b], offsets[b + 1])):
+            box = order[heads + slot]
+            rows[box] = weights[heads + slot]
+            if within < HEAD:
+                assert order[b * HEAD + within] == box and torch.equal(weights[b * HEAD + within], rows[box]), (b, within)
+        unused = range(b * HEAD + offsets[b + 1] - offsets[b], (b + 1) * HEAD)
+        assert all(order[row] == -1 and not weights[row].any() for row in unused), b
+    return rows
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
     """The premise of the pooled kernels' one TF32 product for 16-bit input (``_pooled_product``),
@@ -305,8 +327,7 @@ def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
     assert torch.equal(round_to_tf32(values), values)  # subnormal, largest and tiny values included
     rois = random_rois(4, 7, 7, 1 / 32, 10, generator)
     order, offsets, weights = group_by_image(rois, 4, PooledMap(7, 7, 1 / 32, -1, False))
-    rows = torch.zeros(rois.shape[0], 64, dtype=torch.float64)
-    rows[order.long()] = round_to_tf32(weights).double()
+    rows = round_to_tf32(pooled_rows_by_box(order, offsets, weights, 4)).double()
     pixels = torch.zeros(4, 64, 64, dtype=torch.float64)  # [image, channel, padded 8x8 pixel]
     pixels.view(4, 64, 8, 8)[:, :, :7, :7] = x.double()
     image = rois[:, 0].long()
@@ -392,24 +413,37 @@ def test_grouping_kernel_matches_stable_sort(device, name, image, num_images):
 @pytest.mark.parametrize("height, width", [(7, 7), (5, 11), (1, 3)])
 def test_grouping_launch_writes_the_pooled_weights_of_the_separate_kernel(device, sampling_ratio, aligned, height, width):
     """The plan's one launch (ranks and weights) gives the rows that the sort fallback's own weights
-    launch gives, bit for bit: boxes of every size in a block (sample grids of 1 to many, partly
-    outside the map, degenerate), blocks partly filled."""
-    from fastdense.kernels.roi_align import PooledMap, group_by_rank, group_by_sort, pooled_weights
+    launch gives, bit for bit, and the reference's interpolation matrices give to rounding: boxes of
+    every size in a block (sample grids of 1 to many, partly outside the map, degenerate), blocks
+    partly filled, an image with more boxes than its head rows hold, boxes of no image."""
+    from fastdense.kernels.roi_align import POOLED_BOX_BLOCK, PooledMap, group_by_rank, group_by_sort
+    from fastdense.ops.roi_align import _box_weights
 
     generator = torch.Generator().manual_seed(height * 31 + width)
     boxes = 45
     image = torch.randint(0, 4, (boxes,), generator=generator).float()
+    image[: POOLED_BOX_BLOCK + 2] = 1.0
+    image[-3:] = torch.tensor([-1.0, 4.0, float("nan")])
     corner = torch.rand(boxes, 2, generator=generator) * torch.tensor([width * 1.6, height * 1.6]) - torch.tensor([width * 0.3, height * 0.3])
     size = torch.rand(boxes, 2, generator=generator) * torch.tensor([width * 1.5, height * 1.5])
     size[::7] = 0.0  # degenerate boxes
     rois = torch.cat([image[:, None], corner, corner + size], dim=1).to(device)
     pooled = PooledMap(height, width, 1.0, sampling_ratio, aligned)
     expected_order, expected_offsets, expected_weights = group_by_sort(rois, 4, pooled)
-    assert torch.equal(expected_weights, pooled_weights(rois, expected_order, *pooled))
+    expected_rows = pooled_rows_by_box(expected_order, expected_offsets, expected_weights, 4)
+    tile_h, tile_w = 1 << (height - 1).bit_length(), max(1 << (width - 1).bit_length(), 16 // (1 << (height - 1).bit_length()))
+    weights_y, weights_x, count = _box_weights(rois.cpu()[:-3], (1, 1), 1.0, sampling_ratio, aligned, height, width)
+    reference = torch.zeros(boxes - 3, tile_h, tile_w)
+    reference[:, :height, :width] = weights_y[:, 0, :, None] * weights_x[:, 0, None, :] / count[:, None, None]
+    assert torch.allclose(expected_rows[:-3], reference.flatten(1), rtol=1e-6, atol=1e-7)
+    assert torch.isnan(expected_rows[-3:]).all()
+    heads = 4 * POOLED_BOX_BLOCK
     for config in ({}, dict(block=16, scan=256, num_warps=8)):
         order, offsets, weights = group_by_rank(rois, 4, pooled, **config)
-        assert torch.equal(order, expected_order) and torch.equal(offsets, expected_offsets), config
-        assert weights.shape == expected_weights.shape and torch.equal(weights, expected_weights), config
+        assert torch.equal(order[heads:], expected_order[heads:]) and torch.equal(offsets, expected_offsets), config
+        assert weights.shape == expected_weights.shape, config
+        rows = pooled_rows_by_box(order, offsets, weights, 4)
+        assert torch.equal(rows[:-3], expected_rows[:-3]) and torch.isnan(rows[-3:]).all(), config
 
 
 def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
@@ -425,8 +459,9 @@ def test_grouping_falls_back_to_sort_above_the_limit(monkeypatch, device):
     order, offsets, _ = kernels.group_by_image(rois, 2)
     assert calls == ["rank"]
     assert order.tolist() == [1, 3, 0, 2] and offsets.tolist() == [0, 2, 4]
-    # The whole op on the fallback.
+    # The whole op on the fallback, the pooled form's plan too.
     check_against_torchvision("triton", device, (2, 3), 2, True, 1.0, torch.float32, "nchw", shape=(3, 2, 6, 7), per_image=2)
+    check_against_torchvision("triton", device, (1, 1), -1, False, 1.0, torch.float32, "channels_last", shape=(3, 2, 6, 7), per_image=2)
 
 
 @pytest.mark.parametrize("output", [2, 1])
@@ -785,8 +820,9 @@ for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
     compiled = compile_for_sm90(kernels._image_backward_kernel, types, backward)
     assert spill_bytes(compiled) == 0, f"backward {dtype} 7x7: register spills"
     assert "mma" in compiled.asm["ptx"], f"backward {dtype} 7x7: no tensor-core MMA"
-types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "weights_ptr": "*fp32", "K": "i32", "H": "i32", "W": "i32", "spatial_scale": "fp32"}
-weights = dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8)
+types = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32", "weights_ptr": "*fp32", "K": "i32", "num_images": "i32", "H": "i32", "W": "i32",
+         "spatial_scale": "fp32"}
+weights = dict(SAMPLING=0, ALIGNED=False, TILE_H=8, TILE_W=8, HEAD=kernels.POOLED_BOX_BLOCK)
 compiled = compile_for_sm90(kernels._pooled_weights_kernel, types, weights | {"BOXES": kernels.POOLED_WEIGHT_BOXES}, num_warps=4)
 assert spill_bytes(compiled) == 0, "pooled weights: register spills"
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # the detection shape's tiled backward

@@ -188,10 +188,11 @@ def _no_plan(rois: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _(input, rois, output_height, output_width, spatial_scale, sampling_ratio, aligned, implementation):
     out = input.new_empty(rois.shape[0], input.shape[1], output_height, output_width)
     if implementation == "triton":
-        from fastdense.kernels.roi_align import pooled_weights_shape
+        from fastdense.kernels.roi_align import plan_shapes
 
-        weights = rois.new_empty(pooled_weights_shape(rois.shape[0], *input.shape[-2:], output_height, output_width), dtype=torch.float32)
-        return out, rois.new_empty(rois.shape[0], dtype=torch.int32), rois.new_empty(input.shape[0] + 1, dtype=torch.int32), weights
+        order_shape, weights_shape = plan_shapes(rois.shape[0], input.shape[0], *input.shape[-2:], output_height, output_width)
+        order = rois.new_empty(order_shape, dtype=torch.int32)
+        return out, order, rois.new_empty(input.shape[0] + 1, dtype=torch.int32), rois.new_empty(weights_shape, dtype=torch.float32)
     return out, *_no_plan(rois)
 
 

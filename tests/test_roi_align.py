@@ -250,6 +250,14 @@ def test_pooled_form_takes_boxes_in_blocks(device, dtype, memory):
         assert relative_error(grad_x, expected_grad) <= tol
 
 
+@pytest.mark.parametrize("height, width, memory", [(1, 3, "nchw"), (5, 11, "channels_last"), (16, 16, "nchw"), (9, 2, "channels_last")])
+def test_pooled_form_sums_every_pixel_chunk(device, height, width, memory):
+    """The pooled forward sums the padded map ``POOLED_CHUNK`` pixels a step: maps of one step (1x3:
+    16 pixels), of several (5x11: 128; 9x2: 16x2 padded, 32), and of the largest whole map (16x16)."""
+    check_against_torchvision("triton", device, (1, 1), -1, height % 2 == 1, 1.0, torch.float32, memory, shape=(2, 37, height, width), per_image=3,
+                              seed=height * width)
+
+
 @pytest.mark.parametrize("channel_blocks", [2, 3])
 @pytest.mark.parametrize("dtype, memory", [(torch.float32, "channels_last"), (torch.bfloat16, "nchw")])
 def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, dtype, memory):

@@ -517,7 +517,7 @@ def _pooled_backward_kernel(
         channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
         acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), FLOAT32)
         for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
-            more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
+            more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
             acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, FLOAT32)
         _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
@@ -666,7 +666,8 @@ def _image_index(rois_ptr, boxes, real, num_images):
     -1 (int32; -1 where not ``real``)."""
     image = tl.load(rois_ptr + boxes.to(tl.int64) * 5, mask=real, other=-1.0)
     image = tl.where(image == image, image, -1.0)
-    return tl.minimum(tl.maximum(image, -1.0), num_images.to(tl.float32)).to(tl.int32)
+    # num_images * 1.0, not .to(): a launch with one image passes it as the constant 1, a Python int
+    return tl.minimum(tl.maximum(image, -1.0), num_images * 1.0).to(tl.int32)
 
 
 @triton.jit

@@ -811,6 +811,14 @@ for dtype in (torch.float32, torch.bfloat16):
     for name, kernel, args, constexprs, options in launches(dtype, "channels_last", shape=(8, 2048, side, side)):
         shared = compile_like_launch(kernel, args, constexprs, **options).metadata.shared
         assert shared <= MAX_SHARED_PER_PROGRAM, f"{name} {dtype} {side}x{side}: {shared} bytes of shared memory"
+# A launch passes integers equal to 1 as constants (Python ints in the kernel, where .to() fails):
+# one image, one channel, a map one pixel high; the sort fallback's weights launch too.
+for name, kernel, args, constexprs, options in launches(torch.float32, "nchw", shape=(1, 1, 1, 3)):
+    compile_like_launch(kernel, args, constexprs, **options)
+meta = {name: torch.empty(size, dtype=dtype, device="meta") for name, size, dtype in (
+    ("rois_ptr", (10, 5), torch.float32), ("order_ptr", (26,), torch.int32), ("offsets_ptr", (2,), torch.int32), ("weights_ptr", (26, 16), torch.float32))}
+compile_like_launch(kernels._pooled_weights_kernel, meta | dict(K=10, num_images=1, H=1, W=3, spatial_scale=1.0),
+                    dict(BOXES=kernels.POOLED_WEIGHT_BOXES, HEAD=kernels.POOLED_BOX_BLOCK, SAMPLING=0, ALIGNED=False, TILE_H=1, TILE_W=16))
 geometry = {name: "i32" for name in ("C", "H", "W", "stride_n", "stride_c", "stride_h", "stride_w")} | {"spatial_scale": "fp32"}
 grouping = {"rois_ptr": "*fp32", "order_ptr": "*i32", "offsets_ptr": "*i32"}
 for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

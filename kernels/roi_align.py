@@ -71,8 +71,8 @@ MAX_TILE = 256
 LARGE_TILE = (8, 16)
 # Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
 # K^2 compares over K / GROUP_BLOCK programs, one int32 compare a pair: SCRL's 2560 boxes are 6.6 M
-# (on sm_90 a thread's scan of all 2560 keys is 5 trips of 447 instructions, each waiting on one
-# round of GROUP_LOADS loads); at the limit 67 M, about what torch.sort's 3-4 launches plus
+# (on sm_90 a thread's scan of all 2560 keys is 5 trips of 447 instructions, 837 with the pooled
+# plan's second count, each waiting on one round of GROUP_LOADS loads); at the limit 67 M, about what torch.sort's 3-4 launches plus
 # searchsorted take, and quadratic beyond it, so above it the sort serves. `bench_roi_align.py
 # --host` times both on a GPU around this limit (an estimate until then).
 GROUP_KERNEL_MAX_BOXES = 8192

@@ -137,3 +137,19 @@ def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
     (kept, refused) = sweep(case, "forward", [(32, 4, None, None, None), (16, 4, None, 2, None)], tolerance=1e-5)
     assert kept[1] > 0 and kept[2] is None
     assert refused[1] is None and "differs from the package's configuration" in refused[2]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["array", "full"])
+def test_roi_align_benchmark_times_scrl_own_call(full):
+    from benchmarks.bench_roi_align import SCRL_AXES, SCRL_RECIPE, scrl_settings
+
+    settings = scrl_settings(SCRL_AXES, full)
+    assert len(settings) == len(set(settings)) == (64 if full else 8 + len(SCRL_RECIPE))
+    assert (256, "1x1-pooled", -1, False, torch.float32, "channels_last") in SCRL_RECIPE
+    assert all(setting in settings for setting in SCRL_RECIPE)
+    if not full:  # the array's pairs: every value of any two axes meets twice
+        for i in range(6):
+            for j in range(i + 1, 6):
+                for a in SCRL_AXES[i]:
+                    for b in SCRL_AXES[j]:
+                        assert sum(s[i] == a and s[j] == b for s in settings[:8]) == 2

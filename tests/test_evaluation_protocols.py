@@ -221,10 +221,18 @@ def test_selfpatch_vit_exports_strictly_into_plain_timm_with_the_same_features(t
     path = export_backbone(backbone, tmp_path / "vit.pth")
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["create_kwargs"]["class_token"] is False and sidecar["create_kwargs"]["final_norm"] is False
+    assert sidecar["pos_embed_resize"] == "reference"
     model = load_exported(path).eval()
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert torch.equal(model.forward_features(x), backbone(x))
+        # a bare timm model (no fastdense at load time): the same tokens at the trained 224 px grid
+        import timm
+
+        bare = timm.create_model(sidecar["arch"], num_classes=0, **sidecar["create_kwargs"]).eval()
+        bare.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        x = torch.randn(1, 3, 224, 224)
+        assert torch.equal(bare.forward_features(x), backbone(x))
 
 
 def test_resnet_export_loads_strictly_once_fc_is_dropped(tmp_path):

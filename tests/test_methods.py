@@ -614,6 +614,84 @@ def test_selfpatch_step_and_ema_teacher():
         torch.testing.assert_close(t1, m * t0 + (1 - m) * s1, rtol=1e-6, atol=1e-7)
 
 
+def _cubic64(distance: float, a: float = -0.75) -> float:
+    d = abs(distance)
+    if d <= 1:
+        return ((a + 2) * d - (a + 3)) * d * d + 1
+    return (((d - 5) * d + 8) * d - 4) * a if d < 2 else 0.0
+
+
+def _bicubic_matrix64(size_out: int, size_in: int, scale_factor: float) -> torch.Tensor:
+    """Rows: output positions; the weights of a half-pixel bicubic (a = -0.75) resampling at
+    ``scale_factor``, edge pixels repeated; float64, written out from the formula."""
+    matrix = torch.zeros(size_out, size_in, dtype=torch.float64)
+    for i in range(size_out):
+        source = (i + 0.5) / scale_factor - 0.5
+        left = math.floor(source)
+        for offset in (-1, 0, 1, 2):
+            matrix[i, min(max(left + offset, 0), size_in - 1)] += _cubic64(source - (left + offset))
+    return matrix
+
+
+@pytest.mark.parametrize("old, new", [((14, 14), (6, 6)), ((14, 14), (3, 3)), ((14, 14), (7, 5)), ((4, 6), (9, 13))])
+def test_dino_pos_embed_resize_matches_a_float64_bicubic_at_the_reference_scale(old, new):
+    from fastdense.models.backbones import dino_resample_pos_embed
+
+    torch.manual_seed(0)
+    pos_embed = torch.randn(1, old[0] * old[1], 5)
+    got = dino_resample_pos_embed(pos_embed, new, old)
+    grid = pos_embed.double().reshape(*old, 5)
+
+    def resized(scale_y, scale_x):
+        rows, cols = _bicubic_matrix64(new[0], old[0], scale_y), _bicubic_matrix64(new[1], old[1], scale_x)
+        return torch.einsum("ij,jkc,lk->ilc", rows, grid, cols).reshape(1, new[0] * new[1], 5)
+
+    expected = resized((new[0] + 0.1) / old[0], (new[1] + 0.1) / old[1])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # the 0.1 moves the samples: a resize to the grid (scale new / old) is another result
+    assert (resized(new[0] / old[0], new[1] / old[1]) - expected).abs().max() > 1e-3
+    assert dino_resample_pos_embed(pos_embed, old, old) is pos_embed
+    with pytest.raises(ValueError, match="rows"):
+        dino_resample_pos_embed(pos_embed, new, (old[0] + 1, old[1]))
+
+
+def test_selfpatch_vit_resizes_its_position_embedding_as_the_reference():
+    pytest.importorskip("timm")
+    from timm.layers import resample_abs_pos_embed
+
+    from fastdense.models.backbones import dino_resample_pos_embed
+
+    torch.manual_seed(0)
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH)
+    images = torch.randn(2, 3, 48, 48)  # a 3 x 3 token grid; the embedding is the 14 x 14 grid's
+    for network in (method.student, method.teacher):
+        trunk = network.backbone.trunk
+        assert trunk._pos_embed.args[0] is trunk  # each network its own trunk's embedding
+        patches = trunk.patch_embed(images).reshape(2, 9, -1)
+        torch.testing.assert_close(trunk._pos_embed(trunk.patch_embed(images)), patches + dino_resample_pos_embed(trunk.pos_embed, (3, 3), (14, 14)))
+    copied = copy.deepcopy(method.student).backbone.trunk
+    assert copied._pos_embed.args[0] is copied
+
+    timm_way = build_method("selfpatch", preset="cpu", pos_embed_resize="timm", **SMALL_SELFPATCH)
+    timm_way.load_state_dict(method.state_dict())  # the same weights, the same state dict keys
+    trunk = timm_way.student.backbone.trunk
+    timm_embed = resample_abs_pos_embed(trunk.pos_embed, new_size=(3, 3), old_size=(14, 14), num_prefix_tokens=0)
+    torch.testing.assert_close(trunk._pos_embed(trunk.patch_embed(images)), trunk.patch_embed(images).reshape(2, 9, -1) + timm_embed)
+    with torch.no_grad():
+        assert not torch.allclose(timm_way.student.backbone(images), method.student.backbone(images))
+        big = torch.randn(1, 3, 224, 224)  # the embedding's own grid: both as they are
+        torch.testing.assert_close(timm_way.student.backbone(big), method.student.backbone(big))
+    with pytest.raises(ValueError, match="pos_embed_resize"):
+        build_method("selfpatch", preset="cpu", pos_embed_resize="nearest", **SMALL_SELFPATCH)
+    from fastdense.models.backbones import use_reference_pos_embed
+
+    small = dict(depth=1, embed_dim=24, num_heads=2)
+    with pytest.raises(ValueError, match="class/register"):
+        use_reference_pos_embed(build_backbone("vit_tiny_patch16_224", dynamic_img_size=True, **small).trunk)
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        use_reference_pos_embed(build_backbone("vit_tiny_patch16_224", class_token=False, global_pool="", **small).trunk)
+
+
 # ------------------------------------------------------------------------------------------ options
 
 

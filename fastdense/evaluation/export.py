@@ -5,7 +5,9 @@ classifier ``fc`` is missing). timm models load strictly into
 ``timm.create_model(arch, num_classes=0, **create_kwargs)``, where the sidecar ``.json`` lists the
 ``create_kwargs`` that shape the weights (SelfPatch's ViT, for instance, has no class token and no
 final norm: ``class_token=False, global_pool="", final_norm=False``); :func:`load_exported` does
-this. Detection and segmentation frameworks take the file as-is: mmdetection through
+this. Its ViT also resizes the position embedding for other input sizes as SelfPatch's reference
+does (sidecar ``"pos_embed_resize": "reference"``, which :func:`load_exported` applies again); a bare
+timm model gives the same tokens at the trained grid (224 px) and resizes its own way elsewhere. Detection and segmentation frameworks take the file as-is: mmdetection through
 ``init_cfg=dict(type="Pretrained", checkpoint=PATH)`` on a torchvision-style ResNet, detectron2 after
 its ``tools/convert-torchvision-to-d2.py`` (which renames torchvision keys to detectron2's).
 """
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from fastdense.models import Backbone
+from fastdense.models.backbones import use_reference_pos_embed, uses_reference_pos_embed
 
 
 def backbone_state_dict(backbone: Backbone) -> dict:
@@ -59,6 +62,8 @@ def export_backbone(backbone: Backbone, path) -> Path:
     os.replace(tmp, path)
     source = "torchvision" if backbone.kind == "resnet" else "timm"
     sidecar = {"arch": backbone.name, "source": source, "create_kwargs": timm_create_kwargs(backbone)}
+    if backbone.kind == "vit" and uses_reference_pos_embed(backbone.trunk):
+        sidecar["pos_embed_resize"] = "reference"
     path.with_suffix(".json").write_text(json.dumps(sidecar) + "\n")
     return path
 
@@ -79,5 +84,7 @@ def load_exported(path) -> nn.Module:
         import timm
 
         model = timm.create_model(sidecar["arch"], pretrained=False, num_classes=0, **sidecar.get("create_kwargs", {}))
+        if sidecar.get("pos_embed_resize") == "reference":
+            use_reference_pos_embed(model)
     model.load_state_dict(state, strict=True)
     return model

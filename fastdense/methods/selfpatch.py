@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdense.methods.ema import EmaTargetMethod, make_target
-from fastdense.methods.options import check_range, resized_recipe, resolve_options
+from fastdense.methods.options import check_choice, check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
+from fastdense.models.backbones import use_reference_pos_embed
 from fastdense.models.heads import DINOHead
 
 
@@ -147,7 +148,10 @@ class SelfPatch(EmaTargetMethod):
     ``freeze_last_layer`` (1: epochs during which the DINO heads' last layers are not updated, the
     reference's ``cancel_gradients_last_layer``);
     ``drop_path_rate`` (0.1, student only); ``backbone_options`` (more ``timm.create_model`` arguments,
-    e.g. ``{"depth": 6}``); ``view_sizes``. The teacher starts as a copy of the student.
+    e.g. ``{"depth": 6}``); ``pos_embed_resize`` (``"reference"``: the position embedding of the
+    224 px grid resized for smaller views as SelfPatch's ViT does, bicubic at the scale factor
+    ``(n + 0.1) / 14``, no antialiasing; ``"timm"``: timm's antialiased resize to the grid);
+    ``view_sizes``. The teacher starts as a copy of the student.
 
     >>> from fastdense.methods import build_method
     >>> build_method("selfpatch", preset="cpu").backbone.out_channels
@@ -173,6 +177,7 @@ class SelfPatch(EmaTargetMethod):
             "freeze_last_layer": 1,
             "drop_path_rate": 0.1,
             "backbone_options": {},
+            "pos_embed_resize": "reference",
             "view_sizes": {},
         }
 
@@ -199,6 +204,7 @@ class SelfPatch(EmaTargetMethod):
         check_range(self.name, "patch_loss_weight", opts["patch_loss_weight"], 0.0)
         check_range(self.name, "num_neighbours", opts["num_neighbours"], 1, 8)
         check_range(self.name, "freeze_last_layer", opts["freeze_last_layer"], 0)
+        check_choice(self.name, "pos_embed_resize", opts["pos_embed_resize"], ("reference", "timm"))
         self.recipe = resized_recipe("selfpatch", opts["view_sizes"])
         self.base_momentum = float(opts["base_momentum"])
         self.student = self.build_network(opts, drop_path_rate=float(opts["drop_path_rate"]))
@@ -214,6 +220,8 @@ class SelfPatch(EmaTargetMethod):
             opts["backbone"], class_token=False, global_pool="", dynamic_img_size=True, drop_path_rate=drop_path_rate, **dict(opts["backbone_options"])
         )
         backbone.trunk.norm = nn.Identity()  # SelfPatch's ViT has no final norm; the head normalises
+        if opts["pos_embed_resize"] == "reference":
+            use_reference_pos_embed(backbone.trunk)
         head = lambda out_dim: DINOHead(backbone.out_channels, out_dim, opts["head_hidden_dim"], opts["head_bottleneck_dim"])  # noqa: E731
         return SelfPatchNetwork(backbone, backbone.trunk.blocks[0].attn.num_heads, int(opts["num_neighbours"]), head(opts["image_out_dim"]), head(opts["patch_out_dim"]))
 

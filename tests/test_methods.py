@@ -463,6 +463,22 @@ def test_lewel_loss_matches_float64(eman):
     assert all(head[-1].bias is None for head in heads)
 
 
+def test_lewel_heads_start_as_the_reference_initialises_them():
+    torch.manual_seed(0)
+    method = build_method("lewel", preset="cpu")  # 512 -> 512 -> 128 heads: enough weights for a std
+    heads = (method.encoder.neck, method.encoder.object_projector, method.predictor, method.object_predictor)
+    for head in heads:
+        linears = [layer for layer in head if isinstance(layer, nn.Linear)]
+        assert len(linears) == 2
+        for layer in linears:
+            expected = math.sqrt(2.0 / layer.out_features)  # He-normal over the outputs
+            weight = layer.weight.detach()
+            assert abs(float(weight.std()) / expected - 1) < 0.02 and abs(float(weight.mean())) < 0.02 * expected
+            assert layer.bias is None or not layer.bias.any()
+    for online, target in zip(method.encoder.parameters(), method.target_encoder.parameters()):
+        assert torch.equal(online, target)  # the target copies the initialised encoder
+
+
 def test_lewel_eman_target_is_eval_and_averages_buffers():
     torch.manual_seed(2)
     method = build_method("lewel", preset="cpu", eman=True, **SMALL_LEWEL).double()

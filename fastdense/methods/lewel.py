@@ -28,6 +28,18 @@ from fastdense.models import build_backbone
 from fastdense.models.heads import mlp, per_location
 
 
+def init_like_reference(head: nn.Module) -> nn.Module:
+    """The reference's initialisation of its heads' 1x1 convolutions (``c2_msra_fill``): He-normal
+    weights over the outputs (``fan_out``, ReLU gain: std ``sqrt(2 / out)``), no bias (here: zero
+    biases, where ``mlp`` has them before a BatchNorm); BatchNorms at PyTorch's 1 and 0. Returns ``head``."""
+    for layer in head.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+    return head
+
+
 class LEWELEncoder(nn.Module):
     """Backbone + neck + object projector: ``image -> (g [B, D], objects [B, D, maps_per_head])``."""
 
@@ -118,6 +130,8 @@ class LEWEL(EmaTargetMethod):
         self.encoder = LEWELEncoder(opts["backbone"], opts["neck_dims"], opts["object_projector_dims"], int(opts["num_heads"]), float(opts["map_scale"]))
         self.predictor = mlp(opts["neck_dims"][-1], opts["predictor_dims"], last_bias=False)
         self.object_predictor = mlp(opts["object_projector_dims"][-1], opts["object_predictor_dims"], last_bias=False)
+        for head in (self.encoder.neck, self.encoder.object_projector, self.predictor, self.object_predictor):
+            init_like_reference(head)
         self.target_encoder = make_target(self.encoder)
         self.train(self.training)
 

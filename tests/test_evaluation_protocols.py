@@ -387,3 +387,20 @@ def test_the_console_script_exits_0(checkpoint, monkeypatch, capsys):
         sys.exit(entry_point())
     assert exit_info.value.code in (0, None)
     assert "'task': 'export'" not in capsys.readouterr().err
+
+
+def test_eval_converts_16_bit_images_as_training_does(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16 or I) is scaled from 0-65535 to 0-255 as the training
+    loaders' to_rgb does: 40000 -> 156. PIL's convert("RGB") clipped it to white (255)."""
+    from fastdense.evaluation.data import EvalImages, EvalSample
+    from fastdense.pipelines.torch_backend import to_rgb
+
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((12, 10), 40000, dtype=np.uint16)).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode in ("I;16", "I")
+        assert np.asarray(to_rgb(stored)).max() == 156
+    dataset = EvalImages([EvalSample(path, label=0)], 8)
+    image, label = dataset[0]
+    pixels = image * dataset.std + dataset.mean  # undo the normalisation: 0-1 per channel
+    torch.testing.assert_close(pixels, torch.full((3, 8, 8), 156 / 255), rtol=0, atol=1e-6)

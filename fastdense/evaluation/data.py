@@ -1,5 +1,5 @@
-"""Evaluation images: a fixed resize (no augmentation), labels from class folders, masks from a
-parallel folder of PNGs or the VOC layout."""
+"""Evaluation images: a fixed resize (no augmentation), every mode converted to RGB as training
+converts it, labels from class folders, masks from a parallel folder of PNGs or the VOC layout."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageOps
 
 from fastdense.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
+from fastdense.pipelines.torch_backend import to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16")
@@ -120,7 +121,9 @@ class EvalImages(torch.utils.data.Dataset):
                 if im.size != mask_size:
                     raise ValueError(f"image {sample.image} is {im.size[0]}x{im.size[1]} but its mask {sample.mask} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
                 image = im  # the mask was drawn on the stored pixel grid, before the EXIF rotation
-            image = image.convert("RGB").resize((self.size, self.size), Image.BICUBIC)
+            # Training's conversion, so the probe sees the pixels the backbone was trained on
+            # (PIL's own convert("RGB") clips 16-bit grayscale: 40000 of 65535 became white).
+            image = to_rgb(image).resize((self.size, self.size), Image.BICUBIC)
         tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         tensor = (tensor - self.mean) / self.std
         if mask is None:

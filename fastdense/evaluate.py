@@ -41,6 +41,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (load in the main process) or more, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastdense-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastdense-train")
@@ -52,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-init", action="store_true", help="evaluate the same architecture at random initialisation (the baseline)")
     p.add_argument("--epochs", type=_positive, default=None, help="probe training epochs (linear: 100, dense: 30)")
     p.add_argument("--batch-size", type=_positive, default=64, help="feature-extraction batch size")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=_non_negative, default=2, help="feature-extraction loader processes (0: load in the main process)")
     p.add_argument("--k", type=_positive, default=20, help="neighbours for the knn task")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: next to the checkpoint)")

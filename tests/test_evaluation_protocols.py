@@ -404,3 +404,19 @@ def test_eval_converts_16_bit_images_as_training_does(tmp_path):
     image, label = dataset[0]
     pixels = image * dataset.std + dataset.mean  # undo the normalisation: 0-1 per channel
     torch.testing.assert_close(pixels, torch.full((3, 8, 8), 156 / 255), rtol=0, atol=1e-6)
+
+
+def _argparse_error(argv, capsys):
+    """What argparse prints when it refuses ``argv`` (exit status 2): its last line."""
+    from fastdense.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_eval_refuses_a_negative_num_workers_when_parsing(checkpoint, capsys):
+    """It reached the DataLoader, whose ValueError came after the checkpoint was loaded."""
+    message = _argparse_error(["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "-1"], capsys)
+    assert "--num-workers" in message and "-1" in message

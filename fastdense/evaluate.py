@@ -48,6 +48,19 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _device(text: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; whether that GPU exists is checked in :func:`main`."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's message lists every backend it knows of, not what eval runs on
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return device
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastdense-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastdense-train")
@@ -61,14 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=_positive, default=64, help="feature-extraction batch size")
     p.add_argument("--num-workers", type=_non_negative, default=2, help="feature-extraction loader processes (0: load in the main process)")
     p.add_argument("--k", type=_positive, default=20, help="neighbours for the knn task")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", type=_device, default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
     p.add_argument("--output", type=Path, default=None, help="JSON result path (default: next to the checkpoint)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"fastdense-eval: --device {device} but torch sees no CUDA device here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"fastdense-eval: --device {device} but torch sees {torch.cuda.device_count()} CUDA device(s) here (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     torch.manual_seed(0)  # a --random-init backbone is the same one every time
     try:
         method, info = load_trained_method(args.checkpoint, random_init=args.random_init)

@@ -416,6 +416,23 @@ def _argparse_error(argv, capsys):
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_eval_refuses_a_device_it_cannot_run_on(checkpoint, monkeypatch, capsys):
+    """--device cuda without a GPU (as fastdense-train says it) and a device that is no device were
+    torch's RuntimeErrors, raised from deep in main."""
+    common = ["--checkpoint", str(checkpoint), "--task", "export"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:1"):
+        message = _eval_error(common + ["--device", device])
+        assert f"--device {device} but torch sees no CUDA device" in message and "\n" not in message
+    for device in ("foo", "cuda:x", "meta"):
+        message = _argparse_error(common + ["--device", device], capsys)
+        assert "--device" in message and repr(device) in message
+    from fastdense.evaluate import main
+
+    assert main(common + ["--device", "auto"])["task"] == "export"  # auto falls back to the CPU
+
+
 def test_eval_refuses_a_negative_num_workers_when_parsing(checkpoint, capsys):
     """It reached the DataLoader, whose ValueError came after the checkpoint was loaded."""
     message = _argparse_error(["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "-1"], capsys)

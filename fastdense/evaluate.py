@@ -92,6 +92,8 @@ def main(argv=None) -> dict:
         backbone = select_backbone(method, args.network)
     except ValueError as e:  # CheckpointError included: the message names the file
         sys.exit(f"fastdense-eval: {e}")
+    if args.output is not None:
+        _check_output(args.output)  # before any compute: a bad path found at the end wasted all of it
     run_dir = args.checkpoint.parent
     suffix = f"{'_target' if args.network == 'target' else ''}{'_random' if args.random_init else ''}"
     tag = f"{args.task}{suffix}"
@@ -144,6 +146,19 @@ def main(argv=None) -> dict:
     _print_table(result)
     print(f"fastdense-eval: wrote {out}")
     return result
+
+
+def _check_output(path: Path) -> None:
+    """Create ``--output``'s folder (as the trainer creates its run directory) and make sure a file
+    can be written there; exit with one line naming ``--output`` when not."""
+    if path.is_dir():
+        sys.exit(f"fastdense-eval: --output {path} is a directory; give a file path for the JSON result")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"fastdense-eval: --output {path}: cannot create its folder {path.parent}: {e.strerror or e}")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        sys.exit(f"fastdense-eval: --output {path} cannot be written (no write permission)")
 
 
 def _builtin_root():

@@ -437,3 +437,25 @@ def test_eval_refuses_a_negative_num_workers_when_parsing(checkpoint, capsys):
     """It reached the DataLoader, whose ValueError came after the checkpoint was loaded."""
     message = _argparse_error(["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "-1"], capsys)
     assert "--num-workers" in message and "-1" in message
+
+
+def test_eval_creates_the_output_folder_and_refuses_an_unusable_output_before_extracting(tmp_path, checkpoint):
+    """A JSON path in a missing folder raised FileNotFoundError after every feature was computed."""
+    from fastdense.evaluate import main
+
+    nested = tmp_path / "new" / "deeper" / "result.json"
+    result = main(["--checkpoint", str(checkpoint), "--task", "export", "--output", str(nested)])
+    assert json.loads(nested.read_text())["task"] == result["task"] == "export"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    data = tmp_path / "data" / "cls"
+    data.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (32, 32), (50 * i, 0, 0)).save(data / f"{i}.png")
+    cache = checkpoint.parent / "eval_cache"
+    cached_before = set(cache.glob("*"))
+    common = ["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "0", "--image-size", "32", "--data", str(data.parent)]
+    for output in (blocker / "result.json", tmp_path / "new"):
+        message = _eval_error(common + ["--output", str(output)])
+        assert f"--output {output}" in message and "\n" not in message
+    assert set(cache.glob("*")) == cached_before  # refused before any feature was extracted

@@ -9,9 +9,11 @@ The online network is evaluated; ``--network target`` takes a method's EMA copy 
 teacher DINO and SelfPatch report). Features are extracted once per (weights, image list, size) and
 cached next to the checkpoint. Results are printed as a table and written as JSON next to the
 checkpoint. Bad input stops with one line naming the file or argument: a missing, damaged or
-foreign checkpoint, a data folder without images or masks, colour masks, or an image size the
-backbone's stride does not divide, all before any feature is computed. (An image whose mask has
-another size raises a ValueError naming both when extraction reaches it.)
+foreign checkpoint, a data folder without images or masks (or without one that can be decoded),
+colour masks, an image size the backbone's stride does not divide, a device that is not there or
+an --output that cannot be written, all before any feature is computed. Images or masks that
+cannot be decoded (cut short, empty, not images) are left out and named, as training skips them.
+(An image whose mask has another size raises a ValueError naming both when extraction reaches it.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fastdense.evaluation import knn_accuracy, linear_probe_accuracy, train_dense_probe
-from fastdense.evaluation.data import EvalImages, classification_splits, segmentation_splits
+from fastdense.evaluation.data import EvalImages, check_mask, classification_splits, drop_unreadable, segmentation_splits
 from fastdense.evaluation.export import export_backbone
 from fastdense.evaluation.features import cached, extract
 from fastdense.evaluation.checkpoint import load_trained_method, select_backbone
@@ -113,8 +115,12 @@ def main(argv=None) -> dict:
                 train_set, test_set = segmentation_splits(data, masks)
             else:
                 train_set, test_set, classes = classification_splits(data)
+            train_set, test_set, left_out = _leave_out_unreadable(train_set, test_set, data, masks if args.task == "dense" else None)
+            if args.task == "dense" and train_set + test_set:
+                check_mask((train_set + test_set)[0].mask)
             if not train_set or not test_set:
-                raise ValueError(f"--data {data}: {len(train_set)} training and {len(test_set)} test images; both splits need at least one")
+                after = f" (after leaving out {left_out} with an unreadable file)" if left_out else ""
+                raise ValueError(f"--data {data}: {len(train_set)} training and {len(test_set)} test images{after}; both splits need at least one")
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"fastdense-eval: {e}")
         # The sample list is part of the key: a folder that gained or lost images, or the same
@@ -146,6 +152,26 @@ def main(argv=None) -> dict:
     _print_table(result)
     print(f"fastdense-eval: wrote {out}")
     return result
+
+
+def _leave_out_unreadable(train_set, test_set, data, masks):
+    """The splits without the samples whose image or mask cannot be decoded, and how many were left
+    out; the files are named on stderr, as training names the files it skips. The splits are drawn
+    before, so a file that goes bad leaves the other images where they were (no test image moves
+    to training). A folder with nothing readable left is an error naming it."""
+    train_kept, unreadable = drop_unreadable(train_set, data, masks)
+    test_kept, test_unreadable = drop_unreadable(test_set, data, masks)
+    unreadable += test_unreadable
+    left_out = len(train_set) + len(test_set) - len(train_kept) - len(test_kept)
+    dense = any(s.mask is not None for s in train_set + test_set)
+    if unreadable:
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in unreadable)
+        samples = "image/mask pairs" if dense else "images"
+        print(f"fastdense-eval: skipped {len(unreadable)} files that could not be read, leaving out {left_out} of {len(train_set) + len(test_set)} {samples}:\n{lines}", file=sys.stderr)
+    if unreadable and not train_kept and not test_kept:
+        folders = f"--data {data} and --masks {masks} hold" if masks is not None else f"--data {data} holds"
+        raise ValueError(f"{folders} no readable image{' with a readable mask' if dense else ''} ({len(unreadable)} unreadable files)")
+    return train_kept, test_kept, left_out
 
 
 def _check_output(path: Path) -> None:

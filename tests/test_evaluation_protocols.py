@@ -459,3 +459,66 @@ def test_eval_creates_the_output_folder_and_refuses_an_unusable_output_before_ex
         message = _eval_error(common + ["--output", str(output)])
         assert f"--output {output}" in message and "\n" not in message
     assert set(cache.glob("*")) == cached_before  # refused before any feature was extracted
+
+
+def _unreadable_files(folder):
+    """A JPEG cut short, random bytes named .jpg and an empty file: what a bad copy leaves behind."""
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(encoded, "JPEG")
+    (folder / "truncated.jpg").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    (folder / "noise.jpg").write_bytes(np.random.default_rng(1).bytes(300))
+    (folder / "empty.jpg").write_bytes(b"")
+    return [folder / "truncated.jpg", folder / "noise.jpg", folder / "empty.jpg"]
+
+
+def test_eval_leaves_out_unreadable_images_and_names_them(tmp_path, checkpoint, monkeypatch, capsys):
+    """The first unreadable file stopped extraction with PIL's UnidentifiedImageError, even in the
+    training run's own folder, whose bad files training skips; a folder of bad files only was
+    reported as '4 training and 0 test images'."""
+    from fastdense.evaluate import main
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    for i in range(10):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (25 * i, 200 - 20 * i, 3 * i)).save(data / f"c{i % 2}" / f"{i}.png")
+    bad = _unreadable_files(data / "c0")
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "knn", "--k", "3"]
+    result = main(common + ["--data", str(data)])
+    assert result["train_images"] + result["test_images"] == 10
+    err = capsys.readouterr().err
+    assert "skipped 3 files that could not be read, leaving out 3 of 13 images" in err
+    assert all(str(path) in err for path in bad)
+    only_bad = tmp_path / "only_bad"
+    _unreadable_files(only_bad / "c0")
+    _unreadable_files(only_bad / "c1")
+    message = _eval_error(common + ["--data", str(only_bad)])
+    assert f"--data {only_bad} holds no readable image (6 unreadable files)" in message and "\n" not in message
+
+
+def test_eval_dense_leaves_out_pairs_with_an_unreadable_image_or_mask(tmp_path, checkpoint, monkeypatch, capsys):
+    """Dense: an unreadable image or mask leaves its pair out, named; the colour-mask check reads the
+    first readable mask (it opened the first mask of all, and an unreadable one raised PIL's error)."""
+    from fastdense.evaluate import main
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i in range(12):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(images / f"{i:02d}.png")
+        Image.fromarray(np.full((32, 32), i % 3, dtype=np.uint8)).save(masks / f"{i:02d}.png")
+    (masks / "00.png").write_bytes(b"")  # the first mask
+    (images / "05.png").write_bytes(b"not a png")
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "dense", "--epochs", "1"]
+    result = main(common + ["--data", str(images), "--masks", str(masks)])
+    assert 0.0 <= result["miou"] <= 100.0
+    err = capsys.readouterr().err
+    assert "skipped 2 files that could not be read, leaving out 2 of 12 image/mask pairs" in err
+    assert str(masks / "00.png") in err and str(images / "05.png") in err
+    for i in range(12):
+        (masks / f"{i:02d}.png").write_bytes(b"")
+    message = _eval_error(common + ["--data", str(images), "--masks", str(masks)])
+    assert f"--data {images} and --masks {masks} hold no readable image with a readable mask" in message

@@ -65,7 +65,6 @@ def segmentation_splits(images_root, masks_root=None) -> Tuple[List[EvalSample],
         for name in ("train", "val"):
             ids = (lists / f"{name}.txt").read_text().split()
             splits.append([EvalSample(root / "JPEGImages" / f"{i}.jpg", mask=root / "SegmentationClass" / f"{i}.png") for i in ids])
-        _check_mask(splits[0][0].mask if splits[0] else None)
         return splits[0], splits[1]
     if masks_root is None:
         raise ValueError(f"{root} is not in the VOC layout (no SegmentationClass/) and no masks folder was given (--masks)")
@@ -77,16 +76,33 @@ def segmentation_splits(images_root, masks_root=None) -> Tuple[List[EvalSample],
             pairs.append(EvalSample(image, mask=mask))
     if not pairs:
         raise ValueError(f"no image in {root} has a mask in {masks_root} (expected the same relative path with .png)")
-    _check_mask(pairs[0].mask)
     return split_samples(pairs)
 
 
-def _check_mask(path: Optional[Path]) -> None:
+def drop_unreadable(samples: List[EvalSample], image_root, mask_root=None) -> Tuple[List[EvalSample], List[Tuple[Path, str]]]:
+    """``(kept, unreadable)``: the samples whose image (and mask) can be decoded, and ``(path, reason)``
+    for every file that cannot, found by the check the training loaders make before an epoch
+    (:func:`~fastdense.pipelines.validate.find_unreadable`, cached per folder, so a later evaluation
+    of the same folder only checks new or changed files). A sample with either file unreadable is
+    left out. A listed file that does not exist (a VOC split list naming a missing image) raises
+    FileNotFoundError naming it."""
+    from fastdense.pipelines.validate import find_unreadable
+
+    images = [s.image for s in samples]
+    masks = [s.mask for s in samples if s.mask is not None]
+    for kind, paths in (("image", images), ("mask", masks)):
+        missing = next((path for path in paths if not path.is_file()), None)
+        if missing is not None:
+            raise FileNotFoundError(f"{kind} {missing} does not exist")
+    unreadable = find_unreadable(images, Path(image_root))
+    if masks:
+        unreadable += find_unreadable(masks, Path(mask_root or image_root))
+    bad = {path for path, _ in unreadable}
+    return [s for s in samples if s.image not in bad and s.mask not in bad], unreadable
+
+
+def check_mask(path: Path) -> None:
     """Fail before any feature is computed when masks are colour images rather than class indices."""
-    if path is None:
-        return
-    if not path.is_file():
-        raise FileNotFoundError(f"mask {path} does not exist")
     with Image.open(path) as m:
         if m.mode not in SINGLE_CHANNEL_MODES:
             raise ValueError(f"mask {path} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")

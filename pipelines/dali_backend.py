@@ -30,7 +30,8 @@ takes the checkpoint of a pass in progress (generators and reader as of the batc
 crops and colours as the uninterrupted pass.
 
 Unreadable files: DALI aborts the pipeline on a decode error, so files are checked once when the
-loader is built (:mod:`fastdense.pipelines.validate`: header, structure and JPEG end marker, cached)
+loader is built (:mod:`fastdense.pipelines.validate`: header, structure and JPEG end marker, cached,
+and :func:`dali_refuses`: the few image modes DALI's decoder cannot read)
 and left out of the reader. They are listed in ``loader.skipped`` as ``(path, reason)`` and reported
 on the ``fastdense.pipelines`` logger at the end of every epoch.
 """
@@ -56,6 +57,24 @@ INTERPOLATIONS = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
 # What fn.decoders.image reads, as PIL names the formats (PPM covers PGM and PBM; MPO is a JPEG
 # with extra pictures). A GIF, even one named .jpg, stops DALI's whole pipeline.
 DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "WEBP", "PPM", "JPEG2000")
+TIFF_BITS_PER_SAMPLE = 258
+
+
+def dali_refuses(image) -> Optional[str]:
+    """Why DALI's decoder (``fn.decoders.image``, as tried on the CPU) stops its pipeline on an image
+    of a format it reads, from the header PIL has parsed, or None. Found by decoding every PIL mode in
+    every format above; the others (16-bit, float, CMYK, LA, palette TIFFs, 1-bit with its tag...) decode."""
+    kind = (image.format, image.mode)
+    if kind == ("TIFF", "I"):
+        return "32-bit integer TIFF (PIL mode I): DALI cannot decode it (Invalid sample_type)"
+    if image.format == "TIFF" and TIFF_BITS_PER_SAMPLE not in getattr(image, "tag_v2", {}):
+        # The tag defaults to 1 in the TIFF standard (PIL writes bilevel images so); DALI requires it.
+        return "TIFF without a BitsPerSample tag: DALI cannot decode it"
+    if kind == ("PPM", "F"):
+        return "float PFM image: DALI cannot decode it"
+    if kind in (("JPEG2000", "CMYK"), ("JPEG2000", "LA")):
+        return f"JPEG 2000 image in mode {image.mode}: DALI cannot decode it"
+    return None
 
 
 def _import_dali():
@@ -217,7 +236,7 @@ class DaliLoader:
         self.classes = index.classes
         paths = [path for path, _ in index.samples]
         self.labels = torch.tensor([label for _, label in index.samples], dtype=torch.int64)
-        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads, formats=DALI_FORMATS)]
+        self.unreadable: List[Tuple[str, str]] = [(str(p), r) for p, r in find_unreadable(paths, index.root, self.num_threads, formats=DALI_FORMATS, refuse=dali_refuses)]
         self._report = SkipReport()
         bad = {path for path, _ in self.unreadable}
         self.readable = np.array([i for i, p in enumerate(paths) if str(p) not in bad], dtype=np.int64)

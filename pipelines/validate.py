@@ -24,12 +24,17 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
 JPEG_END_OF_IMAGE = b"\xff\xd9"
-CACHE_VERSION = 3  # 2: JPEGs with data after the end marker are readable; 3: other formats decoded in full
+# 2: JPEGs with data after the end marker are readable; 3: other formats decoded in full;
+# 4: a backend can refuse files by their header (``refuse``: DALI and the 32-bit integer TIFF)
+CACHE_VERSION = 4
+
+# Why a backend's decoder cannot read an image PIL has opened (its header parsed), or None.
+RefuseCheck = Callable[[Image.Image], Optional[str]]
 
 
 def cache_dir() -> Path:
@@ -37,19 +42,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTDENSE_CACHE", Path.home() / ".cache" / "fastdense")).expanduser()
 
 
-def check_image_file(path: Path, formats: Optional[Collection[str]] = None) -> Optional[str]:
+def check_image_file(path: Path, formats: Optional[Collection[str]] = None, refuse: Optional[RefuseCheck] = None) -> Optional[str]:
     """Why ``path`` cannot be decoded, or ``None`` when it can (see the module docstring); with
-    ``formats`` (PIL format names), a file in any other format cannot be decoded either."""
+    ``formats`` (PIL format names), a file in any other format cannot be decoded either, nor, with
+    ``refuse``, one for which it gives a reason."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as image:
             image_format = image.format
+            refused = refuse(image) if refuse is not None and (formats is None or image_format in formats) else None
             image.verify()
     except Exception as error:  # PIL raises many types (SyntaxError, OSError, struct.error...) for bad files
         return f"not a decodable image: {type(error).__name__}: {error}"
     if formats is not None and image_format not in formats:
         return f"{image_format} image (read by its content, whatever its name): a format this backend cannot decode"
+    if refused is not None:
+        return refused
     if image_format in ("JPEG", "MPO"):  # MPO: a JPEG with more pictures after the first (phones)
         with open(path, "rb") as handle:
             handle.seek(max(0, os.path.getsize(path) - 64))
@@ -78,9 +87,11 @@ def _decode_error(path: Path) -> Optional[str]:
 
 
 def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True,
-                    formats: Optional[Collection[str]] = None) -> List[Tuple[Path, str]]:
+                    formats: Optional[Collection[str]] = None, refuse: Optional[RefuseCheck] = None) -> List[Tuple[Path, str]]:
     """``(path, reason)`` for every file in ``paths`` that :func:`check_image_file` rejects, in input order."""
     key = str(Path(root).resolve()) + ("" if formats is None else "|" + ",".join(sorted(formats)))
+    if refuse is not None:  # each backend's verdicts are cached apart
+        key += f"|{refuse.__module__}.{refuse.__qualname__}"
     cache_file = cache_dir() / "validated" / (hashlib.sha1(key.encode()).hexdigest() + ".json")
     cached: Dict[str, list] = {}
     if use_cache and cache_file.is_file():
@@ -107,7 +118,7 @@ def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use
             todo.append((path, current))
     if todo:
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
-            reasons = list(pool.map(lambda item: check_image_file(item[0], formats), todo))
+            reasons = list(pool.map(lambda item: check_image_file(item[0], formats, refuse), todo))
         for (path, current), reason in zip(todo, reasons):
             results[str(path)] = current + [reason]
         if use_cache:

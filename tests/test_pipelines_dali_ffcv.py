@@ -237,6 +237,31 @@ def test_dali_skips_formats_it_cannot_decode(tmp_path, monkeypatch):
     assert validate.find_unreadable([gif], tmp_path / "images") == []  # other backends read it
 
 
+def test_dali_skips_image_modes_its_decoder_refuses(tmp_path, monkeypatch):
+    """A 32-bit integer TIFF (PIL mode I) passed the format check, then stopped DALI's pipeline
+    mid-epoch ("Invalid sample_type: 8197"), as did PIL's bilevel TIFF (no BitsPerSample tag). Both
+    are skipped and reported up front; the modes DALI does decode (16-bit, float, CMYK, LA TIFFs, a
+    1-bit PNG) are read, not skipped."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    refused = [folder / "int32.tif", folder / "bilevel.tif"]
+    Image.fromarray(rng.integers(0, 2**20, (40, 40), dtype=np.int32)).save(refused[0])
+    rgb.convert("1").save(refused[1])
+    Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)).save(folder / "gray16.tif")
+    Image.fromarray(rng.random((40, 40), dtype=np.float32)).save(folder / "float.tif")
+    for mode in ("CMYK", "LA"):
+        rgb.convert(mode).save(folder / f"{mode.lower()}.tif")
+    rgb.convert("1").save(folder / "bilevel_lzw.tif", compression="tiff_lzw")
+    rgb.convert("1").save(folder / "bilevel.png")
+    loader = make_loader("dali", data=tmp_path / "images", recipe=two_view_recipe(), batch_size=7, num_workers=1, device="cpu", drop_last=False)
+    assert sorted(Path(p) for p, _ in loader.unreadable) == sorted(refused)
+    assert [b.batch_size for b in loader] == [6] and sorted(Path(p) for p, _ in loader.skipped) == sorted(refused)
+    assert "32-bit integer TIFF" in dict(loader.skipped)[str(refused[0])]
+
+
 # --------------------------------------------------------------------------------------------- FFCV
 
 

@@ -94,6 +94,31 @@ def test_scan_image_folder_layout(bad_corpus):
     assert [p for p, _ in index.samples] == sorted(paths, key=lambda p: (index.classes[paths[p]], str(p)))
 
 
+def test_scan_reads_each_folder_once_through_symlinks(tmp_path):
+    """Symlinked folders are followed, each once: a link from a class folder to itself made 8 images
+    328 samples, one to the root hung the scan. Such links, and one into another class, are skipped
+    with a warning naming them; a class folder that links elsewhere, and a linked sub-folder, are read."""
+    root, elsewhere, extra = tmp_path / "root", tmp_path / "elsewhere", tmp_path / "extra"
+    tiny = np.zeros((4, 4, 3), dtype=np.uint8)
+    own = [save_image(tiny, root / "cls" / f"{k}.png") for k in range(3)] + [save_image(tiny, root / "cls" / "sub" / "s.png")]
+    outside = [save_image(tiny, elsewhere / f"{k}.png") for k in range(2)]
+    more = [save_image(tiny, extra / f"{k}.png") for k in range(2)]
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cls" / "sub" / "outside").symlink_to(extra, target_is_directory=True)
+    (root / "cls" / "other_class").symlink_to(root / "linked", target_is_directory=True)
+    (root / "cls" / "self").symlink_to((root / "cls").resolve(), target_is_directory=True)
+    (root / "cls" / "up").symlink_to("..", target_is_directory=True)
+    (root / "cls" / "sub" / "back").symlink_to("..", target_is_directory=True)
+    with pytest.warns(UserWarning) as caught:
+        index = scan_image_folder(root)
+    assert index.classes == ["cls", "linked"]
+    expected = own + [root / "cls" / "sub" / "outside" / p.name for p in more]
+    assert sorted(p for p, label in index.samples if label == 0) == sorted(expected)
+    assert sorted(p for p, label in index.samples if label == 1) == [root / "linked" / p.name for p in outside]
+    warned = sorted(str(w.message).split("'")[1] for w in caught)
+    assert warned == sorted(str(root / "cls" / name) for name in ("other_class", "self", "sub/back", "up"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
     require_backend(backend)

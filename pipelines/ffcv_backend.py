@@ -462,6 +462,36 @@ def _traversal_order(seed: int, shard_id: int, num_shards: int, shuffle: bool, d
     return EpochOrder()
 
 
+BETON_FIELDS = ("image", "label", "index", "source_size")
+
+
+def read_beton(path: Path):
+    """FFCV's ``Reader`` of ``path``, or a ValueError naming it when it is not a whole .beton from
+    :func:`write_beton`: FFCV meets a foreign, empty or truncated file with an AssertionError
+    ("file format mismatch"), an IndexError or "negative dimensions are not allowed", none naming it."""
+    from ffcv.reader import Reader
+
+    problem = f"{str(path)!r} is not a .beton written by write_beton, or it was cut short"
+    try:
+        reader = Reader(str(path))
+    except Exception as error:  # whatever FFCV raises on bytes it cannot parse
+        raise ValueError(f"{problem} ({type(error).__name__}: {error})") from None
+    size = os.path.getsize(path)
+    table = reader.alloc_table
+    data_end = int((table["ptr"] + table["size"]).max()) if len(table) else 0
+    missing = [name for name in BETON_FIELDS if name not in reader.field_names]
+    if missing:
+        raise ValueError(f"{problem} (it has no field {', '.join(missing)})")
+    # The allocation table is written last, the same number of entries (one per stored field) for
+    # every sample: a file cut short loses entries, or the whole table.
+    per_sample = np.bincount(table["sample_id"].astype(np.int64), minlength=reader.num_samples) if len(table) else np.zeros(1, np.int64)
+    table_bytes = size - int(reader.header["alloc_table_ptr"])
+    if (len(reader.metadata) != reader.num_samples or per_sample.min() == 0 or per_sample.max() != per_sample.min()
+            or table_bytes < 0 or table_bytes % table.dtype.itemsize or data_end > size):
+        raise ValueError(f"{problem} (its header lists {reader.num_samples} samples; its {size} bytes do not hold them all)")
+    return reader
+
+
 class FfcvLoader:
     """Batches of augmented views from a ``.beton`` file written by :func:`write_beton`.
 
@@ -499,7 +529,6 @@ class FfcvLoader:
         from ffcv.fields.ndarray import NDArrayDecoder
         from ffcv.loader import Loader
         from ffcv.pipeline import PipelineSpec
-        from ffcv.reader import Reader
 
         self.recipe = get_recipe(recipe)
         self.batch_size = batch_size
@@ -513,7 +542,7 @@ class FfcvLoader:
         self.unreadable: List[Tuple[str, str]] = [tuple(item) for item in json.loads(sidecar.read_text())] if sidecar.is_file() else []
         self._report = SkipReport()
 
-        self.num_stored = Reader(str(path)).num_samples
+        self.num_stored = read_beton(path).num_samples
         if self.num_stored == 0:
             raise ValueError(f"beton file {str(path)!r} holds no sample")
         check_has_batches(self.num_stored, batch_size, shard_id, num_shards, self.drop_last)

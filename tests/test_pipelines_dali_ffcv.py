@@ -305,6 +305,27 @@ def test_write_beton_command_skips_a_file_damaged_inside(tmp_path):
     assert ffcv_backend.stored_size(1, 2000, 256) == (1, 256)  # never a side of 0 pixels
 
 
+def test_ffcv_data_that_is_not_a_whole_beton_is_named(raw_beton, tmp_path, capsys):
+    """A --data file that is no .beton (a JPEG, random bytes, an empty file) or one cut short gave
+    FFCV's AssertionError "file format mismatch", an IndexError or "negative dimensions are not
+    allowed", none naming the file; now a ValueError names it, which the CLI prints as one line."""
+    beton = raw_beton[0].read_bytes()
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(coordinate_image(16, 16)).save(jpeg)
+    cases = {jpeg: jpeg.read_bytes(), tmp_path / "random.beton": np.random.default_rng(0).bytes(5000), tmp_path / "empty.beton": b"",
+             tmp_path / "half.beton": beton[: len(beton) // 2], tmp_path / "tail_cut.beton": beton[:-8],
+             tmp_path / "entry_cut.beton": beton[:-24]}
+    for path, content in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{path.name}.* is not a .beton written by write_beton, or it was cut short"):
+            make_loader("ffcv", data=path, recipe=two_view_recipe(), batch_size=1, num_workers=1, device="cpu")
+    from fastdense import train
+
+    assert train.main(["--method", "scrl", "--backend", "ffcv", "--data", str(jpeg), "--device", "cpu", "--run-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "photo.jpg" in error and "is not a .beton" in error and len(error.splitlines()) == 1 and "Traceback" not in error
+
+
 def test_ffcv_round_trip_raw_storage(raw_beton):
     path, sources = raw_beton
     recipe = two_view_recipe()

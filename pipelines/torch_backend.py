@@ -23,7 +23,9 @@ Per sample, in a worker:
 
 Files that fail to decode are not fatal: the loader reports every such path at the end of the epoch
 (``loader.skipped``), and the worker fills the sample's place with another image of the folder
-(drawn from ``(seed, epoch, index)``, its crops drawn afresh), so every batch stays whole. The other
+(drawn from ``(seed, epoch, index)``, its crops drawn afresh; after 8 failed draws, every image of
+the folder in an order so drawn), so every batch stays whole; a folder where no image decodes stops
+the first batch with a ValueError naming it. The other
 backends drop unreadable files before the epoch starts; this one only learns of them while decoding,
 and a batch that shrank would break what assumes equal batches on every rank (VICReg's all-gather)
 or, when a whole batch failed, leave one rank a step short of the others.
@@ -38,7 +40,7 @@ number of workers or on which worker served a sample.
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -171,12 +173,13 @@ def decode_views(path, specs: Sequence[ViewSpec], interpolation: str, rng: np.ra
         return views, crops, (height, width)
 
 
-# An unreadable file's place goes to the first of up to MAX_STAND_INS images drawn for it that decodes;
-# only a folder almost wholly unreadable runs out of them (then the batch comes out smaller).
+# An unreadable file's place goes to the first image that decodes among MAX_STAND_INS drawn for it,
+# then, should they all fail (a folder mostly unreadable), among every image of the folder in an
+# order drawn for it: a batch keeps its size whenever one image of the folder decodes.
 MAX_STAND_INS = 8
 # Keys that keep the stand-ins' draws apart from the sample's own crops (numpy seeds [a, b] and
 # [a, b, 0] alike, so the keys are not 0).
-STAND_INS, STAND_IN_CROPS = 1, 2
+STAND_INS, STAND_IN_CROPS, STAND_IN_SWEEP = 1, 2, 3
 
 
 class _ViewDataset(torch.utils.data.Dataset):
@@ -186,6 +189,9 @@ class _ViewDataset(torch.utils.data.Dataset):
         self.samples = samples
         self.recipe = recipe
         self.seed = seed
+        # Files this process failed to decode: a file that failed fails again, so skipping it
+        # saves the decode without changing which candidate stands in.
+        self.undecodable = {}
 
     def __len__(self):
         return len(self.samples)
@@ -195,20 +201,27 @@ class _ViewDataset(torch.utils.data.Dataset):
         failure = None
         for attempt, candidate in enumerate(self.candidates(index, epoch)):
             path, label = self.samples[candidate]
+            if candidate in self.undecodable:
+                failure = failure or self.undecodable[candidate]
+                continue
             rng = np.random.default_rng([self.seed, epoch, index] + ([STAND_IN_CROPS, attempt] if attempt else []))
             try:
                 views, crops, size = decode_views(path, self.recipe.views, self.recipe.interpolation, rng)
             except Exception as error:  # any undecodable file is skipped and reported, never fatal mid-epoch
+                self.undecodable[candidate] = (str(path), f"{type(error).__name__}: {error}")
                 # Only the sample's own file is reported here: a failed stand-in is reported where it is visited.
-                failure = failure or (str(path), f"{type(error).__name__}: {error}")
+                failure = failure or self.undecodable[candidate]
                 continue
             return dict(views=views, crops=crops, size=size, index=candidate, label=label, batch_number=batch_number, epoch=epoch, skipped=failure)
+        # No image of the folder decodes: the loader stops with an error naming the folder.
         return dict(error=failure, batch_number=batch_number, epoch=epoch)
 
-    def candidates(self, index: int, epoch: int) -> List[int]:
-        """``index``, then the images that stand in for it, in order, should its file not decode."""
-        stand_ins = np.random.default_rng([self.seed, epoch, index, STAND_INS]).integers(len(self.samples), size=MAX_STAND_INS)
-        return [index, *stand_ins.tolist()]
+    def candidates(self, index: int, epoch: int) -> Iterator[int]:
+        """``index``, then the images that stand in for it, in order, should its file not decode:
+        MAX_STAND_INS drawn at random, then every image of the folder."""
+        yield index
+        yield from np.random.default_rng([self.seed, epoch, index, STAND_INS]).integers(len(self.samples), size=MAX_STAND_INS).tolist()
+        yield from np.random.default_rng([self.seed, epoch, index, STAND_IN_SWEEP]).permutation(len(self.samples)).tolist()
 
 
 class _Collate:
@@ -357,19 +370,19 @@ class TorchLoader:
             for path, reason in part["errors"]:
                 self._report.add(path, reason)
             seen += part["positions"]
+            if part["views"] is None or len(part["index"]) < part["positions"]:
+                # Every image of the folder was tried as a stand-in (the other backends check files
+                # before they start and refuse such a folder; this one learns it at its first batch).
+                path, reason = self._report.skipped[0]
+                raise ValueError(f"data folder {str(self.index.root)!r}: no readable image among its {len(self.index)} files; "
+                                 f"first failure: {path}: {reason}")
             if number == last:
                 self._end_epoch(epoch, seen)
-            if part["views"] is not None:
-                yield self._to_batch(part)
+            yield self._to_batch(part)
         self._end_epoch(epoch, seen)
 
     def _end_epoch(self, epoch: int, seen: int) -> None:
         self._report.report(epoch, seen)
-        if seen and len(self._report.skipped) == seen:
-            # The other backends check files before they start and refuse a folder with none readable.
-            path, reason = self._report.skipped[0]
-            raise ValueError(f"data folder {str(self.index.root)!r}: no readable image among the {seen} files of epoch {epoch} "
-                             f"(shard {self.shard_id} of {self.num_shards}); first failure: {path}: {reason}")
 
     def _to_batch(self, part) -> ViewBatch:
         views = [v.to(self.device, non_blocking=True) for v in part["views"]]

@@ -491,6 +491,42 @@ def test_torch_backend_keeps_batches_whole(bad_corpus):
     assert [runs[0, s] for s in (0, 1)] == [runs[2, s] for s in (0, 1)]
 
 
+def test_torch_backend_keeps_batches_whole_in_a_mostly_unreadable_folder(tmp_path):
+    """With 2 readable images among 42 files, 8 stand-in draws often all failed: batch 2 gave 11
+    batches of sizes 1 and 2 instead of 21 of 2 (BatchNorm then failed on 1 sample, and resuming,
+    which counts batches, broke). Stand-ins now run on through the whole folder, deterministically:
+    every batch is whole, the same for any number of workers and from a mid-epoch start."""
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        save_image(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8), tmp_path / "data" / "a" / f"good{k}.png")
+    for k in range(40):
+        (tmp_path / "data" / "a" / f"junk{k:02d}.jpg").write_bytes(rng.bytes(300))
+    recipe = dataclasses.replace(small("plain"), views=(ViewSpec(16, (0.3, 1.0)),))
+    runs = {}
+    for num_workers in (0, 2):
+        loader = make_loader("torch", data=tmp_path / "data", recipe=recipe, batch_size=2, photometric=False,
+                             num_workers=num_workers, device="cpu", seed=3)
+        batches = list(loader)
+        assert len(loader) == 21 and [b.batch_size for b in batches] == [2] * 21
+        assert len(loader.skipped) == 40
+        runs[num_workers] = [(b.index.tolist(), b.matrices.tolist()) for b in batches]
+        loader.set_epoch(0)
+        loader.start_at(15)
+        assert [(b.index.tolist(), b.matrices.tolist()) for b in loader] == runs[num_workers][15:]
+    assert runs[0] == runs[2]
+
+
+def test_torch_backend_refuses_a_folder_with_nothing_readable_at_its_first_batch(tmp_path):
+    """A folder where no file decodes was only refused at the end of the first epoch, after training
+    had started on no batch; now the first batch raises a ValueError naming the folder."""
+    for k in range(4):
+        (tmp_path / "data" / "a" / f"junk{k}.jpg").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "a" / f"junk{k}.jpg").write_bytes(b"not an image")
+    loader = make_loader("torch", data=tmp_path / "data", recipe=small("plain"), batch_size=2, num_workers=0, device="cpu")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'data'}.*no readable image among its 4 files"):
+        next(iter(loader))
+
+
 @pytest.mark.parametrize("backend", ["torch", "ffcv"])
 def test_starts_mid_epoch_with_the_batches_a_whole_pass_gives(backend, scene_folder, tmp_path):
     """``start_at(k)`` skips the first ``k`` batches without decoding them and gives the rest exactly

@@ -171,3 +171,13 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch, capsys):
     assert "GiB free" in capsys.readouterr().err and not steps
     with pytest.raises(RunDirError, match="needs at least 1.00 GiB"):
         ckpt.check_run_dir(tmp_path / "other", needed_bytes=10, min_free_bytes=2**30)
+
+
+def test_a_run_dir_that_is_a_file_is_reported_as_such(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)
+    existing_file = tmp_path / "run"
+    existing_file.write_text("not a directory")
+    args = ["--preset", "full", "--device", "cpu", "--batch-size", "4", "--no-progress"]
+    assert main(["--run-dir", str(existing_file)] + args) == 3
+    err = capsys.readouterr().err
+    assert f"{str(existing_file)!r} is a file, not a directory" in err and "File exists" not in err, err

@@ -136,6 +136,9 @@ def check_run_dir(run_dir, needed_bytes: int, min_free_bytes: Optional[int] = No
     check demands ``min_free_bytes`` when given, else ``needed_bytes``.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        # mkdir would say "File exists", which reads as a permissions problem.
+        raise RunDirError(f"run directory {str(run_dir)!r} is a file, not a directory; choose another --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(b"fastdense write probe\n", run_dir / ".write-probe")

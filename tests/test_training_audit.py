@@ -424,3 +424,49 @@ def test_dali_resumes_mid_epoch_bit_identically_without_decoding_again(tiny_fold
     assert builds == [(0, True), (1, False)]  # epoch 0 continued from its checkpoint, epoch 1 afresh
     _assert_same_state(whole, resumed)
     assert _rows(split_dir) == _rows(tmp_path / "whole")
+
+
+# ---------------------------------------------------------------------------- resume on other data
+
+def _image_folder(root, count, start=0):
+    """``count`` 64 px images in two classes under ``root``, named img<start>... (so more can be added)."""
+    from PIL import Image
+
+    for i in range(start, start + count):
+        (Path(root) / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (i * 13 % 256, i * 29 % 256, i * 71 % 256)).save(Path(root) / f"c{i % 2}" / f"img{i}.png")
+    return Path(root)
+
+
+def test_resume_on_changed_data_is_refused_saying_what_changed(tmp_path, capsys, one_thread):
+    """The schedules, the EMA momentum and each epoch's order follow from the number of images: a
+    resume on more, fewer or other images cannot continue the run exactly, and says so."""
+    folder = _image_folder(tmp_path / "data", 16)
+    run_dir = tmp_path / "run"
+    _train(_method_config("scrl", folder, run_dir, max_steps=1))
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    saved = checkpoint.read_bytes()
+    assert load_checkpoint(checkpoint)["data"]["num_samples"] == 16
+    resume = ["--resume", "--run-dir", str(run_dir), "--set", "max_steps="]
+
+    _image_folder(folder, 8, start=16)
+    assert main(resume) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdense-train: --resume: the data now holds 24 images, the checkpoint was trained on 16")
+    assert "exact continuation needs the same data" in err and len(err.strip().splitlines()) == 1
+
+    for added in folder.glob("c*/img*.png"):
+        if int(added.stem[3:]) >= 16:
+            added.unlink()
+    (folder / "c0" / "img0.png").rename(folder / "c0" / "renamed.png")
+    assert main(resume) == 2
+    assert "as many images (16) as the checkpoint was trained on, but not the same files" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == saved  # refused before any work
+
+    # A checkpoint written before checkpoints recorded their data still resumes, with a warning.
+    (folder / "c0" / "renamed.png").rename(folder / "c0" / "img0.png")
+    state = load_checkpoint(checkpoint)
+    del state["data"]
+    torch.save(state, checkpoint)
+    with pytest.warns(UserWarning, match="does not record the data"):
+        Trainer(_method_config("scrl", folder, run_dir, max_steps=1), resume=True).setup()

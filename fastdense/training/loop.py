@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -70,6 +72,42 @@ def build_loader(config: Dict, method: nn.Module, rank: int, world_size: int, de
         batch_size=config["batch_size"], seed=config["seed"], shard_id=rank, num_shards=world_size,
         num_workers=config["num_workers"], device=device, photometric=config["photometric"],
     )
+
+
+def describe_data(loader) -> Dict:
+    """What an exact resume needs unchanged about the data: ``num_samples`` and a ``fingerprint`` of
+    the sample list, each None where the loader does not expose it (the ffcv backend gives only
+    its sample count), and ``steps_per_epoch``."""
+    names: Optional[List[str]] = None
+    num_samples = None
+    index = getattr(loader, "index", None)
+    if index is not None and hasattr(index, "samples"):  # torch backend: the scanned folder
+        names = [f"{Path(path).relative_to(index.root).as_posix()}\t{label}" for path, label in index.samples]
+    elif hasattr(loader, "paths") and hasattr(loader, "readable"):  # dali backend: the files that decode
+        root = os.path.commonpath(loader.paths) if len(loader.paths) > 1 else ""
+        names = [os.path.relpath(loader.paths[i], root) if root else loader.paths[i] for i in loader.readable]
+    elif isinstance(getattr(loader, "num_stored", None), int):  # ffcv backend: a .beton file
+        num_samples = loader.num_stored
+    if names is not None:
+        num_samples = len(names)
+    fingerprint = hashlib.sha256("\n".join(names).encode()).hexdigest() if names is not None else None
+    return {"num_samples": num_samples, "fingerprint": fingerprint, "steps_per_epoch": len(loader)}
+
+
+def data_changes(saved: Optional[Dict], now: Dict, same_world_size: bool) -> Optional[str]:
+    """How the data differs from the checkpoint's (``saved``, from :func:`describe_data`), or None.
+    ``steps_per_epoch`` is compared only when the number of processes is unchanged (it is per process)."""
+    def known(key):
+        return saved.get(key) is not None and now.get(key) is not None
+
+    if known("num_samples") and saved["num_samples"] != now["num_samples"]:
+        return f"the data now holds {now['num_samples']} images, the checkpoint was trained on {saved['num_samples']}"
+    if known("fingerprint") and saved["fingerprint"] != now["fingerprint"]:
+        return (f"the data holds as many images ({now['num_samples']}) as the checkpoint was trained on, but not the same "
+                "files (some were added, removed or renamed)")
+    if same_world_size and known("steps_per_epoch") and saved["steps_per_epoch"] != now["steps_per_epoch"]:
+        return f"an epoch is now {now['steps_per_epoch']} steps, the checkpoint's was {saved['steps_per_epoch']}"
+    return None
 
 
 class RngSandbox:
@@ -185,6 +223,9 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the loader yields no batch per epoch: the dataset is smaller than batch_size x world size")
+        self.data = describe_data(self.loader)
+        if resumed is not None:
+            self.check_resume_data(resumed)
         self.total_steps = config["epochs"] * self.steps_per_epoch
         self.global_batch = config["batch_size"] * self.dist.world_size
         opt_cfg = config["optimizer"]
@@ -265,6 +306,22 @@ class Trainer:
             )
         return state
 
+    def check_resume_data(self, state: Dict) -> None:
+        """Refuse to resume on data other than the checkpoint's: the schedules' length, the EMA
+        momentum and each epoch's order all follow from the number of samples."""
+        saved = state.get("data")
+        if saved is None:  # written before checkpoints recorded their data
+            warnings.warn(f"{str(self.checkpoint_path)!r} does not record the data it was trained on; "
+                          "resuming without checking that the data is unchanged")
+            return
+        changed = data_changes(saved, self.data, same_world_size=state.get("world_size") == self.dist.world_size)
+        if changed:
+            raise ValueError(
+                f"--resume: {changed} ({str(self.checkpoint_path)!r}); an exact continuation needs the same data "
+                "(the learning-rate schedule, the EMA momentum and each epoch's order depend on it), so restore it "
+                "or start a new --run-dir"
+            )
+
     def state(self) -> Dict:
         rngs = distributed.gather_objects(ckpt.rng_state(), self.dist)
         return {
@@ -278,6 +335,7 @@ class Trainer:
             "rng_per_rank": rngs,
             "loader_per_rank": distributed.gather_objects(self.loader_state if self.batch_in_epoch else None, self.dist),
             "world_size": self.dist.world_size,
+            "data": self.data,
             "config": self.config,
         }
 

@@ -470,3 +470,25 @@ def test_resume_on_changed_data_is_refused_saying_what_changed(tmp_path, capsys,
     torch.save(state, checkpoint)
     with pytest.warns(UserWarning, match="does not record the data"):
         Trainer(_method_config("scrl", folder, run_dir, max_steps=1), resume=True).setup()
+
+
+# ---------------------------------------------------------------------------- batch size 1
+
+@pytest.mark.parametrize("method", ["vicregl", "lewel"])
+def test_a_batch_too_small_for_the_methods_batch_statistics_is_refused_at_setup(method, tiny_folder, tmp_path, capsys):
+    """VICRegL's and LEWEL's BatchNorm1d heads (and VICRegL's variance and covariance) see one row per
+    image: batch_size 1 used to crash at step 1 inside BatchNorm."""
+    run_dir = tmp_path / "run"
+    code = main(["--method", method, "--data", str(tiny_folder), "--preset", "cpu", "--device", "cpu", "--workers", "0",
+                 "--batch-size", "1", "--run-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"fastdense-train: batch_size 1 is too small for {method}") and "--batch-size 2" in err, err
+    assert not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["scrl", "selfpatch"])
+def test_methods_without_per_image_batch_statistics_train_on_one_image(method, tiny_folder, tmp_path, one_thread):
+    """SCRL's heads see every box of the batch (about ten per image) and SelfPatch has no BatchNorm:
+    batch_size 1 trains."""
+    trainer, _ = _train(_method_config(method, tiny_folder, tmp_path, batch_size=1, max_steps=1))
+    assert trainer.step == 1

@@ -22,6 +22,9 @@ class Method(nn.Module):
     name: str = ""
     recipe: str = ""
     backbone: Backbone
+    # The smallest batch per process that a training step works on; the trainer refuses a smaller
+    # batch_size at set-up rather than crashing at the first step.
+    min_batch_size: int = 1
 
     @classmethod
     def default_options(cls) -> Dict:

@@ -89,6 +89,9 @@ class LEWEL(EmaTargetMethod):
     """
 
     name = "lewel"
+    # The neck's and projectors' BatchNorm1d see one row per image; with one image per process
+    # PyTorch refuses to train them.
+    min_batch_size = 2
 
     @classmethod
     def default_options(cls) -> Dict:

@@ -60,6 +60,9 @@ class VICRegL(Method):
 
     name = "vicregl"
     num_global_views = 2
+    # Variance and covariance are taken over the batch (unbiased: over n - 1), and the ResNet heads'
+    # BatchNorm1d sees one row per image: one image per process cannot train.
+    min_batch_size = 2
 
     @classmethod
     def default_options(cls) -> Dict:

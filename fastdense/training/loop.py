@@ -206,6 +206,12 @@ class Trainer:
         resumed = self.check_resume()
         ckpt.seed_everything(config["seed"])
         method = build_method(config).to(device)
+        min_batch = getattr(method, "min_batch_size", 1)
+        if config["batch_size"] < min_batch:
+            raise ValueError(
+                f"batch_size {config['batch_size']} is too small for {config['method']}: it trains on at least "
+                f"{min_batch} images per process (its batch statistics need more than one); set --batch-size {min_batch} or more"
+            )
         channels_last = config["channels_last"]
         is_cnn = getattr(getattr(method, "backbone", None), "kind", "resnet") != "vit"
         self.channels_last = (device.type == "cuda" and is_cnn) if channels_last == "auto" else bool(channels_last)

@@ -181,3 +181,31 @@ def test_a_run_dir_that_is_a_file_is_reported_as_such(tmp_path, monkeypatch, cap
     assert main(["--run-dir", str(existing_file)] + args) == 3
     err = capsys.readouterr().err
     assert f"{str(existing_file)!r} is a file, not a directory" in err and "File exists" not in err, err
+
+
+@pytest.mark.parametrize("failure", ["full-disk", "run-dir-removed"])
+def test_a_metrics_write_that_fails_mid_run_stops_training_naming_the_last_good_checkpoint(failure, tmp_path, monkeypatch, capsys):
+    """Like a failed checkpoint write: a message and exit code 3, not a raw OSError traceback."""
+    import shutil
+
+    from fastdense.training.logs import MetricsLog
+
+    train_doubles.install(monkeypatch)
+    run_dir = tmp_path / "run"
+    real_log = MetricsLog.log
+
+    def fail_at_step_3(self, row):
+        if row["step"] == 3:
+            if failure == "full-disk":
+                raise OSError(28, "No space left on device")
+            shutil.rmtree(run_dir)
+        real_log(self, row)
+
+    monkeypatch.setattr(MetricsLog, "log", fail_at_step_3)
+    args = ["--run-dir", str(run_dir), "--preset", "full", "--device", "cpu", "--batch-size", "4", "--no-progress",
+            "--checkpoint-every", "2", "--set", "log_every=1"]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastdense-train: the metrics in {str(run_dir)!r} could not be written (") and len(err.strip().splitlines()) == 1, err
+    assert ("No space left on device" if failure == "full-disk" else "FileNotFoundError") in err
+    assert "stopped after 3 steps" in err and "last good checkpoint (step 2)" in err

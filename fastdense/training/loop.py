@@ -386,9 +386,20 @@ class Trainer:
             failed_somewhere = failure is not None
         if failed_somewhere:
             reason = f"{type(failure).__name__}: {failure}" if failure is not None else "on rank 0"
-            raise ckpt.RunDirError(f"the checkpoint {str(self.checkpoint_path)!r} could not be written ({reason}); training "
-                                   f"stopped after {self.step} steps; {self._last_good()}")
+            raise self.write_failure(f"the checkpoint {str(self.checkpoint_path)!r}", reason)
         self.last_good = self.step
+
+    def write_failure(self, what: str, reason: str) -> ckpt.RunDirError:
+        return ckpt.RunDirError(f"{what} could not be written ({reason}); training stopped after {self.step} steps; "
+                                f"{self._last_good()}")
+
+    def write_metrics(self, write):
+        """``write()`` (a metrics, TensorBoard or plot write by rank 0); a full disk or a run directory
+        removed mid-run stops training as a failed checkpoint write does, naming the last good one."""
+        try:
+            return write()
+        except OSError as e:
+            raise self.write_failure(f"the metrics in {str(self.run_dir)!r}", f"{type(e).__name__}: {e}") from e
 
     # -- the loop ------------------------------------------------------------------------------
     def autocast(self):
@@ -469,7 +480,7 @@ class Trainer:
         main = self.dist.is_main
         max_steps = config.get("max_steps") or self.total_steps
         end_step = min(max_steps, self.total_steps)
-        log = MetricsLog(self.run_dir, resume_step=self.step if self.step else None) if main else None
+        log = self.write_metrics(lambda: MetricsLog(self.run_dir, resume_step=self.step if self.step else None)) if main else None
         bar = None
         if main and config["progress"]:
             from tqdm.auto import tqdm
@@ -524,7 +535,7 @@ class Trainer:
                         row.update(logged)
                         row["images_per_s"] = window["images"] / max(window["time"], 1e-9)
                         row["data_wait"] = window["wait"] / max(window["time"], 1e-9)
-                        log.log(row)
+                        self.write_metrics(lambda: log.log(row))
                         window = {"wait": 0.0, "time": 0.0, "images": 0}
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}", wait=f"{row['data_wait']:.0%}")
@@ -545,11 +556,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if log is not None:
-                log.close()
+                self.write_metrics(log.close)
         summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
-            rows = MetricsLog.read(self.run_dir / "metrics.jsonl")
-            plot = plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss")
+            rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"))
+            plot = self.write_metrics(lambda: plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss"))
             summary.update(
                 run_dir=str(self.run_dir), checkpoint=str(self.checkpoint_path), config=str(self.run_dir / "config.yaml"),
                 metrics_csv=str(self.run_dir / "metrics.csv"), metrics_jsonl=str(self.run_dir / "metrics.jsonl"),

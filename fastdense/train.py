@@ -139,6 +139,11 @@ def _train(config, resume: bool) -> int:
     except NonFiniteLossError as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
         return 4
+    except (ValueError, OSError) as e:
+        # The loader found out mid-run what set-up could not see (files that stopped decoding or
+        # vanished): a message with where training stands, as for a setting refused at set-up.
+        print(f"fastdense-train: {e}; training stopped after {trainer.step} steps; {trainer.last_good_note()}", file=sys.stderr)
+        return 2
     if trainer.dist.is_main:
         loss = ""
         if summary.get("first_loss") is not None:

@@ -492,3 +492,32 @@ def test_methods_without_per_image_batch_statistics_train_on_one_image(method, t
     batch_size 1 trains."""
     trainer, _ = _train(_method_config(method, tiny_folder, tmp_path, batch_size=1, max_steps=1))
     assert trainer.step == 1
+
+
+# ---------------------------------------------------------------------------- stops mid-run
+
+def test_a_loader_error_after_training_started_is_one_line_not_a_traceback(tmp_path, capsys):
+    """The torch backend finds out only while decoding that nothing in the folder is an image."""
+    for i in range(8):
+        (tmp_path / "data" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / f"c{i % 2}" / f"img{i}.png").write_bytes(b"not an image")
+    code = main(["--method", "scrl", "--data", str(tmp_path / "data"), "--backend", "torch", "--preset", "cpu", "--device", "cpu",
+                 "--workers", "0", "--batch-size", "4", "--run-dir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fastdense-train: data folder ") and "no readable image among the 8 files" in err, err
+    assert "training stopped after 0 steps; no checkpoint had been written yet" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_os_error_from_the_loader_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_iter = train_doubles.TinyLoader.__iter__
+
+    def fail_at_the_second_epoch(self):
+        if self.epoch == 1:
+            raise OSError(5, "Input/output error", "/data/c0/img3.png")
+        yield from real_iter(self)
+
+    monkeypatch.setattr(train_doubles.TinyLoader, "__iter__", fail_at_the_second_epoch)
+    assert _doubles_run(tmp_path, monkeypatch, "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastdense-train: [Errno 5] Input/output error: '/data/c0/img3.png'; training stopped after 10 steps") and len(err.strip().splitlines()) == 1, err
+    assert "last good checkpoint (step 10)" in err

@@ -391,7 +391,7 @@ class Trainer:
 
     def write_failure(self, what: str, reason: str) -> ckpt.RunDirError:
         return ckpt.RunDirError(f"{what} could not be written ({reason}); training stopped after {self.step} steps; "
-                                f"{self._last_good()}")
+                                f"{self.last_good_note()}")
 
     def write_metrics(self, write):
         """``write()`` (a metrics, TensorBoard or plot write by rank 0); a full disk or a run directory
@@ -451,7 +451,7 @@ class Trainer:
         value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
         if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self._last_good()}"
+                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self.last_good_note()}"
             )
         return value
 
@@ -467,10 +467,10 @@ class Trainer:
             which = f" ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})" if broken else " on another rank"
             raise NonFiniteLossError(
                 f"non-finite weights or buffers{which} after {self.step} steps; training "
-                f"stopped; {self._last_good()}"
+                f"stopped; {self.last_good_note()}"
             )
 
-    def _last_good(self) -> str:
+    def last_good_note(self) -> str:
         if self.last_good is None:
             return "no checkpoint had been written yet"
         return f"the last good checkpoint (step {self.last_good}) is kept at {self.checkpoint_path}"

@@ -131,6 +131,9 @@ def _train(config, resume: bool) -> int:
     except (RunDirError, CheckpointError) as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("fastdense-train: interrupted during set-up, before any training step", file=sys.stderr)
+        return 130
     try:
         summary = trainer.fit()
     except RunDirError as e:
@@ -144,6 +147,11 @@ def _train(config, resume: bool) -> int:
         # vanished): a message with where training stands, as for a setting refused at set-up.
         print(f"fastdense-train: {e}; training stopped after {trainer.step} steps; {trainer.last_good_note()}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # No checkpoint here: the interrupted step may be half applied; the last one written is whole.
+        print(f"fastdense-train: interrupted at step {trainer.step}; {trainer.last_good_note()}; continue with --resume "
+              f"--run-dir {trainer.run_dir}", file=sys.stderr)
+        return 130
     if trainer.dist.is_main:
         loss = ""
         if summary.get("first_loss") is not None:

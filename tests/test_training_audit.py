@@ -521,3 +521,23 @@ def test_an_os_error_from_the_loader_mid_run_is_one_line_naming_the_last_good_ch
     err = capsys.readouterr().err
     assert err.startswith("fastdense-train: [Errno 5] Input/output error: '/data/c0/img3.png'; training stopped after 10 steps") and len(err.strip().splitlines()) == 1, err
     assert "last good checkpoint (step 10)" in err
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    real_step = Trainer.train_step
+
+    def interrupted_in_step_4(self, batch):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_in_step_4)
+    run_dir = tmp_path / "run"
+    assert _doubles_run(tmp_path, monkeypatch, "--checkpoint-every", "2", "--epochs", "1") == 130
+    err = capsys.readouterr().err
+    assert err.strip() == (f"fastdense-train: interrupted at step 3; the last good checkpoint (step 2) is kept at "
+                           f"{run_dir / 'checkpoints' / 'last.pt'}; continue with --resume --run-dir {run_dir}")
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2  # the handler wrote nothing
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert _doubles_run(tmp_path, monkeypatch, "--resume") == 0
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 10

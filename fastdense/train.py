@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per process per step")
     p.add_argument("--run-dir", help="output directory (default: runs/<method>-<UTC time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint, "
-                   "exactly; refused when the config differs in anything but " + ", ".join(cfg.RESUMABLE_CHANGES))
+                   "exactly; refused when the data or the config differs in anything but " + ", ".join(cfg.RESUMABLE_CHANGES)
+                   + ". The run's max_steps comes back with it: when the checkpoint has reached it, fastdense-train "
+                   "says there is nothing to do and exits 0 (pass --max-steps N or --set max_steps= to continue)")
     p.add_argument("--config", action="append", default=[], metavar="YAML", help="config file(s), applied in order")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key (repeatable)")
     p.add_argument("--workers", type=int, help="loader workers per process (config: num_workers)")
@@ -116,6 +118,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutdown()
 
 
+def _nothing_to_do(trainer) -> str:
+    step, max_steps = trainer.step, trainer.config.get("max_steps")
+    if step >= trainer.total_steps:
+        return (f"nothing to do: the run in {trainer.run_dir} finished all {trainer.config['epochs']} epochs "
+                f"({step} steps); start a new --run-dir to train further")
+    return (f"nothing to do: the run in {trainer.run_dir} reached its max_steps ({max_steps}) at step {step}; pass "
+            "--max-steps N (above that) or --set max_steps= to continue")
+
+
 def _train(config, resume: bool) -> int:
     """Set up and run one training process; its exit code."""
     from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
@@ -134,6 +145,10 @@ def _train(config, resume: bool) -> int:
     except KeyboardInterrupt:
         print("fastdense-train: interrupted during set-up, before any training step", file=sys.stderr)
         return 130
+    if resume and trainer.step >= trainer.end_step():
+        if trainer.dist.is_main:
+            print(f"fastdense-train: {_nothing_to_do(trainer)}")
+        return 0
     try:
         summary = trainer.fit()
     except RunDirError as e:

@@ -541,3 +541,18 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint_and_the_run_resumes(tmp_p
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert _doubles_run(tmp_path, monkeypatch, "--resume") == 0
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 10
+
+
+def test_resuming_a_run_that_reached_its_max_steps_says_there_is_nothing_to_do(tmp_path, monkeypatch, capsys):
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "3") == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    saved = checkpoint.read_bytes()
+    capsys.readouterr()
+    assert _doubles_run(tmp_path, monkeypatch, "--resume") == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("fastdense-train: nothing to do: the run in ") and "reached its max_steps (3) at step 3" in out, out
+    assert "--set max_steps= to continue" in out
+    assert checkpoint.read_bytes() == saved and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "5") == 0
+    assert load_checkpoint(checkpoint)["step"] == 5

@@ -470,6 +470,10 @@ class Trainer:
                 f"stopped; {self.last_good_note()}"
             )
 
+    def end_step(self) -> int:
+        """The step this run stops at: its last epoch's end, or max_steps when that comes first."""
+        return min(self.config.get("max_steps") or self.total_steps, self.total_steps)
+
     def last_good_note(self) -> str:
         if self.last_good is None:
             return "no checkpoint had been written yet"
@@ -478,8 +482,7 @@ class Trainer:
     def fit(self) -> Dict:
         config = self.config
         main = self.dist.is_main
-        max_steps = config.get("max_steps") or self.total_steps
-        end_step = min(max_steps, self.total_steps)
+        end_step = self.end_step()
         log = self.write_metrics(lambda: MetricsLog(self.run_dir, resume_step=self.step if self.step else None)) if main else None
         bar = None
         if main and config["progress"]:

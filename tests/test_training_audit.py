@@ -556,3 +556,12 @@ def test_resuming_a_run_that_reached_its_max_steps_says_there_is_nothing_to_do(t
     assert checkpoint.read_bytes() == saved and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "5") == 0
     assert load_checkpoint(checkpoint)["step"] == 5
+
+
+def test_ctrl_c_during_setup_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "setup", interrupted)
+    assert _doubles_run(tmp_path, monkeypatch) == 130
+    assert capsys.readouterr().err.strip() == "fastdense-train: interrupted during set-up, before any training step"

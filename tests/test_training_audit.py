@@ -504,7 +504,7 @@ def test_a_loader_error_after_training_started_is_one_line_not_a_traceback(tmp_p
     code = main(["--method", "scrl", "--data", str(tmp_path / "data"), "--backend", "torch", "--preset", "cpu", "--device", "cpu",
                  "--workers", "0", "--batch-size", "4", "--run-dir", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("fastdense-train: data folder ") and "no readable image among the 8 files" in err, err
+    assert code == 2 and err.startswith("fastdense-train: data folder ") and "no readable image among its 8 files" in err, err
     assert "training stopped after 0 steps; no checkpoint had been written yet" in err and len(err.strip().splitlines()) == 1
 
 

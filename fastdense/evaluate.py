@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
                 acc = linear_probe_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), epochs=args.epochs or 100)
             else:
                 acc = knn_accuracy(tr["features"], tr["labels"], te["features"], te["labels"], len(classes), k=args.k)
-            result = {"task": args.task, "top1": acc, "classes": len(classes), "train_images": len(train_set), "test_images": len(test_set)}
+            result = {"task": args.task, "top1": acc, "classes": len(classes), "train_images": len(tr["labels"]), "test_images": len(te["labels"])}
         result.update(image_size=size, data=str(data))
     result.update(checkpoint=str(args.checkpoint), method=info.get("method"), backbone=backbone.name, network=args.network, random_init=args.random_init)
     out = args.output or run_dir / f"eval_{tag}.json"

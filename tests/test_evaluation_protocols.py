@@ -345,8 +345,8 @@ def test_an_image_and_its_mask_must_cover_the_same_pixels(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "image.png")
     Image.new("L", (40, 30)).save(tmp_path / "mask.png")
     Image.new("L", (30, 40)).save(tmp_path / "other.png")
-    image, mask = EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "mask.png")], 16)[0]
-    assert image.shape == (3, 16, 16) and mask.shape == (16, 16)
+    image, mask, problem = EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "mask.png")], 16)[0]
+    assert image.shape == (3, 16, 16) and mask.shape == (16, 16) and problem == ""
     with pytest.raises(ValueError, match="other.png is 30x40"):
         EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "other.png")], 16)[0]
 
@@ -401,7 +401,7 @@ def test_eval_converts_16_bit_images_as_training_does(tmp_path):
         assert stored.mode in ("I;16", "I")
         assert np.asarray(to_rgb(stored)).max() == 156
     dataset = EvalImages([EvalSample(path, label=0)], 8)
-    image, label = dataset[0]
+    image, label, _ = dataset[0]
     pixels = image * dataset.std + dataset.mean  # undo the normalisation: 0-1 per channel
     torch.testing.assert_close(pixels, torch.full((3, 8, 8), 156 / 255), rtol=0, atol=1e-6)
 
@@ -497,6 +497,63 @@ def test_eval_leaves_out_unreadable_images_and_names_them(tmp_path, checkpoint, 
     _unreadable_files(only_bad / "c1")
     message = _eval_error(common + ["--data", str(only_bad)])
     assert f"--data {only_bad} holds no readable image (6 unreadable files)" in message and "\n" not in message
+
+
+def _damaged_mid_file_png(path):
+    """A PNG whose compressed pixels are scrambled with its chunk checksum made to match: it passes
+    the up-front check (header, CRCs) and fails only when decoded."""
+    import io
+    import struct
+    import zlib
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(encoded, "PNG")
+    data = bytearray(encoded.getvalue())
+    chunk = data.find(b"IDAT")
+    length = struct.unpack(">I", data[chunk - 4 : chunk])[0]
+    for k in range(chunk + 14, chunk + length):
+        data[k] ^= 0x5A
+    data[chunk + 4 + length : chunk + 8 + length] = struct.pack(">I", zlib.crc32(bytes(data[chunk : chunk + 4 + length])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_eval_leaves_out_an_image_that_fails_only_while_decoding(tmp_path, checkpoint, monkeypatch, capsys):
+    """Damage inside the pixel data passes the cheap up-front check; extraction stopped with PIL's
+    OSError on it. It is left out and named, and the counts say what was scored."""
+    from fastdense.evaluate import main
+    from fastdense.pipelines.validate import check_image_file
+
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data"
+    for i in range(10):
+        (data / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (25 * i, 200 - 20 * i, 3 * i)).save(data / f"c{i % 2}" / f"{i}.png")
+    damaged = _damaged_mid_file_png(data / "c1" / "damaged.png")
+    assert check_image_file(damaged) is None
+    result = main(["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "knn", "--k", "3", "--data", str(data)])
+    assert result["train_images"] + result["test_images"] == 10
+    err = capsys.readouterr().err
+    assert "left out 1 images that failed to decode" in err and str(damaged) in err
+
+
+def test_extract_drops_the_samples_that_failed_to_decode(tmp_path):
+    from fastdense.evaluation.data import EvalImages, EvalSample
+    from fastdense.models import build_backbone
+
+    for i in range(3):
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((32, 32), i, dtype=np.uint8)).save(tmp_path / f"{i}_mask.png")
+    damaged = _damaged_mid_file_png(tmp_path / "damaged.png")
+    backbone = build_backbone("resnet18")
+    samples = [EvalSample(tmp_path / "0.png", label=0), EvalSample(damaged, label=1), EvalSample(tmp_path / "2.png", label=2)]
+    out = extract(backbone, EvalImages(samples, 32), dense=False, batch_size=2, num_workers=0)
+    assert out["labels"].tolist() == [0, 2] and out["features"].shape[0] == 2
+    expected = extract(backbone, EvalImages([samples[0], samples[2]], 32), dense=False, batch_size=2, num_workers=0)
+    torch.testing.assert_close(out["features"], expected["features"])
+    pairs = [EvalSample(tmp_path / "0.png", mask=tmp_path / "0_mask.png"), EvalSample(damaged, mask=tmp_path / "1_mask.png")]
+    dense = extract(backbone, EvalImages(pairs, 32), dense=True, batch_size=2, num_workers=0)
+    assert dense["maps"].shape[0] == 1 and torch.equal(dense["masks"], torch.zeros(1, 32, 32, dtype=torch.int64))
 
 
 def test_eval_dense_leaves_out_pairs_with_an_unreadable_image_or_mask(tmp_path, checkpoint, monkeypatch, capsys):

@@ -108,6 +108,10 @@ def check_mask(path: Path) -> None:
             raise ValueError(f"mask {path} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
 
 
+class _NotMatching(ValueError):
+    """A mask that is not class indices, or an image and mask of different sizes."""
+
+
 class EvalImages(torch.utils.data.Dataset):
     """Images resized to ``size x size`` (bicubic) and normalised; masks resized with nearest neighbour
     to the same ``size x size``, so mIoU is scored at the evaluation resolution. An image and its
@@ -123,19 +127,32 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
+        """``(image, label or mask, problem)``: ``problem`` is ``""``, or, for a file that fails to
+        decode part-way (damage the up-front check cannot see), ``"path: reason"`` beside a zero
+        image and target, which :func:`~fastdense.evaluation.features.extract` leaves out. Masks and
+        images that do not fit together are errors, not problems: they are the user's to fix."""
         sample = self.samples[i]
+        try:
+            return (*self._load(sample), "")
+        except _NotMatching:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:  # PIL's decode failures
+            target = torch.full((self.size, self.size), 255, dtype=torch.int64) if sample.mask is not None else sample.label
+            return torch.zeros(3, self.size, self.size), target, f"{sample.image}: {type(error).__name__}: {error}"
+
+    def _load(self, sample: EvalSample):
         mask = None
         if sample.mask is not None:
             with Image.open(sample.mask) as m:
                 if m.mode not in SINGLE_CHANNEL_MODES:
-                    raise ValueError(f"mask {sample.mask} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
+                    raise _NotMatching(f"mask {sample.mask} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
                 mask_size = m.size
                 mask = np.array(m.resize((self.size, self.size), Image.NEAREST), dtype=np.int64)
         with Image.open(sample.image) as im:
             image = ImageOps.exif_transpose(im)
             if mask is not None and image.size != mask_size:
                 if im.size != mask_size:
-                    raise ValueError(f"image {sample.image} is {im.size[0]}x{im.size[1]} but its mask {sample.mask} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
+                    raise _NotMatching(f"image {sample.image} is {im.size[0]}x{im.size[1]} but its mask {sample.mask} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
                 image = im  # the mask was drawn on the stored pixel grid, before the EXIF rotation
             # Training's conversion, so the probe sees the pixels the backbone was trained on
             # (PIL's own convert("RGB") clips 16-bit grayscale: 40000 of 65535 became white).

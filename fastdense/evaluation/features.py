@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -29,14 +30,24 @@ def feature_maps(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def extract(backbone: Backbone, dataset, dense: bool, batch_size: int = 64, num_workers: int = 2, device="cpu", desc: str = "features") -> Dict[str, torch.Tensor]:
     """Run ``backbone`` in eval mode over ``dataset``; returns ``{"features": [N, C]}`` (global
-    average pooled) and ``"labels"``, or ``{"maps": [N, C, h, w], "masks": [N, H, W]}`` when ``dense``."""
+    average pooled) and ``"labels"``, or ``{"maps": [N, C, h, w], "masks": [N, H, W]}`` when ``dense``.
+    A dataset may yield a third item, a problem text (:class:`~fastdense.evaluation.data.EvalImages`:
+    a file that failed to decode); such samples are left out and named on stderr."""
     backbone.eval().to(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    outputs, targets = [], []
-    for images, target in tqdm(loader, desc=desc, leave=False):
+    outputs, targets, problems = [], [], []
+    for images, target, *problem in tqdm(loader, desc=desc, leave=False):
         maps = feature_maps(backbone, images.to(device)).float().cpu()
-        outputs.append(maps if dense else maps.mean(dim=(2, 3)))
-        targets.append(torch.as_tensor(target))
+        maps = maps if dense else maps.mean(dim=(2, 3))
+        target = torch.as_tensor(target)
+        if problem:
+            keep = torch.tensor([not text for text in problem[0]])
+            problems += [text for text in problem[0] if text]
+            maps, target = maps[keep], target[keep]
+        outputs.append(maps)
+        targets.append(target)
+    if problems:
+        print(f"fastdense-eval: left out {len(problems)} images that failed to decode:\n" + "\n".join(f"  {text}" for text in problems), file=sys.stderr)
     key = ("maps", "masks") if dense else ("features", "labels")
     return {key[0]: torch.cat(outputs), key[1]: torch.cat(targets)}
 

@@ -495,3 +495,29 @@ def test_dali_pass_resumes_from_its_state_without_decoding_the_batches_before(co
     assert len(rest) == 2 and all(same(a, b) for a, b in zip(whole[1:], rest))
     with pytest.raises(ValueError, match="resume_state"):
         broken.resume_from({"batch": 1})
+
+
+def test_dali_and_ffcv_loaders_describe_their_data_for_resume(coordinate_pngs, raw_beton, tmp_path):
+    """What a checkpoint records of the data, so that --resume refuses other data: DALI lists its
+    readable files (a renamed one changes the fingerprint), FFCV's .beton gives its sample count."""
+    import shutil
+
+    from fastdense.training.loop import data_changes, describe_data
+
+    root, _ = coordinate_pngs
+    dali = make_loader("dali", data=root, recipe=two_view_recipe(), batch_size=1, num_workers=1, device="cpu")
+    record = describe_data(dali)
+    assert record["num_samples"] == len(SIZES) and record["fingerprint"] and record["steps_per_epoch"] == len(dali) == len(SIZES)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    same = describe_data(make_loader("dali", data=moved, recipe=two_view_recipe(), batch_size=1, num_workers=1, device="cpu"))
+    assert data_changes(record, same, same_world_size=True) is None  # the same files, wherever the folder is
+    renamed = sorted(p for p in moved.rglob("*.png"))[0]
+    renamed.rename(renamed.with_name("renamed.png"))
+    other = describe_data(make_loader("dali", data=moved, recipe=two_view_recipe(), batch_size=1, num_workers=1, device="cpu"))
+    assert "not the same files" in data_changes(record, other, same_world_size=True)
+
+    path, _ = raw_beton
+    ffcv_record = describe_data(make_loader("ffcv", data=path, recipe=two_view_recipe(), batch_size=1, num_workers=1, device="cpu"))
+    assert ffcv_record["num_samples"] == len(SIZES) and ffcv_record["fingerprint"] is None
+    assert "now holds 2 images" in data_changes(ffcv_record, dict(ffcv_record, num_samples=2), same_world_size=True)

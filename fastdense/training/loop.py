@@ -86,8 +86,8 @@ def describe_data(loader) -> Dict:
     elif hasattr(loader, "paths") and hasattr(loader, "readable"):  # dali backend: the files that decode
         root = os.path.commonpath(loader.paths) if len(loader.paths) > 1 else ""
         names = [os.path.relpath(loader.paths[i], root) if root else loader.paths[i] for i in loader.readable]
-    elif isinstance(getattr(loader, "num_stored", None), int):  # ffcv backend: a .beton file
-        num_samples = loader.num_stored
+    elif getattr(loader, "num_stored", None) is not None:  # ffcv backend: a .beton file (its count a numpy integer)
+        num_samples = int(loader.num_stored)
     if names is not None:
         num_samples = len(names)
     fingerprint = hashlib.sha256("\n".join(names).encode()).hexdigest() if names is not None else None

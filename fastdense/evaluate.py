@@ -185,6 +185,16 @@ def _check_output(path: Path) -> None:
         sys.exit(f"fastdense-eval: --output {path}: cannot create its folder {path.parent}: {e.strerror or e}")
     if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         sys.exit(f"fastdense-eval: --output {path} cannot be written (no write permission)")
+    # Permission bits are not the whole story (root, read-only or special file systems such as
+    # /proc): open the file as the final write will, and remove it again if it was not there.
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        sys.exit(f"fastdense-eval: --output {path} cannot be written: {e.strerror or e}")
+    if not existed:
+        path.unlink()
 
 
 def _builtin_root():

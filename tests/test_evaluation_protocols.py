@@ -2,6 +2,8 @@
 of bad input. (tests/test_evaluation.py has the end-to-end run and the basic probe checks.)"""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -448,16 +450,36 @@ def test_eval_creates_the_output_folder_and_refuses_an_unusable_output_before_ex
     assert json.loads(nested.read_text())["task"] == result["task"] == "export"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
+    data = _five_images(tmp_path)
+    cache = checkpoint.parent / "eval_cache"
+    cached_before = set(cache.glob("*"))
+    common = ["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "0", "--image-size", "32", "--data", str(data)]
+    for output in (blocker / "result.json", tmp_path / "new"):
+        message = _eval_error(common + ["--output", str(output)])
+        assert f"--output {output}" in message and "\n" not in message
+    assert set(cache.glob("*")) == cached_before  # refused before any feature was extracted
+
+
+def _five_images(tmp_path):
+    """An ImageFolder of five 32 px images in one class."""
     data = tmp_path / "data" / "cls"
     data.mkdir(parents=True)
     for i in range(5):
         Image.new("RGB", (32, 32), (50 * i, 0, 0)).save(data / f"{i}.png")
+    return data.parent
+
+
+def test_eval_refuses_an_output_its_permission_bits_allow_but_that_cannot_be_created(tmp_path, checkpoint):
+    """The check read only permission bits, which root passes everywhere: an --output under /proc
+    went through, and the features were computed before the JSON write failed with a traceback."""
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc")
+    output = Path("/proc") / "fastdense-eval-result.json"
+    data = _five_images(tmp_path)
     cache = checkpoint.parent / "eval_cache"
     cached_before = set(cache.glob("*"))
-    common = ["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "0", "--image-size", "32", "--data", str(data.parent)]
-    for output in (blocker / "result.json", tmp_path / "new"):
-        message = _eval_error(common + ["--output", str(output)])
-        assert f"--output {output}" in message and "\n" not in message
+    message = _eval_error(["--checkpoint", str(checkpoint), "--task", "knn", "--num-workers", "0", "--image-size", "32", "--data", str(data), "--output", str(output)])
+    assert f"--output {output}" in message and "\n" not in message
     assert set(cache.glob("*")) == cached_before  # refused before any feature was extracted
 
 

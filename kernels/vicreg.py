@@ -151,7 +151,7 @@ def _column_stats_kernel(
     out = slot * D + cols
     tl.store(mean_ptr + out, mean, mask=col_mask)
     tl.store(sumsq_ptr + out, squares, mask=col_mask)
-    tl.store(hinge_ptr + out, tl.maximum(1.0 - std, 0.0), mask=col_mask)
+    tl.store(hinge_ptr + out, tl.maximum(1.0 - std, 0.0, propagate_nan=tl.PropagateNan.ALL), mask=col_mask)
 
 
 @triton.jit

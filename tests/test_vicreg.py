@@ -168,6 +168,19 @@ def test_triton_per_slot_matches_float64(shape, device):
     _check_triton(_spread(*shape, device=device))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_triton_non_finite_input_gives_nan_like_the_reference(value, device):
+    # The hinge's max(1 - std, 0) must propagate NaN: Triton's default maximum returns 0 for a NaN
+    # std, which hid NaN/Inf features behind a finite variance loss.
+    x = _spread(6, 5, device=device)
+    x[2, 1] = value
+    with ops.backend("triton"):
+        variance = ops.vicreg_variance(x)
+        both = ops.vicreg_variance_covariance(x)
+    assert vicreg_variance_reference(x.cpu()).isnan()
+    assert variance.isnan() and both[0].isnan() and both[1].isnan()
+
+
 @pytest.mark.parametrize("layout", ["transposed", "strided_slots", "sliced_columns"])
 def test_triton_non_contiguous_input(layout, device):
     if layout == "transposed":

@@ -604,9 +604,15 @@ GOOD_ROIS = torch.tensor([[0, 0.0, 0.0, 2.0, 2.0]])
         (dict(sampling_ratio=1.5), TypeError, "sampling_ratio"),
         (dict(spatial_scale=0.0), ValueError, "spatial_scale"),
         (dict(spatial_scale=float("nan")), ValueError, "spatial_scale"),
+        (dict(spatial_scale=float("inf")), ValueError, "spatial_scale must be a positive finite number"),
+        (dict(spatial_scale="0.5"), TypeError, "spatial_scale"),
+        (dict(output_size=2.0), ValueError, "output_size"),
+        (dict(output_size=None), ValueError, "output_size"),
+        (dict(sampling_ratio=2**40), ValueError, "sampling_ratio"),
+        (dict(sampling_ratio=1 - 2**40), ValueError, "sampling_ratio"),
     ],
 )
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_bad_input(device, backend, kwargs, error, message):
     """Every backend refuses the same input with the same message (the Triton path checks the
     boxes' values with a kernel of its own)."""

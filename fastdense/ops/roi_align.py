@@ -13,6 +13,7 @@ as everything else in the call (``benchmarks/bench_roi_align.py --host`` measure
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Sequence, Tuple, Union
 
 import torch
@@ -299,12 +300,22 @@ def check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio
         raise ValueError(f"boxes must be on the device of input ({input.device}), got {rois.device}")
     if isinstance(output_size, int):
         output_size = (output_size, output_size)
-    if len(output_size) != 2 or any(not isinstance(s, int) or s < 1 for s in output_size):
+    if not isinstance(output_size, (tuple, list)) or len(output_size) != 2 or any(not isinstance(s, int) or s < 1 for s in output_size):
         raise ValueError(f"output_size must be a positive int or a pair of positive ints, got {output_size!r}")
     if not isinstance(sampling_ratio, int):
         raise TypeError(f"sampling_ratio must be an int (<= 0 for adaptive), got {sampling_ratio!r}")
-    if not spatial_scale > 0:
-        raise ValueError(f"spatial_scale must be positive, got {spatial_scale!r}")
+    if not -2**31 <= sampling_ratio < 2**31:
+        # torchvision's kernel truncates it to a C int (2**40 became 0: adaptive); Triton's overflows.
+        raise ValueError(f"sampling_ratio must be an int in [-2**31, 2**31) (<= 0 for adaptive), got {sampling_ratio!r}")
+    try:
+        if isinstance(spatial_scale, (str, bytes)):
+            raise TypeError
+        scale = float(spatial_scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}") from None
+    if not (scale > 0 and math.isfinite(scale)):
+        # An infinite scale made every sample position infinite: the reference crashed indexing with them.
+        raise ValueError(f"spatial_scale must be a positive finite number, got {spatial_scale!r}")
     return tuple(output_size)
 
 

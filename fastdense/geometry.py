@@ -139,6 +139,7 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     _check_matrices(outer, "outer")
     _check_matrices(inner, "inner")
     _check_same_dtype_and_device(outer, "outer", inner, "inner")
+    _check_broadcast(outer, "outer", "[..., 3, 3]", 2, inner, "inner", "[..., 3, 3]", 2)
     return outer @ inner
 
 
@@ -160,6 +161,7 @@ def apply(matrices: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         shape = list(points.shape) if torch.is_tensor(points) else type(points).__name__
         raise ValueError(f"points must have shape [..., N, 2], got {shape}")
     _check_same_dtype_and_device(matrices, "matrices", points, "points")
+    _check_broadcast(matrices, "matrices", "[..., 3, 3]", 2, points, "points", "[..., N, 2]", 2)
     linear = matrices[..., None, :2, :2]
     shift = matrices[..., None, :2, 2]
     return (linear @ points[..., None]).squeeze(-1) + shift
@@ -185,6 +187,8 @@ def cell_centers_in_source(matrices: torch.Tensor, height: int, width: int, view
     computed from a view of size ``view_size = (H_v, W_v)`` whose matrices are ``[..., 3, 3]``."""
     _check_matrices(matrices, "matrices")
     view_h, view_w = _positive_pair(view_size, "view_size", "(H_v, W_v)")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (height, width)):
+        raise ValueError(f"height and width must be positive ints, got {height!r} x {width!r}")
     stride = (view_h / height, view_w / width)
     centers = cell_centers(height, width, stride, device=matrices.device, dtype=matrices.dtype)
     return apply(matrices, centers.expand(*matrices.shape[:-2], -1, -1))
@@ -200,6 +204,7 @@ def map_boxes(matrices: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     _check_matrices(matrices, "matrices")
     _check_boxes(boxes, "boxes", "[..., K, 4]", min_dim=2)
     _check_same_dtype_and_device(matrices, "matrices", boxes, "boxes")
+    _check_broadcast(matrices, "matrices", "[..., 3, 3]", 2, boxes, "boxes", "[..., K, 4]", 2)
     corners = apply(matrices, boxes.reshape(*boxes.shape[:-1], 2, 2).flatten(-3, -2)).unflatten(-2, (boxes.shape[-2], 2))
     low = torch.minimum(corners[..., 0, :], corners[..., 1, :])
     high = torch.maximum(corners[..., 0, :], corners[..., 1, :])
@@ -233,6 +238,7 @@ def intersect(box_a: torch.Tensor, box_b: torch.Tensor) -> Tuple[torch.Tensor, t
     _check_boxes(box_a, "box_a", "[..., 4]", min_dim=1)
     _check_boxes(box_b, "box_b", "[..., 4]", min_dim=1)
     _check_same_dtype_and_device(box_a, "box_a", box_b, "box_b", dtype=False)
+    _check_broadcast(box_a, "box_a", "[..., 4]", 1, box_b, "box_b", "[..., 4]", 1)
     low = torch.maximum(box_a[..., :2], box_b[..., :2])
     high = torch.maximum(torch.minimum(box_a[..., 2:], box_b[..., 2:]), low)
     box = torch.cat([low, high], dim=-1)
@@ -295,6 +301,18 @@ def _check_boxes(boxes, name: str, shape: str, min_dim: int) -> None:
     if not torch.is_tensor(boxes) or boxes.dim() < min_dim or boxes.shape[-1] != 4:
         got = list(boxes.shape) if torch.is_tensor(boxes) else type(boxes).__name__
         raise ValueError(f"{name} must have shape {shape} (x1, y1, x2, y2), got {got}")
+
+
+def _check_broadcast(first, first_name: str, first_shape: str, first_tail: int, second, second_name: str, second_shape: str, second_tail: int) -> None:
+    """Raise a ValueError naming both arguments when their leading (batch) dimensions do not
+    broadcast, where torch would fail inside a matmul or an elementwise op."""
+    try:
+        torch.broadcast_shapes(first.shape[:first.dim() - first_tail], second.shape[:second.dim() - second_tail])
+    except RuntimeError:
+        raise ValueError(
+            f"{first_name} {first_shape} and {second_name} {second_shape} must have leading dimensions that broadcast, "
+            f"got {first_name} {list(first.shape)} and {second_name} {list(second.shape)}"
+        ) from None
 
 
 def _check_same_dtype_and_device(first: torch.Tensor, first_name: str, second: torch.Tensor, second_name: str, dtype: bool = True) -> None:

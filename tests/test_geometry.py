@@ -214,6 +214,14 @@ def test_gradients_flow_through_matrices_and_boxes():
         (lambda: geometry.view_extent(torch.eye(3), (224, 0)), ValueError, "view_size"),
         (lambda: geometry.intersect(torch.zeros(4), torch.zeros(2, 5)), ValueError, "box_b"),
         (lambda: geometry.views_intersection(torch.eye(3).expand(2, 3, 3), (224, 224), 0, 5), ValueError, "second"),
+        # Leading dimensions that do not broadcast: named, not torch's "size of tensor a (2) must match".
+        (lambda: geometry.compose(torch.eye(3).expand(2, 3, 3), torch.eye(3).expand(3, 3, 3)), ValueError, r"outer .* and inner .* broadcast, got outer \[2, 3, 3\] and inner \[3, 3, 3\]"),
+        (lambda: geometry.apply(torch.eye(3).expand(2, 3, 3), torch.zeros(3, 4, 2)), ValueError, r"matrices .* and points .* broadcast"),
+        (lambda: geometry.map_boxes(torch.eye(3).expand(2, 3, 3), torch.zeros(3, 5, 4)), ValueError, r"matrices .* and boxes .* broadcast"),
+        (lambda: geometry.boxes_between_views(torch.eye(3).expand(2, 2, 3, 3), torch.zeros(3, 1, 4), 0, 1), ValueError, r"and boxes .* broadcast"),
+        (lambda: geometry.intersect(torch.zeros(3, 4), torch.zeros(2, 4)), ValueError, r"box_a .* and box_b .* broadcast"),
+        # A map of zero cells: a ZeroDivisionError computing its stride before.
+        (lambda: geometry.cell_centers_in_source(torch.eye(3), 0, 7, (224, 224)), ValueError, "height and width must be positive ints"),
     ],
 )
 def test_bad_input_names_the_argument(call, error, match):

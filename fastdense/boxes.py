@@ -83,6 +83,10 @@ def keyed_scrl_randoms(seed: int, draw: int, index: torch.Tensor) -> torch.Tenso
     >>> torch.equal(a[1:], keyed_scrl_randoms(7, 0, torch.tensor([4, 5]))), bool(a[0] != keyed_scrl_randoms(7, 1, torch.tensor([3]))[0])
     (True, True)
     """
+    check_tensor(index, "index", "[B] int (dataset indices)", float_only=False)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        # int() would truncate 1.5 and 1.7 to the same key.
+        raise TypeError(f"index must be an integer tensor of dataset indices, got dtype {index.dtype}")
     mix = lambda z: _finalize64((z + _GOLDEN_GAMMA) & _MASK64)  # noqa: E731
     base = mix(mix(int(seed) & _MASK64) ^ (int(draw) & _MASK64))
     keys = [mix(base ^ (int(i) & _MASK64)) for i in index.reshape(-1).tolist()]
@@ -162,6 +166,12 @@ def _prepare(matrices, view_size, num_boxes, min_size, iou_threshold, max_tries,
     view_h, view_w = _check_view_size(view_size)
     _check_int(num_boxes, "num_boxes", 1)
     _check_int(max_tries, "max_tries", 1)
+    if matrices.shape[0] * num_boxes >= 2**31:
+        # The rois' row count must fit the int32 indices of roi_align's kernels; beyond it the C++
+        # sampler failed with std::bad_alloc (or wrapped B * num_boxes around int64) and the reference ran for hours.
+        raise ValueError(f"num_boxes * B must be below 2**31 (the boxes one batch can hold), got num_boxes={num_boxes} for B={matrices.shape[0]} images")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, float)) or not math.isfinite(min_size) or min_size < 1:
         raise ValueError(f"min_size must be a finite number >= 1 (scaled pixels), got {min_size!r}")
     if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float)) or not iou_threshold > 0:

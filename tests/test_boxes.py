@@ -343,12 +343,25 @@ GOOD = geometry.crop_matrix(torch.zeros(2, 2), 0.0, 100.0, 100.0, VIEW, VIEW)
         ({"random": torch.zeros(3, dtype=torch.int64)}, ValueError, r"random.*\[2\]"),
         ({"random": torch.zeros(2)}, ValueError, "random.*int64"),
         ({"random": [1, 2]}, TypeError, "random"),
+        # B * num_boxes past int32: std::bad_alloc from the C++ sampler (or int64 wrap-around), hours in the reference.
+        ({"num_boxes": 2**30}, ValueError, r"num_boxes \* B must be below 2\*\*31"),
+        ({"num_boxes": 2**62}, ValueError, r"num_boxes \* B must be below 2\*\*31"),
+        ({"generator": 3}, TypeError, "generator must be a torch.Generator"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, error, match):
     kwargs = {"matrices": GOOD, **kwargs}
     with pytest.raises(error, match=match):
         boxes.sample_scrl_boxes(**kwargs)
+
+
+def test_keyed_scrl_randoms_validates_index():
+    with pytest.raises(TypeError, match="index must be a torch.Tensor"):
+        boxes.keyed_scrl_randoms(0, 0, [1, 2])
+    # Float indices were truncated: 1.5 and 1.7 gave one key.
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        boxes.keyed_scrl_randoms(0, 0, torch.tensor([1.5, 1.7]))
+    assert boxes.keyed_scrl_randoms(0, 0, torch.tensor([1, 2], dtype=torch.int32)).tolist() == boxes.keyed_scrl_randoms(0, 0, torch.tensor([1, 2])).tolist()
 
 
 def test_draw_scrl_randoms_validates_batch_size():

@@ -529,6 +529,11 @@ def test_bad_pair_lists_are_rejected():
         ops.nearest_neighbor_pairs_many([], [], [])
     with pytest.raises(ValueError, match="same device"):
         ops.nearest_neighbor_pairs_many([q, q.to("meta")], [c, c.to("meta")], [1, 1])
+    # A single k instead of a list: 'int' object is not iterable, naming nothing.
+    with pytest.raises(TypeError, match="ks must be a sequence"):
+        ops.nearest_neighbor_pairs_many([q], [c], 1)
+    with pytest.raises(TypeError, match="candidates must be a sequence"):
+        ops.nearest_neighbor_pairs_many([q], None, [1])
 
 
 @pytest.mark.gpu

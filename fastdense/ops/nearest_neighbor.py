@@ -161,6 +161,9 @@ def nearest_neighbor_pairs_many(queries: Sequence[torch.Tensor], candidates: Seq
     >>> ops.nearest_neighbor_pairs_many([a, b], [b, a], [2, 1])
     [(tensor([[1, 2]]), tensor([[1, 0]])), (tensor([[0]]), tensor([[2]]))]
     """
+    for name, value in (("queries", queries), ("candidates", candidates), ("ks", ks)):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{name} must be a sequence (one entry per pair), got {type(value).__name__}")
     queries, candidates, ks = list(queries), list(candidates), list(ks)
     if not queries or not (len(queries) == len(candidates) == len(ks)):
         raise ValueError(f"queries, candidates and ks must be non-empty sequences of the same length, got lengths {len(queries)}, {len(candidates)} and {len(ks)}")

@@ -721,6 +721,19 @@ def test_check_boxes_false_skips_only_the_value_checks(monkeypatch):
     ops.roi_align(GOOD_X, [rois[:1, 1:], rois[1:, 1:], torch.zeros(0, 4)], 2, check_boxes=False)  # empty: as torchvision
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto", "triton"])
+def test_boxes_far_outside_the_map_pool_zeros_like_torchvision(device, backend):
+    """Finite boxes that pass check_boxes but reach 1e30 pixels: the reference turned those sample
+    positions into int64 indices that overflowed (RuntimeError: index -9223372036854775808 is out of
+    bounds); their samples lie outside the map and weigh nothing, as in torchvision."""
+    x = torch.randn(2, 3, 8, 8)
+    rois = torch.tensor([[0, 1.0, 1.0, 1e30, 1e30], [1, -1e20, 2.0, 3.0, 1e19], [1, 1e30, 1e30, 1e30, 1e30], [0, 1.0, 1.0, 6.0, 5.0]])
+    expected = torchvision.ops.roi_align(x, rois, 2, sampling_ratio=2)
+    with ops.backend(backend):
+        out = ops.roi_align(x.to(device), rois.to(device), 2, sampling_ratio=2)
+    torch.testing.assert_close(out.cpu(), expected)
+
+
 def test_bad_device():
     meta_boxes = GOOD_ROIS.to("meta")
     with pytest.raises(ValueError, match="boxes must be on the device of input"):

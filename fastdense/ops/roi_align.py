@@ -118,7 +118,9 @@ def _axis_weights(start, bin_size, grid, out_size: int, extent: int) -> torch.Te
     pos = start[:, None, None] + bins[None, :, None] * bin_size[:, None, None] + (sample[None, None, :] + 0.5) * bin_size[:, None, None] / grid_f
     used = sample[None, None, :] < grid[:, None, None]
     inside = (pos >= -1.0) & (pos <= extent) & used
-    pos = pos.clamp(min=0.0)
+    # Samples outside the map weigh nothing; moving them to 0 keeps a far box's positions (1e30,
+    # or inf from float overflow) from overflowing the int64 indices below.
+    pos = torch.where(inside, pos, torch.zeros_like(pos)).clamp(min=0.0)
     low = pos.floor().long()
     at_edge = low >= extent - 1
     low = torch.where(at_edge, torch.full_like(low, extent - 1), low)

@@ -127,6 +127,19 @@ def _nothing_to_do(trainer) -> str:
             "--max-steps N (above that) or --set max_steps= to continue")
 
 
+def _save_traceback(run_dir) -> str:
+    """Write the exception being handled to ``run_dir/error.log``; the note that says where (empty
+    when it cannot be written: the message itself must still reach the user)."""
+    import traceback
+
+    path = Path(run_dir) / "error.log"
+    try:
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return ""
+    return f" (traceback in {path})"
+
+
 def _train(config, resume: bool) -> int:
     """Set up and run one training process; its exit code."""
     from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
@@ -159,8 +172,10 @@ def _train(config, resume: bool) -> int:
         return 4
     except (ValueError, OSError) as e:
         # The loader found out mid-run what set-up could not see (files that stopped decoding or
-        # vanished): a message with where training stands, as for a setting refused at set-up.
-        print(f"fastdense-train: {e}; training stopped after {trainer.step} steps; {trainer.last_good_note()}", file=sys.stderr)
+        # vanished): a message with where training stands, as for a setting refused at set-up. The
+        # traceback goes to the run directory, so an error of the code itself is not lost.
+        print(f"fastdense-train: {e}; training stopped after {trainer.step} steps; {trainer.last_good_note()}"
+              f"{_save_traceback(trainer.run_dir)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # No checkpoint here: the interrupted step may be half applied; the last one written is whole.

@@ -506,6 +506,8 @@ def test_a_loader_error_after_training_started_is_one_line_not_a_traceback(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("fastdense-train: data folder ") and "no readable image among its 8 files" in err, err
     assert "training stopped after 0 steps; no checkpoint had been written yet" in err and len(err.strip().splitlines()) == 1
+    log = tmp_path / "run" / "error.log"
+    assert f"(traceback in {log})" in err and "Traceback (most recent call last)" in log.read_text()  # kept for a bug report
 
 
 def test_an_os_error_from_the_loader_mid_run_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

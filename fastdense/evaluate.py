@@ -94,11 +94,10 @@ def main(argv=None) -> dict:
         backbone = select_backbone(method, args.network)
     except ValueError as e:  # CheckpointError included: the message names the file
         sys.exit(f"fastdense-eval: {e}")
-    if args.output is not None:
-        _check_output(args.output)  # before any compute: a bad path found at the end wasted all of it
     run_dir = args.checkpoint.parent
     suffix = f"{'_target' if args.network == 'target' else ''}{'_random' if args.random_init else ''}"
     tag = f"{args.task}{suffix}"
+    _check_output(args.output or run_dir / f"eval_{tag}.json")  # before any compute: a bad path found at the end wasted all of it
     if args.task == "export":
         path = export_backbone(backbone, run_dir / f"backbone_{backbone.name}{suffix}.pth")
         result = {"task": "export", "path": str(path), "arch": backbone.name, "tensors": len(torch.load(path, weights_only=True))}

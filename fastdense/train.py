@@ -120,19 +120,20 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _nothing_to_do(trainer) -> str:
     step, max_steps = trainer.step, trainer.config.get("max_steps")
-    if step >= trainer.total_steps:
+    if step >= trainer.total_steps or trainer.epoch >= trainer.config["epochs"]:
         return (f"nothing to do: the run in {trainer.run_dir} finished all {trainer.config['epochs']} epochs "
                 f"({step} steps); start a new --run-dir to train further")
     return (f"nothing to do: the run in {trainer.run_dir} reached its max_steps ({max_steps}) at step {step}; pass "
             "--max-steps N (above that) or --set max_steps= to continue")
 
 
-def _save_traceback(run_dir) -> str:
-    """Write the exception being handled to ``run_dir/error.log``; the note that says where (empty
-    when it cannot be written: the message itself must still reach the user)."""
+def _save_traceback(trainer) -> str:
+    """Write the exception being handled to ``RUN/error.log`` (``error.rank{N}.log`` with several
+    processes, which may fail together); the note that says where (empty when it cannot be written:
+    the message itself must still reach the user)."""
     import traceback
 
-    path = Path(run_dir) / "error.log"
+    path = Path(trainer.run_dir) / (f"error.rank{trainer.dist.rank}.log" if trainer.dist.enabled else "error.log")
     try:
         path.write_text(traceback.format_exc())
     except OSError:
@@ -158,7 +159,7 @@ def _train(config, resume: bool) -> int:
     except KeyboardInterrupt:
         print("fastdense-train: interrupted during set-up, before any training step", file=sys.stderr)
         return 130
-    if resume and trainer.step >= trainer.end_step():
+    if resume and trainer.finished():
         if trainer.dist.is_main:
             print(f"fastdense-train: {_nothing_to_do(trainer)}")
         return 0
@@ -175,7 +176,7 @@ def _train(config, resume: bool) -> int:
         # vanished): a message with where training stands, as for a setting refused at set-up. The
         # traceback goes to the run directory, so an error of the code itself is not lost.
         print(f"fastdense-train: {e}; training stopped after {trainer.step} steps; {trainer.last_good_note()}"
-              f"{_save_traceback(trainer.run_dir)}", file=sys.stderr)
+              f"{_save_traceback(trainer)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # No checkpoint here: the interrupted step may be half applied; the last one written is whole.

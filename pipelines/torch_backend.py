@@ -208,9 +208,13 @@ class _ViewDataset(torch.utils.data.Dataset):
             try:
                 views, crops, size = decode_views(path, self.recipe.views, self.recipe.interpolation, rng)
             except Exception as error:  # any undecodable file is skipped and reported, never fatal mid-epoch
-                self.undecodable[candidate] = (str(path), f"{type(error).__name__}: {error}")
+                reason = (str(path), f"{type(error).__name__}: {error}")
+                if not isinstance(error, MemoryError) and getattr(error, "errno", None) is None:
+                    # The file's content (an I/O error or a full memory may pass: not remembered, or
+                    # which worker met it would decide later stand-ins)
+                    self.undecodable[candidate] = reason
                 # Only the sample's own file is reported here: a failed stand-in is reported where it is visited.
-                failure = failure or self.undecodable[candidate]
+                failure = failure or reason
                 continue
             return dict(views=views, crops=crops, size=size, index=candidate, label=label, batch_number=batch_number, epoch=epoch, skipped=failure)
         # No image of the folder decodes: the loader stops with an error naming the folder.

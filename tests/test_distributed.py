@@ -356,6 +356,7 @@ def resume_worker(rank, port, root, phase):
         assert trainer.step == STOP_AT
         out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
         out["non_finite"] = _non_finite_on_one_rank(f"{root}/nan", rank)
+        out["metrics_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk", rank)
     else:
         resumed = []
         trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
@@ -381,6 +382,32 @@ def _non_finite_on_one_rank(run_dir, rank):
     return None
 
 
+def _metrics_write_fails_on_rank_0(run_dir, rank):
+    """Rank 0's third metrics row hits a full disk: every rank must stop (the others were left
+    waiting in the next step's collective), with the message of rank 0's failure there."""
+    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0))
+    trainer.setup()
+    if rank == 0:
+        rows = [0]
+        write = loop.MetricsLog.log
+
+        def log(self, row):
+            rows[0] += 1
+            if rows[0] == 3:
+                raise OSError(28, "No space left on device")
+            return write(self, row)
+
+        loop.MetricsLog.log = log
+    try:
+        trainer.fit()
+    except ckpt.RunDirError as error:
+        return str(error), trainer.step
+    finally:
+        if rank == 0:
+            loop.MetricsLog.log = write
+    return None
+
+
 def _same_rng(a, b):
     return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and all(
         (x == y).all() if hasattr(x, "shape") else x == y for x, y in zip(a["numpy"], b["numpy"]))
@@ -396,6 +423,9 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     for rank in range(WORLD):
         assert "non-finite loss (nan) at step 3 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
     assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
+    failures = [first[rank]["metrics_failure"] for rank in range(WORLD)]
+    assert all(f is not None and "the metrics in" in f[0] and "could not be written" in f[0] for f in failures), failures
+    assert "No space left on device" in failures[0][0] and failures[0][1] == failures[1][1] == 4  # stopped together, a step later
     train_doubles.install(monkeypatch)
     alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
     with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process

@@ -521,7 +521,7 @@ def test_eval_leaves_out_unreadable_images_and_names_them(tmp_path, checkpoint, 
     assert f"--data {only_bad} holds no readable image (6 unreadable files)" in message and "\n" not in message
 
 
-def _damaged_mid_file_png(path):
+def _damaged_mid_file_png(path, shape=(32, 32, 3)):
     """A PNG whose compressed pixels are scrambled with its chunk checksum made to match: it passes
     the up-front check (header, CRCs) and fails only when decoded."""
     import io
@@ -529,7 +529,7 @@ def _damaged_mid_file_png(path):
     import zlib
 
     encoded = io.BytesIO()
-    Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(encoded, "PNG")
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)).save(encoded, "PNG")
     data = bytearray(encoded.getvalue())
     chunk = data.find(b"IDAT")
     length = struct.unpack(">I", data[chunk - 4 : chunk])[0]
@@ -576,6 +576,9 @@ def test_extract_drops_the_samples_that_failed_to_decode(tmp_path):
     pairs = [EvalSample(tmp_path / "0.png", mask=tmp_path / "0_mask.png"), EvalSample(damaged, mask=tmp_path / "1_mask.png")]
     dense = extract(backbone, EvalImages(pairs, 32), dense=True, batch_size=2, num_workers=0)
     assert dense["maps"].shape[0] == 1 and torch.equal(dense["masks"], torch.zeros(1, 32, 32, dtype=torch.int64))
+    damaged_mask = _damaged_mid_file_png(tmp_path / "damaged_mask.png", shape=(32, 32))  # a class-index (L) mask
+    *_, problem = EvalImages([EvalSample(tmp_path / "0.png", mask=damaged_mask)], 32)[0]
+    assert f"or its mask {damaged_mask}" in problem  # the mask decodes first: both files are named
 
 
 def test_eval_dense_leaves_out_pairs_with_an_unreadable_image_or_mask(tmp_path, checkpoint, monkeypatch, capsys):

@@ -567,3 +567,16 @@ def test_ctrl_c_during_setup_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Trainer, "setup", interrupted)
     assert _doubles_run(tmp_path, monkeypatch) == 130
     assert capsys.readouterr().err.strip() == "fastdense-train: interrupted during set-up, before any training step"
+
+
+def test_a_run_is_finished_at_its_end_step_or_after_its_last_epoch():
+    """A run resumed on another number of processes can reach its last epoch before its end step
+    (total_steps follows the new steps per epoch): fit has nothing left to do then either, and
+    --resume says so instead of reporting a run of 0 steps."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.config, trainer.total_steps = {"epochs": 2, "max_steps": None}, 40
+    for step, epoch, finished in ((10, 1, False), (40, 1, True), (20, 2, True), (39, 1, False)):
+        trainer.step, trainer.epoch = step, epoch
+        assert trainer.finished() is finished, (step, epoch)
+    trainer.config["max_steps"], trainer.step, trainer.epoch = 5, 5, 0
+    assert trainer.finished()

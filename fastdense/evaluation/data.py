@@ -138,7 +138,8 @@ class EvalImages(torch.utils.data.Dataset):
             raise
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:  # PIL's decode failures
             target = torch.full((self.size, self.size), 255, dtype=torch.int64) if sample.mask is not None else sample.label
-            return torch.zeros(3, self.size, self.size), target, f"{sample.image}: {type(error).__name__}: {error}"
+            files = f"{sample.image} or its mask {sample.mask}" if sample.mask is not None else str(sample.image)
+            return torch.zeros(3, self.size, self.size), target, f"{files}: {type(error).__name__}: {error}"
 
     def _load(self, sample: EvalSample):
         mask = None

@@ -206,19 +206,22 @@ class Trainer:
         resumed = self.check_resume()
         ckpt.seed_everything(config["seed"])
         method = build_method(config).to(device)
+        sync_bn = config["sync_batchnorm"]
+        synced = self.dist.enabled and (sync_bn == "auto" or sync_bn is True)
         min_batch = getattr(method, "min_batch_size", 1)
-        if config["batch_size"] < min_batch:
+        # Synchronised BatchNorm (and VICRegL's gathered variance) take their statistics over every process's images.
+        if config["batch_size"] * (self.dist.world_size if synced else 1) < min_batch:
+            per = "images across its processes" if synced else "images per process"
             raise ValueError(
                 f"batch_size {config['batch_size']} is too small for {config['method']}: it trains on at least "
-                f"{min_batch} images per process (its batch statistics need more than one); set --batch-size {min_batch} or more"
+                f"{min_batch} {per} (its batch statistics need more than one); set --batch-size {min_batch} or more"
             )
         channels_last = config["channels_last"]
         is_cnn = getattr(getattr(method, "backbone", None), "kind", "resnet") != "vit"
         self.channels_last = (device.type == "cuda" and is_cnn) if channels_last == "auto" else bool(channels_last)
         if self.channels_last:
             method = method.to(memory_format=torch.channels_last)
-        sync_bn = config["sync_batchnorm"]
-        if (sync_bn == "auto" and self.dist.enabled) or sync_bn is True:
+        if synced or sync_bn is True:
             method = distributed.convert_sync_batchnorm(method, device)
         self.method = method
         if self.dist.enabled:
@@ -250,6 +253,7 @@ class Trainer:
         self.loader_state: Optional[Dict] = None
         self.loader_resume: Optional[Dict] = None
         self.last_good: Optional[int] = None
+        self.pending_failure: Optional[ckpt.RunDirError] = None  # a failed metrics write, raised at the next collective
         refusal = None
         if self.dist.is_main:
             try:
@@ -379,9 +383,12 @@ class Trainer:
                 ckpt.save_checkpoint(state, self.checkpoint_path)
             except OSError as e:
                 failure = e
-        if self.dist.enabled:  # the wait for rank 0's write, and its outcome, in one collective
-            flag = torch.tensor(float(failure is not None), device=self.device)
-            failed_somewhere = float(distributed.all_reduce_mean(flag, self.dist)) > 0
+        if self.dist.enabled:  # the wait for rank 0's write, and its outcome (and a pending metrics failure), in one collective
+            flags = torch.tensor([float(failure is not None), float(self.pending_failure is not None)], device=self.device)
+            failed, pending = distributed.all_reduce_mean(flags, self.dist).tolist()
+            failed_somewhere = failed > 0
+            if not failed_somewhere:
+                self._raise_pending(pending > 0)
         else:
             failed_somewhere = failure is not None
         if failed_somewhere:
@@ -393,13 +400,25 @@ class Trainer:
         return ckpt.RunDirError(f"{what} could not be written ({reason}); training stopped after {self.step} steps; "
                                 f"{self.last_good_note()}")
 
-    def write_metrics(self, write):
+    def write_metrics(self, write, deferred: bool = False):
         """``write()`` (a metrics, TensorBoard or plot write by rank 0); a full disk or a run directory
-        removed mid-run stops training as a failed checkpoint write does, naming the last good one."""
+        removed mid-run stops training as a failed checkpoint write does, naming the last good one.
+        ``deferred`` (writes inside the loop): with several processes the failure is kept and raised
+        on every rank together at the next collective they all make (:meth:`check_finite`,
+        :meth:`save`), so the others are not left waiting in it."""
         try:
             return write()
         except OSError as e:
-            raise self.write_failure(f"the metrics in {str(self.run_dir)!r}", f"{type(e).__name__}: {e}") from e
+            failure = self.write_failure(f"the metrics in {str(self.run_dir)!r}", f"{type(e).__name__}: {e}")
+            if deferred and self.dist.enabled:
+                self.pending_failure = self.pending_failure or failure
+                return None
+            raise failure from e
+
+    def _raise_pending(self, pending_somewhere: bool) -> None:
+        """After a collective that carried every rank's pending-failure flag: raise on every rank together."""
+        if pending_somewhere:
+            raise self.pending_failure or self.write_failure(f"the metrics in {str(self.run_dir)!r}", "on rank 0")
 
     # -- the loop ------------------------------------------------------------------------------
     def autocast(self):
@@ -448,7 +467,12 @@ class Trainer:
     def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
         """The step's loss over the global batch (the mean of every rank's); raises on every rank
         together when it is not finite, so no rank is left waiting in a collective."""
-        value = float(distributed.all_reduce_mean(out["loss"].detach(), self.dist))
+        if self.dist.enabled:  # the loss and any rank's pending metrics-write failure in one collective
+            flag = torch.tensor(float(self.pending_failure is not None), device=out["loss"].device)
+            value, pending = distributed.all_reduce_mean(torch.stack([out["loss"].detach().float().reshape(()), flag]), self.dist).tolist()
+            self._raise_pending(pending > 0)
+        else:
+            value = float(out["loss"].detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self.last_good_note()}"
@@ -469,6 +493,11 @@ class Trainer:
                 f"non-finite weights or buffers{which} after {self.step} steps; training "
                 f"stopped; {self.last_good_note()}"
             )
+
+    def finished(self) -> bool:
+        """Whether :meth:`fit` has nothing left to do: its end step or its last epoch reached (a run
+        resumed on another number of processes reaches one without the other)."""
+        return self.step >= self.end_step() or self.epoch >= self.config["epochs"]
 
     def end_step(self) -> int:
         """The step this run stops at: its last epoch's end, or max_steps when that comes first."""
@@ -538,7 +567,7 @@ class Trainer:
                         row.update(logged)
                         row["images_per_s"] = window["images"] / max(window["time"], 1e-9)
                         row["data_wait"] = window["wait"] / max(window["time"], 1e-9)
-                        self.write_metrics(lambda: log.log(row))
+                        self.write_metrics(lambda: log.log(row), deferred=True)
                         window = {"wait": 0.0, "time": 0.0, "images": 0}
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}", wait=f"{row['data_wait']:.0%}")
@@ -555,11 +584,20 @@ class Trainer:
                     self.epoch += 1
                     self.batch_in_epoch = 0
                     self.save()
-        finally:
+        except BaseException:
+            # Closing must not replace the error already stopping the run (a non-finite loss, Ctrl-C).
             if bar is not None:
                 bar.close()
             if log is not None:
-                self.write_metrics(log.close)
+                with contextlib.suppress(OSError):
+                    log.close()
+            raise
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            self.write_metrics(log.close)
+        if self.pending_failure is not None:  # a failed write that no later collective carried
+            raise self.pending_failure
         summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
             rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"))

@@ -60,8 +60,11 @@ def make_loader(
         backend_options: passed on to the backend's loader class.
 
     Every backend class takes these keyword arguments (``data`` already resolved, ``recipe`` a
-    :class:`Recipe`, ``device`` a ``torch.device``) and provides ``len()``, ``set_epoch(epoch)``
-    and ``skipped``, the ``(path, reason)`` of files it could not read in the current epoch.
+    :class:`Recipe`, ``device`` a ``torch.device``) and provides ``len()``, ``set_epoch(epoch)``,
+    ``skipped`` (the ``(path, reason)`` of files it could not read in the current epoch),
+    ``num_samples`` (the samples an epoch draws from) and ``sample_names()`` (their names in dataset
+    order, relative to the data folder; None where the data stores none), by which a resumed run
+    checks that it reads the same data.
 
     >>> loader = make_loader("torch", recipe="plain", batch_size=8, num_workers=0)  # doctest: +SKIP
     >>> batch = next(iter(loader)); batch.matrices.shape                             # doctest: +SKIP

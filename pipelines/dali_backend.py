@@ -38,6 +38,7 @@ on the ``fastdense.pipelines`` logger at the end of every epoch.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -252,6 +253,17 @@ class DaliLoader:
     def skipped(self) -> List[Tuple[str, str]]:
         """``(path, reason)`` of the files left out of the current (or last finished) epoch."""
         return self._report.skipped
+
+    @property
+    def num_samples(self) -> int:
+        """Images an epoch draws from: those DALI can decode (the others are left out up front)."""
+        return len(self.readable)
+
+    def sample_names(self) -> List[str]:
+        """The readable samples' paths relative to the folder that holds them all, in dataset order:
+        the same names wherever the folder is moved, and others when a file is added, removed or renamed."""
+        root = os.path.commonpath(self.paths) if len(self.paths) > 1 else ""
+        return [os.path.relpath(self.paths[i], root) if root else self.paths[i] for i in self.readable]
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """Dataset indices this shard reads in ``epoch``, in order (whole batches with ``drop_last``)."""

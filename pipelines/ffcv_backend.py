@@ -577,6 +577,15 @@ class FfcvLoader:
         """``(path, reason)`` of the files left out of the current (or last finished) epoch."""
         return self._report.skipped
 
+    @property
+    def num_samples(self) -> int:
+        """Samples the ``.beton`` file holds (its header's count, a numpy integer there)."""
+        return int(self.num_stored)
+
+    def sample_names(self) -> None:
+        """None: a ``.beton`` file stores no file names, so only :attr:`num_samples` identifies it."""
+        return None
+
     def __len__(self) -> int:
         shard = len(epoch_order(self.num_stored, self.seed, 0, self.shard_id, self.num_shards, False, self.drop_last))
         return num_batches(shard, self.batch_size, self.drop_last)

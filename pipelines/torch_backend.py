@@ -40,6 +40,7 @@ number of workers or on which worker served a sample.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
@@ -335,6 +336,16 @@ class TorchLoader:
     @property
     def classes(self) -> List[str]:
         return self.index.classes
+
+    @property
+    def num_samples(self) -> int:
+        """Images an epoch draws from (the whole folder: an unreadable one is replaced batch by batch)."""
+        return len(self.index)
+
+    def sample_names(self) -> List[str]:
+        """Each sample as ``path/relative/to/the/folder<TAB>label``, in dataset order: the same names
+        wherever the folder is moved, and others when a file is added, removed or renamed."""
+        return [f"{Path(path).relative_to(self.index.root).as_posix()}\t{label}" for path, label in self.index.samples]
 
     @property
     def skipped(self) -> List[Tuple[str, str]]:

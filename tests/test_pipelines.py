@@ -132,6 +132,30 @@ def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_loaders_name_their_samples_for_resume(backend, scene_folder, tmp_path):
+    """``num_samples`` and ``sample_names()``, by which a resumed run checks its data: the names do
+    not depend on where the folder is and change when a file is renamed; a .beton names none."""
+    import shutil
+
+    require_backend(backend)
+    moved = tmp_path / "moved"
+    shutil.copytree(scene_folder, moved)
+    options = dict(recipe=small("plain"), batch_size=2)
+    first = open_loader(backend, Path(scene_folder), tmp_path / "a", **options)
+    assert first.num_samples == 30 and isinstance(first.num_samples, int)
+    if backend == "ffcv":
+        assert first.sample_names() is None
+        return
+    names = first.sample_names()
+    assert len(names) == 30 and len(set(names)) == 30 and not any(str(scene_folder) in name for name in names)
+    assert open_loader(backend, moved, tmp_path / "b", **options).sample_names() == names
+    victim = sorted(moved.rglob("*.*"))[0]
+    victim.rename(victim.with_name("renamed" + victim.suffix))
+    renamed = open_loader(backend, moved, tmp_path / "c", **options).sample_names()
+    assert len(renamed) == 30 and renamed != names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_folder_of_unreadable_files_is_an_error(backend, bad_corpus, tmp_path):
     """A folder whose every image fails to decode is as good as empty: dali and ffcv refuse it when
     the loader is made, torch (which decodes lazily) once its first epoch has read nothing; it used

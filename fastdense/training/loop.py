@@ -15,7 +15,6 @@ import contextlib
 import copy
 import hashlib
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -75,23 +74,12 @@ def build_loader(config: Dict, method: nn.Module, rank: int, world_size: int, de
 
 
 def describe_data(loader) -> Dict:
-    """What an exact resume needs unchanged about the data: ``num_samples`` and a ``fingerprint`` of
-    the sample list, each None where the loader does not expose it (the ffcv backend gives only
-    its sample count), and ``steps_per_epoch``."""
-    names: Optional[List[str]] = None
-    num_samples = None
-    index = getattr(loader, "index", None)
-    if index is not None and hasattr(index, "samples"):  # torch backend: the scanned folder
-        names = [f"{Path(path).relative_to(index.root).as_posix()}\t{label}" for path, label in index.samples]
-    elif hasattr(loader, "paths") and hasattr(loader, "readable"):  # dali backend: the files that decode
-        root = os.path.commonpath(loader.paths) if len(loader.paths) > 1 else ""
-        names = [os.path.relpath(loader.paths[i], root) if root else loader.paths[i] for i in loader.readable]
-    elif getattr(loader, "num_stored", None) is not None:  # ffcv backend: a .beton file (its count a numpy integer)
-        num_samples = int(loader.num_stored)
-    if names is not None:
-        num_samples = len(names)
+    """What an exact resume needs unchanged about the data: the loader's ``num_samples``, a
+    ``fingerprint`` of its ``sample_names()`` (None where it names none, as a ``.beton`` file does,
+    or where a loader provides neither) and ``steps_per_epoch``."""
+    names = loader.sample_names() if hasattr(loader, "sample_names") else None
     fingerprint = hashlib.sha256("\n".join(names).encode()).hexdigest() if names is not None else None
-    return {"num_samples": num_samples, "fingerprint": fingerprint, "steps_per_epoch": len(loader)}
+    return {"num_samples": getattr(loader, "num_samples", None), "fingerprint": fingerprint, "steps_per_epoch": len(loader)}
 
 
 def data_changes(saved: Optional[Dict], now: Dict, same_world_size: bool) -> Optional[str]:

@@ -15,6 +15,7 @@ import gc
 import importlib
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -41,8 +42,19 @@ def _torchrun_env(rank, port):
     torch.set_num_threads(1)
 
 
+# Ranks that wait in a collective another rank left (the failure these tests look for) would wait
+# for gloo's 30 minute timeout: a spawn that runs past this fails instead.
+SPAWN_LIMIT_S = 300
+
+
 def _spawn(worker, *args):
-    torch.multiprocessing.spawn(worker, args=(train_doubles.free_port(),) + args, nprocs=WORLD, join=True)
+    context = torch.multiprocessing.spawn(worker, args=(train_doubles.free_port(),) + args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_LIMIT_S
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{worker.__name__} ran past {SPAWN_LIMIT_S} s: a rank is waiting in a collective that another left")
 
 
 def _rows(rank, n):
@@ -357,6 +369,7 @@ def resume_worker(rank, port, root, phase):
         out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
         out["non_finite"] = _non_finite_on_one_rank(f"{root}/nan", rank)
         out["metrics_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk", rank)
+        out["metrics_log_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-start", rank, failing_call=0)
     else:
         resumed = []
         trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
@@ -382,29 +395,30 @@ def _non_finite_on_one_rank(run_dir, rank):
     return None
 
 
-def _metrics_write_fails_on_rank_0(run_dir, rank):
-    """Rank 0's third metrics row hits a full disk: every rank must stop (the others were left
-    waiting in the next step's collective), with the message of rank 0's failure there."""
+def _metrics_write_fails_on_rank_0(run_dir, rank, failing_call=3):
+    """Rank 0's ``failing_call``-th metrics write (0: creating the log, before the first step; 3:
+    the third row) hits a full disk: every rank must stop (the others were left waiting in the
+    next step's collective), with the message of rank 0's failure there."""
     trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0))
     trainer.setup()
+    name = "__init__" if failing_call == 0 else "log"
+    original = getattr(loop.MetricsLog, name)
     if rank == 0:
-        rows = [0]
-        write = loop.MetricsLog.log
+        calls = [0]
 
-        def log(self, row):
-            rows[0] += 1
-            if rows[0] == 3:
+        def write(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == max(failing_call, 1):
                 raise OSError(28, "No space left on device")
-            return write(self, row)
+            return original(self, *args, **kwargs)
 
-        loop.MetricsLog.log = log
+        setattr(loop.MetricsLog, name, write)
     try:
         trainer.fit()
     except ckpt.RunDirError as error:
         return str(error), trainer.step
     finally:
-        if rank == 0:
-            loop.MetricsLog.log = write
+        setattr(loop.MetricsLog, name, original)
     return None
 
 
@@ -426,6 +440,9 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     failures = [first[rank]["metrics_failure"] for rank in range(WORLD)]
     assert all(f is not None and "the metrics in" in f[0] and "could not be written" in f[0] for f in failures), failures
     assert "No space left on device" in failures[0][0] and failures[0][1] == failures[1][1] == 4  # stopped together, a step later
+    at_start = [first[rank]["metrics_log_failure"] for rank in range(WORLD)]  # the log could not even be made
+    assert all(f is not None and "the metrics in" in f[0] for f in at_start) and "No space left on device" in at_start[0][0], at_start
+    assert at_start[0][1] == at_start[1][1] == 1, at_start  # every rank stopped at the first step's collective
     train_doubles.install(monkeypatch)
     alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
     with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process

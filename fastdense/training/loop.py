@@ -500,7 +500,8 @@ class Trainer:
         config = self.config
         main = self.dist.is_main
         end_step = self.end_step()
-        log = self.write_metrics(lambda: MetricsLog(self.run_dir, resume_step=self.step if self.step else None)) if main else None
+        # deferred: with several processes a failure here too stops every rank at the first step's collective.
+        log = self.write_metrics(lambda: MetricsLog(self.run_dir, resume_step=self.step if self.step else None), deferred=True) if main else None
         bar = None
         if main and config["progress"]:
             from tqdm.auto import tqdm
@@ -555,7 +556,8 @@ class Trainer:
                         row.update(logged)
                         row["images_per_s"] = window["images"] / max(window["time"], 1e-9)
                         row["data_wait"] = window["wait"] / max(window["time"], 1e-9)
-                        self.write_metrics(lambda: log.log(row), deferred=True)
+                        if log is not None:  # None: its creation failed, and every rank stops at this step's collective
+                            self.write_metrics(lambda: log.log(row), deferred=True)
                         window = {"wait": 0.0, "time": 0.0, "images": 0}
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{row['images_per_s']:.1f}", wait=f"{row['data_wait']:.0%}")

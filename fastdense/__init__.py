@@ -6,11 +6,33 @@ import torch as _torch  # noqa: F401
 __version__ = "0.1.0"
 
 # In a source checkout (PYTHONPATH=<repo>), kernels/ and pipelines/ sit beside this package rather
-# than inside it; adding the repository root to the package path makes ``fastdense.kernels`` and
-# ``fastdense.pipelines`` resolve there exactly as they do in an installed wheel.
-import os as _os
+# than inside it, as setup.py's package_dir maps them. This finder resolves those two names there,
+# exactly as an installed wheel or an editable install does, and nothing else: putting the repository
+# root on the package path instead made every file beside it a submodule (``fastdense.setup`` ran
+# setup.py on import; ``pkgutil.walk_packages`` found ``fastdense.fastdense`` and recursed forever).
 
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
-    __path__.append(_root)
-del _os, _root
+
+def _install_source_checkout_finder() -> None:
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    homes = {f"{__name__}.{name}": os.path.join(root, name) for name in ("kernels", "pipelines")}
+    inside = any(os.path.isdir(os.path.join(os.path.dirname(__file__), name)) for name in ("kernels", "pipelines"))
+    if inside or not all(os.path.isfile(os.path.join(home, "__init__.py")) for home in homes.values()):
+        return  # an installed package: they are inside it
+
+    class SourceCheckoutFinder:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            home = homes.get(fullname)
+            if home is None:
+                return None
+            return importlib.util.spec_from_file_location(fullname, os.path.join(home, "__init__.py"), submodule_search_locations=[home])
+
+    sys.meta_path.append(SourceCheckoutFinder)  # after the path finders: only what they cannot find
+
+
+_install_source_checkout_finder()
+del _install_source_checkout_finder

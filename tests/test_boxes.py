@@ -367,9 +367,3 @@ def test_keyed_scrl_randoms_validates_index():
 def test_draw_scrl_randoms_validates_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         boxes.draw_scrl_randoms(0)
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    assert doctest.testmod(boxes, raise_on_error=True).attempted >= 4

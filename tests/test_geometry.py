@@ -227,9 +227,3 @@ def test_gradients_flow_through_matrices_and_boxes():
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    assert doctest.testmod(geometry, raise_on_error=True).attempted >= 6

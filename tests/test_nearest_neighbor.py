@@ -786,11 +786,3 @@ def test_interpreter_on_device_tensors_falls_back_to_one_buffer(monkeypatch, dev
     # one buffer for the wide inputs, one for the narrow ones
     assert calls["cat"] == 2 and recorder.args[0][0].numel() + recorder.args[0][1].numel() == sum(t.numel() for t in queries + candidates)
     assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
-
-def test_docstring_examples_run():
-    import doctest
-    import sys
-
-    module = sys.modules["fastdense.ops.nearest_neighbor"]  # the package exports a function of the same name
-    result = doctest.testmod(module)
-    assert result.attempted >= 4 and result.failed == 0

@@ -789,13 +789,3 @@ def test_make_loader_defaults_to_builtin_dataset(tmp_path, monkeypatch):
     batch = next(iter(loader))
     assert len(loader) == 2 and batch.label is not None and batch.matrices.shape == (4, 2, 3, 3)
     assert loader.index.root == made["path"]
-
-
-@pytest.mark.parametrize("module", ["base", "builtin", "crops", "folder", "photometric", "torch_backend", "validate"])
-def test_docstring_examples_run(module):
-    """The runnable examples in the pipelines' docstrings parse and give what they show."""
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"fastdense.pipelines.{module}"), report=False)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed"

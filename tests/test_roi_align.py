@@ -756,14 +756,6 @@ def test_boxes_to_rois_keeps_image_order():
     assert rois[:, 0].tolist() == [0, 0, 2]
 
 
-def test_docstring_examples():
-    import doctest
-    import importlib
-
-    module = importlib.import_module("fastdense.ops.roi_align")
-    assert doctest.testmod(module, raise_on_error=False).failed == 0
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, memory", [(torch.float32, "nchw"), (torch.bfloat16, "channels_last")])
 def test_detection_shape_matches_torchvision_and_is_deterministic(dtype, memory):

@@ -19,7 +19,7 @@ import fastdense.ops as ops
 from fastdense.geometry import crop_matrix
 from fastdense.methods import METHODS, build_method, method_options, recipe_for
 from fastdense.methods.ema import cosine_momentum
-from fastdense.methods.gather import gather_rows
+from fastdense.methods.gather import variance_covariance_over_ranks
 from fastdense.models import Backbone, build_backbone
 from fastdense.pipelines.batch import ViewBatch
 
@@ -408,9 +408,15 @@ def test_vicregl_convnext_is_the_references():
         torch.testing.assert_close(local[0], method.local_projector(maps), rtol=1e-10, atol=1e-12)
 
 
-def test_gather_rows_single_process_is_identity():
-    x = torch.randn(3, 4, requires_grad=True)
-    assert gather_rows(x) is x
+def test_variance_covariance_over_ranks_in_one_process_is_the_op():
+    """No process group: the op on this batch, gradient unscaled (the two-rank case is
+    tests/test_distributed.py's one step equal to the full batch's)."""
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    terms = variance_covariance_over_ranks(x, eps=1e-3)
+    expected = ops.vicreg_variance_covariance(x, eps=1e-3)
+    for term, reference in zip(terms, expected):
+        assert torch.equal(term, reference)
+        assert torch.equal(*(torch.autograd.grad(t, x, retain_graph=True)[0] for t in (term, reference)))
 
 
 # -------------------------------------------------------------------------------------------- LEWEL

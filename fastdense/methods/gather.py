@@ -1,44 +1,48 @@
-"""All-gather with a gradient, for losses computed on the whole (all-GPU) batch."""
+"""Terms computed over the batch of every process: VICReg's variance and covariance, counts."""
 
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 
+from fastdense.ops import vicreg_variance_covariance
 
-class _GatherRows(torch.autograd.Function):
+
+class _ScaleGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        ctx.rank, ctx.rows, ctx.world = dist.get_rank(), x.shape[0], world
-        pieces = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(pieces, x.contiguous())
-        return torch.cat(pieces)
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # Every rank computes the same loss from the same gathered rows, so every rank holds the
-        # same gradient for them: the all-reduce that VICReg's FullGatherLayer runs would just sum
-        # `world` identical copies. Scaling the local slice gives that result without the traffic.
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows] * ctx.world
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x [n, ...]`` from every rank, concatenated in rank order (``[world * n, ...]``), with a
-    gradient; ``x`` itself when torch.distributed is not initialised (single process).
+def variance_covariance_over_ranks(x: torch.Tensor, eps: float = 1e-4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of ``x`` (``[n, D]`` or ``[n, S, D]``, this rank's rows)
+    over the batch of every rank, as the references compute them on their all-gathered embeddings,
+    gradient included; :func:`fastdense.ops.vicreg_variance_covariance` of ``x`` itself in a single
+    process.
 
-    Use only for terms that every rank computes identically from the gathered rows (VICReg's variance
-    and covariance): the backward relies on it. Every rank must hold the same number of rows, as the
-    training loop's loaders give them (``drop_last``, whole batches); nothing checks it here, since
-    that would cost a collective and a host synchronisation per call.
+    With several processes the op's row-block form (``group="world"``) runs: each rank computes its
+    own rows' share of the covariance rather than the whole, and nothing is communicated in the
+    backward. The op gives each rank the full-batch gradient of its rows; the references' gather
+    (VICReg's FullGatherLayer) sums every rank's copy of it in its backward, ``world`` times as much,
+    which DDP's averaging over ranks turns into the full-batch gradient of the weights. The same
+    scale is applied here, so a step equals the single-process step on the whole batch.
 
-    >>> gather_rows(torch.ones(2, 3)).shape  # single process
-    torch.Size([2, 3])
+    >>> variance, covariance = variance_covariance_over_ranks(torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), eps=0.0)
+    >>> [round(float(variance), 4), round(float(covariance), 4)]  # single process
+    [0.0, 4.0]
     """
-    if world_size() == 1:
-        return x
-    return _GatherRows.apply(x)
+    world = world_size()
+    if world == 1:
+        return vicreg_variance_covariance(x, eps)
+    variance, covariance = vicreg_variance_covariance(x, eps, group="world")
+    return _ScaleGradient.apply(variance, world), _ScaleGradient.apply(covariance, world)
 
 
 def world_size() -> int:

@@ -13,8 +13,9 @@ Pseudo-code (``METHODS.md``)::
             local += (vicreg(x_i, y_i) + vicreg(x_j, y_j)) / 2
     loss = alpha * global + (1 - alpha) * local / pairs
 
-Invariance uses the per-GPU batch; variance and covariance use the batch gathered from every GPU
-(:func:`fastdense.methods.gather.gather_rows`), per slot for the local ``[B, k, D]`` features.
+Invariance uses the per-GPU batch; variance and covariance the batch of every GPU, per slot for the
+local ``[B, k, D]`` features (:func:`fastdense.methods.gather.variance_covariance_over_ranks`: each
+GPU computes its own rows' share of the covariance).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import torch
 
 from fastdense.geometry import cell_centers_in_source
 from fastdense.methods.base import Method
-from fastdense.methods.gather import gather_rows
+from fastdense.methods.gather import variance_covariance_over_ranks
 from fastdense.methods.options import check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp, parse_spec, per_location
-from fastdense.ops import nearest_neighbor_pairs_many, vicreg_invariance, vicreg_variance_covariance
+from fastdense.ops import nearest_neighbor_pairs_many, vicreg_invariance
 
 Terms = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # invariance, variance, covariance
 
@@ -38,7 +39,7 @@ def vicreg_terms(x: torch.Tensor, y: torch.Tensor) -> Terms:
     """VICReg's three unweighted terms for paired rows ``x, y`` (``[n, D]`` or ``[n, S, D]``); the
     variance and covariance of ``x`` and ``y`` are averaged."""
     invariance = vicreg_invariance(x, y)
-    (variance_x, covariance_x), (variance_y, covariance_y) = (vicreg_variance_covariance(gather_rows(v)) for v in (x, y))
+    (variance_x, covariance_x), (variance_y, covariance_y) = (variance_covariance_over_ranks(v) for v in (x, y))
     return invariance, (variance_x + variance_y) / 2, (covariance_x + covariance_y) / 2
 
 
@@ -152,7 +153,7 @@ class VICRegL(Method):
         pairs = self.ordered_pairs(len(z))
         invariance = sum(vicreg_invariance(z[i], z[j]) for i, j in pairs) / len(pairs)
         # One pass of column statistics per view serves both terms.
-        variances, covariances = zip(*(vicreg_variance_covariance(gather_rows(zv)) for zv in z))
+        variances, covariances = zip(*(variance_covariance_over_ranks(zv) for zv in z))
         variance, covariance = sum(variances) / len(z), sum(covariances) / len(z)
         return self.weighted((invariance, variance, covariance))
 

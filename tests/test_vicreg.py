@@ -479,6 +479,8 @@ def test_bad_eps_and_invariance_arguments():
         ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 3, device="meta"))
     with pytest.raises(TypeError, match="floating-point"):
         ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"at least one element.*\[0, 3\]"):
+        ops.vicreg_invariance(torch.zeros(0, 3), torch.zeros(0, 3))
 
 
 def test_forcing_an_absent_backend_is_an_error():

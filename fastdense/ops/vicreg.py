@@ -23,6 +23,8 @@ def vicreg_invariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     check_same_device("x", x, "y", y)
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {list(x.shape)} and {list(y.shape)}")
+    if x.numel() == 0:  # the mean of nothing: NaN, which would reach the loss unannounced
+        raise ValueError(f"x and y need at least one element to compare, got shape {list(x.shape)}")
     return F.mse_loss(x, y)
 
 

@@ -369,7 +369,8 @@ def resume_worker(rank, port, root, phase):
         out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
         out["non_finite"] = _non_finite_on_one_rank(f"{root}/nan", rank)
         out["metrics_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk", rank)
-        out["metrics_log_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-start", rank, failing_call=0)
+        out["metrics_log_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-start", rank, "__init__", failing_call=1)
+        out["metrics_close_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-end", rank, "close", failing_call=1)
     else:
         resumed = []
         trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
@@ -395,20 +396,20 @@ def _non_finite_on_one_rank(run_dir, rank):
     return None
 
 
-def _metrics_write_fails_on_rank_0(run_dir, rank, failing_call=3):
-    """Rank 0's ``failing_call``-th metrics write (0: creating the log, before the first step; 3:
-    the third row) hits a full disk: every rank must stop (the others were left waiting in the
-    next step's collective), with the message of rank 0's failure there."""
+def _metrics_write_fails_on_rank_0(run_dir, rank, name="log", failing_call=3):
+    """Rank 0's ``failing_call``-th call of ``MetricsLog.<name>`` hits a full disk (``__init__``:
+    creating the log, before the first step; ``log`` 3: the third row; ``close``: after the last
+    step): every rank must stop (the others were left waiting in the next step's collective, or
+    finished as if nothing had failed), with the message of rank 0's failure there."""
     trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0))
     trainer.setup()
-    name = "__init__" if failing_call == 0 else "log"
     original = getattr(loop.MetricsLog, name)
     if rank == 0:
         calls = [0]
 
         def write(self, *args, **kwargs):
             calls[0] += 1
-            if calls[0] == max(failing_call, 1):
+            if calls[0] == failing_call:
                 raise OSError(28, "No space left on device")
             return original(self, *args, **kwargs)
 
@@ -443,6 +444,9 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     at_start = [first[rank]["metrics_log_failure"] for rank in range(WORLD)]  # the log could not even be made
     assert all(f is not None and "the metrics in" in f[0] for f in at_start) and "No space left on device" in at_start[0][0], at_start
     assert at_start[0][1] == at_start[1][1] == 1, at_start  # every rank stopped at the first step's collective
+    at_end = [first[rank]["metrics_close_failure"] for rank in range(WORLD)]  # every step ran, then the log could not be closed
+    assert all(f is not None and "the metrics in" in f[0] for f in at_end) and "No space left on device" in at_end[0][0], at_end
+    assert at_end[0][1] == at_end[1][1] == 10, at_end
     train_doubles.install(monkeypatch)
     alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
     with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process

@@ -584,14 +584,18 @@ class Trainer:
             raise
         if bar is not None:
             bar.close()
+        rows = plot = None
         if log is not None:
-            self.write_metrics(log.close)
-        if self.pending_failure is not None:  # a failed write that no later collective carried
-            raise self.pending_failure
+            self.write_metrics(log.close, deferred=True)
+            if self.pending_failure is None:
+                rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"), deferred=True)
+            if rows is not None:
+                plot = self.write_metrics(lambda: plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss"), deferred=True)
+        if self.dist.enabled:  # a last collective, so that a write failed since the previous one stops every rank
+            flag = torch.tensor(float(self.pending_failure is not None), device=self.device)
+            self._raise_pending(float(distributed.all_reduce_mean(flag, self.dist)) > 0)
         summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
-            rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"))
-            plot = self.write_metrics(lambda: plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss"))
             summary.update(
                 run_dir=str(self.run_dir), checkpoint=str(self.checkpoint_path), config=str(self.run_dir / "config.yaml"),
                 metrics_csv=str(self.run_dir / "metrics.csv"), metrics_jsonl=str(self.run_dir / "metrics.jsonl"),

@@ -6,8 +6,15 @@ launcher computes several per call. These plain functions give the same integers
 """
 
 import contextlib
+import os
 
 import torch
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, on CPU tensors):
+    launchers then pick small tiles, and the ops send CPU tensors to Triton."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cdiv(numerator: int, denominator: int) -> int:

@@ -43,8 +43,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from fastdense.kernels._launch import cdiv
-from fastdense.ops._dispatch import triton_interpreted
+from fastdense.kernels._launch import cdiv, triton_interpreted
 
 # Squared differences are exact and cheap for the location case (D = 2); above this width the
 # tensor-core expansion wins. A power of two: it is also the width of the narrow rows' tile.

@@ -50,14 +50,13 @@ weights and sums are float32 whatever the input dtype (float16, bfloat16, float3
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdense.kernels._launch import cdiv, next_power_of_2
+from fastdense.kernels._launch import cdiv, next_power_of_2, triton_interpreted
 from fastdense.kernels._tf32 import round_to_tf32
 
 # Largest padded map (pixels) that one program keeps whole in registers (the pooled kernels, the
@@ -94,7 +93,6 @@ POOLED_CHANNEL_BLOCKS = 1
 # that reach it.
 SCAN_BOXES = 16
 # Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -838,7 +836,7 @@ def _whole_map_tile(height: int, width: int, bins: int) -> Tuple[int, int]:
 
 
 def _dot_in_float32(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _INTERPRETED)
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreted())
 
 
 def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdense.kernels._launch import cdiv
+from fastdense.kernels._launch import cdiv, triton_interpreted
 from fastdense.kernels._tf32 import round_to_tf32
 
 
@@ -402,15 +402,9 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _tile_config(x: torch.Tensor):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, use_dot) for products on ``x``."""
-    return tiles_for(x.dtype, on_gpu=x.is_cuda and not _interpreted())
+    return tiles_for(x.dtype, on_gpu=x.is_cuda and not triton_interpreted())
 
 
 def tiles_for(dtype: torch.dtype, on_gpu: bool):
@@ -425,7 +419,7 @@ def tiles_for(dtype: torch.dtype, on_gpu: bool):
 
 def _apply_blocks(x: torch.Tensor):
     """(BLOCK_M, BLOCK_N, BLOCK_K) of the backward's ``(A Aᵀ) A`` tiles on ``x``."""
-    if x.is_cuda and not _interpreted() and x.dtype != torch.float64:
+    if x.is_cuda and not triton_interpreted() and x.dtype != torch.float64:
         return GPU_APPLY_BLOCKS["BLOCK_M"], GPU_APPLY_BLOCKS["BLOCK_N"], GPU_APPLY_BLOCKS["BLOCK_K"]
     return _tile_config(x)[:3]
 
@@ -452,8 +446,8 @@ def column_stats(x: torch.Tensor, eps: float):
     n, slots, dim = x.shape
     acc = accumulator_dtype(x.dtype)
     mean, sumsq, hinge = torch.empty(3, slots, dim, device=x.device, dtype=acc).unbind()
-    block_d = 64 if x.is_cuda and not _interpreted() else 128
-    block_n = 32 if x.is_cuda and not _interpreted() else 64
+    block_d = 64 if x.is_cuda and not triton_interpreted() else 128
+    block_n = 32 if x.is_cuda and not triton_interpreted() else 64
     grid = (slots, cdiv(dim, block_d))
     _column_stats_kernel[grid](
         x, mean, sumsq, hinge, n, dim, x.stride(0), x.stride(1), x.stride(2), *eps_halves(eps),
@@ -512,7 +506,7 @@ def packed_product_fits(x: torch.Tensor, side: int) -> bool:
 def multiprocessors(device: torch.device) -> int:
     """How many programs run at once, about: the GPU's multiprocessor count (one product tile each:
     their registers allow no second). The interpreter runs programs one by one."""
-    if device.type == "cuda" and not _interpreted():
+    if device.type == "cuda" and not triton_interpreted():
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_MULTIPROCESSORS
 

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from fastdense.kernels._launch import triton_interpreted
+
 BACKENDS = ("auto", "reference", "triton", "cpp")
 _state = threading.local()
 
@@ -45,10 +47,6 @@ def requested_backend() -> str:
     name = os.environ.get("FASTDENSE_BACKEND", "auto").strip().lower() or "auto"
     _check_name(name, "FASTDENSE_BACKEND")
     return name
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve(op: str, tensors: Iterable[torch.Tensor], available: Iterable[str]) -> str:

@@ -1,6 +1,7 @@
-"""Every runnable example in the package's docstrings gives what it shows, and the package's import
-path holds the package alone."""
+"""The package as a whole: every runnable example in its docstrings gives what it shows, its import
+path holds the package alone, and its import graph runs one way."""
 
+import ast
 import doctest
 import importlib
 import importlib.util
@@ -54,3 +55,40 @@ def test_package_path_holds_the_package_alone():
         assert importlib.util.find_spec(stranger) is None, stranger
     walked = [info.name for info in pkgutil.walk_packages(fastdense.__path__, "fastdense.", onerror=lambda name: None)]
     assert "fastdense.ops.roi_align" in walked and len(walked) == len(set(walked)) < 200
+
+
+# What each part may import of fastdense (the guide: ops and kernels know nothing of training,
+# pipelines nothing of methods). A part may always import itself.
+MAY_IMPORT = {
+    "fastdense.kernels": (),
+    "fastdense.ops": ("fastdense.kernels",),
+    "fastdense.pipelines": ("fastdense.geometry",),
+    "fastdense.geometry": (),
+    "fastdense.boxes": ("fastdense.geometry", "fastdense.ops", "fastdense._C"),
+}
+
+
+def _fastdense_imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        yield node.lineno, [name for name in names if name == "fastdense" or name.startswith("fastdense.")]
+
+
+@pytest.mark.parametrize("part", list(MAY_IMPORT))
+def test_import_graph_runs_one_way(part):
+    package = part if part in SOURCES else "fastdense"
+    folder = SOURCES[package] if part in SOURCES else SOURCES["fastdense"] / part.split(".")[1]
+    files = sorted(folder.rglob("*.py")) if folder.is_dir() else [folder.with_suffix(".py")]
+    allowed = (part, *MAY_IMPORT[part])
+    wrong = []
+    for path in files:
+        for line, names in _fastdense_imports(path):
+            # "from fastdense.ops import x" names fastdense.ops and fastdense.ops.x: one allowed name is enough
+            if names and not any(name == a or name.startswith(a + ".") for name in names for a in allowed):
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {names[0]}")
+    assert not wrong, f"{part} may import only {allowed}: " + "; ".join(wrong)

@@ -8,7 +8,8 @@ from a CUDA graph (GPU time, no host work), beside the memory floor of the two p
 (their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
 it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one and Triton's default;
 ``--stages``: 1, 2, 3), ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn) and the
-forward's ``CHUNK`` (pixels a step of its pipelined product, with two to four stages), and
+forward's ``CHUNK`` (pixels a step of its pipelined product, with two to four stages; the whole map
+with several channel blocks, whose loop is then the one pipelined), and
 once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``, and reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
@@ -67,6 +68,11 @@ SKIPPED = ((16, 8), (128, 2))
 # once, the blocks' loads pipelined), with Triton's default stages: (BLOCK_C, num_warps).
 STREAMING = ((32, 4), (64, 4), (128, 8))
 CHANNEL_BLOCKS = (4, 16)
+# The whole map a product (CHUNK = its padded pixels) with several channel blocks a program: the
+# pixel loop folds away and Triton pipelines the channel-block loop instead, the next blocks' map
+# loads in flight during this block's product (compiled for sm_90, three stages keep two blocks in
+# flight; two keep none). (CHANNEL_BLOCKS, num_stages), at the package's channel block and warps.
+PIPELINED_BLOCKS = ((2, 3), (4, 3), (4, 4), (16, 3), (16, 4))
 
 
 class PooledCase:
@@ -202,10 +208,12 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(0)
     shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
     stages = (1, 2, 3) if args.stages else NUM_STAGES
-    configs = [(32, 4, 1, None, None), (16, 2, 2, 2, None), (None, None, 2, None, 16)] if args.quick else [
+    whole_map = kernels.pooled_forward_chunk(*shape[2:], chunk=shape[2] * shape[3] * 4)  # the padded map's pixels
+    configs = [(32, 4, 1, None, None), (16, 2, 2, 2, None), (None, None, 2, None, 16), (None, None, 3, 2, whole_map)] if args.quick else [
         (block_c, warps, stage, None, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
     ] + [(block_c, warps, None, blocks, None) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)
-    ] + [(None, None, stage, None, chunk) for chunk, stage in itertools.product(CHUNKS, CHUNK_STAGES)]
+    ] + [(None, None, stage, None, chunk) for chunk, stage in itertools.product(CHUNKS, CHUNK_STAGES)
+    ] + [(None, None, stage, blocks, whole_map) for blocks, stage in PIPELINED_BLOCKS]
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
     group_configs = [(32, 128, 4, 4), (16, 256, 1, 8)] if args.quick else [
         (block, scan, loads, warps) for block, scan, loads, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, GROUP_LOADS, NUM_WARPS[1:])

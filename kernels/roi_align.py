@@ -460,7 +460,10 @@ def _pooled_forward_kernel(
     ``BLOCK_C`` channels) multiplies the image's whole map with its boxes' weights (:func:`pooled_weights`),
     ``BOX_BLOCK`` boxes a product (:func:`_pool_rows`): the image's first block from the plan's head
     rows, whose addresses need no offset, and any further blocks (an image with more boxes) from the
-    grouped rows."""
+    grouped rows. Those further blocks have a loop nest of their own because Triton software-pipelines
+    innermost loops only: with the whole map a product (``CHUNK`` its padded pixels) the pixel loop
+    folds away, the head rows' channel-block loop is innermost, and the next blocks' map loads are in
+    flight during this block's product."""
     image = tl.program_id(0)
     first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
     FLOAT32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
@@ -474,9 +477,11 @@ def _pooled_forward_kernel(
         value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, head_rows,
                            head_rows >= 0, TILE_H, TILE_W, CHUNK, FLOAT32)  # every head row is set: no mask waits on the boxes
         _store_pooled(out_ptr, boxes, boxes >= 0, channels, C, value)
-        for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
-            slots = j + tl.arange(0, BOX_BLOCK)
-            real = slots < last
+    for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
+        slots = j + tl.arange(0, BOX_BLOCK)
+        real = slots < last
+        for block in range(0, CHANNEL_BLOCKS):
+            channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
             value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, heads + slots, real,
                                TILE_H, TILE_W, CHUNK, FLOAT32)
             _store_pooled(out_ptr, tl.load(order_ptr + heads + slots, mask=real, other=0).to(tl.int64), real, channels, C, value)

@@ -96,9 +96,10 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
     for row in result["rows"]:
         assert all(row[f"{launch}_ms"] > 0 for launch in ("plan", "forward", "backward"))
         for which in ("forward", "backward"):
-            # the third configuration, a CHUNK of the forward's pixel loop, is the forward's alone
-            expected = [(32, None), (16, None), (None, 16)] if which == "forward" else [(32, None), (16, None)]
-            assert [(entry["BLOCK_C"], entry["CHUNK"]) for entry in row[f"{which}_sweep"]] == expected
+            # the third and fourth configurations, a CHUNK of the forward's pixel loop (the fourth the
+            # whole map, with two channel blocks a program), are the forward's alone
+            expected = [(32, None, None), (16, None, 2), (None, 16, None), (None, 64, 2)] if which == "forward" else [(32, None, None), (16, None, 2)]
+            assert [(entry["BLOCK_C"], entry["CHUNK"], entry["CHANNEL_BLOCKS"]) for entry in row[f"{which}_sweep"]] == expected
             assert all(entry["error"] is None and entry["ms"] > 0 for entry in row[f"{which}_sweep"])
             assert row[f"{which}_best"]["BLOCK_C"] in (32, 16, None) and row[f"{which}_best_speedup"] > 0
         assert row["forward_package"]["CHUNK"] == 32

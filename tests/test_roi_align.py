@@ -258,15 +258,18 @@ def test_pooled_form_sums_every_pixel_chunk(device, height, width, memory):
                               seed=height * width)
 
 
-@pytest.mark.parametrize("channel_blocks", [2, 3])
+@pytest.mark.parametrize("channel_blocks, chunk", [(2, None), (3, None), (3, 64)])
 @pytest.mark.parametrize("dtype, memory", [(torch.float32, "channels_last"), (torch.bfloat16, "nchw")])
-def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, dtype, memory):
-    """``POOLED_CHANNEL_BLOCKS`` (which the tuning script sweeps) changes only who computes what: 100
-    channels in blocks of 32 (the last program's blocks partly and wholly past the channels), an
+def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, chunk, dtype, memory):
+    """``POOLED_CHANNEL_BLOCKS`` (which the tuning script sweeps, also with the whole map a product:
+    ``CHUNK`` 64, where the channel-block loop is the one pipelined) changes only who computes what:
+    100 channels in blocks of 32 (the last program's blocks partly and wholly past the channels), an
     image with more boxes than one product takes (beyond its head rows), one with none."""
     import fastdense.kernels.roi_align as kernels
 
     monkeypatch.setattr(kernels, "POOLED_CHANNEL_BLOCKS", channel_blocks)
+    if chunk:
+        monkeypatch.setattr(kernels, "POOLED_CHUNK", chunk)
     kernels._pooled_config.cache_clear()
     try:
         generator = torch.Generator().manual_seed(channel_blocks)
@@ -816,6 +819,16 @@ for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.floa
         assert "mma" in compiled.asm["ptx"], f"{name} {dtype} {layout} {channel_blocks}: no tensor-core MMA"
         # float32 takes 3xTF32 (operands split with cvt.rna); 16-bit one pass on weights rounded in bits
         assert ("cvt.rna.tf32" in compiled.asm["ptx"]) == (dtype == torch.float32), f"{name} {dtype}: TF32 passes"
+# The whole map a product with several channel blocks a program (a configuration the tuning script
+# sweeps): the channel-block loop over the head rows is the first loop, and Triton pipelines it (its
+# map loads wait for all but the newest blocks), not only the further boxes' loop.
+import re
+for name, kernel, args, constexprs, options in launches(torch.float32, "channels_last", 4):
+    if name == "forward":
+        ttgir = compile_like_launch(kernel, args, dict(constexprs, CHUNK=64), num_stages=3).asm["ttgir"]
+        loops = [m.start() for m in re.finditer(r"scf\.for", ttgir)]
+        waits = [m.start() for m in re.finditer(r"async_wait[^\n]*num = [1-9]", ttgir)]
+        assert len(loops) >= 2 and any(loops[0] < w < loops[1] for w in waits), "the head rows' channel-block loop is not pipelined"
 # The largest map that one program holds whole (kernels.MAX_TILE pixels): every such launch must fit
 # an SM's shared memory, or it cannot start.
 from benchmarks.sm90 import MAX_SHARED_PER_PROGRAM

@@ -516,12 +516,31 @@ def _pooled_backward_kernel(
     PIXELS: tl.constexpr = TILE_H * TILE_W
     boxes, real, weights, first, last = _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK, PIXELS, FLOAT32)
     heads = tl.num_programs(0) * BOX_BLOCK
+    if CHANNEL_BLOCKS > 1 and last - first <= BOX_BLOCK:  # every box in the head rows (SCRL's case)
+        _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
+                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, True)
+    else:
+        _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
+                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, False)
+
+
+@triton.jit
+def _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
+                            C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                            BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr, HEADS_ONLY: tl.constexpr):
+    """:func:`_pooled_backward_kernel`'s channel blocks, one after the other. ``HEADS_ONLY`` (the image's
+    boxes all in its head rows): no loop over further boxes inside, so Triton, which pipelines
+    innermost loops only, pipelines this one: the next blocks' gradients are in flight during this
+    block's product."""
+    PIXELS: tl.constexpr = TILE_H * TILE_W
     for block in range(0, CHANNEL_BLOCKS):
         channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), FLOAT32)
-        for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
-            more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
-            acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, FLOAT32)
+        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), grad_ptr.dtype.element_ty == tl.float32)
+        if not HEADS_ONLY:
+            for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
+                more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS,
+                                                                 grad_ptr.dtype.element_ty == tl.float32)
+                acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, grad_ptr.dtype.element_ty == tl.float32)
         _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
 

@@ -819,16 +819,16 @@ for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.floa
         assert "mma" in compiled.asm["ptx"], f"{name} {dtype} {layout} {channel_blocks}: no tensor-core MMA"
         # float32 takes 3xTF32 (operands split with cvt.rna); 16-bit one pass on weights rounded in bits
         assert ("cvt.rna.tf32" in compiled.asm["ptx"]) == (dtype == torch.float32), f"{name} {dtype}: TF32 passes"
-# The whole map a product with several channel blocks a program (a configuration the tuning script
-# sweeps): the channel-block loop over the head rows is the first loop, and Triton pipelines it (its
-# map loads wait for all but the newest blocks), not only the further boxes' loop.
+# Several channel blocks a program (configurations the tuning script sweeps; the forward with the whole
+# map a product): the channel-block loop over the head rows is the first loop, and Triton pipelines
+# it (its loads wait for all but the newest blocks), not only the further boxes' loop.
 import re
 for name, kernel, args, constexprs, options in launches(torch.float32, "channels_last", 4):
-    if name == "forward":
-        ttgir = compile_like_launch(kernel, args, dict(constexprs, CHUNK=64), num_stages=3).asm["ttgir"]
+    if name in ("forward", "backward"):
+        ttgir = compile_like_launch(kernel, args, dict(constexprs, **({"CHUNK": 64} if name == "forward" else {})), num_stages=3).asm["ttgir"]
         loops = [m.start() for m in re.finditer(r"scf\.for", ttgir)]
         waits = [m.start() for m in re.finditer(r"async_wait[^\n]*num = [1-9]", ttgir)]
-        assert len(loops) >= 2 and any(loops[0] < w < loops[1] for w in waits), "the head rows' channel-block loop is not pipelined"
+        assert len(loops) >= 2 and any(loops[0] < w < loops[1] for w in waits), f"{name}: the head rows' channel-block loop is not pipelined"
 # The largest map that one program holds whole (kernels.MAX_TILE pixels): every such launch must fit
 # an SM's shared memory, or it cannot start.
 from benchmarks.sm90 import MAX_SHARED_PER_PROGRAM

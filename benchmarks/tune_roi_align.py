@@ -10,11 +10,14 @@ it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one a
 ``--stages``: 1, 2, 3), ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn) and the
 forward's ``CHUNK`` (pixels a step of its pipelined product, with two to four stages; the whole map
 with several channel blocks, whose loop is then the one pipelined), and
-once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``, and reports the fastest
+once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``; last, the detection shape's
+large-map backward (``[8, 256, 200, 304]``, 512 boxes, 7x7) over ``BLOCK_C``, its tile and
+``num_warps`` (``extra["detection_backward"]``). It reports the fastest
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` by hand, with its figures.
+``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` /
+``LARGE_TILE`` and ``_backward_config`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
@@ -38,7 +41,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_roi_align import graph_ms, scrl_rois  # noqa: E402
+from benchmarks.bench_roi_align import detection_rois, graph_ms, scrl_rois  # noqa: E402
 from benchmarks.common import _fmt, measured_bandwidth, print_table, rotation_copies, write_results  # noqa: E402
 from fastdense.kernels import roi_align as kernels  # noqa: E402
 
@@ -73,6 +76,16 @@ CHANNEL_BLOCKS = (4, 16)
 # loads in flight during this block's product (compiled for sm_90, three stages keep two blocks in
 # flight; two keep none). (CHANNEL_BLOCKS, num_stages), at the package's channel block and warps.
 PIPELINED_BLOCKS = ((2, 3), (4, 3), (4, 4), (16, 3), (16, 4))
+
+
+# The detection shape's backward (a large map: tiles of LARGE_TILE pixels, each visiting only the bins
+# that reach it, a rank-1 update each): each program waits on one round of loads per box and per bin,
+# whatever its channel block, so wider channel blocks and larger tiles mean fewer such waits in all.
+# (BLOCK_C, TILE_H, TILE_W, num_warps), besides the package's (16, 8, 16, 4): of the 2 x 2 x 4 x 4
+# combinations up to 16384 accumulators, those that compile for sm_90 (triton 3.6) without spilling in
+# float32, the fewest registers for each channel block and tile size.
+DETECTION_BACKWARD = [(16, 16, 16, 8), (16, 8, 32, 4), (16, 8, 32, 8), (16, 16, 32, 8), (32, 8, 16, 4), (32, 16, 16, 8), (32, 8, 32, 8),
+                      (64, 8, 16, 4), (64, 16, 16, 8), (128, 8, 16, 4)]
 
 
 class PooledCase:
@@ -122,6 +135,50 @@ class PooledCase:
         return grid, constexprs, {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
+class DetectionBackward:
+    """The large-map backward at one dtype and layout (``bench_roi_align.py``'s detection rows: 7x7
+    output, two samples a side, aligned), launched with the package's configuration or another
+    (``BLOCK_C``, ``TILE_H``, ``TILE_W``, ``num_warps``)."""
+
+    def __init__(self, shape, boxes, image_size, dtype, layout, device, generator):
+        self.shape, self.dtype, self.layout, self.device = shape, dtype, layout, device
+        num, channels, height, width = shape
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        self.x = torch.empty(shape, dtype=dtype, device=device).contiguous(memory_format=memory_format)
+        self.rois = detection_rois(num, boxes, image_size[0], image_size[1], generator).to(device)
+        self.scale = height / image_size[0]
+        self.order, self.offsets, _ = kernels.group_by_image(self.rois, num)
+        self.grads = [torch.randn(boxes, channels, 7, 7, generator=generator).to(device=device, dtype=dtype)
+                      for _ in range(rotation_copies(boxes * channels * 49 * self.x.element_size(), device))]
+        _, _, _, self.constexprs = kernels._backward_config(channels, height, width, 7, 7, dtype, 2, True)
+        assert self.constexprs["PER_BIN"], "a large map takes the per-bin backward"
+        self.bytes = self.x.numel() * self.x.element_size() + self.grads[0].numel() * self.grads[0].element_size()
+
+    def __call__(self, grad, block_c=None, tile_h=None, tile_w=None, num_warps=None):
+        num, channels, height, width = self.shape
+        given = {"BLOCK_C": block_c, "TILE_H": tile_h, "TILE_W": tile_w}
+        constexprs = dict(self.constexprs, **{k: v for k, v in given.items() if v is not None})
+        tiles_w = kernels.cdiv(width, constexprs["TILE_W"])
+        grid = (num, kernels.cdiv(channels, constexprs["BLOCK_C"]), kernels.cdiv(height, constexprs["TILE_H"]) * tiles_w)
+        grad_input = torch.empty_like(self.x)
+        kernels._image_backward_kernel[grid](grad, self.rois, self.order, self.offsets, grad_input, channels, height, width, *grad_input.stride(),
+                                             self.scale, tiles_w, **constexprs, **({"num_warps": num_warps} if num_warps else {}))
+        return grad_input
+
+
+def sweep_detection_backward(case: DetectionBackward, configs, repeats: int = 3):
+    """``[(config, ms or None, error text or None)]``; every configuration must give the package's
+    gradient exactly (tiles and channel blocks change who sums, not the order of any pixel's sum)."""
+    expected = case(case.grads[0])
+    results = []
+    for block_c, tile_h, tile_w, num_warps in configs:
+        config = {"BLOCK_C": block_c, "TILE_H": tile_h, "TILE_W": tile_w, "num_warps": num_warps}
+        fn = lambda g, c=config: case(g, c["BLOCK_C"], c["TILE_H"], c["TILE_W"], c["num_warps"])  # noqa: E731
+        same = lambda got: None if torch.equal(got, expected) else "differs from the package's gradient"  # noqa: E731
+        results.append(checked_then_timed(config, lambda: fn(case.grads[0]), same, lambda: gpu_ms(fn, case.grads, case.device, repeats)))
+    return results
+
+
 def gpu_ms(fn, inputs, device, repeats: int = 3) -> float:
     """GPU milliseconds per call (CUDA graph replay on a GPU; on a CPU the interpreter's wall time)."""
     if device.type == "cuda":
@@ -163,16 +220,27 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
             continue
         config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks, "CHUNK": chunk}
         fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"], c["CHUNK"])  # noqa: E731
-        try:
-            error = relative_error(fn(case.inputs[0]), expected)
-        except Exception as failure:  # out of shared memory or registers: this configuration does not exist
-            results.append((config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"))
-            continue
-        if not error <= tolerance:
-            results.append((config, None, f"differs from the package's configuration (relative error {error:.3g})"))
-            continue
-        results.append((config, gpu_ms(fn, case.inputs, case.device), None))
+
+        def problem(out):
+            error = relative_error(out, expected)
+            return None if error <= tolerance else f"differs from the package's configuration (relative error {error:.3g})"
+
+        results.append(checked_then_timed(config, lambda: fn(case.inputs[0]), problem, lambda: gpu_ms(fn, case.inputs, case.device)))
     return results
+
+
+def checked_then_timed(config: dict, run, problem, time):
+    """``(config, ms or None, error text or None)``: ``run()`` once, and ``time()`` only when it neither
+    raised (out of shared memory or registers: that configuration does not exist) nor gave what
+    ``problem(result)`` objects to (a text; None when the result is the package's)."""
+    try:
+        result = run()
+    except Exception as failure:
+        return config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
+    objection = problem(result)
+    if objection is not None:
+        return config, None, objection
+    return config, time(), None
 
 
 def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device):
@@ -185,15 +253,8 @@ def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device)
         config = {"BLOCK": block, "SCAN": scan, "LOADS": loads, "num_warps": num_warps}
         fn = lambda x, c=config: kernels.group_by_rank(rois, num_images, pooled, block=c["BLOCK"], scan=c["SCAN"], loads=c["LOADS"],  # noqa: E731
                                                        num_warps=c["num_warps"])
-        try:
-            same = all(torch.equal(got, want) for got, want in zip(fn(None), expected))
-        except Exception as failure:
-            results.append((config, None, f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"))
-            continue
-        if not same:
-            results.append((config, None, "differs from the package's order, offsets or weights"))
-            continue
-        results.append((config, gpu_ms(fn, [None], device), None))
+        same = lambda got: None if all(torch.equal(g, w) for g, w in zip(got, expected)) else "differs from the package's order, offsets or weights"  # noqa: E731
+        results.append(checked_then_timed(config, lambda: fn(None), same, lambda: gpu_ms(fn, [None], device)))
     return results
 
 
@@ -249,6 +310,22 @@ def main(argv=None) -> None:
         path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
     print_table(rows, ["dtype", "layout", "plan_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
                        "backward_ms", "backward_bandwidth_fraction", "backward_best_ms"])
+    detection_shape, detection_boxes, image_size = ((1, 2, 24, 40), 2, (96, 160)) if args.quick else ((8, 256, 200, 304), 512, (800, 1216))
+    detection_configs, repeats = ([(16, 16, 16, 8)], 1) if args.quick else (DETECTION_BACKWARD, 3)
+    extra["detection_backward"] = []
+    for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
+        case = DetectionBackward(detection_shape, detection_boxes, image_size, dtype, layout, device, generator)
+        package_ms = gpu_ms(case, case.grads, device, repeats)
+        results = sweep_detection_backward(case, detection_configs, repeats)
+        timed = [(config, ms) for config, ms, error in results if ms is not None]
+        best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
+        entry = {"shape": "x".join(map(str, detection_shape)), "boxes": detection_boxes, "dtype": str(dtype).removeprefix("torch."), "layout": layout,
+                 "package": {k: case.constexprs[k] for k in ("BLOCK_C", "TILE_H", "TILE_W")}, "package_ms": package_ms,
+                 "floor_ms": case.bytes / bandwidth * 1e3, "best": best_config, "best_ms": best_ms, "best_speedup": package_ms / best_ms,
+                 "sweep": [dict(config, ms=ms, error=error) for config, ms, error in results]}
+        extra["detection_backward"].append(entry)
+        print("detection backward  " + "  ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "sweep"), flush=True)
+    path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
     print(f"wrote {path}")
 
 

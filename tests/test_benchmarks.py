@@ -104,6 +104,11 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
             assert row[f"{which}_best"]["BLOCK_C"] in (32, 16, None) and row[f"{which}_best_speedup"] > 0
         assert row["forward_package"]["CHUNK"] == 32
     assert [(entry["BLOCK"], entry["SCAN"], entry["error"]) for entry in result["grouping_sweep"]] == [(32, 128, None), (16, 256, None)]
+    # the large-map backward: the package's tiles (8 x 16) and one other, the same gradient exactly
+    assert [(entry["dtype"], entry["layout"]) for entry in result["detection_backward"]] == [("float32", "nchw"), ("bfloat16", "channels_last")]
+    for entry in result["detection_backward"]:
+        assert (entry["package"]["TILE_H"], entry["package"]["TILE_W"]) == (8, 16) and entry["package_ms"] > 0
+        assert [(s["BLOCK_C"], s["TILE_H"], s["error"]) for s in entry["sweep"]] == [(16, 16, None)] and entry["sweep"][0]["ms"] > 0
     assert result["grouping_best"]["ms"] > 0 and result["grouping_package"]["BLOCK"] == 32
 
 

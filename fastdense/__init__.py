@@ -19,11 +19,15 @@ def _install_source_checkout_finder() -> None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     homes = {f"{__name__}.{name}": os.path.join(root, name) for name in ("kernels", "pipelines")}
-    inside = any(os.path.isdir(os.path.join(os.path.dirname(__file__), name)) for name in ("kernels", "pipelines"))
+    inside = any(os.path.isfile(os.path.join(os.path.dirname(__file__), name, "__init__.py")) for name in ("kernels", "pipelines"))
+    # A reload replaces this checkout's finder rather than adding another.
+    sys.meta_path[:] = [f for f in sys.meta_path if getattr(f, "fastdense_source_checkout", None) != root]
     if inside or not all(os.path.isfile(os.path.join(home, "__init__.py")) for home in homes.values()):
         return  # an installed package: they are inside it
 
     class SourceCheckoutFinder:
+        fastdense_source_checkout = root
+
         @staticmethod
         def find_spec(fullname, path=None, target=None):
             home = homes.get(fullname)
@@ -31,7 +35,9 @@ def _install_source_checkout_finder() -> None:
                 return None
             return importlib.util.spec_from_file_location(fullname, os.path.join(home, "__init__.py"), submodule_search_locations=[home])
 
-    sys.meta_path.append(SourceCheckoutFinder)  # after the path finders: only what they cannot find
+    # First: the two names must resolve beside *this* package, not through another checkout's editable
+    # install (setuptools' finder maps fastdense.kernels to wherever ``pip install -e`` ran).
+    sys.meta_path.insert(0, SourceCheckoutFinder)
 
 
 _install_source_checkout_finder()

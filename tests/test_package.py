@@ -92,3 +92,42 @@ def test_import_graph_runs_one_way(part):
             if names and not any(name == a or name.startswith(a + ".") for name in names for a in allowed):
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {names[0]}")
     assert not wrong, f"{part} may import only {allowed}: " + "; ".join(wrong)
+
+
+_OTHER_CHECKOUT = r"""
+import importlib.machinery, importlib.util, json, sys
+other = sys.argv[1]
+
+class OtherEditableInstall:  # setuptools' editable finder for another checkout, appended by its .pth file
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        if fullname in ("fastdense.kernels", "fastdense.pipelines"):
+            home = f"{other}/{fullname.split('.')[1]}"
+            return importlib.util.spec_from_file_location(fullname, f"{home}/__init__.py", submodule_search_locations=[home])
+        return None
+
+sys.meta_path.append(OtherEditableInstall)
+import fastdense, fastdense.kernels, fastdense.pipelines
+importlib.reload(fastdense)
+finders = sum(1 for f in sys.meta_path if type(f).__name__ == "SourceCheckoutFinder" or getattr(f, "__name__", "") == "SourceCheckoutFinder")
+print(json.dumps({"files": [m.__file__ for m in (fastdense, fastdense.kernels, fastdense.pipelines)], "finders": finders}))
+"""
+
+
+def test_checkout_beside_an_editable_install_of_another_uses_its_own_kernels(tmp_path):
+    """PYTHONPATH=<this checkout> while ``pip install -e`` of another checkout is in the environment
+    (a second worktree, a review clone): fastdense.kernels and fastdense.pipelines are this
+    checkout's, as fastdense is, and a reload does not stack finders."""
+    import json
+    import os
+    import subprocess
+
+    for name in ("kernels", "pipelines"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", _OTHER_CHECKOUT, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [Path(f).parent for f in result["files"]] == [SOURCES[name] for name in ("fastdense", "fastdense.kernels", "fastdense.pipelines")]
+    assert result["finders"] == 1

@@ -46,6 +46,9 @@ CASES = [
     ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
     ((0, 1), "triton", [50, 40], (70,), torch.float64, 1e-12),  # several tiles a side: the mirrored D x D
 ]
+# Under bf16 autocast (the training loop's precision), float32 embeddings: the same terms and gradient
+# as without it, in the Gram form and the direct form. (ranks, backend, rows per rank, trailing shape)
+AUTOCAST_CASES = [((0, 1), "reference", [3, 4], (16,)), ((0, 1), "reference", [40, 30], (4,))]
 # The ranks of a 2-rank group whose gathered batch is bad: every one raises the same error (none hangs).
 TOO_FEW = ((2, 3), [1, 0])
 WORLD = 4
@@ -84,6 +87,19 @@ def _run_cases(rank, device, result_queue):
             variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
         (variance + 0.5 * covariance).backward()
         result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+    for case, (ranks, backend_name, rows, shape_tail) in enumerate(AUTOCAST_CASES):
+        group = dist.new_group(list(ranks))
+        if rank not in ranks:
+            continue
+        start = sum(rows[: ranks.index(rank)])
+        local = _inputs(rows, shape_tail)[start : start + rows[ranks.index(rank)]].to(device, torch.float32).requires_grad_(True)
+        try:
+            with ops.backend(backend_name), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                variance, covariance = ops.vicreg_variance_covariance(local * 1.0, eps=1e-4, group=group)
+            (variance + 0.5 * covariance).backward()
+            result_queue.put((("autocast", case), rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+        except RuntimeError as error:
+            result_queue.put((("autocast", case), rank, None, None, str(error)))
     ranks, rows = TOO_FEW
     group = dist.new_group(list(ranks))
     if rank in ranks:
@@ -108,7 +124,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES) + 3 * len(TOO_FEW[0])
+    expected = sum(len(case[0]) for case in CASES + AUTOCAST_CASES) + 3 * len(TOO_FEW[0])
     results = []
     for _ in range(expected):
         results.append(queue.get(timeout=150))
@@ -134,6 +150,20 @@ def test_row_block_equals_full_batch(gloo_results, case):
         start = sum(rows[: ranks.index(rank)])
         own = grad[start : start + rows[ranks.index(rank)]]
         assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= tol * torch.linalg.vector_norm(grad)
+
+
+@pytest.mark.parametrize("case", range(len(AUTOCAST_CASES)), ids=["gram", "direct"])
+def test_row_block_under_autocast_equals_full_batch(gloo_results, case):
+    ranks, _, rows, shape_tail = AUTOCAST_CASES[case]
+    variance, covariance, grad = _full_batch(_inputs(rows, shape_tail).float(), 1e-4)
+    mine = [r for r in gloo_results if r[0] == ("autocast", case)]
+    assert sorted(r[1] for r in mine) == list(ranks)
+    for _, rank, v, c, g in mine:
+        assert v is not None, g  # the backward failed: its message
+        assert abs(v - float(variance)) <= 1e-5 and abs(c - float(covariance)) <= 1e-5 * abs(float(covariance))
+        start = sum(rows[: ranks.index(rank)])
+        own = grad[start : start + rows[ranks.index(rank)]]
+        assert torch.linalg.vector_norm(torch.tensor(g, dtype=torch.float64).reshape(own.shape) - own) <= 1e-5 * torch.linalg.vector_norm(grad)
 
 
 @pytest.mark.parametrize("what, match", [("too_few", "n >= 2"), ("mismatch", r"\[3, 1, 6\] torch.float32', '\[3, 1, 7\]"), ("dtype", "same .* dtype on every rank")])

@@ -64,8 +64,21 @@ def _gradient_coefficients(sumsq, grad_variance, grad_covariance, n: int, eps: f
 
 
 class _RowBlockVarianceCovariance(torch.autograd.Function):
+    # Autocast off inside: the products accumulate in float32 (float64) as the Triton kernels do.
+    # Under autocast the reference form's bmm ran in 16 bits, so ‖K‖² − Σ d² cancelled, and the
+    # 16-bit product kept for the backward met float32 operands there ("expected scalar type Float").
     @staticmethod
     def forward(ctx, x, eps: float, group, use_triton: bool):
+        with torch.autocast(x.device.type, enabled=False):
+            return _RowBlockVarianceCovariance._forward(ctx, x, eps, group, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_variance, grad_covariance):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _RowBlockVarianceCovariance._backward(ctx, grad_variance, grad_covariance)
+
+    @staticmethod
+    def _forward(ctx, x, eps: float, group, use_triton: bool):
         from fastdense.kernels import vicreg as kernels
 
         acc = kernels.accumulator_dtype(x.dtype)
@@ -104,10 +117,11 @@ class _RowBlockVarianceCovariance(torch.autograd.Function):
 
         ctx.save_for_backward(x, gathered, mean, sumsq, product if product is not None else x.new_empty(0))
         ctx.meta = (eps, n, use_triton, rank)
+        ctx.device_type = x.device.type
         return variance, covariance
 
     @staticmethod
-    def backward(ctx, grad_variance, grad_covariance):
+    def _backward(ctx, grad_variance, grad_covariance):
         from fastdense.kernels import vicreg as kernels
 
         x, gathered, mean, sumsq, product = ctx.saved_tensors

@@ -371,6 +371,7 @@ def resume_worker(rank, port, root, phase):
         out["metrics_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk", rank)
         out["metrics_log_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-start", rank, "__init__", failing_call=1)
         out["metrics_close_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-end", rank, "close", failing_call=1)
+        out["plot_failure"] = _plot_fails_on_rank_0(f"{root}/plot", rank)
     else:
         resumed = []
         trainer, rng = _resume_run(f"{root}/split", resumed, resume=True)
@@ -423,6 +424,27 @@ def _metrics_write_fails_on_rank_0(run_dir, rank, name="log", failing_call=3):
     return None
 
 
+def _plot_fails_on_rank_0(run_dir, rank):
+    """Rank 0's loss plot raises something other than an OSError (a plotting bug) after the last
+    step: rank 0 raises it, and the other ranks, which wait in the run's last collective, stop too."""
+    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=1, checkpoint_every=0))
+    trainer.setup()
+    original = loop.plot_loss
+
+    def broken_plot(*args, **kwargs):
+        raise ValueError("a plotting bug")
+
+    if rank == 0:
+        loop.plot_loss = broken_plot
+    try:
+        trainer.fit()
+    except (ValueError, ckpt.RunDirError) as error:
+        return type(error).__name__, str(error), trainer.step
+    finally:
+        loop.plot_loss = original
+    return None
+
+
 def _same_rng(a, b):
     return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and all(
         (x == y).all() if hasattr(x, "shape") else x == y for x, y in zip(a["numpy"], b["numpy"]))
@@ -447,6 +469,9 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     at_end = [first[rank]["metrics_close_failure"] for rank in range(WORLD)]  # every step ran, then the log could not be closed
     assert all(f is not None and "the metrics in" in f[0] for f in at_end) and "No space left on device" in at_end[0][0], at_end
     assert at_end[0][1] == at_end[1][1] == 10, at_end
+    plot = [first[rank]["plot_failure"] for rank in range(WORLD)]  # not a write error, raised after the last collective
+    assert plot[0][:2] == ("ValueError", "a plotting bug") and plot[1][0] == "RunDirError" and "on rank 0" in plot[1][1], plot
+    assert plot[0][2] == plot[1][2] == 5, plot
     train_doubles.install(monkeypatch)
     alone = Trainer(train_doubles.tiny_config(tmp_path / "nan", epochs=2, max_steps=4), resume=True)
     with pytest.warns(UserWarning, match="written by 2 processes and this run has 1"):  # resumed by one process

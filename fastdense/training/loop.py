@@ -584,16 +584,24 @@ class Trainer:
             raise
         if bar is not None:
             bar.close()
-        rows = plot = None
-        if log is not None:
-            self.write_metrics(log.close, deferred=True)
-            if self.pending_failure is None:
-                rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"), deferred=True)
-            if rows is not None:
-                plot = self.write_metrics(lambda: plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss"), deferred=True)
+        rows = plot = failure = None
+        try:
+            if log is not None:
+                self.write_metrics(log.close, deferred=True)
+                if self.pending_failure is None:
+                    rows = self.write_metrics(lambda: MetricsLog.read(self.run_dir / "metrics.jsonl"), deferred=True)
+                if rows is not None:
+                    plot = self.write_metrics(lambda: plot_loss(rows, self.run_dir / "loss.png", title=f"{config['method']} training loss"), deferred=True)
+        except Exception as error:  # not a write (a plotting bug): still raised after the collective below, not before it
+            if not self.dist.enabled:
+                raise
+            failure = error
         if self.dist.enabled:  # a last collective, so that a write failed since the previous one stops every rank
-            flag = torch.tensor(float(self.pending_failure is not None), device=self.device)
-            self._raise_pending(float(distributed.all_reduce_mean(flag, self.dist)) > 0)
+            flag = torch.tensor(float(self.pending_failure is not None or failure is not None), device=self.device)
+            failed_somewhere = float(distributed.all_reduce_mean(flag, self.dist)) > 0
+            if failure is not None:
+                raise failure
+            self._raise_pending(failed_somewhere)
         summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
         if main:
             summary.update(

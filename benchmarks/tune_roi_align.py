@@ -229,10 +229,17 @@ def sweep(case: PooledCase, which: str, configs, tolerance: float):
     return results
 
 
-def checked_then_timed(config: dict, run, problem, time):
-    """``(config, ms or None, error text or None)``: ``run()`` once, and ``time()`` only when it neither
+# time.monotonic() after which configurations are listed untried (--budget-s), so that a run cut
+# short by its step's limit still writes what it measured.
+DEADLINE = None
+
+
+def checked_then_timed(config: dict, run, problem, timing):
+    """``(config, ms or None, error text or None)``: ``run()`` once, and ``timing()`` only when it neither
     raised (out of shared memory or registers: that configuration does not exist) nor gave what
     ``problem(result)`` objects to (a text; None when the result is the package's)."""
+    if DEADLINE is not None and time.monotonic() > DEADLINE:
+        return config, None, "not tried: the run's time budget (--budget-s) was spent"
     try:
         result = run()
     except Exception as failure:
@@ -240,7 +247,7 @@ def checked_then_timed(config: dict, run, problem, time):
     objection = problem(result)
     if objection is not None:
         return config, None, objection
-    return config, time(), None
+    return config, timing(), None
 
 
 def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device):
@@ -262,7 +269,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes, two configurations per kernel (checks the script)")
     parser.add_argument("--stages", action="store_true", help="sweep num_stages (1, 2, 3) too")
+    parser.add_argument("--budget-s", type=float, help="after this many seconds, list the remaining configurations untried")
     args = parser.parse_args(argv)
+    global DEADLINE
+    DEADLINE = time.monotonic() + args.budget_s if args.budget_s else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
         parser.error("needs a GPU (use --quick on a CPU)")

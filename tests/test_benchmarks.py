@@ -89,6 +89,15 @@ def test_check_batch_refuses_a_broken_batch(broken, message):
         check_batch(broken(), 4, [224, 224])
 
 
+def test_roi_align_tuning_spent_budget_lists_configurations_untried(tmp_path):
+    """A run past --budget-s still writes its JSON: the breakdown, and each configuration left untried."""
+    result = run_quick("tune_roi_align.py", tmp_path, "--budget-s", "0.001", versions=False)
+    entries = [e for row in result["rows"] for which in ("forward", "backward") for e in row[f"{which}_sweep"]]
+    entries += result["grouping_sweep"] + [e for d in result["detection_backward"] for e in d["sweep"]]
+    assert entries and all(e["ms"] is None and e["error"].startswith("not tried") for e in entries)
+    assert all(row["forward_ms"] > 0 for row in result["rows"])
+
+
 def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
     result = run_quick("tune_roi_align.py", tmp_path, versions=False)
     assert [(row["dtype"], row["layout"]) for row in result["rows"]] == [

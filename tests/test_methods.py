@@ -19,7 +19,7 @@ import fastdense.ops as ops
 from fastdense.geometry import crop_matrix
 from fastdense.methods import METHODS, build_method, method_options, recipe_for
 from fastdense.methods.ema import cosine_momentum
-from fastdense.methods.gather import variance_covariance_over_ranks
+from fastdense.methods.ranks import variance_covariance_over_ranks
 from fastdense.models import Backbone, build_backbone
 from fastdense.pipelines.batch import ViewBatch
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastdense.methods.ema import EmaTargetMethod, byol_loss, make_target
-from fastdense.methods.gather import sum_over_ranks, world_size
+from fastdense.methods.ranks import sum_over_ranks, world_size
 from fastdense.methods.options import check_choice, check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp

@@ -14,7 +14,7 @@ Pseudo-code (``METHODS.md``)::
     loss = alpha * global + (1 - alpha) * local / pairs
 
 Invariance uses the per-GPU batch; variance and covariance the batch of every GPU, per slot for the
-local ``[B, k, D]`` features (:func:`fastdense.methods.gather.variance_covariance_over_ranks`: each
+local ``[B, k, D]`` features (:func:`fastdense.methods.ranks.variance_covariance_over_ranks`: each
 GPU computes its own rows' share of the covariance).
 """
 
@@ -26,7 +26,7 @@ import torch
 
 from fastdense.geometry import cell_centers_in_source
 from fastdense.methods.base import Method
-from fastdense.methods.gather import variance_covariance_over_ranks
+from fastdense.methods.ranks import variance_covariance_over_ranks
 from fastdense.methods.options import check_range, resized_recipe, resolve_options
 from fastdense.models import build_backbone
 from fastdense.models.heads import mlp, parse_spec, per_location

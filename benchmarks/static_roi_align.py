@@ -57,9 +57,10 @@ def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None, shape:
     pooled = dict(pooled, **({"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}))
     yield ("forward", kernels._pooled_forward_kernel,
            dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry),
-           dict(pooled, CHUNK=kernels.pooled_forward_chunk(height, width)), {})
+           dict(pooled, CHUNK=kernels.pooled_forward_chunk(height, width)), dict(kernels.POOLED_FORWARD_LAUNCH))
     yield ("backward", kernels._pooled_backward_kernel,
-           dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), pooled, {})
+           dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), pooled,
+           dict(kernels.POOLED_BACKWARD_LAUNCH))
 
 
 def describe(compiled) -> dict:

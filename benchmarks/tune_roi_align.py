@@ -16,7 +16,7 @@ large-map backward (``[8, 256, 200, 304]``, 512 boxes, 7x7) over ``BLOCK_C``, it
 configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``_pooled_config`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` /
+``_blocks`` / ``POOLED_FORWARD_LAUNCH`` / ``POOLED_BACKWARD_LAUNCH`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` /
 ``LARGE_TILE`` and ``_backward_config`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
@@ -112,7 +112,7 @@ class PooledCase:
 
     def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
         num, channels, height, width = self.shape
-        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
+        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks, kernels.POOLED_FORWARD_LAUNCH)
         out = torch.empty(self.rois.shape[0], channels, 1, 1, dtype=x.dtype, device=x.device)
         kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(),
                                             CHUNK=kernels.pooled_forward_chunk(height, width, chunk), **constexprs, **options)
@@ -121,18 +121,19 @@ class PooledCase:
     def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
         assert chunk is None, "CHUNK is the forward's"
         num, channels, height, width = self.shape
-        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks)
+        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks, kernels.POOLED_BACKWARD_LAUNCH)
         grad_input = torch.empty_like(x)
         kernels._pooled_backward_kernel[grid](self.grad, self.order, self.offsets, self.weights, grad_input, channels, height, width,
                                              *grad_input.stride(), **constexprs, **options)
         return grad_input
 
-    def _launch(self, block_c, num_warps, num_stages, channel_blocks):
+    def _launch(self, block_c, num_warps, num_stages, channel_blocks, package_options):
         """``(grid, constexprs, launch options)``: the package's, with whichever of the four is given instead."""
         given = {"BLOCK_C": block_c, "CHANNEL_BLOCKS": channel_blocks}
         constexprs = dict(self.constexprs, **{k: v for k, v in given.items() if v is not None})
         grid = (self.shape[0], kernels.cdiv(self.shape[1], constexprs["BLOCK_C"] * constexprs["CHANNEL_BLOCKS"]))
-        return grid, constexprs, {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
+        options = dict(package_options, **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None})
+        return grid, constexprs, options
 
 
 class DetectionBackward:

@@ -89,6 +89,10 @@ POOLED_CHUNK = 32
 # Channel blocks one pooled program takes in turn, its boxes' weights loaded once for all of them.
 # One until a GPU run of benchmarks/tune_roi_align.py, which sweeps it, shows more to be faster.
 POOLED_CHANNEL_BLOCKS = 1
+# Launch options (num_warps, num_stages) of the pooled forward and backward: Triton's defaults until
+# a GPU run of benchmarks/tune_roi_align.py, which sweeps them, shows others to be faster.
+POOLED_FORWARD_LAUNCH: dict = {}
+POOLED_BACKWARD_LAUNCH: dict = {}
 # Boxes a backward tile of a large map tests for overlap at once (vector loads) before visiting those
 # that reach it.
 SCAN_BOXES = 16
@@ -938,7 +942,7 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     if pooled is not None:
         grid_channels, constexprs = _pooled_config(channels, height, width)
         _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(),
-                                                     CHUNK=pooled_forward_chunk(height, width), **constexprs)
+                                                     CHUNK=pooled_forward_chunk(height, width), **constexprs, **POOLED_FORWARD_LAUNCH)
         return out, order, offsets, weights
     whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     if whole_map:
@@ -966,7 +970,8 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
         grad = grad.to(input.dtype).contiguous()
     if uses_pooled_weights(height, width, out_h, out_w):
         grid_channels, constexprs = _pooled_config(channels, height, width)
-        _pooled_backward_kernel[(num, grid_channels)](grad, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(), **constexprs)
+        _pooled_backward_kernel[(num, grid_channels)](grad, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(),
+                                                      **constexprs, **POOLED_BACKWARD_LAUNCH)
         return grad_input
     grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     _image_backward_kernel[(num, grid_channels, grid_tiles)](

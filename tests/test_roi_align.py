@@ -268,8 +268,10 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, devic
     import fastdense.kernels.roi_align as kernels
 
     monkeypatch.setattr(kernels, "POOLED_CHANNEL_BLOCKS", channel_blocks)
-    if chunk:
+    if chunk:  # and launch options as tuning would set them
         monkeypatch.setattr(kernels, "POOLED_CHUNK", chunk)
+        monkeypatch.setattr(kernels, "POOLED_FORWARD_LAUNCH", {"num_stages": 3})
+        monkeypatch.setattr(kernels, "POOLED_BACKWARD_LAUNCH", {"num_warps": 8, "num_stages": 3})
     kernels._pooled_config.cache_clear()
     try:
         generator = torch.Generator().manual_seed(channel_blocks)

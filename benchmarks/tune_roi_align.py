@@ -17,7 +17,7 @@ configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses
 chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
 its error, not timed). Nothing here changes the package: a faster configuration found here goes into
 ``_blocks`` / ``POOLED_FORWARD_LAUNCH`` / ``POOLED_BACKWARD_LAUNCH`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` /
-``LARGE_TILE`` and ``_backward_config`` by hand, with its figures.
+``LARGE_TILE`` / ``LARGE_TILE_CHANNELS`` / ``LARGE_TILE_LAUNCH`` by hand, with its figures.
 
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
     PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
@@ -162,8 +162,9 @@ class DetectionBackward:
         tiles_w = kernels.cdiv(width, constexprs["TILE_W"])
         grid = (num, kernels.cdiv(channels, constexprs["BLOCK_C"]), kernels.cdiv(height, constexprs["TILE_H"]) * tiles_w)
         grad_input = torch.empty_like(self.x)
+        options = dict(kernels.LARGE_TILE_LAUNCH, **({"num_warps": num_warps} if num_warps else {}))
         kernels._image_backward_kernel[grid](grad, self.rois, self.order, self.offsets, grad_input, channels, height, width, *grad_input.stride(),
-                                             self.scale, tiles_w, **constexprs, **({"num_warps": num_warps} if num_warps else {}))
+                                             self.scale, tiles_w, **constexprs, **options)
         return grad_input
 
 

@@ -68,6 +68,10 @@ from fastdense.kernels._tf32 import round_to_tf32
 MAX_TILE = 256
 # Spatial tile of the backward on larger maps: small, so each tile meets few bins of few boxes.
 LARGE_TILE = (8, 16)
+# Its channel block (None: _blocks' choice, 2048 values a program) and launch options (num_warps):
+# benchmarks/tune_roi_align.py sweeps the three at the detection shape.
+LARGE_TILE_CHANNELS = None
+LARGE_TILE_LAUNCH: dict = {}
 # Grouping boxes by image: up to this many boxes one launch ranks them by all-pairs comparison.
 # K^2 compares over K / GROUP_BLOCK programs, one int32 compare a pair: SCRL's 2560 boxes are 6.6 M
 # (on sm_90 a thread's scan of all 2560 keys is 5 trips of 447 instructions, 837 with the pooled
@@ -919,6 +923,8 @@ def _backward_config(channels: int, height: int, width: int, out_h: int, out_w: 
         tile_w = max(min(tile_w, LARGE_TILE[1]), 16 // tile_h)
     tiles_w = cdiv(width, tile_w)
     blocks = _blocks(channels, tile_h * tile_w, out_h, out_w)
+    if per_bin and LARGE_TILE_CHANNELS:
+        blocks["BLOCK_C"] = max(16, min(next_power_of_2(channels), LARGE_TILE_CHANNELS))
     constexprs = dict(
         PH=out_h, PW=out_w, SAMPLING=max(sampling_ratio, 0), ALIGNED=aligned, TILE_H=tile_h, TILE_W=tile_w,
         DOT_FP32=_dot_in_float32(dtype), PER_BIN=per_bin, SCAN_BOXES=SCAN_BOXES, **blocks,
@@ -976,5 +982,6 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     _image_backward_kernel[(num, grid_channels, grid_tiles)](
         grad, rois, order, offsets, grad_input, channels, height, width, *grad_input.stride(), float(spatial_scale), tiles_w, **constexprs,
+        **(LARGE_TILE_LAUNCH if constexprs["PER_BIN"] else {}),
     )
     return grad_input

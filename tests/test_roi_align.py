@@ -154,6 +154,36 @@ def test_large_map_backward_tests_boxes_in_blocks(device, aligned, sampling_rati
     assert all(torch.equal(g, grads[0]) for g in grads[1:])
 
 
+def test_large_map_backward_settings_change_who_sums_not_the_sums(monkeypatch, device):
+    """LARGE_TILE, LARGE_TILE_CHANNELS and LARGE_TILE_LAUNCH (which the tuning script sweeps) give the
+    same gradient bit for bit: each pixel sums its boxes and bins in the same order whoever holds it."""
+    import fastdense.kernels.roi_align as kernels
+
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 40, 17, 40, generator=generator).to(device).requires_grad_()
+    rois = random_rois(1, 17, 40, 0.5, 6, generator).to(device)
+    grad = torch.randn(rois.shape[0], 40, 2, 3, generator=generator).to(device)
+
+    def gradient():
+        kernels._backward_config.cache_clear()
+        with ops.backend("triton"):
+            return torch.autograd.grad(ops.roi_align(x, rois, (2, 3), 0.5, 2, True), x, grad)[0]
+
+    try:
+        default = gradient()
+        monkeypatch.setattr(kernels, "LARGE_TILE", (16, 16))
+        monkeypatch.setattr(kernels, "LARGE_TILE_CHANNELS", 32)
+        monkeypatch.setattr(kernels, "LARGE_TILE_LAUNCH", {"num_warps": 8})
+        kernels._backward_config.cache_clear()
+        _, _, _, constexprs = kernels._backward_config(40, 17, 40, 2, 3, torch.float32, 2, True)
+        assert (constexprs["BLOCK_C"], constexprs["TILE_H"], constexprs["TILE_W"], constexprs["PER_BIN"]) == (32, 16, 16, True)
+        assert torch.equal(gradient(), default)
+    finally:
+        kernels._backward_config.cache_clear()
+    expected = torchvision_forward_backward(x, rois, grad, (2, 3), 0.5, 2, True)[1]
+    assert relative_error(default, expected) <= 1e-5
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 40, 40), (1, 2, 7, 7)], ids=["tiled map", "whole map"])
 def test_inverted_boxes_unchecked_follow_torchvision_both_ways(device, shape):
     """check_boxes=False lets inverted boxes through (undefined, as in torchvision, but the kernels

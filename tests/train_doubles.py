@@ -13,12 +13,6 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import fastdense  # noqa: E402
-
-# An uninstalled checkout keeps pipelines/ beside the package (setup.py maps it inside on install).
-if str(ROOT) not in fastdense.__path__:
-    fastdense.__path__.append(str(ROOT))
-
 from fastdense.methods.base import Method  # noqa: E402
 from fastdense.pipelines.batch import ViewBatch  # noqa: E402
 

@@ -541,14 +541,14 @@ def _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image,
     innermost loops only, pipelines this one: the next blocks' gradients are in flight during this
     block's product."""
     PIXELS: tl.constexpr = TILE_H * TILE_W
+    FLOAT32: tl.constexpr = grad_ptr.dtype.element_ty == tl.float32
     for block in range(0, CHANNEL_BLOCKS):
         channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), grad_ptr.dtype.element_ty == tl.float32)
+        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), FLOAT32)
         if not HEADS_ONLY:
             for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
-                more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS,
-                                                                 grad_ptr.dtype.element_ty == tl.float32)
-                acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, grad_ptr.dtype.element_ty == tl.float32)
+                more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
+                acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, FLOAT32)
         _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
 

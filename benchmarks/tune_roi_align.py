@@ -81,7 +81,7 @@ PIPELINED_BLOCKS = ((2, 3), (4, 3), (4, 4), (16, 3), (16, 4))
 # The detection shape's backward (a large map: tiles of LARGE_TILE pixels, each visiting only the bins
 # that reach it, a rank-1 update each): each program waits on one round of loads per box and per bin,
 # whatever its channel block, so wider channel blocks and larger tiles mean fewer such waits in all.
-# (BLOCK_C, TILE_H, TILE_W, num_warps), besides the package's (16, 8, 16, 4): of the 2 x 2 x 4 x 4
+# (BLOCK_C, TILE_H, TILE_W, num_warps), besides the package's (16, 8, 16, 4): of the 4 x 4 x 2
 # combinations up to 16384 accumulators, those that compile for sm_90 (triton 3.6) without spilling in
 # float32, the fewest registers for each channel block and tile size.
 DETECTION_BACKWARD = [(16, 16, 16, 8), (16, 8, 32, 4), (16, 8, 32, 8), (16, 16, 32, 8), (32, 8, 16, 4), (32, 16, 16, 8), (32, 8, 32, 8),

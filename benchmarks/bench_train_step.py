@@ -14,7 +14,8 @@ Each side's figure is the median step time over the timed steps (images/s = batc
 speedup is the ratio of the two, measured in the same process. The data-wait fraction is the time
 the loop spent blocked in ``next()`` on its batch stream over the time of the timed steps (target:
 under 5% for fastdense). fastdense's loop is ``Trainer.fit``'s (the step queued, the next batch
-fetched and its boxes drawn while the device runs it, then the loss read) without its logging and checkpoints.
+fetched and its boxes drawn while the device runs it, then the previous step's loss read) without its
+logging and checkpoints.
 Its data wait therefore includes drawing SCRL's boxes (the trainer does it as it fetches a batch),
 where the reference draws them inside its step: the pessimistic side for fastdense's figure. The
 loaders move batches to the GPU through pinned memory without waiting for queued kernels, so the
@@ -279,6 +280,7 @@ def run_fastdense(config, device, warmup, steps):
     stream = batches()
     batch = next(stream)
     times = StepTimes()
+    unread = None
     for step in range(total):
         tick = time.perf_counter()
         out = trainer.train_step(batch)
@@ -286,10 +288,14 @@ def run_fastdense(config, device, warmup, steps):
         fetch = time.perf_counter()  # while the device runs the step
         batch = next(stream)
         waited = time.perf_counter() - fetch
-        loss = trainer.check_finite(step, out)
+        # As fit between log rows: the previous step's loss is read once this step is queued.
+        readback = trainer.read_loss(step, out)
+        if unread is not None:
+            trainer.settle(unread)
+        unread = readback
         if step >= warmup:
             times.add(time.perf_counter() - tick, waited)
-    return times, loss
+    return times, trainer.settle(unread)
 
 
 def main(argv=None):

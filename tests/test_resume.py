@@ -131,6 +131,35 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     assert "non-finite loss (nan) at step 0" in capsys.readouterr().err
 
 
+def test_a_non_finite_loss_between_log_rows_is_read_a_step_late_and_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """Steps between log rows and checkpoints have their loss read once the next step is queued (no
+    wait on the device a step); a NaN there still names its own step and never reaches a checkpoint."""
+    train_doubles.install(monkeypatch)
+    config = train_doubles.tiny_config(tmp_path, log_every=4, checkpoint_every=3, method_options={"nan_at_call": 4})
+    trainer = Trainer(config)
+    trainer.setup()
+    events = []
+    train_step, settle = trainer.train_step, trainer.settle
+    monkeypatch.setattr(trainer, "train_step", lambda batch: (events.append(("step", trainer.step)), train_step(batch))[1])
+    monkeypatch.setattr(trainer, "settle", lambda readback: (events.append(("read", readback.step)), settle(readback))[1])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4 \(epoch 0\).*last good checkpoint \(step 3\)"):
+        trainer.fit()
+    # Steps 0 and 3 (rows) and 2 (a checkpoint at 3 steps) are read at once, step 1 once step 2 is
+    # queued, step 4 (a NaN) once step 5 is, and the run stops before step 5's checkpoint (at 6 steps).
+    assert events == [("step", 0), ("read", 0), ("step", 1), ("step", 2), ("read", 1), ("read", 2), ("step", 3), ("read", 3),
+                      ("step", 4), ("step", 5), ("read", 4)]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_losses_read_a_step_late_are_the_losses_logged(tmp_path, monkeypatch):
+    """Reading between rows a step late changes no figure: the rows of a run logging every 3 steps
+    are the rows at those steps of the same run logging every step."""
+    train_doubles.install(monkeypatch)
+    every = dict(_losses(_run(train_doubles.tiny_config(tmp_path / "every", log_every=1)).run_dir))
+    sparse = _losses(_run(train_doubles.tiny_config(tmp_path / "sparse", log_every=3)).run_dir)
+    assert len(sparse) >= 3 and all(every[step] == loss for step, loss in sparse), (sparse, every)
+
+
 def test_a_checkpoint_that_cannot_be_written_mid_run_stops_training_and_keeps_the_last_good(tmp_path, monkeypatch, capsys):
     """A write that fails mid-run (the disk filled up since the start) is a message and exit code 3
     naming the checkpoint, the step and the last good checkpoint, which is left as it was."""
@@ -209,3 +238,11 @@ def test_a_metrics_write_that_fails_mid_run_stops_training_naming_the_last_good_
     assert err.startswith(f"fastdense-train: the metrics in {str(run_dir)!r} could not be written (") and len(err.strip().splitlines()) == 1, err
     assert ("No space left on device" if failure == "full-disk" else "FileNotFoundError") in err
     assert "stopped after 3 steps" in err and "last good checkpoint (step 2)" in err
+
+
+@pytest.mark.gpu
+def test_a_cuda_loss_reaches_the_host_through_pinned_memory_behind_an_event():
+    values = torch.tensor([1.5, 0.0], device="cuda") * torch.ones(2, device="cuda")
+    readback = loop.LossReadback(7, 1, values)
+    assert readback.host.is_pinned() and readback.done is not None
+    assert readback.values() == [1.5, 0.0] and (readback.step, readback.epoch) == (7, 1)

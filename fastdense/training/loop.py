@@ -56,6 +56,29 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped without saving the bad state."""
 
 
+class LossReadback:
+    """A step's loss (and, with several processes, every rank's pending-failure flag) on its way to
+    the host without the host waiting for the device: on CUDA a copy into pinned memory behind an
+    event, so the host queues the next step while this one still runs; elsewhere the values as they
+    are (a CPU step has finished when its loss exists)."""
+
+    def __init__(self, step: int, epoch: int, values: torch.Tensor):
+        self.step, self.epoch = step, epoch
+        self.done = None
+        if values.device.type == "cuda":
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record(torch.cuda.current_stream(values.device))
+        else:
+            self.host = values
+
+    def values(self) -> List[float]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
 def build_method(config: Dict) -> nn.Module:
     from fastdense.methods import build_method as build
 
@@ -392,8 +415,8 @@ class Trainer:
         """``write()`` (a metrics, TensorBoard or plot write by rank 0); a full disk or a run directory
         removed mid-run stops training as a failed checkpoint write does, naming the last good one.
         ``deferred`` (writes inside the loop): with several processes the failure is kept and raised
-        on every rank together at the next collective they all make (:meth:`check_finite`,
-        :meth:`save`), so the others are not left waiting in it."""
+        on every rank together after the next collective they all make (:meth:`read_loss`, read by
+        :meth:`settle`; :meth:`save`), so the others are not left waiting in it."""
         try:
             return write()
         except OSError as e:
@@ -435,7 +458,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.update_target(self.step, self.total_steps)
-        # The same on every rank (the loss is averaged in check_finite); the method's other outputs
+        # The same on every rank (the loss is averaged in read_loss); the method's other outputs
         # are per rank, and averaged over ranks when logged.
         self.shared_outputs = {"loss", "grad_norm", *hyper}
         # float64, so metrics show the schedules' values, not their float32 roundings.
@@ -452,20 +475,26 @@ class Trainer:
             values.update(zip(per_rank, distributed.all_reduce_mean(stacked, self.dist).tolist()))
         return values
 
-    def check_finite(self, step: int, out: Dict[str, torch.Tensor]) -> float:
-        """The step's loss over the global batch (the mean of every rank's); raises on every rank
-        together when it is not finite, so no rank is left waiting in a collective."""
-        if self.dist.enabled:  # the loss and any rank's pending metrics-write failure in one collective
-            flag = torch.tensor(float(self.pending_failure is not None), device=out["loss"].device)
-            value, pending = distributed.all_reduce_mean(torch.stack([out["loss"].detach().float().reshape(()), flag]), self.dist).tolist()
-            self._raise_pending(pending > 0)
-        else:
-            value = float(out["loss"].detach())
-        if not math.isfinite(value):
+    def read_loss(self, step: int, out: Dict[str, torch.Tensor]) -> LossReadback:
+        """Starts step ``step``'s loss over the global batch (the mean of every rank's) on its way to
+        the host, with any rank's pending metrics-write failure in the same collective; nothing
+        waits for the device until :meth:`settle`."""
+        values = out["loss"].detach().float().reshape(1)
+        if self.dist.enabled:  # new_full: a fill on the device; a tensor made from a host float would wait for the stream
+            values = distributed.all_reduce_mean(torch.cat([values, values.new_full((1,), float(self.pending_failure is not None))]), self.dist)
+        return LossReadback(step, self.epoch, values)
+
+    def settle(self, readback: LossReadback) -> float:
+        """The loss of :meth:`read_loss`; raises on every rank together when it is not finite (or a
+        rank's metrics write failed), so no rank is left waiting in a collective."""
+        values = readback.values()
+        if self.dist.enabled:
+            self._raise_pending(values[1] > 0)
+        if not math.isfinite(values[0]):
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {step} (epoch {self.epoch}); training stopped; {self.last_good_note()}"
+                f"non-finite loss ({values[0]}) at step {readback.step} (epoch {readback.epoch}); training stopped; {self.last_good_note()}"
             )
-        return value
+        return values[0]
 
     def check_state_finite(self) -> None:
         """Before a checkpoint: raise on every rank together when a weight or buffer is NaN or
@@ -530,6 +559,11 @@ class Trainer:
                 tick = time.perf_counter()
                 batch, waited = prefetcher.fetch(self.step)
                 last = False
+                # The loss of a step between log rows and checkpoints is read one step late: the host
+                # queues step k+1 before it waits for step k's loss, so the device never idles on
+                # the read. Nothing is lost by the wait: a non-finite loss still stops the run before
+                # any checkpoint, naming its own step.
+                unread = None
                 while batch is not None and not last:
                     out = self.train_step(prefetcher.ready(batch))
                     images = batch.batch_size * self.dist.world_size
@@ -543,13 +577,18 @@ class Trainer:
                         self.loader_state = self.loader.resume_state()  # before the next fetch moves it on
                     # Fetch the next batch while the device still works on this step.
                     batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch(self.step)
-                    loss = self.check_finite(step, out)
+                    readback = self.read_loss(step, out)
+                    if unread is not None:
+                        self.settle(unread)
+                    unread = readback
+                    log_now = self.step % config["log_every"] == 0 or last or step == 0
+                    if log_now or epoch_done or save_mid_epoch:  # a row needs the loss; a checkpoint a finite one
+                        loss, unread = self.settle(unread), None
                     now = time.perf_counter()
                     window["wait"] += waited
                     window["time"] += now - tick
                     window["images"] += images
                     tick, waited = now, next_wait
-                    log_now = self.step % config["log_every"] == 0 or last or step == 0
                     logged = self.logged_outputs(out) if log_now else {}
                     if main and log_now:
                         row = {"step": self.step, "epoch": self.epoch, "loss": loss}
@@ -569,6 +608,8 @@ class Trainer:
                         self.save()
                     elif save_mid_epoch:
                         self.save()
+                if unread is not None:  # the loader ran out after a step not yet read
+                    self.settle(unread)
                 if self.batch_in_epoch and not last:
                     # The loader ran out before len(loader) batches (a shorter shard): the epoch is over.
                     self.epoch += 1

@@ -158,6 +158,36 @@ def test_shutdown_leaves_only_a_group_that_init_distributed_started(tmp_path):
     assert not dist.is_initialized() and not distributed._joined_here
 
 
+@pytest.mark.parametrize("backend, exchanged_on", [("cpu:gloo,cuda:gloo", "cpu"), ("gloo", "cpu"), ("cuda:gloo", "meta")])
+def test_host_known_numbers_travel_as_cpu_tensors_where_the_group_carries_them(tmp_path, backend, exchanged_on):
+    """Row and box counts go through the group's CPU backend when it has one (no wait for queued
+    GPU kernels when read back), else on the tensors' own device (NCCL alone; here "cuda:gloo")."""
+    from fastdense.ops.vicreg_distributed import exchange_device
+
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert exchange_device(dist.group.WORLD, torch.device("meta")) == torch.device(exchanged_on)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fastdense_train_on_gpus_starts_a_group_with_a_cpu_backend(monkeypatch):
+    from fastdense.training import distributed
+
+    started = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: started.append(("device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: started.append(("backend", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "_joined_here", False)
+    assert distributed.init_distributed("cuda") == distributed.DistInfo(1, 2, 1)
+    assert started == [("device", 1), ("backend", "cpu:gloo,cuda:nccl")]
+
+
 def test_sync_batchnorm_is_plain_batchnorm_without_process_group():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))

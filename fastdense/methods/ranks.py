@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from fastdense.ops import vicreg_variance_covariance
+from fastdense.ops.vicreg_distributed import exchange_device
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -51,14 +52,15 @@ def world_size() -> int:
 
 
 def sum_over_ranks(value: int, device=None) -> int:
-    """``value`` summed over every rank (``value`` itself in a single process), through a tensor on
-    ``device`` (the device the process group's backend reduces: CUDA for NCCL, CPU for gloo).
+    """``value`` summed over every rank (``value`` itself in a single process), through a CPU tensor
+    where the process group carries them (:func:`fastdense.ops.vicreg_distributed.exchange_device`:
+    no wait for the kernels queued on the GPU), else a tensor on ``device`` (NCCL alone).
 
     >>> sum_over_ranks(3)  # single process
     3
     """
     if world_size() == 1:
         return int(value)
-    total = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    total = torch.tensor([int(value)], dtype=torch.int64, device=exchange_device(dist.group.WORLD, torch.device(device or "cpu")))
     dist.all_reduce(total)
     return int(total.item())

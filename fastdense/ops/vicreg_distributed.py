@@ -38,6 +38,16 @@ def _group(group):
     return dist.group.WORLD if isinstance(group, str) and group == "world" else group
 
 
+def exchange_device(group, device: torch.device) -> torch.device:
+    """Where numbers the host knows (row counts, shapes) travel among ``group``'s ranks: the CPU when
+    the group carries CPU tensors (gloo, or a ``"cpu:gloo,cuda:nccl"`` group, as fastdense-train
+    starts on GPUs), else ``device``. Read back from a GPU, such a number waits for every kernel
+    queued before it, so the host stops queueing ahead of the device; from the CPU it does not."""
+    config = dist.get_backend_config(group)
+    kinds = {part.split(":")[0] for part in config.split(",")} if ":" in config else set()
+    return torch.device("cpu") if "cpu" in kinds else device
+
+
 def _gather_rows(x: torch.Tensor, counts: List[int], group) -> torch.Tensor:
     """All rows of every rank, in rank order (ranks may hold different numbers of rows)."""
     most = max(counts)
@@ -85,7 +95,7 @@ class _RowBlockVarianceCovariance(torch.autograd.Function):
         rank = dist.get_rank(group)
         # Every rank's shape, so that a mismatch raises the same error on every rank instead of
         # hanging or garbling the collectives below.
-        shape = torch.tensor([*x.shape, FLOAT_DTYPES.index(x.dtype)], dtype=torch.int64, device=x.device)
+        shape = torch.tensor([*x.shape, FLOAT_DTYPES.index(x.dtype)], dtype=torch.int64, device=exchange_device(group, x.device))
         shapes_t = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
         dist.all_gather(shapes_t, shape, group=group)
         shapes = [tuple(int(v) for v in s) for s in shapes_t]

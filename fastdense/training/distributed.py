@@ -31,7 +31,10 @@ class DistInfo:
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``...).
 
-    NCCL on GPUs, gloo on CPUs; without torchrun's variables, a single process.
+    NCCL for GPU tensors and gloo for CPU tensors on GPUs (``"cpu:gloo,cuda:nccl"``: numbers the
+    host already knows, such as SCRL's box counts and VICReg's row counts, are exchanged as CPU
+    tensors, and reading them back does not wait for the kernels queued on the GPU); gloo on CPUs;
+    without torchrun's variables, a single process.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -40,7 +43,7 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
         global _joined_here
         _joined_here = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)

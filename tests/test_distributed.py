@@ -416,7 +416,7 @@ def resume_worker(rank, port, root, phase):
 
 
 def _non_finite_on_one_rank(run_dir, rank):
-    """Rank 1's loss turns NaN at step 3 (0-based): every rank must stop there, none may wait."""
+    """Rank 1's loss turns NaN in its fourth step (step 4, as rows count): every rank must stop there, none may wait."""
     trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=2))
     trainer.setup()
     trainer.method.nan_at_call = 3 if rank == 1 else -1
@@ -488,7 +488,7 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     first = torch.load(tmp_path / "first.pt", weights_only=False)
     second = torch.load(tmp_path / "second.pt", weights_only=False)
     for rank in range(WORLD):
-        assert "non-finite loss (nan) at step 3 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
+        assert "non-finite loss (nan) at step 4 " in first[rank]["non_finite"] and "(step 2)" in first[rank]["non_finite"], rank
     assert ckpt.load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["step"] == 2
     failures = [first[rank]["metrics_failure"] for rank in range(WORLD)]
     assert all(f is not None and "the metrics in" in f[0] and "could not be written" in f[0] for f in failures), failures

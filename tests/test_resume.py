@@ -119,7 +119,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     config = train_doubles.tiny_config(tmp_path, checkpoint_every=2, method_options={"nan_at_call": 5})
     trainer = Trainer(config)
     trainer.setup()
-    with pytest.raises(NonFiniteLossError, match=r"at step 5 .*last good checkpoint \(step 4\)"):
+    with pytest.raises(NonFiniteLossError, match=r"at step 6 .*last good checkpoint \(step 4\)"):
         trainer.fit()
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 4
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
     code = main(["--run-dir", str(tmp_path / "cli"), "--preset", "full", "--device", "cpu", "--batch-size", "4",
                  "--no-progress", "--set", "method_options.nan_at_call=0"])
     assert code == 4
-    assert "non-finite loss (nan) at step 0" in capsys.readouterr().err
+    assert "non-finite loss (nan) at step 1 " in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_between_log_rows_is_read_a_step_late_and_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
@@ -140,14 +140,15 @@ def test_a_non_finite_loss_between_log_rows_is_read_a_step_late_and_stops_before
     trainer.setup()
     events = []
     train_step, settle = trainer.train_step, trainer.settle
-    monkeypatch.setattr(trainer, "train_step", lambda batch: (events.append(("step", trainer.step)), train_step(batch))[1])
+    monkeypatch.setattr(trainer, "train_step", lambda batch: (events.append(("step", trainer.step + 1)), train_step(batch))[1])
     monkeypatch.setattr(trainer, "settle", lambda readback: (events.append(("read", readback.step)), settle(readback))[1])
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 4 \(epoch 0\).*last good checkpoint \(step 3\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 \(epoch 0\).*last good checkpoint \(step 3\)"):
         trainer.fit()
-    # Steps 0 and 3 (rows) and 2 (a checkpoint at 3 steps) are read at once, step 1 once step 2 is
-    # queued, step 4 (a NaN) once step 5 is, and the run stops before step 5's checkpoint (at 6 steps).
-    assert events == [("step", 0), ("read", 0), ("step", 1), ("step", 2), ("read", 1), ("read", 2), ("step", 3), ("read", 3),
-                      ("step", 4), ("step", 5), ("read", 4)]
+    # Steps counted from 1, as the rows count them. Steps 1 and 4 (rows) and 3 (a checkpoint) are read
+    # at once, step 2 once step 3 is queued, step 5 (a NaN) once step 6 is, and the run stops
+    # before step 6's checkpoint.
+    assert events == [("step", 1), ("read", 1), ("step", 2), ("step", 3), ("read", 2), ("read", 3), ("step", 4), ("read", 4),
+                      ("step", 5), ("step", 6), ("read", 5)]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
 
 

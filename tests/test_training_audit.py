@@ -275,6 +275,8 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monke
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert final.startswith("fastdense-train: 1 step (resumed at step 2, now at step 3) in ")  # this run's steps
+    rows = {row["step"]: row["loss"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())}
+    assert f" loss {rows[3]:.4f} -> {rows[3]:.4f};" in final and rows[1] != rows[3], (final, rows)  # and its losses, not the first run's
 
 
 def test_resume_without_config_yaml_takes_the_checkpoints_config(tmp_path, monkeypatch, capsys):

@@ -476,9 +476,10 @@ class Trainer:
         return values
 
     def read_loss(self, step: int, out: Dict[str, torch.Tensor]) -> LossReadback:
-        """Starts step ``step``'s loss over the global batch (the mean of every rank's) on its way to
-        the host, with any rank's pending metrics-write failure in the same collective; nothing
-        waits for the device until :meth:`settle`."""
+        """Starts the loss of step ``step`` (counted from 1, as metrics rows and checkpoints count
+        steps) over the global batch (the mean of every rank's) on its way to the host, with any
+        rank's pending metrics-write failure in the same collective; nothing waits for the device
+        until :meth:`settle`."""
         values = out["loss"].detach().float().reshape(1)
         if self.dist.enabled:  # new_full: a fill on the device; a tensor made from a host float would wait for the stream
             values = distributed.all_reduce_mean(torch.cat([values, values.new_full((1,), float(self.pending_failure is not None))]), self.dist)
@@ -567,7 +568,6 @@ class Trainer:
                 while batch is not None and not last:
                     out = self.train_step(prefetcher.ready(batch))
                     images = batch.batch_size * self.dist.world_size
-                    step = self.step
                     self.step += 1
                     self.batch_in_epoch += 1
                     last = self.step >= end_step
@@ -577,11 +577,11 @@ class Trainer:
                         self.loader_state = self.loader.resume_state()  # before the next fetch moves it on
                     # Fetch the next batch while the device still works on this step.
                     batch, next_wait = (None, 0.0) if (last or epoch_done) else prefetcher.fetch(self.step)
-                    readback = self.read_loss(step, out)
+                    readback = self.read_loss(self.step, out)
                     if unread is not None:
                         self.settle(unread)
                     unread = readback
-                    log_now = self.step % config["log_every"] == 0 or last or step == 0
+                    log_now = self.step % config["log_every"] == 0 or last or self.step == 1
                     if log_now or epoch_done or save_mid_epoch:  # a row needs the loss; a checkpoint a finite one
                         loss, unread = self.settle(unread), None
                     now = time.perf_counter()
@@ -644,6 +644,7 @@ class Trainer:
                 raise failure
             self._raise_pending(failed_somewhere)
         summary = {"steps": self.step, "first_step": first_step, "epochs": self.epoch, "seconds": time.perf_counter() - started}
+        rows = [row for row in rows or () if row["step"] > first_step]  # this run's rows, not those of the run it resumed
         if main:
             summary.update(
                 run_dir=str(self.run_dir), checkpoint=str(self.checkpoint_path), config=str(self.run_dir / "config.yaml"),

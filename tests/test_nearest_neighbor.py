@@ -519,6 +519,18 @@ def test_bad_k_is_rejected(k):
         ops.nearest_neighbor_pairs(q, c, k)
     with pytest.raises(ValueError, match=r"ks\[1\] must be an int in \[1, N\]"):
         ops.nearest_neighbor_pairs_many([q, q], [c, c], [1, k])
+    with pytest.raises(ValueError, match=r"^k must be an int in \[1, N\] for distance of shape \[B, N\] = \[2, 5\]"):
+        ops.select_rows(torch.rand(2, 5), k)
+
+
+@pytest.mark.parametrize("distance, error, pattern", [
+    (torch.rand(2, 3, 4), ValueError, r"distance must have shape \[B, N\], got \[2, 3, 4\]"),
+    (torch.arange(6).view(2, 3), TypeError, "distance must be a floating-point tensor"),
+    ([[0.1, 0.2]], TypeError, "distance must be a torch.Tensor of shape"),
+])
+def test_select_rows_rejects_what_is_not_a_distance_matrix(distance, error, pattern):
+    with pytest.raises(error, match=pattern):
+        ops.select_rows(distance, 1)
 
 
 def test_bad_pair_lists_are_rejected():

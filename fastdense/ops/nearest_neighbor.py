@@ -189,8 +189,15 @@ def _match_pairs(queries: List[torch.Tensor], candidates: List[torch.Tensor], ks
 
 
 def select_rows(distance: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[B, k]`` of the ``k`` smallest entries of each row of ``distance [B, N]``, ascending.
-    Equal distances keep the lower index (a stable sort)."""
+    """Indices ``[B, k]`` of the ``k`` smallest entries of each row of ``distance [B, N]`` (``1 <= k <= N``),
+    ascending. Equal distances keep the lower index (a stable sort).
+
+    >>> select_rows(torch.tensor([[0.5, 0.1, 0.3, 0.1]]), k=3)
+    tensor([[1, 2, 3]])
+    """
+    check_tensor(distance, "distance", "[B, N]", dims=2)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= distance.shape[1]:
+        raise ValueError(f"k must be an int in [1, N] for distance of shape [B, N] = {list(distance.shape)}, got {k!r}")
     order = torch.sort(distance, dim=1, stable=True).indices[:, :k]
     return torch.sort(order, dim=1).values
 

@@ -154,7 +154,7 @@ def main() -> None:
         row["vs_fastdense_reference"] = reference_ms / row["ms"]
     print_table(rows, ["backend", "images", "boxes", "rule_met", "ms", "speedup", "vs_fastdense_reference"])
     print(f"C++ sampler at {images} images, 1 thread: {scrl_loop_ms / cpp_ms:.0f}x SCRL's loop (target >= 50x), {reference_ms / cpp_ms:.0f}x fastdense's Python reference")
-    path = write_results("scrl_boxes", device, rows, extra={"threads": torch.get_num_threads(), "target_speedup": 50})
+    path = write_results("scrl_boxes" + ("_quick" if args.quick else ""), device, rows, extra={"threads": torch.get_num_threads(), "target_speedup": 50})
     print(f"wrote {path}")
 
 

@@ -230,7 +230,7 @@ def main():
     distributed = [distributed_rows(*dist_case, device, repeats)]
     print_table(distributed, ["world", "rows_per_rank", "dim", "reference_forward", "row_block_forward", "forward_ratio", "total_ratio",
                               "bytes_row_block_total", "bytes_reference_total", "comm_ratio_beyond_gather", "rank_share_fwd_ms", "full_covariance_fwd_ms"])
-    path = write_results("vicreg", device, rows, extra={
+    path = write_results("vicreg" + ("_quick" if args.quick else ""), device, rows, extra={
         "distributed": distributed, "quick": args.quick, "fp32_dot_precision": default_precision,
         "tf32_flops_per_s": peak, "bandwidth_bytes_per_s": bandwidth,
     })

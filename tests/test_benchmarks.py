@@ -47,6 +47,13 @@ def test_train_step_quick_reports_medians_data_wait_and_targets(tmp_path):
 
 
 @pytest.mark.slow
+def test_scrl_boxes_quick_writes_its_own_file_and_the_ratio_to_the_reference_loop(tmp_path):
+    """A quick run must not overwrite the full run's JSON, which the README cites."""
+    result = run_quick("bench_scrl_boxes.py", tmp_path, versions=False)
+    assert result["benchmark"] == "scrl_boxes_quick" and result["target_speedup"] == 50
+    assert {row["backend"] for row in result["rows"]} >= {"cpp"} and all(row["speedup"] > 0 for row in result["rows"])
+
+
 def test_pipelines_quick_reports_per_core_ratios_and_targets(tmp_path):
     result = run_quick("bench_pipelines.py", tmp_path, "--backends", "torch", "--repeats", "2", "--threads", "1")
     assert (result["threads"], result["repeats"], result["view_sizes"]) == (1, 2, [224, 224])

@@ -7,7 +7,8 @@
 
 The online network is evaluated; ``--network target`` takes a method's EMA copy instead (the
 teacher DINO and SelfPatch report). Features are extracted once per (weights, image list, size) and
-cached next to the checkpoint. Results are printed as a table and written as JSON next to the
+cached next to the checkpoint; an image or mask rewritten in place (its size or modification time
+changed) is extracted again. Results are printed as a table and written as JSON next to the
 checkpoint. Bad input stops with one line naming the file or argument: a missing, damaged or
 foreign checkpoint, a data folder without images or masks (or without one that can be decoded),
 colour masks, an image size the backbone's stride does not divide, a device that is not there or
@@ -32,6 +33,7 @@ from fastdense.evaluation.data import EvalImages, check_mask, classification_spl
 from fastdense.evaluation.export import export_backbone
 from fastdense.evaluation.features import cached, extract
 from fastdense.evaluation.checkpoint import load_trained_method, select_backbone
+from fastdense.pipelines.validate import file_stamp
 
 TASKS = ("linear", "knn", "dense", "export")
 
@@ -122,9 +124,10 @@ def main(argv=None) -> dict:
                 raise ValueError(f"--data {data}: {len(train_set)} training and {len(test_set)} test images{after}; both splits need at least one")
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"fastdense-eval: {e}")
-        # The sample list is part of the key: a folder that gained or lost images, or the same
-        # relative --data seen from another directory, does not get another set's features.
-        image_list = hashlib.sha256(json.dumps([[str(s.image.resolve()), s.label, str(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
+        # The sample list is part of the key: a folder that gained or lost images, the same relative
+        # --data seen from another directory, or a file rewritten in place (its size and mtime)
+        # does not get another set's features.
+        image_list = hashlib.sha256(json.dumps([[str(s.image.resolve()), file_stamp(s.image), s.label, str(s.mask), s.mask and file_stamp(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
         identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "network": args.network, "random_init": args.random_init, "images": image_list, "size": size, "dense": args.task == "dense"}
         cache_dir = run_dir / "eval_cache"
         if args.task == "dense":

@@ -86,6 +86,12 @@ def _decode_error(path: Path) -> Optional[str]:
     return None
 
 
+def file_stamp(path: Path) -> List[int]:
+    """``[size, mtime_ns]``: what tells a file rewritten in place (same path) from the one a cache saw."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
 def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use_cache: bool = True,
                     formats: Optional[Collection[str]] = None, refuse: Optional[RefuseCheck] = None) -> List[Tuple[Path, str]]:
     """``(path, reason)`` for every file in ``paths`` that :func:`check_image_file` rejects, in input order."""
@@ -102,16 +108,12 @@ def find_unreadable(paths: Sequence[Path], root: Path, num_workers: int = 8, use
         except (OSError, ValueError, KeyError):
             cached = {}  # a damaged cache is rebuilt, never trusted
 
-    def stamp(path: Path):
-        info = os.stat(path)
-        return [info.st_size, info.st_mtime_ns]
-
     results: Dict[str, list] = {}
     todo = []
     for path in paths:
         key = str(path)
         entry = cached.get(key)
-        current = stamp(path)
+        current = file_stamp(path)
         if entry is not None and entry[:2] == current:
             results[key] = entry
         else:

@@ -329,6 +329,45 @@ def test_eval_cache_is_keyed_by_the_images_not_the_folder_name(tmp_path, checkpo
     assert len(fresh["features"]) in (16, 4)
 
 
+def test_eval_cache_sees_images_and_masks_rewritten_in_place(tmp_path, checkpoint):
+    """The key named each file by its path only: val images overwritten with copies of training
+    images of the other class (same paths) kept their old features, and the old score, until
+    eval_cache was deleted; so did rewritten masks. Each file's size and mtime are in the key now."""
+    import shutil
+
+    from fastdense.evaluate import main
+
+    data = tmp_path / "data"
+    colours = {"c0": [(250, 10, 10), (200, 60, 0), (230, 0, 90)], "c1": [(10, 10, 250), (0, 90, 200), (60, 0, 230)]}
+    for split in ("train", "val"):
+        for cls, rgb in colours.items():
+            (data / split / cls).mkdir(parents=True)
+            for i, colour in enumerate(rgb if split == "train" else rgb[:2]):
+                Image.new("RGB", (32, 32), colour).save(data / split / cls / f"{i}.png")
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32"]
+    knn = common + ["--task", "knn", "--k", "1", "--data", str(data)]
+    assert main(knn)["top1"] == 100.0  # each val image is a copy of a training image of its class
+    for i in range(2):  # val/c0 now holds c1's pictures
+        shutil.copyfile(data / "train" / "c1" / f"{i}.png", data / "val" / "c0" / f"{i}.png")
+    assert main(knn)["top1"] == 50.0
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i in range(5):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(images / f"{i}.png")
+        Image.fromarray(np.full((32, 32), 1, dtype=np.uint8)).save(masks / f"{i}.png")
+    dense = common + ["--task", "dense", "--epochs", "1", "--data", str(images), "--masks", str(masks)]
+    cache = checkpoint.parent / "eval_cache"
+    main(dense)
+    before = set(cache.glob("features-*.pt"))
+    Image.fromarray(np.full((32, 32), 2, dtype=np.uint8)).save(masks / "4.png")  # the test split's mask
+    main(dense)
+    written = set(cache.glob("features-*.pt")) - before
+    assert len(written) == 2  # train and test extracted again
+    test_masks = [torch.load(f, weights_only=True)["masks"] for f in written]
+    assert any(m.shape[0] == 1 and bool((m == 2).all()) for m in test_masks)
+
+
 def test_network_target_is_the_ema_copy_and_refused_without_one(scrl_config, selfpatch):
     from fastdense.evaluation.checkpoint import select_backbone
     from fastdense.methods import build_method

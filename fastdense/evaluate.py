@@ -11,10 +11,11 @@ cached next to the checkpoint; an image or mask rewritten in place (its size or 
 changed) is extracted again. Results are printed as a table and written as JSON next to the
 checkpoint. Bad input stops with one line naming the file or argument: a missing, damaged or
 foreign checkpoint, a data folder without images or masks (or without one that can be decoded),
-colour masks, an image size the backbone's stride does not divide, a device that is not there or
-an --output that cannot be written, all before any feature is computed. Images or masks that
-cannot be decoded (cut short, empty, not images) are left out and named, as training skips them.
-(An image whose mask has another size raises a ValueError naming both when extraction reaches it.)
+a colour mask or a mask of another size than its image (every mask's header is read), an image
+size the backbone's stride does not divide, a device that is not there or an --output that cannot
+be written, all before any feature is computed (a mask rewritten during extraction stops it with
+the same one line). Images or masks that cannot be decoded (cut short, empty, not images) are left
+out and named, as training skips them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from fastdense.evaluation import knn_accuracy, linear_probe_accuracy, train_dense_probe
-from fastdense.evaluation.data import EvalImages, check_mask, classification_splits, drop_unreadable, segmentation_splits
+from fastdense.evaluation.data import EvalImages, _NotMatching, check_masks, classification_splits, drop_unreadable, not_matching_message, segmentation_splits
 from fastdense.evaluation.export import export_backbone
 from fastdense.evaluation.features import cached, extract
 from fastdense.evaluation.checkpoint import load_trained_method, select_backbone
@@ -117,8 +118,8 @@ def main(argv=None) -> dict:
             else:
                 train_set, test_set, classes = classification_splits(data)
             train_set, test_set, left_out = _leave_out_unreadable(train_set, test_set, data, masks if args.task == "dense" else None)
-            if args.task == "dense" and train_set + test_set:
-                check_mask((train_set + test_set)[0].mask)
+            if args.task == "dense":
+                check_masks(train_set + test_set)
             if not train_set or not test_set:
                 after = f" (after leaving out {left_out} with an unreadable file)" if left_out else ""
                 raise ValueError(f"--data {data}: {len(train_set)} training and {len(test_set)} test images{after}; both splits need at least one")
@@ -130,8 +131,12 @@ def main(argv=None) -> dict:
         image_list = hashlib.sha256(json.dumps([[str(s.image.resolve()), file_stamp(s.image), s.label, str(s.mask), s.mask and file_stamp(s.mask)] for s in train_set + test_set]).encode()).hexdigest()
         identity = {"checkpoint": str(args.checkpoint.resolve()), "mtime": os.path.getmtime(args.checkpoint), "network": args.network, "random_init": args.random_init, "images": image_list, "size": size, "dense": args.task == "dense"}
         cache_dir = run_dir / "eval_cache"
-        if args.task == "dense":
-            feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), True, args.batch_size, args.num_workers, device, desc=f"{n} maps")) for split, samples in (("train", train_set), ("test", test_set))}
+        dense, what = args.task == "dense", "maps" if args.task == "dense" else "features"
+        try:
+            feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), dense, args.batch_size, args.num_workers, device, desc=f"{n} {what}")) for split, samples in (("train", train_set), ("test", test_set))}
+        except _NotMatching as e:  # a mask rewritten after check_masks read it: the same one line
+            sys.exit(f"fastdense-eval: {not_matching_message(e)}")
+        if dense:
             labelled = [f["masks"][f["masks"] != 255] for f in feats.values()]
             if not any(m.numel() for m in labelled):
                 sys.exit(f"fastdense-eval: every mask pixel under {masks or data} is 255 (ignored); nothing to evaluate")
@@ -139,7 +144,6 @@ def main(argv=None) -> dict:
             scores = train_dense_probe(feats["train"]["maps"].to(device), feats["train"]["masks"], feats["test"]["maps"].to(device), feats["test"]["masks"], num_classes, epochs=args.epochs or 30)
             result = {"task": "dense", "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"], "per_class_iou": scores["per_class_iou"]}
         else:
-            feats = {split: cached(cache_dir, {**identity, "split": split}, lambda s=samples, n=split: extract(backbone, EvalImages(s, size), False, args.batch_size, args.num_workers, device, desc=f"{n} features")) for split, samples in (("train", train_set), ("test", test_set))}
             tr, te = feats["train"], feats["test"]
             tr = {**tr, "features": tr["features"].to(device)}  # the probes run where the training features are
             if args.task == "linear":

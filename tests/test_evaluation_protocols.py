@@ -392,6 +392,66 @@ def test_an_image_and_its_mask_must_cover_the_same_pixels(tmp_path):
         EvalImages([EvalSample(tmp_path / "image.png", mask=tmp_path / "other.png")], 16)[0]
 
 
+def _dense_folders(tmp_path, n=10):
+    """``n`` 32 px images and their single-channel masks, in parallel folders."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    for i in range(n):
+        Image.new("RGB", (32, 32), (20 * i, 0, 0)).save(images / f"{i:02d}.png")
+        Image.fromarray(np.full((32, 32), i % 3, dtype=np.uint8)).save(masks / f"{i:02d}.png")
+    return images, masks
+
+
+def test_eval_refuses_a_colour_or_wrongly_sized_mask_anywhere_before_extracting(tmp_path, checkpoint):
+    """Only the first mask was checked up front: a later RGB mask, or a mask of another size than
+    its image, stopped extraction part-way with a traceback through the DataLoader."""
+    images, masks = _dense_folders(tmp_path)
+    common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32", "--task", "dense", "--epochs", "1", "--data", str(images), "--masks", str(masks)]
+    cache = checkpoint.parent / "eval_cache"
+    cached_before = set(cache.glob("*"))
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(masks / "07.png")  # a training mask, not the first
+    message = _eval_error(common)
+    assert f"mask {masks / '07.png'} has mode RGB" in message and "single-channel" in message and "\n" not in message
+    Image.fromarray(np.full((32, 32), 1, dtype=np.uint8)).save(masks / "07.png")
+    Image.fromarray(np.full((16, 24), 1, dtype=np.uint8)).save(masks / "08.png")
+    message = _eval_error(common)
+    assert f"image {images / '08.png'} is 32x32 but its mask {masks / '08.png'} is 24x16" in message and "\n" not in message
+    assert set(cache.glob("*")) == cached_before  # both refused before any feature was extracted
+
+
+def test_a_mask_that_stops_extraction_ends_as_one_line(tmp_path, checkpoint, monkeypatch):
+    """A mask found wrong only while extracting (here the up-front check is switched off; in use, a
+    file rewritten between the check and its turn) ends as the CLI's one-line error, also when a
+    loader process raised it, not as the DataLoader's traceback."""
+    import fastdense.evaluate
+
+    images, masks = _dense_folders(tmp_path)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(masks / "07.png")
+    monkeypatch.setattr(fastdense.evaluate, "check_masks", lambda samples: None)
+    message = _eval_error(["--checkpoint", str(checkpoint), "--num-workers", "1", "--image-size", "32", "--task", "dense", "--epochs", "1", "--data", str(images), "--masks", str(masks)])
+    assert message == f"fastdense-eval: mask {masks / '07.png'} has mode RGB; masks must be single-channel PNGs of class indices (mode L or P)"
+
+
+def test_the_mask_check_takes_a_mask_on_either_grid_of_an_exif_rotated_image(tmp_path):
+    """A phone JPEG stored 40x30 with orientation 6 shows 30x40: a mask of either size covers it, as
+    EvalImages decides; a third size does not, and the up-front check agrees with EvalImages."""
+    from fastdense.evaluation.data import EvalImages, EvalSample, check_masks
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    for size in ((40, 30), (30, 40), (40, 40)):
+        Image.new("L", size).save(tmp_path / "mask.png")
+        sample = EvalSample(tmp_path / "phone.jpg", mask=tmp_path / "mask.png")
+        if size == (40, 40):
+            for load in (lambda: check_masks([sample]), lambda: EvalImages([sample], 16)[0]):
+                with pytest.raises(ValueError, match="phone.jpg is 40x30 but its mask .*mask.png is 40x40"):
+                    load()
+        else:
+            check_masks([sample])
+            assert EvalImages([sample], 16)[0][2] == ""
+
+
 @pytest.mark.gpu
 def test_probes_run_where_the_training_features_are():
     """fastdense-eval hands the probes GPU features (an ImageNet linear probe on the CPU would take

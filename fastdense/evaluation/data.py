@@ -101,15 +101,49 @@ def drop_unreadable(samples: List[EvalSample], image_root, mask_root=None) -> Tu
     return [s for s in samples if s.image not in bad and s.mask not in bad], unreadable
 
 
-def check_mask(path: Path) -> None:
-    """Fail before any feature is computed when masks are colour images rather than class indices."""
-    with Image.open(path) as m:
-        if m.mode not in SINGLE_CHANNEL_MODES:
-            raise ValueError(f"mask {path} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
-
-
 class _NotMatching(ValueError):
     """A mask that is not class indices, or an image and mask of different sizes."""
+
+
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations ImageOps.exif_transpose turns by 90 degrees
+
+
+def _check_mask_mode(path: Path, mode: str) -> None:
+    if mode not in SINGLE_CHANNEL_MODES:
+        raise _NotMatching(f"mask {path} has mode {mode}; masks must be single-channel PNGs of class indices (mode L or P)")
+
+
+def _check_mask_size(image_path: Path, image: Image.Image, mask_path: Path, mask_size) -> None:
+    """A mask covers its image drawn on the stored pixel grid or on the EXIF-upright one. Reads the
+    image's EXIF only for a mask of the transposed size (a PNG's may come after its pixels)."""
+    if mask_size == image.size:
+        return
+    if mask_size == image.size[::-1] and image.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
+        return
+    raise _NotMatching(f"image {image_path} is {image.size[0]}x{image.size[1]} but its mask {mask_path} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
+
+
+def check_masks(samples: List[EvalSample]) -> None:
+    """Fail before any feature is computed, naming the first file, when a sample's mask is a colour
+    image rather than class indices or has another size than its image. Reads headers only (PIL
+    decodes pixels lazily), so it costs two file opens a sample."""
+    for sample in samples:
+        if sample.mask is None:
+            continue
+        with Image.open(sample.mask) as m:
+            _check_mask_mode(sample.mask, m.mode)
+            mask_size = m.size
+        with Image.open(sample.image) as im:
+            _check_mask_size(sample.image, im, sample.mask, mask_size)
+
+
+def not_matching_message(error: _NotMatching) -> str:
+    """The one line a :class:`_NotMatching` was raised with. A DataLoader worker's exception comes
+    back as the same type whose message is the worker's whole traceback, which ends with that line."""
+    prefix = f"{_NotMatching.__module__}.{_NotMatching.__qualname__}: "
+    lines = [line[len(prefix):] for line in str(error).splitlines() if line.startswith(prefix)]
+    return lines[-1] if lines else str(error)
 
 
 class EvalImages(torch.utils.data.Dataset):
@@ -145,15 +179,14 @@ class EvalImages(torch.utils.data.Dataset):
         mask = None
         if sample.mask is not None:
             with Image.open(sample.mask) as m:
-                if m.mode not in SINGLE_CHANNEL_MODES:
-                    raise _NotMatching(f"mask {sample.mask} has mode {m.mode}; masks must be single-channel PNGs of class indices (mode L or P)")
+                _check_mask_mode(sample.mask, m.mode)
                 mask_size = m.size
                 mask = np.array(m.resize((self.size, self.size), Image.NEAREST), dtype=np.int64)
         with Image.open(sample.image) as im:
+            if mask is not None:
+                _check_mask_size(sample.image, im, sample.mask, mask_size)
             image = ImageOps.exif_transpose(im)
             if mask is not None and image.size != mask_size:
-                if im.size != mask_size:
-                    raise _NotMatching(f"image {sample.image} is {im.size[0]}x{im.size[1]} but its mask {sample.mask} is {mask_size[0]}x{mask_size[1]}; they must cover the same pixels")
                 image = im  # the mask was drawn on the stored pixel grid, before the EXIF rotation
             # Training's conversion, so the probe sees the pixels the backbone was trained on
             # (PIL's own convert("RGB") clips 16-bit grayscale: 40000 of 65535 became white).

@@ -287,6 +287,38 @@ def test_resume_without_config_yaml_takes_the_checkpoints_config(tmp_path, monke
     assert state["step"] == 3 and state["config"]["optimizer"]["lr"] == 0.3 and state["config"]["method_options"]["cells"] == 4
 
 
+def test_a_relative_data_path_is_saved_absolute_so_the_run_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    """``--data`` given relative to the working directory is saved as the absolute path it names:
+    --resume (and fastdense-eval, which reads the checkpoint's config) find it from any directory, a
+    relative --data naming the same folder is the same data, and another folder is still refused. A
+    run saved before (its path relative) resumes from the directory it was started in, as it did."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    folder = str(tmp_path / "images")
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "1", "--data", "images") == 0
+    assert cfg.load_yaml(run / "config.yaml")["data"] == folder
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["config"]["data"] == folder
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "2") == 0, capsys.readouterr().err
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "3", "--data", "../images/") == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "4", "--data", "images") == 2
+    assert f"data ({folder!r} -> {str(tmp_path / 'elsewhere' / 'images')!r})" in capsys.readouterr().err
+
+    # A run saved with a relative path (before this change), resumed from its own directory.
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["config"]["data"] = "images"
+    torch.save(state, run / "checkpoints" / "last.pt")
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(f"data: {folder}", "data: images"))
+    monkeypatch.chdir(tmp_path)
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "4") == 0, capsys.readouterr().err
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "5", "--data", folder) == 0, capsys.readouterr().err
+    assert cfg.load_yaml(run / "config.yaml")["data"] == folder
+
+
 def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypatch, capsys):
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
     path = tmp_path / "run" / "checkpoints" / "last.pt"

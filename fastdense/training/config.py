@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -22,7 +23,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "method": ("scrl", "which method to train: scrl, vicregl, lewel or selfpatch"),
     "method_options": ({}, "keyword options for fastdense.methods.build_method (backbone, heads, loss weights ...)"),
     "preset": ("auto", "auto: the method YAML's 'cpu' preset when there is no --data and no GPU; cpu, full: force one"),
-    "data": (None, "an image folder (dali, torch) or a .beton file (ffcv); empty: the built-in dataset"),
+    "data": (None, "an image folder (dali, torch) or a .beton file (ffcv), saved as an absolute path; empty: the built-in dataset"),
     "backend": ("torch", "data pipeline: torch, dali or ffcv"),
     "epochs": (100, "passes over the data"),
     "max_steps": (None, "stop after this many optimisation steps in total (schedules still span all epochs)"),
@@ -135,12 +136,13 @@ RESUMABLE_CHANGES = ("run_dir", "max_steps", "progress", "log_every", "checkpoin
 
 # What each key accepts, checked (and numbers written as text, like YAML's ``1e-6``, converted)
 # before any work starts: (kind, lowest value or choices, whether empty is allowed).
-# kinds: "int", "number", "bool", "text", "choice", "auto-bool" ("auto" or a bool), "mapping", "betas".
+# kinds: "int", "number", "bool", "text", "path" (text made absolute against the working directory, so a
+# saved config names the same file from anywhere), "choice", "auto-bool" ("auto" or a bool), "mapping", "betas".
 CHECKS: Dict[str, Tuple[str, Any, bool]] = {
     "method": ("choice", METHODS, False),
     "method_options": ("mapping", None, True),
     "preset": ("text", None, True),
-    "data": ("text", None, True),
+    "data": ("path", None, True),
     "backend": ("choice", ("torch", "dali", "ffcv"), False),
     "epochs": ("int", 1, False),
     "max_steps": ("int", 1, True),
@@ -218,9 +220,12 @@ def _checked(key: str, value):
         if value in arg:
             return value
         raise ValueError(f"config key {key!r} must be one of {', '.join(arg)}; got {value!r}")
-    if kind == "text":
+    if kind in ("text", "path"):
         if isinstance(value, (str, Path)):
-            return str(value)
+            # A relative path means the working directory's: made absolute, config.yaml (and
+            # --resume, fastdense-eval) find it from any directory. An old run's relative path, read
+            # back here, still means the working directory's, as it always did.
+            return os.path.abspath(value) if kind == "path" and str(value) else str(value)
         raise ValueError(f"config key {key!r} must be text; got {value!r}")
     if kind == "mapping":
         if isinstance(value, dict):

@@ -127,6 +127,18 @@ def _nothing_to_do(trainer) -> str:
             "--max-steps N (above that) or --set max_steps= to continue")
 
 
+def _no_batch_advice(e) -> str:
+    """A :class:`fastdense.pipelines.base.NoBatchError` in fastdense-train's terms: it trains on full
+    batches only (no drop_last to turn off), so the way out is a smaller --batch-size (per process)
+    or, where a process gets no image at all, fewer processes."""
+    if not e.shard_samples:
+        return (f"an epoch would hold no batch: {e.where}; train on at most {e.num_samples} processes, "
+                "or on more images")
+    per = " per process" if e.num_shards > 1 else ""
+    return (f"an epoch would hold no batch: {e.where} and --batch-size is {e.batch_size}{per} (training takes "
+            f"full batches only); set --batch-size {e.shard_samples} or less")
+
+
 def _save_traceback(trainer) -> str:
     """Write the exception being handled to ``RUN/error.log`` (``error.rank{N}.log`` with several
     processes, which may fail together); the note that says where (empty when it cannot be written:
@@ -143,6 +155,7 @@ def _save_traceback(trainer) -> str:
 
 def _train(config, resume: bool) -> int:
     """Set up and run one training process; its exit code."""
+    from fastdense.pipelines.base import NoBatchError
     from fastdense.training import CheckpointError, NonFiniteLossError, RunDirError, Trainer
 
     try:
@@ -150,6 +163,9 @@ def _train(config, resume: bool) -> int:
         # Set-up reads the checkpoint, builds the method and the loader (which checks --data) and
         # probes the run directory; what it refuses is a setting to fix, not a crash to debug.
         trainer.setup()
+    except NoBatchError as e:  # its message advises make_loader's arguments, which fastdense-train sets itself
+        print(f"fastdense-train: {_no_batch_advice(e)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"fastdense-train: {e}", file=sys.stderr)
         return 2

@@ -60,15 +60,29 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
+class NoBatchError(ValueError):
+    """An epoch of one shard would hold no batch. The message advises :func:`make_loader`'s caller;
+    the attributes let a front end that sets those arguments itself (fastdense-train) advise its own
+    options: ``where`` (what the shard gets, in words), ``num_samples``, ``shard_samples`` (the
+    largest batch_size that gives the shard a batch; 0: the shard gets no sample), ``batch_size``,
+    ``num_shards`` and ``drop_last``."""
+
+    def __init__(self, where: str, num_samples: int, shard_samples: int, batch_size: int, num_shards: int, drop_last: bool):
+        self.where, self.num_samples, self.shard_samples = where, num_samples, shard_samples
+        self.batch_size, self.num_shards, self.drop_last = batch_size, num_shards, drop_last
+        hint = "; pass drop_last=False or a smaller batch_size" if drop_last and shard_samples else ""
+        super().__init__(f"an epoch would hold no batch: {where} and batch_size is {batch_size} (drop_last={drop_last}){hint}")
+
+
 def check_has_batches(num_samples: int, batch_size: int, shard_id: int, num_shards: int, drop_last: bool) -> None:
-    """Raise before any work when an epoch of this shard (``num_samples`` readable samples in all)
-    would hold no batch: a training loop would otherwise run zero steps without a word."""
+    """Raise :class:`NoBatchError` before any work when an epoch of this shard (``num_samples``
+    readable samples in all) would hold no batch: a training loop would otherwise run zero steps
+    without a word."""
     shard = len(epoch_order(num_samples, 0, 0, shard_id, num_shards, shuffle=False, drop_last=drop_last))
     if num_batches(shard, batch_size, drop_last) > 0:
         return
     where = f"shard {shard_id} of {num_shards} gets {shard} of the {num_samples} samples" if num_shards > 1 else f"the data holds {num_samples} samples"
-    hint = "; pass drop_last=False or a smaller batch_size" if drop_last and shard else ""
-    raise ValueError(f"an epoch would hold no batch: {where} and batch_size is {batch_size} (drop_last={drop_last}){hint}")
+    raise NoBatchError(where, num_samples, shard, batch_size, num_shards, drop_last)
 
 
 def sample_seed(*keys: int) -> int:

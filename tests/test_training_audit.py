@@ -205,6 +205,29 @@ def test_missing_or_empty_data_folder_fails_before_training(tmp_path, capsys):
         assert not run_dir.exists()  # nothing written
 
 
+def test_a_batch_larger_than_the_data_is_refused_with_advice_the_cli_takes(tiny_folder, tmp_path, capsys):
+    """The loader's message advises make_loader's drop_last, which fastdense-train has no key for:
+    the CLI names --batch-size instead (per process with several; fewer processes where one gets no
+    image), and the loader's own message still advises its Python callers."""
+    run_dir = tmp_path / "run"
+    code = main(["--data", str(tiny_folder), "--preset", "cpu", "--device", "cpu", "--batch-size", "9",
+                 "--workers", "0", "--run-dir", str(run_dir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fastdense-train: an epoch would hold no batch: the data holds 8 samples"), err
+    assert "set --batch-size 8 or less" in err and "drop_last" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+    from fastdense.pipelines.base import check_has_batches
+    from fastdense.train import _no_batch_advice
+
+    with pytest.raises(ValueError, match="pass drop_last=False or a smaller batch_size") as python:
+        check_has_batches(8, 9, 0, 1, drop_last=True)
+    for shard, shards, says in ((1, 3, "set --batch-size 2 or less"), (8, 9, "train on at most 8 processes")):
+        with pytest.raises(ValueError) as refused:
+            check_has_batches(8, 3, shard, shards, drop_last=True)
+        assert says in _no_batch_advice(refused.value) and "drop_last" not in _no_batch_advice(refused.value)
+    assert _no_batch_advice(python.value).endswith("--batch-size is 9 (training takes full batches only); set --batch-size 8 or less")
+
+
 def _doubles_run(tmp_path, monkeypatch, *extra):
     train_doubles.install(monkeypatch)
     args = ["--run-dir", str(tmp_path / "run"), "--preset", "full", "--device", "cpu", "--batch-size", "4",

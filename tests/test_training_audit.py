@@ -186,6 +186,23 @@ def test_broken_yaml_config_file_is_a_message_naming_it(tmp_path, monkeypatch, c
     assert str(broken) in err and "not valid YAML" in err and not built
 
 
+@pytest.mark.parametrize("value", ["3", "", "[0.1]", "fast"])
+def test_a_section_given_a_value_that_is_not_a_mapping_is_named_as_such(value, tmp_path, monkeypatch, capsys):
+    """``optimizer: 3`` names the section as needing a mapping (as ``method_options: 5`` does), not
+    as an unknown key, in a config file and in --set alike, for every section."""
+    built = _no_trainer(monkeypatch)
+    sections = sorted({key.rsplit(".", 1)[0] for key in cfg.OPTIONS if "." in key})
+    assert "optimizer" in sections
+    for section in sections:
+        user = tmp_path / f"{section}.yaml"
+        user.write_text(f"{section}: {value}\n")
+        for args in (["--config", str(user)], ["--set", f"{section}={value}"]):
+            assert main(args + ["--run-dir", str(tmp_path / "run")]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"fastdense-train: config key {section!r} must be a mapping (key: value, ...)"), err
+            assert "unknown" not in err and not built
+
+
 def test_numbers_written_as_yaml_text_are_numbers(tmp_path):
     """YAML reads ``1e-6`` (no dot) as a string; from --set or a config file it is still a number."""
     user = tmp_path / "user.yaml"

@@ -120,8 +120,17 @@ def parse_override(text: str) -> Tuple[str, Any]:
     return key, value
 
 
+# The sections that hold dotted keys ("optimizer" for "optimizer.lr"); each must be a mapping.
+SECTIONS = tuple(dict.fromkeys(".".join(key.split(".")[:n]) for key in OPTIONS for n in range(1, key.count(".") + 1)))
+
+
 def check_keys(config: Dict) -> None:
-    """Unknown keys are mistakes (a typo would otherwise be silently ignored)."""
+    """Unknown keys are mistakes (a typo would otherwise be silently ignored); a section given
+    something else than a mapping (``optimizer: 3``) is named as such, not as an unknown key."""
+    for section in SECTIONS:
+        value = get_key(config, section, {})
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {section!r} must be a mapping (key: value, ...) of the {section}.* keys; got {value!r}")
     known = set(OPTIONS)
     for key in flat_keys(config):
         if key not in known and not key.startswith("method_options."):

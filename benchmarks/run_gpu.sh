@@ -32,6 +32,7 @@ declare -A STEPS=(
     [tests_nn]="180 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nearest_neighbor.py tests/test_methods.py::test_vicregl_step_matches_all_pairs_in_one_launch"
     [tests_vicreg]="120 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_vicreg.py tests/test_vicreg_distributed.py"
     [tests_roi]="150 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_roi_align.py"
+    [tests_training_gpu]="90 python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_resume.py"
     [bench_nearest_neighbor]="240 python3 benchmarks/bench_nearest_neighbor.py"
     [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
     [bench_roi_align]="160 python3 benchmarks/bench_roi_align.py"
@@ -46,7 +47,7 @@ declare -A STEPS=(
     [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
     [tests_pipelines_gpu]="180 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_pipelines.py"
 )
-ORDER=(tests_nn tests_vicreg tests_roi bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_train_step)
+ORDER=(tests_nn tests_vicreg tests_roi tests_training_gpu bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_train_step)
 for name in "${@:-${ORDER[@]}}"; do
     [[ -n "${STEPS[$name]:-}" ]] || { echo "unknown step $name (steps: ${ORDER[*]})"; exit 2; }
     # shellcheck disable=SC2086

@@ -242,6 +242,19 @@ def test_a_metrics_write_that_fails_mid_run_stops_training_naming_the_last_good_
 
 
 @pytest.mark.gpu
+def test_a_non_finite_loss_on_cuda_is_read_a_step_late_and_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
+    """The CUDA form of the CPU test above: the pinned readback names the NaN's step, and the last
+    good checkpoint stays."""
+    train_doubles.install(monkeypatch)
+    config = train_doubles.tiny_config(tmp_path, device="cuda", log_every=4, checkpoint_every=3, method_options={"nan_at_call": 4})
+    trainer = Trainer(config)
+    trainer.setup()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 \(epoch 0\).*last good checkpoint \(step 3\)"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
+@pytest.mark.gpu
 def test_a_cuda_loss_reaches_the_host_through_pinned_memory_behind_an_event():
     values = torch.tensor([1.5, 0.0], device="cuda") * torch.ones(2, device="cuda")
     readback = loop.LossReadback(7, 1, values)

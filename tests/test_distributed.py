@@ -266,10 +266,12 @@ def _use_float64_methods(monkeypatch=None):
             monkeypatch.setattr(module, name, value)
 
 
-def method_config(method, run_dir, batch_size):
+def method_config(method, run_dir, batch_size, sync_batchnorm=True):
+    """Synchronised BatchNorm by default, so that N processes compute what one does on the whole
+    batch (``auto`` follows the recipe: LEWEL's EMAN default keeps per-process statistics)."""
     options = {"preset": "cpu", **METHOD_OPTIONS[method]}
     return cfg.resolve(method, overrides={"run_dir": str(run_dir), "device": "cpu", "progress": False, "preset": "cpu",
-                                          "batch_size": batch_size, "method_options": options})
+                                          "batch_size": batch_size, "method_options": options, "sync_batchnorm": sync_batchnorm})
 
 
 def run_steps(trainer, batches):
@@ -298,6 +300,9 @@ def methods_worker(rank, port, run_dir, out_path):
         synced = [type(m) for m in trainer.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert all(t is CPUSyncBatchNorm for t in synced), f"{method}: {set(synced)}"
         results[method] = dict(run_steps(trainer, [shard(b, rank) for b in method_batches(method)]), num_bn=len(synced))
+        recipe = Trainer(method_config(method, f"{run_dir}/{method}-auto", BATCH // WORLD, sync_batchnorm="auto"))
+        recipe.setup()
+        results[method]["auto_norms"] = {type(m).__name__ for m in recipe.method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -321,6 +326,9 @@ def test_one_step_on_two_processes_equals_full_batch(method, two_process_steps, 
     single = run_steps(trainer, method_batches(method))
     ddp = two_process_steps[method]
     assert (ddp["num_bn"] > 0) == (method != "selfpatch")
+    # sync_batchnorm: auto follows the recipe: LEWEL's EMAN run keeps per-process BatchNorm (its
+    # reference script passes no --norm SyncBN); SCRL and VICRegL synchronise.
+    assert ddp["auto_norms"] == {"selfpatch": set(), "lewel": {"BatchNorm1d", "BatchNorm2d"}}.get(method, {"CPUSyncBatchNorm"})
     if method == "scrl":  # ranks with different numbers of boxes, and a rank with none
         assert ddp["boxes"] == [[30, 20], [20, 0]] and single["boxes"] == [[50], [20]]
     for step, (a, b) in enumerate(zip(ddp["losses"], single["losses"])):

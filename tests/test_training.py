@@ -119,6 +119,33 @@ def test_param_groups_exclude_biases_and_norms():
     assert excluded["weight_decay"] == 0.0 and not excluded["lars_adapt"] and len(excluded["params"]) == 4
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_scrl_exempts_from_decay_what_scrls_name_filter_exempts(backbone):
+    """SCRL's code (optim/getters.py) exempts parameters whose names hold "bn" or "bias", named as in
+    its modules: the encoder a Sequential of torchvision's ResNet children but the classifier, the
+    heads TwoLayerLinearHeads (``net`` a Sequential). The same parameters, renamed that way, must
+    fall in the same groups here: the block BatchNorms and biases exempt, the stem's, downsample
+    paths' and heads' BatchNorm weights decayed and LARS-adapted."""
+    from fastdense.methods import build_method
+
+    method = build_method("scrl", backbone=backbone, projector_dims=[64, 16], predictor_dims=[64, 16])
+    reference = torch.nn.ModuleDict({
+        "encoder": torch.nn.Sequential(*[c for c in method.backbone.trunk.children() if not isinstance(c, torch.nn.Identity)]),
+        "projector": torch.nn.ModuleDict({"net": method.projector}),
+        "predictor": torch.nn.ModuleDict({"net": method.predictor}),
+    })
+    reference_exempt = {id(p) for name, p in reference.named_parameters() if "bn" in name or "bias" in name}
+    decayed, exempt = param_groups(method, weight_decay=1e-6)
+    assert {id(p) for p in exempt["params"]} == reference_exempt
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in reference.parameters()} - reference_exempt
+    stem_norm = method.backbone.trunk.bn1.weight
+    assert id(stem_norm) in {id(p) for p in decayed["params"]}  # the quirk: "encoder.1.weight" holds no "bn"
+    # Other methods keep the trainer's rule: every 1-D parameter exempt.
+    vicregl = build_method("vicregl", preset="cpu")
+    _, exempt = param_groups(vicregl, weight_decay=1e-6)
+    assert {id(p) for p in exempt["params"]} == {id(p) for p in vicregl.parameters() if p.requires_grad and p.ndim <= 1}
+
+
 def test_schedules_and_lr_scaling():
     assert scaled_lr(0.45, 4096) == pytest.approx(0.45 * 16)
     opt = torch.optim.SGD(param_groups(torch.nn.Linear(2, 2), 0.04), lr=1.0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,18 @@ class Method(nn.Module):
     # The smallest batch per process that a training step works on; the trainer refuses a smaller
     # batch_size at set-up rather than crashing at the first step.
     min_batch_size: int = 1
+
+    @property
+    def synchronises_batchnorm(self) -> bool:
+        """Whether the method's recipe takes BatchNorm statistics over every process's images
+        (``sync_batchnorm: auto`` follows it when more than one process trains)."""
+        return True
+
+    def exempt_from_decay(self, name: str, param: nn.Parameter) -> Optional[bool]:
+        """Whether ``param`` (named as ``named_parameters()`` names it) gets no weight decay and no
+        LARS trust ratio; None: the trainer's rule (biases and every parameter of fewer than two
+        dimensions, what BYOL's and VICRegL's code exempt)."""
+        return None
 
     @classmethod
     def default_options(cls) -> Dict:

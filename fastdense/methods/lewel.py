@@ -80,7 +80,8 @@ class LEWEL(EmaTargetMethod):
     EMAN variant, eval-mode target and the whole state dict averaged, the default because the
     reference's 200-epoch recipe that m0 = 0.98, lr 3.6 at batch 1024 and weight decay 1.5e-6 come
     from is that variant (``scripts/srun_lewelb_eman.sh``); ``False``: parameters only and a
-    train-mode target as in BYOL, the reference's 400-epoch SyncBN run, which used m0 = 0.996);
+    train-mode target as in BYOL, the reference's 400-epoch SyncBN run, which used m0 = 0.996; with
+    several processes, ``sync_batchnorm: auto`` synchronises BatchNorm for that run only);
     ``target_init`` is always a copy (the reference's); ``view_sizes``.
 
     >>> from fastdense.methods import build_method
@@ -89,6 +90,12 @@ class LEWEL(EmaTargetMethod):
     """
 
     name = "lewel"
+
+    @property
+    def synchronises_batchnorm(self) -> bool:
+        # The reference's EMAN run (srun_lewelb_eman.sh) keeps main.py's --norm None: per-process
+        # BatchNorm; only its 400-epoch BYOL-style run passes --norm SyncBN.
+        return not self.eman
     # The neck's and projectors' BatchNorm1d see one row per image; with one image per process
     # PyTorch refuses to train them.
     min_batch_size = 2

@@ -15,6 +15,7 @@ and their last Linear has no bias (BYOL's heads).
 
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -30,6 +31,9 @@ from fastdense.pipelines.batch import to_device_async
 
 # Where :meth:`SCRL.prepare` leaves a batch's boxes.
 ROIS_KEY = "scrl_rois"
+# A torchvision ResNet's residual-block BatchNorm weights (layer3.5.bn2.weight): the ones SCRL's
+# name filter exempts from weight decay and LARS (SCRL.exempt_from_decay).
+RESIDUAL_BLOCK_NORM = re.compile(r"(^|\.)layer\d+\.\d+\.bn\d+\.weight$")
 
 
 class SCRL(EmaTargetMethod):
@@ -107,6 +111,17 @@ class SCRL(EmaTargetMethod):
 
     def ema_pairs(self):
         return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def exempt_from_decay(self, name: str, param: nn.Parameter) -> Optional[bool]:
+        """SCRL's code exempts by name: parameters whose names hold "bn" or "bias"
+        (``optim/getters.py``). Its ResNet is a ``Sequential`` of torchvision's children and its heads
+        ``Sequential`` MLPs, so that spares the residual blocks' BatchNorms (``layer1.0.bn1``) but not
+        the stem's (``encoder.1``), the downsample paths' (``downsample.1``) or the heads'
+        (``net.1``), whose weights it decays and LARS-adapts; so does this. Other backbones than its
+        ResNets: the trainer's rule."""
+        if self.backbone.kind != "resnet":
+            return None
+        return name.endswith(".bias") or RESIDUAL_BLOCK_NORM.search(name) is not None
 
     def box_min_size(self, view_width: int) -> float:
         """32 px at 224 px views unless set: the reference's minimum, scaled with the view."""

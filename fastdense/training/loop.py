@@ -218,7 +218,7 @@ class Trainer:
         ckpt.seed_everything(config["seed"])
         method = build_method(config).to(device)
         sync_bn = config["sync_batchnorm"]
-        synced = self.dist.enabled and (sync_bn == "auto" or sync_bn is True)
+        synced = self.dist.enabled and (sync_bn is True or (sync_bn == "auto" and method.synchronises_batchnorm))
         min_batch = getattr(method, "min_batch_size", 1)
         # Synchronised BatchNorm (and VICRegL's gathered variance) take their statistics over every process's images.
         if config["batch_size"] * (self.dist.world_size if synced else 1) < min_batch:

@@ -1,7 +1,8 @@
 """Optimisers and schedules: LARS and AdamW, linear warm-up then cosine, lr scaled by the global batch.
 
 Biases and normalisation parameters (every parameter with fewer than two dimensions) get no weight
-decay and, under LARS, no trust-ratio adaptation, as BYOL, SCRL and VICRegL do.
+decay and, under LARS, no trust-ratio adaptation, as BYOL's and VICRegL's code do; a method may
+follow its reference's own rule instead (SCRL's exempts by name, :meth:`fastdense.methods.scrl.SCRL.exempt_from_decay`).
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ def is_excluded(name: str, param: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """Two groups: regular weights (decayed, adapted) and biases/norm parameters (neither)."""
+    """Two groups: regular weights (decayed, adapted) and biases/norm parameters (neither), as
+    :func:`is_excluded` tells them apart or, where ``model`` has its own rule (a method's
+    ``exempt_from_decay`` returning a bool), as that rule does."""
+    own_rule = getattr(model, "exempt_from_decay", None)
     decayed, excluded = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (excluded if is_excluded(name, param) else decayed).append(param)
+        exempt = own_rule(name, param) if own_rule is not None else None
+        (excluded if (is_excluded(name, param) if exempt is None else exempt) else decayed).append(param)
     groups = []
     if decayed:
         groups.append({"params": decayed, "weight_decay": weight_decay, "lars_adapt": True, "decays": True})

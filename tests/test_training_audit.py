@@ -252,6 +252,22 @@ def _doubles_run(tmp_path, monkeypatch, *extra):
     return main(args + list(extra))
 
 
+def test_resume_after_the_weight_decay_groups_changed_is_refused_with_the_reason(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose optimiser split its parameters otherwise (an older version's rule for which
+    ones get weight decay) cannot continue exactly: one line saying so, not torch's size mismatch."""
+    assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2") == 0
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    decayed, exempt = state["optimizer"]["param_groups"]
+    exempt["params"].append(decayed["params"].pop())
+    ckpt.save_checkpoint(state, path)
+    capsys.readouterr()
+    assert _doubles_run(tmp_path, monkeypatch, "--resume", "--max-steps", "3") == 3
+    err = capsys.readouterr().err
+    assert "which parameters get weight decay changed since the run started" in err and err.count("\n") == 1, err
+    assert load_checkpoint(path)["step"] == 2
+
+
 def test_resume_without_a_checkpoint_is_an_error_naming_the_path(tmp_path, monkeypatch, capsys):
     steps = []
     monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(1))

@@ -362,6 +362,14 @@ class Trainer:
 
     def load(self, state: Dict) -> None:
         self.method.load_state_dict(state["model"])
+        saved = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        now = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved != now:
+            raise ckpt.CheckpointError(
+                f"the checkpoint's optimiser groups hold {saved} parameters (weight-decayed, exempt) where this "
+                f"version of {self.config['method']} puts {now}: which parameters get weight decay changed since "
+                "the run started, so it cannot continue exactly; start a new run"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.schedule.load_state_dict(state["schedule"])

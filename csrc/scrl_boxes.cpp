@@ -77,13 +77,17 @@ inline Box clip(const Box& b, double view_w, double view_h) {
     return {c(b.x1, view_w), c(b.y1, view_h), c(b.x2, view_w), c(b.y2, view_h)};
 }
 
-inline double iou(const Box& a, const Box& b) {
-    const double inter = std::max(std::min(a.x2, b.x2) - std::max(a.x1, b.x1), 0.0) *
-                         std::max(std::min(a.y2, b.y2) - std::max(a.y1, b.y1), 0.0);
-    if (inter == 0.0) return 0.0;
-    const double area_a = std::abs((a.x2 - a.x1) * (a.y2 - a.y1));
-    const double area_b = std::abs((b.x2 - b.x1) * (b.y2 - b.y1));
-    return inter / (area_a + area_b - inter);
+// A box in whole cells of the scaled grid.
+struct GridBox {
+    int64_t x1, y1, x2, y2;
+};
+
+// Exact IoU on the grid (the boxes' IoU in either view): Python's int / int, correctly rounded.
+inline double grid_iou(const GridBox& a, const GridBox& b) {
+    const int64_t inter = std::max<int64_t>(std::min(a.x2, b.x2) - std::max(a.x1, b.x1), 0) *
+                          std::max<int64_t>(std::min(a.y2, b.y2) - std::max(a.y1, b.y1), 0);
+    const int64_t uni = (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter;
+    return static_cast<double>(inter) / static_cast<double>(uni);
 }
 
 // Appends the image's boxes to `out` (nothing when the scaled overlap is too small).
@@ -103,10 +107,11 @@ void sample_image(const View& v1, const View& v2, int64_t key, const Options& o,
     const int64_t min_side = trunc_int(o.min_size);
 
     SplitMix64 stream(key);
-    const size_t first = out.size();
+    std::vector<GridBox> kept_on_grid;
     for (int64_t k = 0; k < o.num_boxes; ++k) {
         double src_x1 = 0, src_y1 = 0, src_x2 = 0, src_y2 = 0;
         Box box1{};
+        GridBox on_grid{};
         bool rule_met = false;
         for (int64_t attempt = 0; attempt < o.max_tries; ++attempt) {
             const int64_t div_x = stream.randint(1, max_div_x);
@@ -127,17 +132,19 @@ void sample_image(const View& v1, const View& v2, int64_t key, const Options& o,
             src_y1 = top + static_cast<double>(box_y) * unit_y;
             src_y2 = src_y1 + static_cast<double>(box_h) * unit_y;
             box1 = to_view(src_x1, src_y1, src_x2, src_y2, v1);
+            on_grid = {box_x, box_y, box_x + box_w, box_y + box_h};
             if (k == 0 || o.iou_threshold >= 1.0) {
                 rule_met = true;
                 break;
             }
             double max_iou = 0.0;
-            for (size_t j = first; j < out.size(); ++j) max_iou = std::max(max_iou, iou(box1, out[j].box1));
+            for (const GridBox& earlier : kept_on_grid) max_iou = std::max(max_iou, grid_iou(on_grid, earlier));
             rule_met = max_iou < o.iou_threshold;
             if (rule_met) break;
         }
         const Box box2 = to_view(src_x1, src_y1, src_x2, src_y2, v2);
         out.push_back({clip(box1, o.view_w, o.view_h), clip(box2, o.view_w, o.view_h), rule_met});
+        kept_on_grid.push_back(on_grid);
     }
 }
 

@@ -10,8 +10,10 @@ view matrices of ``CONVENTIONS.md`` section 1 instead of crop tuples. For every 
 2. Draw ``num_boxes`` boxes in that scaled grid. Each try draws a number of divisions per axis
    (``1 .. int(size / min_size)``), a cell of that grid, a box size from ``int(min_size)`` up to the
    cell size and a position inside the cell, all as whole scaled pixels. The first box is kept
-   as drawn; a later box is kept as soon as its IoU (in view 1) with every box already kept for the
-   image is below ``iou_threshold``, else, after ``max_tries`` tries, the last try is kept.
+   as drawn; a later box is kept as soon as its IoU with every box already kept for the image is
+   below ``iou_threshold``, else, after ``max_tries`` tries, the last try is kept. The IoU is taken
+   exactly, on the scaled grid, which both views see through a scale and shift per axis (SCRL's
+   code takes it in view 1's pixels, in floats, where IoU 0.5 ties fell on either side).
 3. Map each box through both views (flip-aware) and clip it to ``[0, view size]``.
 
 Both implementations, the readable reference below and the C++ one in ``csrc/scrl_boxes.cpp``, are
@@ -264,7 +266,7 @@ def _sample_image(views, stream, view_h, view_w, num_boxes, min_size, iou_thresh
     max_div_x = int(width / min_size) + 1
     max_div_y = int(height / min_size) + 1
 
-    kept = []
+    kept, kept_on_grid = [], []
     for k in range(num_boxes):
         for attempt in range(max_tries):
             div_x = stream.randint(1, max_div_x)
@@ -283,15 +285,16 @@ def _sample_image(views, stream, view_h, view_w, num_boxes, min_size, iou_thresh
             src_y1 = top + box_y * unit_y
             src_y2 = src_y1 + box_h * unit_y
             box1 = _to_view(src_x1, src_y1, src_x2, src_y2, sx1, tx1, sy1, ty1)
+            on_grid = (box_x, box_y, box_x + box_w, box_y + box_h)
             if k == 0 or iou_threshold >= 1.0:
                 rule_met = True
                 break
-            # As in the reference: the unclipped candidate against the clipped boxes already kept.
-            rule_met = max(_iou(box1, earlier[0]) for earlier in kept) < iou_threshold
+            rule_met = max(_grid_iou(on_grid, earlier) for earlier in kept_on_grid) < iou_threshold
             if rule_met:
                 break
         box2 = _to_view(src_x1, src_y1, src_x2, src_y2, sx2, tx2, sy2, ty2)
         kept.append((_clip(box1, view_w, view_h), _clip(box2, view_w, view_h), rule_met))
+        kept_on_grid.append(on_grid)
     return kept
 
 
@@ -314,10 +317,11 @@ def _clip(box, view_w, view_h):
     return (min(max(x1, 0.0), view_w), min(max(y1, 0.0), view_h), min(max(x2, 0.0), view_w), min(max(y2, 0.0), view_h))
 
 
-def _iou(a, b):
-    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    if inter == 0.0:
-        return 0.0
-    area_a = abs((a[2] - a[0]) * (a[3] - a[1]))
-    area_b = abs((b[2] - b[0]) * (b[3] - b[1]))
-    return inter / (area_a + area_b - inter)
+def _grid_iou(a, b):
+    """IoU of two boxes ``(x1, y1, x2, y2)`` in whole cells of the scaled grid: exact. Each view sees
+    the grid through a scale and shift per axis, which leaves IoU unchanged, so this is the IoU of
+    the boxes in either view; computed there in floats (as SCRL's code does), rounding put exact
+    ties (IoU 0.5 against the rule's "below 0.5") on either side."""
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union

@@ -124,7 +124,7 @@ def scrl_crop_tuple_oracle(crops, key, num_boxes=10, min_size=32.0, iou_threshol
     if min_size >= width or min_size >= height:
         return []
     stream = boxes._SplitMix64(key)
-    out = []
+    out, on_grid = [], []
     for k in range(num_boxes):
         for _ in range(max_tries):
             dw, dh = stream.randint(1, int(width / min_size) + 1), stream.randint(1, int(height / min_size) + 1)
@@ -144,10 +144,12 @@ def scrl_crop_tuple_oracle(crops, key, num_boxes=10, min_size=32.0, iou_threshol
                 views.append([l, t, r, b])
             if k == 0:
                 break
-            earlier = torch.tensor([o[0] for o in out], dtype=torch.float64)
-            if box_iou(torch.tensor([views[0]], dtype=torch.float64), earlier).max() < iou_threshold:
+            # The IoU on the scaled grid (whole cells: exact, where SCRL's code rounds in view pixels).
+            candidate = torch.tensor([[bx, by, bx + bw, by + bh]], dtype=torch.float64)
+            if box_iou(candidate, torch.tensor(on_grid, dtype=torch.float64)).max() < iou_threshold:
                 break
         out.append([[min(max(v, 0.0), VIEW) for v in box] for box in views])
+        on_grid.append([bx, by, bx + bw, by + bh])
     return out
 
 
@@ -215,6 +217,30 @@ def test_iou_rule_holds_and_flag_is_truthful():
             assert out.iou_rule_met.float().mean() > 0.9
         else:
             assert not out.iou_rule_met.all()
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_a_box_with_iou_exactly_at_the_threshold_is_not_taken(name):
+    """The rule is IoU *below* 0.5. Whole-pixel crops of random sizes, as float32 matrices (the
+    pipelines'), make exact ties common (IoU 1024/2048 on the scaled grid); computed in view pixels,
+    rounding put them on either side, and about a third were taken. Ties show in the output as an
+    IoU within rounding of 0.5: no box that met the rule may have one."""
+    g = torch.Generator().manual_seed(11)
+    batch = 400
+    src = torch.randint(300, 600, (batch, 1, 2), generator=g)
+    size = (torch.rand(batch, 2, 2, generator=g) * (src - 60) + 60).floor()
+    corner = (torch.rand(batch, 2, 2, generator=g) * (src - size + 1)).floor()
+    flip = torch.rand(batch, 2, generator=g) < 0.5
+    m = geometry.crop_matrix(corner[..., 0], corner[..., 1], size[..., 0], size[..., 1], VIEW, VIEW, flip).float()
+    out = sample(m, name, random=boxes.draw_scrl_randoms(batch, g))
+    near_ties = checked = 0
+    for image_boxes, met in zip(per_image(out.rois[0], out.counts), out.iou_rule_met.split(out.counts.tolist())):
+        iou = box_iou(image_boxes[:, 1:].double(), image_boxes[:, 1:].double())
+        for k in range(1, len(image_boxes)):
+            if met[k]:
+                checked += 1
+                near_ties += bool((iou[k, :k] - 0.5).abs().min() < 1e-5)
+    assert checked > 1000 and near_ties == 0, (checked, near_ties)
 
 
 def test_same_box_maps_to_same_source_region_from_both_views():

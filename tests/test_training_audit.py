@@ -121,13 +121,20 @@ def test_every_method_resumes_bit_identically_mid_epoch_and_at_an_epoch_boundary
         lr = peak * (s + 1) / warmup if s < warmup else low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
         wd = wd_end + (opt["weight_decay"] - wd_end) * 0.5 * (1 + math.cos(math.pi * s / total))
         assert row["lr"] == pytest.approx(lr, rel=1e-12) and row["weight_decay"] == pytest.approx(wd, rel=1e-12)
-    # Biases and norm parameters: no decay, and (LARS) no trust-ratio adaptation.
+    # Biases and norm parameters: no decay, and (LARS) no trust-ratio adaptation; SCRL follows its
+    # code's name filter, under which the stem's, downsample paths' and heads' norm weights decay.
     decayed, excluded = whole.optimizer.param_groups
     assert decayed["lars_adapt" if opt["name"] == "lars" else "decays"] and decayed["weight_decay"] > 0
     assert excluded["weight_decay"] == 0.0 and not excluded.get("lars_adapt", False)
     names = {id(p): n for n, p in whole.method.named_parameters()}
     assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in excluded["params"])
-    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decayed["params"])
+    assert all(not names[id(p)].endswith(".bias") for p in decayed["params"])
+    decayed_norms = sorted(names[id(p)] for p in decayed["params"] if p.ndim <= 1)
+    if method == "scrl":
+        assert decayed_norms and all(n == "backbone.trunk.bn1.weight" or ".downsample." in n or n.startswith(("projector.", "predictor."))
+                                     for n in decayed_norms), decayed_norms
+    else:
+        assert not decayed_norms, decayed_norms
 
 
 def test_scrl_resumes_exactly_from_a_checkpoint_saved_after_the_next_batch_was_prepared(tiny_folder, tmp_path, monkeypatch, one_thread):

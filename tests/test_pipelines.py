@@ -639,8 +639,13 @@ def test_recipe_rejects_bad_values():
         Recipe("none", ())
 
 
-def test_photometric_parameters_follow_spec():
-    spec = RECIPES["scrl"].views[1]
+@pytest.mark.parametrize("spec", [
+    RECIPES["scrl"].views[1],
+    RECIPES["scrl"].views[0],  # solarize_p 0
+    # every probability different, so that no flag can be drawn with another's
+    dataclasses.replace(RECIPES["scrl"].views[1], jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.05, blur_sigma=(0.3, 1.7)),
+], ids=["scrl-view2", "scrl-view1", "distinct"])
+def test_photometric_parameters_follow_spec(spec):
     params = sample_params(spec, 4000, torch.Generator().manual_seed(0))
     for flag, p in (("jitter", spec.jitter_p), ("grayscale", spec.grayscale_p), ("blur", spec.blur_p), ("solarize", spec.solarize_p)):
         assert abs(getattr(params, flag).float().mean().item() - p) < 0.03, flag
@@ -648,6 +653,8 @@ def test_photometric_parameters_follow_spec():
     for k, (low, high) in enumerate([(1 - b, 1 + b), (1 - c, 1 + c), (1 - s, 1 + s), (-h, h)]):
         values = params.factors[:, k]
         assert low <= values.min() and values.max() <= high and values.max() - values.min() > 0.9 * (high - low)
+    low, high = spec.blur_sigma  # sigma uniform over the spec's range
+    assert low <= params.sigma.min() and params.sigma.max() <= high and params.sigma.max() - params.sigma.min() > 0.9 * (high - low)
     assert torch.equal(params.order.sort(dim=1).values, torch.arange(4).expand(4000, 4))
     assert params.order[:, 0].bincount(minlength=4).min() > 800  # every op comes first about a quarter of the time
 

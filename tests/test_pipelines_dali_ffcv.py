@@ -174,6 +174,21 @@ def test_dali_colour_jitter_follows_torchvision(tmp_path, monkeypatch):
     assert views.min() > -0.5 and views.max() < 255.5, (views.min(), views.max())
 
 
+def test_dali_solarize_inverts_the_pixels_at_or_above_its_threshold(tmp_path, monkeypatch):
+    """torchvision's solarize: 255 - x where x >= 128 (on 0-255 views), x elsewhere."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((48, 48), Image.Resampling.BILINEAR).save(root / "a" / f"{k}.png")
+    only_solarize = Recipe("solarize", (ViewSpec(32, (0.5, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=1.0),))
+    plain, solarized = (_dali_views(root, only_solarize, photometric, 4) for photometric in (False, True))
+    above = plain >= 128
+    assert 0.2 < above.mean() < 0.8  # both sides of the threshold are there
+    np.testing.assert_allclose(solarized, np.where(above, 255 - plain, plain), atol=0.5)
+
+
 def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
     corpus = build_bad_corpus(tmp_path / "corpus")

@@ -289,7 +289,7 @@ def run_fastdense(config, device, warmup, steps):
         batch = next(stream)
         waited = time.perf_counter() - fetch
         # As fit between log rows: the previous step's loss is read once this step is queued.
-        readback = trainer.read_loss(step, out)
+        readback = trainer.read_loss(trainer.step, out)
         if unread is not None:
             trainer.settle(unread)
         unread = readback

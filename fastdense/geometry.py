@@ -294,7 +294,8 @@ def _positive_pair(value, name: str, pair: str, allow_scalar: bool = False) -> T
 
 def _check_view_index(index, name: str, num_views: int) -> None:
     if isinstance(index, bool) or not isinstance(index, int) or not -num_views <= index < num_views:
-        raise ValueError(f"{name} must be a view index in [0, {num_views}) for matrices with V = {num_views} views, got {index!r}")
+        raise ValueError(f"{name} must be a view index in [-{num_views}, {num_views}) (negative: counted from the last, as Python's) "
+                         f"for matrices with V = {num_views} views, got {index!r}")
 
 
 def _check_boxes(boxes, name: str, shape: str, min_dim: int) -> None:

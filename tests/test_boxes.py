@@ -93,6 +93,11 @@ def test_cpp_matches_reference_when_the_iou_rule_cannot_be_met():
     ref = sample(m, "reference", random=keys)
     assert_identical(sample(m, "cpp", random=keys), ref)
     assert not ref.iou_rule_met.all()
+    # A threshold of 1 takes every first try, exact repeats of earlier boxes included (IoU 1),
+    # which these small overlaps draw.
+    ref = sample(m, "reference", random=keys, iou_threshold=1.0)
+    assert_identical(sample(m, "cpp", random=keys, iou_threshold=1.0), ref)
+    assert ref.iou_rule_met.all()
 
 
 def test_float64_matrices_give_float64_boxes_and_same_values():
@@ -356,6 +361,7 @@ GOOD = geometry.crop_matrix(torch.zeros(2, 2), 0.0, 100.0, 100.0, VIEW, VIEW)
         ({"matrices": GOOD.long()}, TypeError, "matrices"),
         ({"matrices": GOOD.index_put((torch.tensor(0), torch.tensor(0), torch.tensor(0), torch.tensor(1)), torch.tensor(0.3))}, ValueError, "axis-aligned"),
         ({"matrices": GOOD.index_put((torch.tensor(0), torch.tensor(1), torch.tensor(0), torch.tensor(0)), torch.tensor(0.0))}, ValueError, "sx, sy != 0"),
+        ({"matrices": GOOD.index_put((torch.tensor(1), torch.tensor(0), torch.tensor(2), torch.tensor(0)), torch.tensor(0.01))}, ValueError, "axis-aligned"),  # a projective bottom row
         ({"matrices": GOOD.index_put((torch.tensor(1), torch.tensor(1), torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan")))}, ValueError, "finite"),
         ({"view_size": (224,)}, ValueError, "view_size"),
         ({"view_size": 0}, ValueError, "view_size"),

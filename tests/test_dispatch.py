@@ -12,6 +12,15 @@ def test_backend_context_overrides_environment(monkeypatch):
     assert ops.requested_backend() == "triton"
 
 
+def test_nested_backend_blocks_restore_the_outer_choice(monkeypatch):
+    monkeypatch.delenv("FASTDENSE_BACKEND", raising=False)
+    with ops.backend("reference"):
+        with ops.backend("triton"):
+            assert ops.requested_backend() == "triton"
+        assert ops.requested_backend() == "reference"
+    assert ops.requested_backend() == "auto"
+
+
 def test_unknown_backend_is_rejected(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         with ops.backend("cuda"):

@@ -175,16 +175,16 @@ def test_fastdense_train_on_gpus_starts_a_group_with_a_cpu_backend(monkeypatch):
     from fastdense.training import distributed
 
     started = []
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the second machine's second process: rank 3, local rank 1
+    monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: started.append(("device", device)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: started.append(("backend", backend)))
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
     monkeypatch.setattr(distributed, "_joined_here", False)
-    assert distributed.init_distributed("cuda") == distributed.DistInfo(1, 2, 1)
+    assert distributed.init_distributed("cuda") == distributed.DistInfo(3, 4, 1)
     assert started == [("device", 1), ("backend", "cpu:gloo,cuda:nccl")]
 
 

@@ -31,6 +31,10 @@ def test_miou_matches_a_hand_count_with_ignore_and_absent_classes():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 3, 2]])
     cm = confusion_matrix(pred, target, num_classes=5)
+    expected = torch.zeros(5, 5, dtype=cm.dtype)  # rows: ground truth, columns: prediction
+    for truth, predicted, count in ((0, 0, 1), (0, 1, 1), (1, 1, 2), (2, 2, 1), (2, 0, 1)):
+        expected[truth, predicted] = count
+    assert torch.equal(cm, expected)
     # class 0: tp 1, fp 1 (a 2 predicted 0), fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3;
     # class 2: tp 1, fn 1 -> 1/2; class 3 predicted only on ignored pixels -> absent; class 4 absent.
     miou, per_class = mean_iou(cm)

@@ -54,6 +54,14 @@ def test_round_trip_points_through_inverse():
     torch.testing.assert_close(geometry.invert(m), torch.linalg.inv(m))
 
 
+def test_view_indices_count_from_the_end_when_negative_and_others_are_refused():
+    m = torch.stack([geometry.crop_matrix(10.0 * v, 5.0, 100.0, 80.0 + v, 32, 32) for v in range(3)])
+    assert torch.equal(geometry.view_to_view(m, -1, -3), geometry.view_to_view(m, 2, 0))
+    for src in (3, -4, True, 1.0):
+        with pytest.raises(ValueError, match=r"src must be a view index in \[-3, 3\)"):
+            geometry.view_to_view(m, src, 0)
+
+
 def test_compose_and_view_to_view_hand_computed():
     # View 0: source [0, 200)^2 at 100 px (2 source px per pixel); view 1: source [50, 150)^2 at
     # 100 px, flipped (1 source px per pixel, x reversed).

@@ -370,12 +370,13 @@ STOP_AT = 7  # 5 steps per epoch and rank: the interrupted run stops inside the 
 
 
 def _recording(trainer, record):
-    """Wrap ``trainer.train_step`` to keep each step's batch indices, loss and per-rank metric."""
+    """Wrap ``trainer.train_step`` to keep each step's batch indices, loss, per-rank metric and crop
+    matrices (what the loader drew under the trainer's loader RNG)."""
     step = trainer.train_step
 
     def train_step(batch):
         out = step(batch)
-        record.append((batch.index.tolist(), out["loss"].detach().clone(), float(out["q_std"])))
+        record.append((batch.index.tolist(), out["loss"].detach().clone(), float(out["q_std"]), batch.matrices.clone()))
         return out
 
     trainer.train_step = train_step
@@ -522,8 +523,8 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     assert [row["step"] for row in logged] == list(range(1, 11))
     for row in logged:
         per_rank = [first[rank]["whole"][row["step"] - 1] for rank in range(WORLD)]
-        assert row["loss"] == pytest.approx(sum(float(loss) for _, loss, _ in per_rank) / WORLD, rel=1e-6)
-        assert row["q_std"] == pytest.approx(sum(q for *_, q in per_rank) / WORLD, rel=1e-12)
+        assert row["loss"] == pytest.approx(sum(float(loss) for _, loss, *_ in per_rank) / WORLD, rel=1e-6)
+        assert row["q_std"] == pytest.approx(sum(q for _, _, q, _ in per_rank) / WORLD, rel=1e-12)
         assert per_rank[0][2] != per_rank[1][2]
     for rank in range(WORLD):
         mine, later = first[rank], second[rank]
@@ -536,7 +537,7 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
         split = mine["interrupted"] + later["resumed"]
         assert [indices for indices, *_ in split] == [indices for indices, *_ in whole], rank
         # Losses and final weights, bit for bit, on every rank.
-        assert all(torch.equal(a, b) for (_, a, _), (_, b, _) in zip(split, whole)), rank
+        assert all(torch.equal(a, b) for (_, a, *_), (_, b, *_) in zip(split, whole)), rank
         assert later["position"] == (2, 10)
         final, expected = later["resumed_final"], mine["whole_final"]
         assert final["model"].keys() == expected["model"].keys()
@@ -544,3 +545,7 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
         assert all(torch.equal(a, b) for a, b in zip(final["momentum"], expected["momentum"])), rank
         for other in range(rank + 1, WORLD):  # every step, the ranks trained on different images
             assert all(not set(a) & set(b) for (a, *_), (b, *_) in zip(whole, first[other]["whole"]))
+            # and drew their own crops: the loader's seed has a rank term (without it both ranks
+            # would crop their different images at the same places)
+            same = [step for step, ((*_, a), (*_, b)) in enumerate(zip(whole, first[other]["whole"]), 1) if torch.equal(a, b)]
+            assert not same, f"ranks {rank} and {other} drew the same crops at steps {same}"

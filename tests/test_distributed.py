@@ -410,6 +410,7 @@ def resume_worker(rank, port, root, phase):
         out["metrics_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk", rank)
         out["metrics_log_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-start", rank, "__init__", failing_call=1)
         out["metrics_close_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-end", rank, "close", failing_call=1)
+        out["metrics_save_failure"] = _metrics_write_fails_on_rank_0(f"{root}/disk-at-save", rank, failing_call=5, checkpoint_every=3)
         out["plot_failure"] = _plot_fails_on_rank_0(f"{root}/plot", rank)
     else:
         resumed = []
@@ -436,12 +437,14 @@ def _non_finite_on_one_rank(run_dir, rank):
     return None
 
 
-def _metrics_write_fails_on_rank_0(run_dir, rank, name="log", failing_call=3):
+def _metrics_write_fails_on_rank_0(run_dir, rank, name="log", failing_call=3, checkpoint_every=0):
     """Rank 0's ``failing_call``-th call of ``MetricsLog.<name>`` hits a full disk (``__init__``:
-    creating the log, before the first step; ``log`` 3: the third row; ``close``: after the last
-    step): every rank must stop (the others were left waiting in the next step's collective, or
-    finished as if nothing had failed), with the message of rank 0's failure there."""
-    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0))
+    creating the log, before the first step; ``log`` 3: the third row; ``log`` 5 with
+    ``checkpoint_every`` 3: the row of the first epoch's last step, whose checkpoint follows at once;
+    ``close``: after the last step): every rank must stop (the others were left waiting in the next
+    step's collective or checkpoint, or finished as if nothing had failed), with the message of
+    rank 0's failure there."""
+    trainer = Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=checkpoint_every))
     trainer.setup()
     original = getattr(loop.MetricsLog, name)
     if rank == 0:
@@ -508,6 +511,12 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     at_end = [first[rank]["metrics_close_failure"] for rank in range(WORLD)]  # every step ran, then the log could not be closed
     assert all(f is not None and "the metrics in" in f[0] for f in at_end) and "No space left on device" in at_end[0][0], at_end
     assert at_end[0][1] == at_end[1][1] == 10, at_end
+    # Row 5 failed; step 5's checkpoint came next: its collective stopped every rank at step 5 (not
+    # the next step's loss read), and last.pt is still the last good one, step 3's.
+    at_save = [first[rank]["metrics_save_failure"] for rank in range(WORLD)]
+    assert all(f is not None and "the metrics in" in f[0] and "last good checkpoint (step 3)" in f[0] for f in at_save), at_save
+    assert "No space left on device" in at_save[0][0] and at_save[0][1] == at_save[1][1] == 5, at_save
+    assert ckpt.load_checkpoint(tmp_path / "disk-at-save" / "checkpoints" / "last.pt")["step"] == 3
     plot = [first[rank]["plot_failure"] for rank in range(WORLD)]  # not a write error, raised after the last collective
     assert plot[0][:2] == ("ValueError", "a plotting bug") and plot[1][0] == "RunDirError" and "on rank 0" in plot[1][1], plot
     assert plot[0][2] == plot[1][2] == 5, plot

@@ -397,7 +397,9 @@ class Trainer:
         self.check_state_finite()
         state = self.state()  # every rank joins the RNG gather
         failure = None
-        if self.dist.is_main:
+        # Not over a pending metrics failure (this step's row is missing: resumed from here, it would
+        # stay missing): last.pt stays the last good checkpoint that the error below names.
+        if self.dist.is_main and self.pending_failure is None:
             try:
                 ckpt.save_checkpoint(state, self.checkpoint_path)
             except OSError as e:

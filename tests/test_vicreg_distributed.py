@@ -46,6 +46,9 @@ CASES = [
     ((0, 1, 2, 3), "triton", [90, 0, 130, 60], (2, 3), torch.float32, 1e-5),
     ((0, 1), "triton", [50, 40], (70,), torch.float64, 1e-12),  # several tiles a side: the mirrored D x D
 ]
+# The Gram-form cases again with no room to keep the product ``Xc_r Xc_gᵀ`` for the backward
+# (``SAVED_PRODUCT_BYTES`` 0): the reference and the Triton backward recompute it.
+RECOMPUTE_CASES = [case for case, (_, _, rows, shape_tail, _, _) in enumerate(CASES) if sum(rows) < shape_tail[-1]]
 # Under bf16 autocast (the training loop's precision), float32 embeddings: the same terms and gradient
 # as without it, in the Gram form and the direct form. (ranks, backend, rows per rank, trailing shape)
 AUTOCAST_CASES = [((0, 1), "reference", [3, 4], (16,)), ((0, 1), "reference", [40, 30], (4,))]
@@ -76,17 +79,29 @@ def _worker(rank, port, result_queue):
         dist.destroy_process_group()
 
 
+def _run_case(rank, device, key, ranks, backend_name, rows, shape_tail, dtype, result_queue):
+    group = dist.new_group(list(ranks))
+    if rank not in ranks:
+        return
+    start = sum(rows[: ranks.index(rank)])
+    local = _inputs(rows, shape_tail)[start : start + rows[ranks.index(rank)]].to(device, dtype).requires_grad_(True)
+    with ops.backend(backend_name):
+        variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
+    (variance + 0.5 * covariance).backward()
+    result_queue.put((key, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+
+
 def _run_cases(rank, device, result_queue):
+    from fastdense.kernels import vicreg as kernels
+
     for case, (ranks, backend_name, rows, shape_tail, dtype, _) in enumerate(CASES):
-        group = dist.new_group(list(ranks))
-        if rank not in ranks:
-            continue
-        start = sum(rows[: ranks.index(rank)])
-        local = _inputs(rows, shape_tail)[start : start + rows[ranks.index(rank)]].to(device, dtype).requires_grad_(True)
-        with ops.backend(backend_name):
-            variance, covariance = ops.vicreg_variance_covariance(local, eps=1e-4, group=group)
-        (variance + 0.5 * covariance).backward()
-        result_queue.put((case, rank, variance.item(), covariance.item(), local.grad.double().tolist()))
+        _run_case(rank, device, case, ranks, backend_name, rows, shape_tail, dtype, result_queue)
+    limit, kernels.SAVED_PRODUCT_BYTES = kernels.SAVED_PRODUCT_BYTES, 0
+    try:
+        for case in RECOMPUTE_CASES:
+            _run_case(rank, device, ("recompute", case), *CASES[case][:5], result_queue)
+    finally:
+        kernels.SAVED_PRODUCT_BYTES = limit
     for case, (ranks, backend_name, rows, shape_tail) in enumerate(AUTOCAST_CASES):
         group = dist.new_group(list(ranks))
         if rank not in ranks:
@@ -124,7 +139,7 @@ def gloo_results():
     procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
-    expected = sum(len(case[0]) for case in CASES + AUTOCAST_CASES) + 3 * len(TOO_FEW[0])
+    expected = sum(len(case[0]) for case in CASES + [CASES[c] for c in RECOMPUTE_CASES] + AUTOCAST_CASES) + 3 * len(TOO_FEW[0])
     results = []
     for _ in range(expected):
         results.append(queue.get(timeout=150))
@@ -138,11 +153,25 @@ def gloo_results():
     return results
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{len(c[0])}ranks-{c[1]}-{str(c[4])[6:]}" for c in CASES])
+def _case_id(case):
+    ranks, backend_name, _, _, dtype, _ = CASES[case]
+    return f"{len(ranks)}ranks-{backend_name}-{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=_case_id)
 def test_row_block_equals_full_batch(gloo_results, case):
+    _check_case(gloo_results, case, case)
+
+
+@pytest.mark.parametrize("case", RECOMPUTE_CASES, ids=_case_id)
+def test_row_block_recomputing_the_product_equals_full_batch(gloo_results, case):
+    _check_case(gloo_results, ("recompute", case), case)
+
+
+def _check_case(gloo_results, key, case):
     ranks, _, rows, shape_tail, _, tol = CASES[case]
     variance, covariance, grad = _full_batch(_inputs(rows, shape_tail), 1e-4)
-    mine = [r for r in gloo_results if r[0] == case]
+    mine = [r for r in gloo_results if r[0] == key]
     assert sorted(r[1] for r in mine) == list(ranks)
     for _, rank, v, c, g in mine:
         assert abs(v - float(variance)) <= tol * max(1.0, abs(float(variance)))

@@ -28,6 +28,11 @@ as soon as it is measured, so an interrupted run keeps what it has.
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --full     # GPU, 64 SCRL + 4 detection rows
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --quick    # CPU (Triton interpreter), seconds
     PYTHONPATH=. python3 benchmarks/bench_roi_align.py --host     # host overhead per call (CPU or GPU)
+    PYTHONPATH=. python3 benchmarks/bench_roi_align.py --tuned    # GPU, with tune_roi_align.py's settings applied
+
+Every result records the kernels' settings it ran with (``settings``: the package's
+:data:`~fastdense.kernels.roi_align.TUNED_SETTINGS`, or with ``--tuned`` those of a tuning result,
+named in ``tuned_from``).
 
 ``--host`` measures what one call costs the host, at SCRL's pooled case (10 boxes per image, 1x1
 output, ``check_boxes`` False and True), forward and forward+backward, with ``torch.set_num_threads(1)``:
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -66,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchvision  # noqa: E402
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import HostRun, _fmt, floor_ms, measured_bandwidth, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, HostRun, _fmt, device_name, floor_ms, measured_bandwidth, print_table, slug, time_ms, write_results  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
@@ -184,9 +190,39 @@ def scrl_settings(axes, full: bool):
     return runs + [setting for setting in SCRL_RECIPE if setting not in runs]
 
 
+def tuning_result(path: str, device: torch.device) -> Path:
+    """The tuning result ``--tuned`` names: ``path``, or (``auto``) this device's ``roi_align_tuning``
+    JSON in ``$FASTDENSE_BENCH_OUT`` (default ``benchmarks/results``)."""
+    if path != "auto":
+        return Path(path)
+    tuning = "roi_align_tuning" + ("" if device.type == "cuda" else "_quick")
+    return Path(os.environ.get("FASTDENSE_BENCH_OUT", RESULTS_DIR)) / f"{tuning}_{slug(device_name(device))}.json"
+
+
+def apply_tuning(path: Path) -> dict:
+    """Sets the kernels' settings to a tuning result's (``tune_roi_align.py``'s ``settings``: only those
+    that beat the package's); returns them."""
+    import fastdense.kernels.roi_align as kernels
+
+    if not path.is_file():
+        raise SystemExit(f"--tuned: no tuning result at {path} (run benchmarks/tune_roi_align.py first, or name its JSON)")
+    settings = json.loads(path.read_text())["settings"]
+    kernels.apply_settings(settings)
+    return settings
+
+
 def run(args) -> None:
+    import fastdense.kernels.roi_align as kernels
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     generator = torch.Generator().manual_seed(0)
+    extra = {}
+    if args.tuned:
+        path = tuning_result(args.tuned, device)
+        extra.update(tuned_from=path.name, tuned=apply_tuning(path))
+        print(f"settings from {path}: {extra['tuned'] or 'none beat the package'}", flush=True)
+    # The settings the kernels ran with (the package's, or the package's with a tuning result's).
+    extra["settings"] = kernels.current_settings()
     bandwidth = measured_bandwidth(device)
     cases = []
     start_time = time.perf_counter()
@@ -247,7 +283,7 @@ def run(args) -> None:
         rows.append(row)
         del inputs
         print(f"[{time.perf_counter() - start_time:5.0f} s] " + "  ".join(f"{c}={_fmt(row[c])}" for c in COLUMNS), flush=True)
-        path = write_results(name_of_results, device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth})
+        path = write_results(name_of_results, device, rows, extra={"measured_bandwidth_bytes_per_s": bandwidth, **extra})
     print_table(rows, COLUMNS)
     print(f"wrote {path} ({time.perf_counter() - start_time:.0f} s)", flush=True)
 
@@ -317,6 +353,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("scrl", "scrl-recipe", "detection"), help="run one family of shapes (scrl: the recipe's rows too)")
     parser.add_argument("--repeats", type=int, default=3, help="CPU timing repeats (GPU uses do_bench)")
     parser.add_argument("--host", action="store_true", help="host time per call at the SCRL pooled case (see the module docstring); --quick: B=4")
+    parser.add_argument("--tuned", nargs="?", const="auto", metavar="JSON",
+                        help="first apply a tune_roi_align.py result's settings (default: this device's in $FASTDENSE_BENCH_OUT); recorded in the JSON")
     args = parser.parse_args()
     host_overhead(args) if args.host else run(args)
 

@@ -37,7 +37,9 @@ declare -A STEPS=(
     [bench_vicreg]="90 python3 benchmarks/bench_vicreg.py"
     [bench_roi_align]="160 python3 benchmarks/bench_roi_align.py"
     [bench_roi_align_host]="90 python3 benchmarks/bench_roi_align.py --host"
-    [tune_roi_align]="480 python3 benchmarks/tune_roi_align.py --budget-s 420"
+    [tune_roi_align]="360 python3 benchmarks/tune_roi_align.py --budget-s 300"
+    # bench_roi_align with tune_roi_align's settings (from $out) applied and recorded in its JSON
+    [bench_roi_align_tuned]="160 python3 benchmarks/bench_roi_align.py --tuned"
     [bench_vicreg_host]="60 python3 benchmarks/bench_vicreg.py --host"
     [bench_nearest_neighbor_host]="60 python3 benchmarks/bench_nearest_neighbor.py --host"
     [bench_train_step]="120 python3 benchmarks/bench_train_step.py"
@@ -47,7 +49,7 @@ declare -A STEPS=(
     [bench_pipelines]="420 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 benchmarks/bench_pipelines.py --backends torch,dali"
     [tests_pipelines_gpu]="180 env PYTHONPATH=/tmp/site:$PYTHONPATH python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_pipelines.py"
 )
-ORDER=(tests_nn tests_vicreg tests_roi tests_training_gpu bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_train_step)
+ORDER=(tests_nn tests_vicreg tests_roi tests_training_gpu bench_nearest_neighbor bench_nearest_neighbor_host bench_vicreg bench_vicreg_host bench_roi_align bench_roi_align_host tune_roi_align bench_roi_align_tuned bench_train_step)
 for name in "${@:-${ORDER[@]}}"; do
     [[ -n "${STEPS[$name]:-}" ]] || { echo "unknown step $name (steps: ${ORDER[*]})"; exit 2; }
     # shellcheck disable=SC2086

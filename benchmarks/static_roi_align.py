@@ -52,15 +52,16 @@ def launches(dtype: torch.dtype, layout: str, channel_blocks: int = None, shape:
     yield ("plan", kernels._group_kernel,
            dict(rois_ptr=rois, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, K=boxes, num_images=num,
                 rank_programs=kernels.cdiv(boxes, kernels.GROUP_BLOCK), H=height, W=width, spatial_scale=SPATIAL_SCALE),
-           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, LOADS=kernels.GROUP_LOADS, WEIGHTS=True, HEAD=kernels.POOLED_BOX_BLOCK, **plan), dict(num_warps=4))
-    _, pooled = kernels._pooled_config(channels, height, width)
-    pooled = dict(pooled, **({"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}))
+           dict(BLOCK=kernels.GROUP_BLOCK, SCAN=kernels.GROUP_SCAN, LOADS=kernels.GROUP_LOADS, WEIGHTS=True, HEAD=kernels.POOLED_BOX_BLOCK, **plan),
+           dict(num_warps=kernels.GROUP_WARPS))
+    blocks = {"CHANNEL_BLOCKS": channel_blocks} if channel_blocks else {}
+    _, forward, forward_options = kernels._pooled_config(channels, height, width, False, dtype)
     yield ("forward", kernels._pooled_forward_kernel,
-           dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry),
-           dict(pooled, CHUNK=kernels.pooled_forward_chunk(height, width)), dict(kernels.POOLED_FORWARD_LAUNCH))
+           dict(x_ptr=x, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, out_ptr=out, **geometry), dict(forward, **blocks), forward_options)
+    _, backward, backward_options = kernels._pooled_config(channels, height, width, True, dtype)
     yield ("backward", kernels._pooled_backward_kernel,
-           dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), pooled,
-           dict(kernels.POOLED_BACKWARD_LAUNCH))
+           dict(grad_ptr=out, order_ptr=order, offsets_ptr=offsets, weights_ptr=weights, grad_x_ptr=x, **geometry), dict(backward, **blocks),
+           backward_options)
 
 
 def describe(compiled) -> dict:

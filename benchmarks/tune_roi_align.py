@@ -5,22 +5,26 @@ At SCRL's shape (``[256, 2048, 7, 7]``, 10 boxes per image, 1x1 output) a forwar
 backward one.
 For float32 and bfloat16, NCHW and channels_last, this script times each launch alone, replayed
 from a CUDA graph (GPU time, no host work), beside the memory floor of the two pooling kernels
-(their bytes over the measured copy bandwidth). Then, for float32 channels_last and bfloat16 NCHW,
-it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages`` (one and Triton's default;
-``--stages``: 1, 2, 3), ``CHANNEL_BLOCKS`` (channel blocks a program takes in turn) and the
-forward's ``CHUNK`` (pixels a step of its pipelined product, with two to four stages; the whole map
-with several channel blocks, whose loop is then the one pipelined), and
-once the plan kernel's ``BLOCK``, ``SCAN``, ``LOADS`` and ``num_warps``; last, the detection shape's
-large-map backward (``[8, 256, 200, 304]``, 512 boxes, 7x7) over ``BLOCK_C``, its tile and
-``num_warps`` (``extra["detection_backward"]``). It reports the fastest
-configuration of each against the one :mod:`fastdense.kernels.roi_align` chooses. Every configuration's output is checked against the
-chosen one's before it is timed (a configuration that differs, or does not compile, is listed with
-its error, not timed). Nothing here changes the package: a faster configuration found here goes into
-``_blocks`` / ``POOLED_FORWARD_LAUNCH`` / ``POOLED_BACKWARD_LAUNCH`` / ``POOLED_CHANNEL_BLOCKS`` / ``POOLED_CHUNK`` / ``GROUP_BLOCK``, ``GROUP_SCAN``, ``GROUP_LOADS`` /
-``LARGE_TILE`` / ``LARGE_TILE_CHANNELS`` / ``LARGE_TILE_LAUNCH`` by hand, with its figures.
+(their bytes over the measured copy bandwidth). Then, on the two cases SCRL's call takes (float32,
+NCHW and channels_last: ``bench_roi_align.py``'s ``scrl-recipe`` rows, where the issue's targets are
+measured), it sweeps the pooling kernels' ``BLOCK_C``, ``num_warps``, ``num_stages``,
+``CHANNEL_BLOCKS`` (channel blocks a program takes in turn) and the forward's ``CHUNK`` (pixels a
+step of its pipelined product; the whole map with several channel blocks, whose loop is then the one
+pipelined), each configuration on both cases before the next, in order of promise (so that a run cut
+short by ``--budget-s`` has tried the likeliest on both); then the plan kernel's ``BLOCK``, ``SCAN``,
+``LOADS`` and ``num_warps``; last, the detection shape's large-map backward (``[8, 256, 200, 304]``,
+512 boxes, 7x7) over ``BLOCK_C``, its tile and ``num_warps`` (``detection_backward``).
+Every configuration's output is checked against the package's before it is timed (a configuration
+that differs, or does not compile, is listed with its error, not timed).
 
-    PYTHONPATH=. python3 benchmarks/tune_roi_align.py           # GPU (a few minutes: about 120 compilations)
-    PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick   # CPU, Triton's interpreter, tiny shapes, seconds
+Nothing here changes the package. The result's ``settings`` are the fastest configuration of each
+kernel by its total time over the cases swept (where that beats the package's), written as
+:data:`fastdense.kernels.roi_align.TUNED_SETTINGS` values: ``bench_roi_align.py --tuned`` times them
+(``kernels.apply_settings``), and they go into the module by hand, with their figures.
+
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py                 # GPU (a few minutes: about 150 compilations)
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py --budget-s 300  # GPU, what fits in 300 s
+    PYTHONPATH=. python3 benchmarks/tune_roi_align.py --quick         # CPU, Triton's interpreter, tiny shapes, seconds
 
 Writes ``benchmarks/results/roi_align_tuning_{device}.json`` (``_quick`` for --quick).
 """
@@ -55,8 +59,9 @@ GROUP_SCANS = (128, 256)
 GROUP_LOADS = (1, 4, 8)
 GROUP_MAX_COUNTERS = 64
 # Each configuration compiles anew for every dtype and layout (Triton specialises unit strides), so
-# the sweep runs on the two cases PERFORMANCE.md's figures hinge on; the breakdown covers all four.
-SWEPT = ((torch.float32, "channels_last"), (torch.bfloat16, "nchw"))
+# the sweep runs on the two cases the issue's targets are measured on (SCRL's call: float32, both
+# layouts); the breakdown covers all four.
+SWEPT = ((torch.float32, "channels_last"), (torch.float32, "nchw"))
 # The backward's box loop runs once at 10 boxes an image, so software pipelining has nothing to
 # overlap there, yet costs shared memory; the forward's pixel loop (CHUNK pixels a step) is what its
 # pipelining overlaps. One stage is tried beside Triton's default (--stages: 1, 2 and 3).
@@ -68,8 +73,9 @@ CHUNK_STAGES = (2, 3, 4)
 # registers a thread) are left out: (BLOCK_C, num_warps).
 SKIPPED = ((16, 8), (128, 2))
 # Programs that take several channel blocks in turn (CHANNEL_BLOCKS, their boxes' weights loaded
-# once, the blocks' loads pipelined), with Triton's default stages: (BLOCK_C, num_warps).
-STREAMING = ((32, 4), (64, 4), (128, 8))
+# once, the blocks' loads pipelined), with Triton's default stages: (BLOCK_C, num_warps). Tried
+# first: more bytes a program and the weights read once for several blocks.
+STREAMING = ((64, 4), (128, 8), (32, 4), (256, 8))
 CHANNEL_BLOCKS = (4, 16)
 # The whole map a product (CHUNK = its padded pixels) with several channel blocks a program: the
 # pixel loop folds away and Triton pipelines the channel-block loop instead, the next blocks' map
@@ -78,6 +84,9 @@ CHANNEL_BLOCKS = (4, 16)
 PIPELINED_BLOCKS = ((2, 3), (4, 3), (4, 4), (16, 3), (16, 4))
 
 
+# Shares of --budget-s: the pooling kernels' sweep (SCRL's targets), then the plan kernel's, then the
+# detection backward's; what one family leaves unspent passes to the next.
+BUDGET_SHARES = (("pooled", 0.7), ("grouping", 0.85), ("detection", 1.0))
 # The detection shape's backward (a large map: tiles of LARGE_TILE pixels, each visiting only the bins
 # that reach it, a rank-1 update each): each program waits on one round of loads per box and per bin,
 # whatever its channel block, so wider channel blocks and larger tiles mean fewer such waits in all.
@@ -104,33 +113,38 @@ class PooledCase:
         self.grad = torch.randn(self.rois.shape[0], channels, 1, 1, generator=generator).to(device=device, dtype=dtype)
         self.pooled = kernels.PooledMap(height, width, SPATIAL_SCALE, -1, False)
         self.order, self.offsets, self.weights = kernels.group_by_image(self.rois, num, self.pooled)
-        _, self.constexprs = kernels._pooled_config(channels, height, width)
+        self.package = {which: kernels._pooled_config(channels, height, width, which == "backward", dtype) for which in ("forward", "backward")}
         # bytes the pooling kernels must move: the map read (forward) or written (backward), plus the
         # pooled values written or read; weights and indices are L2-resident and small beside them.
         self.forward_bytes = nbytes + self.rois.shape[0] * channels * self.inputs[0].element_size()
         self.backward_bytes = self.forward_bytes
 
-    def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
+    def forward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None, precision=None):
         num, channels, height, width = self.shape
-        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks, kernels.POOLED_FORWARD_LAUNCH)
+        grid, constexprs, options = self._launch("forward", block_c, num_warps, num_stages, channel_blocks, precision)
+        if chunk is not None:
+            constexprs["CHUNK"] = kernels.pooled_forward_chunk(height, width, chunk)
         out = torch.empty(self.rois.shape[0], channels, 1, 1, dtype=x.dtype, device=x.device)
-        kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(),
-                                            CHUNK=kernels.pooled_forward_chunk(height, width, chunk), **constexprs, **options)
+        kernels._pooled_forward_kernel[grid](x, self.order, self.offsets, self.weights, out, channels, height, width, *x.stride(), **constexprs, **options)
         return out
 
-    def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None):
+    def backward(self, x, block_c=None, num_warps=None, num_stages=None, channel_blocks=None, chunk=None, precision=None):
         assert chunk is None, "CHUNK is the forward's"
         num, channels, height, width = self.shape
-        grid, constexprs, options = self._launch(block_c, num_warps, num_stages, channel_blocks, kernels.POOLED_BACKWARD_LAUNCH)
+        grid, constexprs, options = self._launch("backward", block_c, num_warps, num_stages, channel_blocks, precision)
         grad_input = torch.empty_like(x)
         kernels._pooled_backward_kernel[grid](self.grad, self.order, self.offsets, self.weights, grad_input, channels, height, width,
                                              *grad_input.stride(), **constexprs, **options)
         return grad_input
 
-    def _launch(self, block_c, num_warps, num_stages, channel_blocks, package_options):
-        """``(grid, constexprs, launch options)``: the package's, with whichever of the four is given instead."""
-        given = {"BLOCK_C": block_c, "CHANNEL_BLOCKS": channel_blocks}
-        constexprs = dict(self.constexprs, **{k: v for k, v in given.items() if v is not None})
+    def _launch(self, which, block_c, num_warps, num_stages, channel_blocks, precision=None):
+        """``(grid, constexprs, launch options)``: the package's, with whichever of the five is given
+        instead (``precision``: float32's product; 16-bit values take one TF32 product whatever it is)."""
+        _, package_constexprs, package_options = self.package[which]
+        given = {"BLOCK_C": block_c, "CHANNEL_BLOCKS": channel_blocks, "PRODUCT": precision if self.dtype == torch.float32 else None}
+        constexprs = dict(package_constexprs, **{k: v for k, v in given.items() if v is not None})
+        # as the package does: no channel block wholly past the channels
+        constexprs["CHANNEL_BLOCKS"] = max(1, min(constexprs["CHANNEL_BLOCKS"], kernels.cdiv(self.shape[1], constexprs["BLOCK_C"])))
         grid = (self.shape[0], kernels.cdiv(self.shape[1], constexprs["BLOCK_C"] * constexprs["CHANNEL_BLOCKS"]))
         options = dict(package_options, **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None})
         return grid, constexprs, options
@@ -212,23 +226,78 @@ def breakdown(case: PooledCase, bandwidth: float) -> dict:
     return row
 
 
-def sweep(case: PooledCase, which: str, configs, tolerance: float):
-    """``[(config, ms or None, error text or None)]`` of one pooling kernel over ``configs``."""
-    launch = case.forward if which == "forward" else case.backward
-    expected = launch(case.inputs[0])
-    results = []
-    for block_c, num_warps, num_stages, channel_blocks, chunk in configs:
-        if chunk is not None and which != "forward":
-            continue
-        config = {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks, "CHUNK": chunk}
-        fn = lambda x, c=config: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"], c["CHUNK"])  # noqa: E731
+def pooled_configs(whole_map: int, stages) -> list:
+    """``[(which, config)]`` in the order tried, ``config`` a dict of ``BLOCK_C``, ``num_warps``,
+    ``num_stages``, ``CHANNEL_BLOCKS``, ``CHUNK`` and ``PRECISION`` (float32's product; None: the
+    package's): the package's with CUDA-core products, programs that stream several channel blocks
+    (both products), the whole map a product with pipelined channel blocks (forward), each channel
+    block and warp count at the default stages (both products), the forward's chunks, then the other
+    stages."""
+    def config(block_c, num_warps, num_stages, channel_blocks, chunk, precision=None):
+        return {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks, "CHUNK": chunk,
+                "PRECISION": precision}
 
-        def problem(out):
-            error = relative_error(out, expected)
-            return None if error <= tolerance else f"differs from the package's configuration (relative error {error:.3g})"
+    def plain(stage_list, precision=None):
+        return [config(block_c, warps, stage, None, None, precision)
+                for stage, block_c, warps in itertools.product(stage_list, sorted(BLOCK_CS, reverse=True), NUM_WARPS) if (block_c, warps) not in SKIPPED]
 
-        results.append(checked_then_timed(config, lambda: fn(case.inputs[0]), problem, lambda: gpu_ms(fn, case.inputs, case.device)))
+    def streaming(precision=None):
+        return [config(block_c, warps, None, blocks, None, precision) for blocks, (block_c, warps) in itertools.product(CHANNEL_BLOCKS, STREAMING)]
+
+    default_stages, other_stages = [st for st in stages if st is None], [st for st in stages if st is not None]
+    ordered = ([config(None, None, None, None, None, "ieee")] + streaming() + streaming("ieee")
+               + [config(None, None, stage, blocks, whole_map) for blocks, stage in PIPELINED_BLOCKS]
+               + plain(default_stages) + plain(default_stages, "ieee")
+               + [config(None, None, stage, None, chunk) for chunk, stage in itertools.product(CHUNKS, CHUNK_STAGES)]
+               + plain(other_stages))
+    return [(which, c) for c in ordered for which in ("forward", "backward") if which == "forward" or c["CHUNK"] is None]
+
+
+def sweep_pooled(cases, configs, tolerances):
+    """``{(case index, which): [(config, ms or None, error text or None)]}``: each configuration of
+    ``configs`` (:func:`pooled_configs`) on every case before the next, checked against the package's
+    output to the case's tolerance (the products' sums agree to rounding)."""
+    results = {}
+    expected = {(i, which): getattr(case, which)(case.inputs[0]) for i, case in enumerate(cases) for which in ("forward", "backward")}
+    for which, config in configs:
+        for i, case in enumerate(cases):
+            launch = getattr(case, which)
+            fn = lambda x, c=config, launch=launch: launch(x, c["BLOCK_C"], c["num_warps"], c["num_stages"], c["CHANNEL_BLOCKS"], c["CHUNK"],  # noqa: E731
+                                                           c.get("PRECISION"))
+
+            def problem(out, want=expected[i, which], tolerance=tolerances[i]):
+                error = relative_error(out, want)
+                return None if error <= tolerance else f"differs from the package's configuration (relative error {error:.3g})"
+
+            results.setdefault((i, which), []).append(
+                checked_then_timed(config, lambda fn=fn, case=case: fn(case.inputs[0]), problem, lambda fn=fn, case=case: gpu_ms(fn, case.inputs, case.device)))
     return results
+
+
+# A configuration becomes a setting only if it beats the package's by more than timing noise.
+MARGIN = 0.98
+
+
+def fastest(sweeps, package_ms: float):
+    """``(config, total ms)`` of the configuration with the least total time over ``sweeps`` (lists of
+    ``(config, ms, error)`` over the same configurations, one a case), among those timed in all;
+    None where none takes less than ``MARGIN`` times ``package_ms``, the package's own total."""
+    totals = [(entries[0][0], sum(ms for _, ms, _ in entries)) for entries in zip(*sweeps) if all(ms is not None for _, ms, _ in entries)]
+    best = min(totals, key=lambda item: item[1], default=None)
+    return best if best is not None and best[1] < MARGIN * package_ms else None
+
+
+def pooled_settings(which: str, config: dict, case: "PooledCase") -> dict:
+    """``config`` (None: the package's) as :data:`~fastdense.kernels.roi_align.TUNED_SETTINGS` values of the ``which`` pass."""
+    _, constexprs, options = case.package[which]
+    prefix = f"POOLED_{which.upper()}"
+    settings = {f"{prefix}_BLOCK_C": config["BLOCK_C"] or constexprs["BLOCK_C"],
+                f"{prefix}_CHANNEL_BLOCKS": config["CHANNEL_BLOCKS"] or constexprs["CHANNEL_BLOCKS"],
+                f"{prefix}_PRECISION": config.get("PRECISION") or getattr(kernels, f"{prefix}_PRECISION"),
+                f"{prefix}_LAUNCH": dict(options, **{k: config[k] for k in ("num_warps", "num_stages") if config[k] is not None})}
+    if which == "forward":
+        settings["POOLED_CHUNK"] = config["CHUNK"] or constexprs["CHUNK"]
+    return settings
 
 
 # time.monotonic() after which configurations are listed untried (--budget-s), so that a run cut
@@ -267,68 +336,92 @@ def sweep_grouping(rois: torch.Tensor, num_images: int, pooled, configs, device)
     return results
 
 
+def set_deadline(budget_s, family: str, started: float) -> None:
+    """Where ``--budget-s`` is given, the time after which ``family``'s configurations are listed untried."""
+    global DEADLINE
+    DEADLINE = started + budget_s * dict(BUDGET_SHARES)[family] if budget_s else None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes, two configurations per kernel (checks the script)")
     parser.add_argument("--stages", action="store_true", help="sweep num_stages (1, 2, 3) too")
-    parser.add_argument("--budget-s", type=float, help="after this many seconds, list the remaining configurations untried")
+    parser.add_argument("--budget-s", type=float, help="spend about this many seconds (shared out as BUDGET_SHARES), then list what is left untried")
     args = parser.parse_args(argv)
-    global DEADLINE
-    DEADLINE = time.monotonic() + args.budget_s if args.budget_s else None
+    started = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.quick:
         parser.error("needs a GPU (use --quick on a CPU)")
     generator = torch.Generator().manual_seed(0)
     shape, per_image = ((4, 32, 7, 7), 3) if args.quick else ((256, 2048, 7, 7), 10)
-    stages = (1, 2, 3) if args.stages else NUM_STAGES
     whole_map = kernels.pooled_forward_chunk(*shape[2:], chunk=shape[2] * shape[3] * 4)  # the padded map's pixels
-    configs = [(32, 4, 1, None, None), (16, 2, 2, 2, None), (None, None, 2, None, 16), (None, None, 3, 2, whole_map)] if args.quick else [
-        (block_c, warps, stage, None, None) for block_c, warps, stage in itertools.product(BLOCK_CS, NUM_WARPS, stages) if (block_c, warps) not in SKIPPED
-    ] + [(block_c, warps, None, blocks, None) for (block_c, warps), blocks in itertools.product(STREAMING, CHANNEL_BLOCKS)
-    ] + [(None, None, stage, None, chunk) for chunk, stage in itertools.product(CHUNKS, CHUNK_STAGES)
-    ] + [(None, None, stage, blocks, whole_map) for blocks, stage in PIPELINED_BLOCKS]
+    if args.quick:
+        quick = [{"BLOCK_C": 32, "num_warps": 4, "num_stages": 1, "CHANNEL_BLOCKS": None, "CHUNK": None, "PRECISION": None},
+                 {"BLOCK_C": 16, "num_warps": 2, "num_stages": 2, "CHANNEL_BLOCKS": 2, "CHUNK": None, "PRECISION": "ieee"},
+                 {"BLOCK_C": None, "num_warps": None, "num_stages": 2, "CHANNEL_BLOCKS": None, "CHUNK": 16, "PRECISION": None},
+                 {"BLOCK_C": None, "num_warps": None, "num_stages": 3, "CHANNEL_BLOCKS": 2, "CHUNK": whole_map, "PRECISION": None}]
+        configs = [(which, c) for c in quick for which in ("forward", "backward") if which == "forward" or c["CHUNK"] is None]
+    else:
+        configs = pooled_configs(whole_map, (1, 2, 3) if args.stages else NUM_STAGES)
     bandwidth = measured_bandwidth(device) if device.type == "cuda" else float("nan")
     group_configs = [(32, 128, 4, 4), (16, 256, 1, 8)] if args.quick else [
         (block, scan, loads, warps) for block, scan, loads, warps in itertools.product(GROUP_BLOCKS, GROUP_SCANS, GROUP_LOADS, NUM_WARPS[1:])
         if block * scan <= GROUP_MAX_COUNTERS * 32 * warps]
-    rows, extra = [], {"measured_bandwidth_bytes_per_s": bandwidth}
+    rows, extra = [], {"measured_bandwidth_bytes_per_s": bandwidth, "package_settings": kernels.current_settings()}
+    cases = []
     for dtype, layout in itertools.product((torch.float32, torch.bfloat16), ("nchw", "channels_last")):
         case = PooledCase(shape, per_image, dtype, layout, device, generator)
         row = {"shape": "x".join(map(str, shape)), "boxes": int(case.rois.shape[0]), "dtype": str(dtype).removeprefix("torch."), "layout": layout}
         row.update(breakdown(case, bandwidth))
-        if not rows:  # grouping depends on the boxes alone
-            grouping = sweep_grouping(case.rois, shape[0], case.pooled, group_configs, device)
-            timed = [(config, ms) for config, ms, error in grouping if ms is not None]
-            extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "LOADS": kernels.GROUP_LOADS, "num_warps": 4,
-                                         "ms": row["plan_ms"]}
-            extra["grouping_best"] = dict(min(timed, key=lambda item: item[1])[0], ms=min(ms for _, ms in timed)) if timed else None
-            extra["grouping_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in grouping]
-            print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)
-        # The package's configuration is the reference; the products' sums agree to rounding.
-        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-        for which in ("forward", "backward"):
-            results = sweep(case, which, configs if (dtype, layout) in SWEPT or args.quick else [], tolerance)
-            timed = [(config, ms) for config, ms, error in results if ms is not None]
-            best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
-            row[f"{which}_package"] = {"BLOCK_C": case.constexprs["BLOCK_C"], "CHANNEL_BLOCKS": case.constexprs["CHANNEL_BLOCKS"]}
-            if which == "forward":
-                row["forward_package"]["CHUNK"] = kernels.pooled_forward_chunk(*shape[2:])
-            row[f"{which}_best"] = best_config
-            row[f"{which}_best_ms"] = best_ms
-            row[f"{which}_best_speedup"] = row[f"{which}_ms"] / best_ms
-            row[f"{which}_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in results]
+        row["forward_package"] = {k: case.package["forward"][1][k] for k in ("BLOCK_C", "CHANNEL_BLOCKS", "CHUNK")}
+        row["backward_package"] = {k: case.package["backward"][1][k] for k in ("BLOCK_C", "CHANNEL_BLOCKS")}
         rows.append(row)
-        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items() if not k.endswith("_sweep")), flush=True)
-        path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
+        cases.append(case)
+        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+    swept = [i for i, case in enumerate(cases) if (case.dtype, case.layout) in SWEPT or args.quick]
+    set_deadline(args.budget_s, "pooled", started)
+    results = sweep_pooled([cases[i] for i in swept], configs, [1e-5 if cases[i].dtype == torch.float32 else 1e-2 for i in swept])
+    settings = {}
+    for which in ("forward", "backward"):
+        sweeps = [results[k, which] for k in range(len(swept))]
+        for i, sweep in zip(swept, sweeps):
+            timed = [(config, ms) for config, ms, error in sweep if ms is not None]
+            best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
+            rows[i].update({f"{which}_best": best_config, f"{which}_best_ms": best_ms, f"{which}_best_speedup": rows[i][f"{which}_ms"] / best_ms,
+                            f"{which}_sweep": [dict(config, ms=ms, error=error) for config, ms, error in sweep]})
+        package_total = sum(rows[i][f"{which}_ms"] for i in swept)
+        best = fastest(sweeps, package_total)
+        extra[f"{which}_fastest_over_swept"] = None if best is None else dict(best[0], total_ms=best[1], package_total_ms=package_total)
+        if best is not None:
+            settings.update(pooled_settings(which, best[0], cases[swept[0]]))
     print_table(rows, ["dtype", "layout", "plan_ms", "forward_ms", "forward_bandwidth_fraction", "forward_best_ms",
                        "backward_ms", "backward_bandwidth_fraction", "backward_best_ms"])
+    path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=dict(extra, settings=settings))
+
+    # Grouping depends on the boxes alone.
+    set_deadline(args.budget_s, "grouping", started)
+    grouping = sweep_grouping(cases[0].rois, shape[0], cases[0].pooled, group_configs, device)
+    extra["grouping_package"] = {"BLOCK": kernels.GROUP_BLOCK, "SCAN": kernels.GROUP_SCAN, "LOADS": kernels.GROUP_LOADS, "num_warps": kernels.GROUP_WARPS,
+                                 "ms": rows[0]["plan_ms"]}
+    timed = [(config, ms) for config, ms, error in grouping if ms is not None]
+    extra["grouping_best"] = dict(min(timed, key=lambda item: item[1])[0], ms=min(ms for _, ms in timed)) if timed else None
+    extra["grouping_sweep"] = [dict(config, ms=ms, error=error) for config, ms, error in grouping]
+    best = fastest([grouping], rows[0]["plan_ms"])
+    if best is not None:
+        settings.update(GROUP_BLOCK=best[0]["BLOCK"], GROUP_SCAN=best[0]["SCAN"], GROUP_LOADS=best[0]["LOADS"], GROUP_WARPS=best[0]["num_warps"])
+    print(f"grouping: package {extra['grouping_package']}, best {extra['grouping_best']}", flush=True)
+    path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=dict(extra, settings=settings))
+
+    set_deadline(args.budget_s, "detection", started)
     detection_shape, detection_boxes, image_size = ((1, 2, 24, 40), 2, (96, 160)) if args.quick else ((8, 256, 200, 304), 512, (800, 1216))
     detection_configs, repeats = ([(16, 16, 16, 8)], 1) if args.quick else (DETECTION_BACKWARD, 3)
-    extra["detection_backward"] = []
+    extra["detection_backward"], detection_sweeps, detection_package_ms = [], [], 0.0
     for dtype, layout in ((torch.float32, "nchw"), (torch.bfloat16, "channels_last")):
         case = DetectionBackward(detection_shape, detection_boxes, image_size, dtype, layout, device, generator)
         package_ms = gpu_ms(case, case.grads, device, repeats)
         results = sweep_detection_backward(case, detection_configs, repeats)
+        detection_sweeps.append(results)
+        detection_package_ms += package_ms
         timed = [(config, ms) for config, ms, error in results if ms is not None]
         best_config, best_ms = min(timed, key=lambda item: item[1]) if timed else (None, float("nan"))
         entry = {"shape": "x".join(map(str, detection_shape)), "boxes": detection_boxes, "dtype": str(dtype).removeprefix("torch."), "layout": layout,
@@ -337,7 +430,14 @@ def main(argv=None) -> None:
                  "sweep": [dict(config, ms=ms, error=error) for config, ms, error in results]}
         extra["detection_backward"].append(entry)
         print("detection backward  " + "  ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "sweep"), flush=True)
-    path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=extra)
+    best = fastest(detection_sweeps, detection_package_ms)
+    if best is not None:
+        settings.update(LARGE_TILE=(best[0]["TILE_H"], best[0]["TILE_W"]), LARGE_TILE_CHANNELS=best[0]["BLOCK_C"],
+                        LARGE_TILE_LAUNCH={"num_warps": best[0]["num_warps"]})
+    path = write_results("roi_align_tuning" + ("_quick" if args.quick else ""), device, rows, extra=dict(extra, settings=settings))
+    print("settings (each beats the package's over the cases swept; `bench_roi_align.py --tuned` times them):")
+    for name, value in settings.items():
+        print(f"    {name} = {value!r}")
     print(f"wrote {path}")
 
 

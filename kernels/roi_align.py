@@ -6,7 +6,7 @@ the bin's sample rows and columns). Five kernels do the pooling:
 
 - ``_pooled_forward_kernel`` and ``_pooled_backward_kernel`` (SCRL's case: a 1x1 output, ``[K, C]``,
   from a map one program holds whole, such as ``[B, 2048, 7, 7]``): one program per (image,
-  ``POOLED_CHANNEL_BLOCKS`` channel blocks) multiplies the image's map with its boxes' precomputed
+  ``POOLED_*_CHANNEL_BLOCKS`` channel blocks) multiplies the image's map with its boxes' precomputed
   weights, ``POOLED_BOX_BLOCK`` boxes a tensor-core product (:func:`_pooled_product`;
   ``[channels, pixels] x [pixels, boxes]`` forward, ``[channels, boxes] x [boxes, pixels]``
   backward), instead of rebuilding each box's bilinear weights in every channel block or waiting
@@ -83,23 +83,39 @@ GROUP_BLOCK = 32
 GROUP_SCAN = 128
 # Blocks of GROUP_SCAN keys a grouping program reads before comparing any (loads in flight at once).
 GROUP_LOADS = 4
+GROUP_WARPS = 4
 # Boxes per program of the pooled weights' own launch (above GROUP_KERNEL_MAX_BOXES).
 POOLED_WEIGHT_BOXES = 32
 # Boxes per product in the pooled (1x1) form: SCRL's 10 boxes per image take one.
 POOLED_BOX_BLOCK = 16
-# Pixels a step of the pooled forward's product takes (its K loop, software-pipelined), at most the
-# padded map's.
+# The pooled kernels' settings, each pass its own: the channel block (None: _blocks' choice, about
+# 2048 map values a program), the channel blocks one program takes in turn (its boxes' weights loaded
+# once for all of them), the forward's pixels a step of its product (its K loop, software-pipelined;
+# at most the padded map's) and the launch options (num_warps, num_stages). These are _blocks' rule
+# and Triton's defaults until a GPU run of benchmarks/tune_roi_align.py, which sweeps them all and
+# prints its fastest as these lines (TUNED_SETTINGS), shows others to be faster.
+POOLED_FORWARD_BLOCK_C = None
+POOLED_BACKWARD_BLOCK_C = None
+POOLED_FORWARD_CHANNEL_BLOCKS = 1
+POOLED_BACKWARD_CHANNEL_BLOCKS = 1
 POOLED_CHUNK = 32
-# Channel blocks one pooled program takes in turn, its boxes' weights loaded once for all of them.
-# One until a GPU run of benchmarks/tune_roi_align.py, which sweeps it, shows more to be faster.
-POOLED_CHANNEL_BLOCKS = 1
-# Launch options (num_warps, num_stages) of the pooled forward and backward: Triton's defaults until
-# a GPU run of benchmarks/tune_roi_align.py, which sweeps them, shows others to be faster.
 POOLED_FORWARD_LAUNCH: dict = {}
 POOLED_BACKWARD_LAUNCH: dict = {}
+# The pooled products' precision for float32 values (:func:`_pooled_product`): "tf32x3" (tensor
+# cores) or "ieee" (CUDA cores, exact; compiled for sm_90 it takes 64 registers a thread where tf32x3
+# takes 116, so twice the programs an SM). 16-bit values take one TF32 product either way.
+POOLED_FORWARD_PRECISION = "tf32x3"
+POOLED_BACKWARD_PRECISION = "tf32x3"
+FLOAT32_PRODUCTS = ("tf32x3", "ieee")
 # Boxes a backward tile of a large map tests for overlap at once (vector loads) before visiting those
 # that reach it.
 SCAN_BOXES = 16
+# The module's settings that benchmarks/tune_roi_align.py sweeps on a GPU and can set (apply_settings).
+TUNED_SETTINGS = (
+    "POOLED_FORWARD_BLOCK_C", "POOLED_BACKWARD_BLOCK_C", "POOLED_FORWARD_CHANNEL_BLOCKS", "POOLED_BACKWARD_CHANNEL_BLOCKS", "POOLED_CHUNK",
+    "POOLED_FORWARD_LAUNCH", "POOLED_BACKWARD_LAUNCH", "POOLED_FORWARD_PRECISION", "POOLED_BACKWARD_PRECISION", "GROUP_BLOCK", "GROUP_SCAN", "GROUP_LOADS", "GROUP_WARPS",
+    "LARGE_TILE", "LARGE_TILE_CHANNELS", "LARGE_TILE_LAUNCH",
+)
 # Triton's interpreter (3.8) returns garbage from a bfloat16 tl.dot, so there bfloat16 sums in float32.
 
 
@@ -188,15 +204,15 @@ def _weighted_sum(values, weights, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _pooled_product(values, weights, acc, FLOAT32_VALUES: tl.constexpr):
-    """``acc + values @ weights``, float32 operands, on tensor cores: the pooled form's product. Values
-    read from float16 or bfloat16 are exact in TF32, so one TF32 product serves them, given weights
-    already rounded to TF32 (:func:`_box_block` rounds them: 2^-11 relative, unbiased, finer than
-    those types' own rounding; the tensor cores would truncate them, 2^-10 and biased low); float32
-    values take three (``tf32x3``, float32-level error), a third of the rate and twice the operand work."""
-    if FLOAT32_VALUES:
-        return tl.dot(values, weights, acc, input_precision="tf32x3")
-    return tl.dot(values, weights, acc, input_precision="tf32")
+def _pooled_product(values, weights, acc, PRODUCT: tl.constexpr):
+    """``acc + values @ weights``, float32 operands: the pooled form's product, ``PRODUCT`` its
+    ``input_precision``. Values read from float16 or bfloat16 are exact in TF32, so one TF32 product
+    on tensor cores serves them (``tf32``), given weights already rounded to TF32 (:func:`_box_block`
+    rounds them: 2^-11 relative, unbiased, finer than those types' own rounding; the tensor cores
+    would truncate them, 2^-10 and biased low). Float32 values take three TF32 products (``tf32x3``,
+    float32-level error, twice the operand registers) or CUDA-core FMAs (``ieee``, exact float32: the
+    pooled product is 16 boxes a pixel, little enough work for them): ``POOLED_*_PRECISION``."""
+    return tl.dot(values, weights, acc, input_precision=PRODUCT)
 
 
 @triton.jit
@@ -402,7 +418,7 @@ def _map_block(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, st
 
 
 @triton.jit
-def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
+def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, PRODUCT: tl.constexpr):
     """``(boxes, real, weights)`` of the grouped slots ``start .. start + BOX_BLOCK`` (up to ``last``):
     box indices and weight rows in one load each, the rows read beside the indices, not after them
     (they are stored in grouped order)."""
@@ -410,14 +426,14 @@ def _box_block(order_ptr, weights_ptr, start, last, BOX_BLOCK: tl.constexpr, PIX
     real = slots < last
     boxes = tl.load(order_ptr + slots, mask=real, other=0).to(tl.int64)
     weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * PIXELS + tl.arange(0, PIXELS)[None, :], mask=real[:, None], other=0.0)
-    if not FLOAT32:
+    if PRODUCT == "tf32":
         weights = round_to_tf32(weights)  # for the one-pass product of 16-bit values (_pooled_product)
     return boxes, real, weights
 
 
 @triton.jit
 def _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, rows, rows_real,
-               TILE_H: tl.constexpr, TILE_W: tl.constexpr, CHUNK: tl.constexpr, FLOAT32: tl.constexpr):
+               TILE_H: tl.constexpr, TILE_W: tl.constexpr, CHUNK: tl.constexpr, PRODUCT: tl.constexpr):
     """``[channels, boxes]``: image ``image``'s map times the weights of plan rows ``rows``, summed over
     the pixels ``CHUNK`` at a time: a K loop, which Triton software-pipelines, so the map's and the
     weights' loads of the first chunks are all in flight at once (as straight-line code, each
@@ -430,9 +446,9 @@ def _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, st
         tile = tl.load(x_ptr + image.to(tl.int64) * stride_n + channels[:, None].to(tl.int64) * stride_c + (map_rows * stride_h + map_cols * stride_w)[None, :],
                        mask=(channels < C)[:, None] & ((map_rows < H) & (map_cols < W))[None, :], other=0.0)
         weights = tl.load(weights_ptr + rows[:, None].to(tl.int64) * (TILE_H * TILE_W) + pixel[None, :], mask=rows_real[:, None], other=0.0)
-        if not FLOAT32:
+        if PRODUCT == "tf32":
             weights = round_to_tf32(weights)  # for the one-pass product of 16-bit values (_pooled_product)
-        acc = _pooled_product(tile.to(tl.float32), tl.trans(weights), acc, FLOAT32)
+        acc = _pooled_product(tile.to(tl.float32), tl.trans(weights), acc, PRODUCT)
     return acc
 
 
@@ -442,7 +458,7 @@ def _store_pooled(out_ptr, boxes, real, channels, C, value):
 
 
 @triton.jit
-def _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
+def _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, PRODUCT: tl.constexpr):
     """``(boxes, real, weights, first, last)``: image ``image``'s first ``BOX_BLOCK`` boxes, from the
     plan's head rows (:func:`pooled_weights`; an unused row holds box -1, zero weights), and its
     boxes' grouped slots ``first .. last``. Every load's address depends on the image alone, so all
@@ -452,7 +468,7 @@ def _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK: tl.conste
     slots = image * BOX_BLOCK + tl.arange(0, BOX_BLOCK)
     boxes = tl.load(order_ptr + slots).to(tl.int64)
     weights = tl.load(weights_ptr + slots[:, None].to(tl.int64) * PIXELS + tl.arange(0, PIXELS)[None, :])
-    if not FLOAT32:
+    if PRODUCT == "tf32":
         weights = round_to_tf32(weights)  # as _box_block
     real = boxes >= 0
     return boxes, real, weights, first, last
@@ -462,7 +478,7 @@ def _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK: tl.conste
 def _pooled_forward_kernel(
     x_ptr, order_ptr, offsets_ptr, weights_ptr, out_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w,
     BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, PRODUCT: tl.constexpr,
 ):
     """SCRL's 1x1 output, ``out [K, C]``: one program per (image, ``CHANNEL_BLOCKS`` blocks of
     ``BLOCK_C`` channels) multiplies the image's whole map with its boxes' weights (:func:`pooled_weights`),
@@ -474,7 +490,6 @@ def _pooled_forward_kernel(
     flight during this block's product."""
     image = tl.program_id(0)
     first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
-    FLOAT32: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     heads = tl.num_programs(0) * BOX_BLOCK
     head_rows = image * BOX_BLOCK + tl.arange(0, BOX_BLOCK)
     boxes = tl.load(order_ptr + head_rows).to(tl.int64)
@@ -483,7 +498,7 @@ def _pooled_forward_kernel(
     for block in range(0, CHANNEL_BLOCKS):
         channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
         value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, head_rows,
-                           head_rows >= 0, TILE_H, TILE_W, CHUNK, FLOAT32)  # every head row is set: no mask waits on the boxes
+                           head_rows >= 0, TILE_H, TILE_W, CHUNK, PRODUCT)  # every head row is set: no mask waits on the boxes
         _store_pooled(out_ptr, boxes, boxes >= 0, channels, C, value)
     for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
         slots = j + tl.arange(0, BOX_BLOCK)
@@ -491,15 +506,15 @@ def _pooled_forward_kernel(
         for block in range(0, CHANNEL_BLOCKS):
             channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
             value = _pool_rows(x_ptr, image, channels, C, H, W, stride_n, stride_c, stride_h, stride_w, weights_ptr, heads + slots, real,
-                               TILE_H, TILE_W, CHUNK, FLOAT32)
+                               TILE_H, TILE_W, CHUNK, PRODUCT)
             _store_pooled(out_ptr, tl.load(order_ptr + heads + slots, mask=real, other=0).to(tl.int64), real, channels, C, value)
 
 
 @triton.jit
-def _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, FLOAT32: tl.constexpr):
+def _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, acc, PRODUCT: tl.constexpr):
     """``acc`` plus the ``[channels, boxes] x [boxes, pixels]`` product of the boxes' output gradients and weights."""
     g = tl.load(grad_ptr + boxes[None, :] * C + channels[:, None], mask=(channels < C)[:, None] & real[None, :], other=0.0)
-    return _pooled_product(g.to(tl.float32), weights, acc, FLOAT32)
+    return _pooled_product(g.to(tl.float32), weights, acc, PRODUCT)
 
 
 @triton.jit
@@ -511,7 +526,7 @@ def _store_map_block(ptr, image, channels, values, C, H, W, stride_n, stride_c, 
 @triton.jit
 def _pooled_backward_kernel(
     grad_ptr, order_ptr, offsets_ptr, weights_ptr, grad_x_ptr, C, H, W, stride_n, stride_c, stride_h, stride_w,
-    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr, PRODUCT: tl.constexpr,
 ):
     """Gradient of :func:`_pooled_forward_kernel`'s output with respect to the map: one program per
     (image, ``CHANNEL_BLOCKS`` channel blocks) sums its boxes' contributions, ``BOX_BLOCK`` a product,
@@ -520,35 +535,33 @@ def _pooled_backward_kernel(
     so the gradients' gather waits on one round of loads, not two."""
     image = tl.program_id(0)
     first_channel = tl.program_id(1) * (CHANNEL_BLOCKS * BLOCK_C)
-    FLOAT32: tl.constexpr = grad_ptr.dtype.element_ty == tl.float32
     PIXELS: tl.constexpr = TILE_H * TILE_W
-    boxes, real, weights, first, last = _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK, PIXELS, FLOAT32)
+    boxes, real, weights, first, last = _head_block(order_ptr, offsets_ptr, weights_ptr, image, BOX_BLOCK, PIXELS, PRODUCT)
     heads = tl.num_programs(0) * BOX_BLOCK
     if CHANNEL_BLOCKS > 1 and last - first <= BOX_BLOCK:  # every box in the head rows (SCRL's case)
         _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
-                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, True)
+                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, True, PRODUCT)
     else:
         _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
-                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, False)
+                                    C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C, TILE_H, TILE_W, BOX_BLOCK, CHANNEL_BLOCKS, False, PRODUCT)
 
 
 @triton.jit
 def _pooled_gradient_blocks(grad_ptr, order_ptr, weights_ptr, grad_x_ptr, image, first_channel, boxes, real, weights, first, last, heads,
                             C, H, W, stride_n, stride_c, stride_h, stride_w, BLOCK_C: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                            BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr, HEADS_ONLY: tl.constexpr):
+                            BOX_BLOCK: tl.constexpr, CHANNEL_BLOCKS: tl.constexpr, HEADS_ONLY: tl.constexpr, PRODUCT: tl.constexpr):
     """:func:`_pooled_backward_kernel`'s channel blocks, one after the other. ``HEADS_ONLY`` (the image's
     boxes all in its head rows): no loop over further boxes inside, so Triton, which pipelines
     innermost loops only, pipelines this one: the next blocks' gradients are in flight during this
     block's product."""
     PIXELS: tl.constexpr = TILE_H * TILE_W
-    FLOAT32: tl.constexpr = grad_ptr.dtype.element_ty == tl.float32
     for block in range(0, CHANNEL_BLOCKS):
         channels = first_channel + block * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), FLOAT32)
+        acc = _box_block_gradient(grad_ptr, boxes, real, weights, channels, C, tl.zeros((BLOCK_C, PIXELS), tl.float32), PRODUCT)
         if not HEADS_ONLY:
             for j in range(first + BOX_BLOCK, last, BOX_BLOCK):
-                more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS, FLOAT32)
-                acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, FLOAT32)
+                more_boxes, more_real, more_weights = _box_block(order_ptr + heads, weights_ptr + heads.to(tl.int64) * PIXELS, j, last, BOX_BLOCK, PIXELS, PRODUCT)
+                acc = _box_block_gradient(grad_ptr, more_boxes, more_real, more_weights, channels, C, acc, PRODUCT)
         _store_map_block(grad_x_ptr, image, channels, acc, C, H, W, stride_n, stride_c, stride_h, stride_w, TILE_H, TILE_W)
 
 
@@ -761,12 +774,14 @@ def _group_kernel(rois_ptr, order_ptr, offsets_ptr, weights_ptr, K, num_images, 
             _fill_unused_heads(order_ptr, weights_ptr, mine, (counts >> 16) - count, mine < num_images, HEAD, TILE_H * TILE_W)
 
 
-def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None, block: int = GROUP_BLOCK, scan: int = GROUP_SCAN,
-                  loads: int = GROUP_LOADS, num_warps: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_by_rank(rois: torch.Tensor, num_images: int, pooled: Optional[PooledMap] = None, block: Optional[int] = None, scan: Optional[int] = None,
+                  loads: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`group_by_image` in one launch of ``_group_kernel``, the pooled plan included (any
     number of boxes while ``(num_images + 2) * K < 2**31``, and below ``2**15`` with ``pooled``, but
-    quadratic work); ``block``, ``scan``, ``loads`` and ``num_warps`` change only its speed
+    quadratic work); ``block``, ``scan``, ``loads`` and ``num_warps`` (None: ``GROUP_BLOCK``,
+    ``GROUP_SCAN``, ``GROUP_LOADS``, ``GROUP_WARPS`` as they are at the call) change only its speed
     (``benchmarks/tune_roi_align.py``)."""
+    block, scan, loads, num_warps = block or GROUP_BLOCK, scan or GROUP_SCAN, loads or GROUP_LOADS, num_warps or GROUP_WARPS
     boxes = rois.shape[0]
     if pooled is not None and boxes >= 2**15:
         raise ValueError(f"group_by_rank packs two counts of the boxes in an int32: at most {2**15 - 1} boxes with pooled weights, got {boxes}")
@@ -884,13 +899,38 @@ def _blocks(channels: int, tile: int, out_h: int, out_w: int) -> dict:
 
 # The launch configurations depend on shapes and dtype only; a training loop repeats a few of them.
 @functools.lru_cache(maxsize=256)
-def _pooled_config(channels: int, height: int, width: int):
-    """``(grid_channels, constexprs)`` of both pooled kernels (:func:`uses_pooled_weights`)."""
+def _pooled_config(channels: int, height: int, width: int, backward: bool, dtype: torch.dtype):
+    """``(grid_channels, constexprs, launch options)`` of the pooled forward or backward
+    (:func:`uses_pooled_weights`) of ``dtype`` values, from its ``POOLED_*`` settings."""
     tile_h, tile_w = _whole_map_tile(height, width, 1)
-    block_c = _blocks(channels, tile_h * tile_w, 1, 1)["BLOCK_C"]
-    channel_blocks = max(1, min(POOLED_CHANNEL_BLOCKS, cdiv(channels, block_c)))
-    constexprs = dict(BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BOX_BLOCK=POOLED_BOX_BLOCK, CHANNEL_BLOCKS=channel_blocks)
-    return cdiv(channels, block_c * channel_blocks), constexprs
+    block_c = (POOLED_BACKWARD_BLOCK_C if backward else POOLED_FORWARD_BLOCK_C) or _blocks(channels, tile_h * tile_w, 1, 1)["BLOCK_C"]
+    block_c = max(16, min(block_c, next_power_of_2(channels)))  # tl.dot's minimum; no more than the channels
+    channel_blocks = max(1, min(POOLED_BACKWARD_CHANNEL_BLOCKS if backward else POOLED_FORWARD_CHANNEL_BLOCKS, cdiv(channels, block_c)))
+    product = (POOLED_BACKWARD_PRECISION if backward else POOLED_FORWARD_PRECISION) if dtype == torch.float32 else "tf32"
+    constexprs = dict(BLOCK_C=block_c, TILE_H=tile_h, TILE_W=tile_w, BOX_BLOCK=POOLED_BOX_BLOCK, CHANNEL_BLOCKS=channel_blocks, PRODUCT=product)
+    if not backward:
+        constexprs["CHUNK"] = pooled_forward_chunk(height, width)
+    return cdiv(channels, block_c * channel_blocks), constexprs, dict(POOLED_BACKWARD_LAUNCH if backward else POOLED_FORWARD_LAUNCH)
+
+
+def apply_settings(settings: dict) -> None:
+    """Sets this module's :data:`TUNED_SETTINGS` named in ``settings`` (``{name: value}``, as
+    ``benchmarks/tune_roi_align.py`` writes them) for the launches that follow."""
+    unknown = sorted(set(settings) - set(TUNED_SETTINGS))
+    if unknown:
+        raise ValueError(f"not a tuned setting of fastdense.kernels.roi_align: {', '.join(unknown)} (settings: {', '.join(TUNED_SETTINGS)})")
+    for name in ("POOLED_FORWARD_PRECISION", "POOLED_BACKWARD_PRECISION"):
+        if settings.get(name, "ieee") not in FLOAT32_PRODUCTS:
+            raise ValueError(f"{name} must be one of {FLOAT32_PRODUCTS}, got {settings[name]!r}")
+    for name, value in settings.items():
+        globals()[name] = tuple(value) if name == "LARGE_TILE" else value
+    for cached in (_pooled_config, _forward_config, _backward_config):
+        cached.cache_clear()
+
+
+def current_settings() -> dict:
+    """This module's :data:`TUNED_SETTINGS` as they are now (what a benchmark records beside its figures)."""
+    return {name: globals()[name] for name in TUNED_SETTINGS}
 
 
 def pooled_forward_chunk(height: int, width: int, chunk: int = None) -> int:
@@ -946,9 +986,8 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output_size: Tupl
     if out.numel() == 0:
         return out, order, offsets, weights
     if pooled is not None:
-        grid_channels, constexprs = _pooled_config(channels, height, width)
-        _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(),
-                                                     CHUNK=pooled_forward_chunk(height, width), **constexprs, **POOLED_FORWARD_LAUNCH)
+        grid_channels, constexprs, options = _pooled_config(channels, height, width, False, input.dtype)
+        _pooled_forward_kernel[(num, grid_channels)](input, order, offsets, weights, out, channels, height, width, *input.stride(), **constexprs, **options)
         return out, order, offsets, weights
     whole_map, grid_channels, constexprs = _forward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     if whole_map:
@@ -975,9 +1014,9 @@ def roi_align_backward(grad: torch.Tensor, input: torch.Tensor, rois: torch.Tens
     if grad.dtype != input.dtype or not grad.is_contiguous():
         grad = grad.to(input.dtype).contiguous()
     if uses_pooled_weights(height, width, out_h, out_w):
-        grid_channels, constexprs = _pooled_config(channels, height, width)
+        grid_channels, constexprs, options = _pooled_config(channels, height, width, True, input.dtype)
         _pooled_backward_kernel[(num, grid_channels)](grad, order, offsets, weights, grad_input, channels, height, width, *grad_input.stride(),
-                                                      **constexprs, **POOLED_BACKWARD_LAUNCH)
+                                                      **constexprs, **options)
         return grad_input
     grid_channels, grid_tiles, tiles_w, constexprs = _backward_config(channels, height, width, out_h, out_w, input.dtype, int(sampling_ratio), bool(aligned))
     _image_backward_kernel[(num, grid_channels, grid_tiles)](

@@ -128,6 +128,23 @@ def test_roi_align_tuning_quick_reports_the_breakdown_and_the_sweep(tmp_path):
     assert result["grouping_best"]["ms"] > 0 and result["grouping_package"]["BLOCK"] == 32
 
 
+def test_roi_align_benchmark_runs_a_tuning_result_and_records_its_settings(tmp_path):
+    """``bench_roi_align.py --tuned`` applies a tuning result's settings before it checks and times,
+    and every result records the settings it ran with; a missing result is named, not a traceback."""
+    import fastdense.kernels.roi_align as kernels
+
+    tuned = {"POOLED_FORWARD_CHANNEL_BLOCKS": 2, "POOLED_BACKWARD_BLOCK_C": 16, "GROUP_BLOCK": 16, "LARGE_TILE": [16, 16]}
+    (tmp_path / "tuning.json").write_text(json.dumps({"settings": tuned}))
+    result = run_quick("bench_roi_align.py", tmp_path, "--repeats", "1", "--tuned", str(tmp_path / "tuning.json"), versions=False)
+    assert result["tuned_from"] == "tuning.json" and result["tuned"] == tuned
+    assert result["settings"] == dict(json.loads(json.dumps(kernels.current_settings())), **tuned)
+    assert [row["case"] for row in result["rows"]] == ["scrl", "scrl", "detection"]  # each checked against torchvision first
+    env = dict(os.environ, FASTDENSE_BENCH_OUT=str(tmp_path / "empty"), PYTHONPATH=str(ROOT))
+    missing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_roi_align.py"), "--quick", "--tuned"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode != 0 and "--tuned: no tuning result at" in missing.stderr and "roi_align_tuning_quick_" in missing.stderr
+
+
 def test_static_roi_align_reports_the_sm90_code_of_each_launch(tmp_path):
     result = run_quick("static_roi_align.py", tmp_path, versions=False)
     assert result["device"] == "sm_90"
@@ -150,15 +167,52 @@ def test_programs_per_sm_takes_the_tightest_limit():
     assert programs_per_sm(93, 0, 4) == 5  # 93 registers are allocated as 96
 
 
+def pooled_config(block_c, num_warps, num_stages, channel_blocks, chunk, precision=None):
+    return {"BLOCK_C": block_c, "num_warps": num_warps, "num_stages": num_stages, "CHANNEL_BLOCKS": channel_blocks, "CHUNK": chunk, "PRECISION": precision}
+
+
 def test_roi_align_tuning_refuses_a_configuration_that_changes_the_result():
-    from benchmarks.tune_roi_align import PooledCase, sweep
+    from benchmarks.tune_roi_align import PooledCase, sweep_pooled
 
     case = PooledCase((2, 16, 7, 7), 2, torch.float32, "nchw", torch.device("cpu"), torch.Generator().manual_seed(0))
     honest = case.forward
     case.forward = lambda x, block_c=None, *rest: honest(x, block_c, *rest) * (1.5 if block_c == 16 else 1.0)
-    (kept, refused) = sweep(case, "forward", [(32, 4, None, None, None), (16, 4, None, 2, None)], tolerance=1e-5)
+    configs = [("forward", pooled_config(32, 4, None, None, None)), ("forward", pooled_config(16, 4, None, 2, None))]
+    (kept, refused) = sweep_pooled([case], configs, [1e-5])[0, "forward"]
     assert kept[1] > 0 and kept[2] is None
     assert refused[1] is None and "differs from the package's configuration" in refused[2]
+
+
+def test_roi_align_tuning_settings_launch_what_was_timed():
+    """The settings a tuning run writes (the fastest total over the cases swept, only where it beats
+    the package's by more than noise), once applied, make the package launch exactly the
+    configuration that was timed: channel block, channel blocks, chunk and launch options."""
+    import fastdense.kernels.roi_align as kernels
+    from benchmarks.tune_roi_align import MARGIN, PooledCase, fastest, pooled_configs, pooled_settings
+
+    configs = pooled_configs(64, (1, None))
+    assert len(configs) == len({(which, tuple(c.items())) for which, c in configs})
+    assert all(which == "forward" for which, c in configs if c["CHUNK"] is not None)
+    assert configs[0][1] == pooled_config(None, None, None, None, None, "ieee")  # the package's on CUDA cores first
+    assert configs[2][1]["CHANNEL_BLOCKS"] and configs[-1][1]["num_stages"] == 1  # then streaming; the other stages last
+    a, b, c = pooled_config(64, 4, None, 4, None), pooled_config(32, 4, None, None, None), pooled_config(16, 2, 1, None, None)
+    sweeps = [[(a, 1.0, None), (b, 0.5, None), (c, None, "not tried")], [(a, 1.0, None), (b, 0.6, None), (c, 0.1, None)]]
+    assert fastest(sweeps, package_ms=2.0) == (b, 1.1)  # c is not timed on every case
+    assert fastest(sweeps, package_ms=1.1 / MARGIN) is None and fastest(sweeps, package_ms=1.1 / MARGIN + 1e-9) == (b, 1.1)
+
+    case = PooledCase((2, 100, 7, 7), 2, torch.float32, "channels_last", torch.device("cpu"), torch.Generator().manual_seed(0))
+    package = kernels.current_settings()
+    for which, config in [("forward", pooled_config(16, 2, 3, 2, 16, "ieee")), ("backward", pooled_config(64, 8, 1, 3, None)),
+                          ("forward", pooled_config(None, None, 2, None, 64)), ("backward", pooled_config(None, 8, None, None, None, "ieee"))]:
+        timed = case._launch(which, config["BLOCK_C"], config["num_warps"], config["num_stages"], config["CHANNEL_BLOCKS"], config["PRECISION"])
+        if config["CHUNK"]:
+            timed[1]["CHUNK"] = kernels.pooled_forward_chunk(7, 7, config["CHUNK"])
+        kernels.apply_settings(pooled_settings(which, config, case))
+        try:
+            grid_channels, constexprs, options = kernels._pooled_config(100, 7, 7, which == "backward", torch.float32)
+            assert ((2, grid_channels), constexprs, options) == timed, (which, config)
+        finally:
+            kernels.apply_settings(package)
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["array", "full"])

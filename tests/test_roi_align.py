@@ -290,19 +290,19 @@ def test_pooled_form_sums_every_pixel_chunk(device, height, width, memory):
 
 @pytest.mark.parametrize("channel_blocks, chunk", [(2, None), (3, None), (3, 64)])
 @pytest.mark.parametrize("dtype, memory", [(torch.float32, "channels_last"), (torch.bfloat16, "nchw")])
-def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, device, channel_blocks, chunk, dtype, memory):
-    """``POOLED_CHANNEL_BLOCKS`` (which the tuning script sweeps, also with the whole map a product:
-    ``CHUNK`` 64, where the channel-block loop is the one pipelined) changes only who computes what:
-    100 channels in blocks of 32 (the last program's blocks partly and wholly past the channels), an
-    image with more boxes than one product takes (beyond its head rows), one with none."""
+def test_pooled_kernels_take_several_channel_blocks_a_program(device, channel_blocks, chunk, dtype, memory):
+    """``POOLED_FORWARD_CHANNEL_BLOCKS`` and ``POOLED_BACKWARD_CHANNEL_BLOCKS`` (which the tuning
+    script sweeps, also with the whole map a product: ``CHUNK`` 64, where the channel-block loop is
+    the one pipelined) change only who computes what: 100 channels in blocks of 32 (the last
+    program's blocks partly and wholly past the channels), an image with more boxes than one product
+    takes (beyond its head rows), one with none. Set through ``apply_settings``, as a tuning result is."""
     import fastdense.kernels.roi_align as kernels
 
-    monkeypatch.setattr(kernels, "POOLED_CHANNEL_BLOCKS", channel_blocks)
+    settings = {"POOLED_FORWARD_CHANNEL_BLOCKS": channel_blocks, "POOLED_BACKWARD_CHANNEL_BLOCKS": channel_blocks}
     if chunk:  # and launch options as tuning would set them
-        monkeypatch.setattr(kernels, "POOLED_CHUNK", chunk)
-        monkeypatch.setattr(kernels, "POOLED_FORWARD_LAUNCH", {"num_stages": 3})
-        monkeypatch.setattr(kernels, "POOLED_BACKWARD_LAUNCH", {"num_warps": 8, "num_stages": 3})
-    kernels._pooled_config.cache_clear()
+        settings.update(POOLED_CHUNK=chunk, POOLED_FORWARD_LAUNCH={"num_stages": 3}, POOLED_BACKWARD_LAUNCH={"num_warps": 8, "num_stages": 3})
+    package = kernels.current_settings()
+    kernels.apply_settings(settings)
     try:
         generator = torch.Generator().manual_seed(channel_blocks)
         x = layout(torch.randn(3, 100, 7, 7, generator=generator).to(device, dtype), memory).requires_grad_()
@@ -311,8 +311,9 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, devic
         few[:, 0] = 2.0
         rois = torch.cat([many, few])[torch.randperm(many.shape[0] + few.shape[0], generator=generator)].to(device)
         grad = torch.randn(rois.shape[0], 100, generator=generator).to(device, dtype)
-        grid_channels, constexprs = kernels._pooled_config(100, 7, 7)
-        assert (constexprs["BLOCK_C"], constexprs["CHANNEL_BLOCKS"], grid_channels) == (32, channel_blocks, -(-4 // channel_blocks))
+        for backward in (False, True):
+            grid_channels, constexprs, _ = kernels._pooled_config(100, 7, 7, backward, dtype)
+            assert (constexprs["BLOCK_C"], constexprs["CHANNEL_BLOCKS"], grid_channels) == (32, channel_blocks, -(-4 // channel_blocks))
         with ops.backend("triton"):
             pooled = ops.roi_pool_vectors(x, rois, 1 / 32, sampling_ratio=2, aligned=True)
             (grad_x,) = torch.autograd.grad(pooled, x, grad)
@@ -322,7 +323,77 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(monkeypatch, devic
         assert relative_error(grad_x, expected_grad) <= TOLERANCE[dtype]
         assert torch.all(grad_x[1] == 0)
     finally:
-        kernels._pooled_config.cache_clear()
+        kernels.apply_settings(package)
+
+
+class RecordedLaunches:
+    """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_tuned_settings_reach_every_launch_they_name(monkeypatch, device):
+    """``apply_settings`` (how a tuning result is tried: ``bench_roi_align.py --tuned``) sets each
+    pass's channel block, channel blocks, chunk and launch options, the grouping launch's four and
+    the large-map backward's three, and each pass's float32 product, for the launches that follow; the results stay torchvision's.
+    A setting read when its function is defined (a default argument) would not follow."""
+    import json
+
+    import fastdense.kernels.roi_align as kernels
+
+    package = kernels.current_settings()
+    settings = dict(POOLED_FORWARD_BLOCK_C=16, POOLED_BACKWARD_BLOCK_C=64, POOLED_FORWARD_CHANNEL_BLOCKS=2, POOLED_BACKWARD_CHANNEL_BLOCKS=1,
+                    POOLED_CHUNK=16, POOLED_FORWARD_LAUNCH={"num_warps": 2}, POOLED_BACKWARD_LAUNCH={"num_warps": 8},
+                    POOLED_FORWARD_PRECISION="ieee", POOLED_BACKWARD_PRECISION="tf32x3",
+                    GROUP_BLOCK=16, GROUP_SCAN=256, GROUP_LOADS=2, GROUP_WARPS=8,
+                    LARGE_TILE=[16, 16], LARGE_TILE_CHANNELS=32, LARGE_TILE_LAUNCH={"num_warps": 2})
+    with pytest.raises(ValueError, match="POOLED_CHANNEL_BLOCKS"):
+        kernels.apply_settings({"POOLED_CHANNEL_BLOCKS": 2})
+    with pytest.raises(ValueError, match="POOLED_BACKWARD_PRECISION must be one of"):
+        kernels.apply_settings({"POOLED_BACKWARD_PRECISION": "tf32"})
+    assert kernels.current_settings() == package
+    recorded = {name: RecordedLaunches(getattr(kernels, name)) for name in ("_group_kernel", "_pooled_forward_kernel", "_pooled_backward_kernel",
+                                                                             "_image_backward_kernel")}
+    for name, recorder in recorded.items():
+        monkeypatch.setattr(kernels, name, recorder)
+    kernels.apply_settings(json.loads(json.dumps(settings)))  # as read back from a tuning result
+    try:
+        assert kernels.current_settings() == dict(settings, LARGE_TILE=(16, 16))
+        generator = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 100, 7, 7, generator=generator).to(device).requires_grad_()
+        rois = random_rois(2, 7, 7, 1 / 32, 5, generator).to(device)
+        grad = torch.randn(rois.shape[0], 100, generator=generator).to(device)
+        with ops.backend("triton"):
+            pooled = ops.roi_pool_vectors(x, rois, 1 / 32, sampling_ratio=2, aligned=True)
+            (grad_x,) = torch.autograd.grad(pooled, x, grad)
+        expected, expected_grad = torchvision_forward_backward(x, rois, grad[:, :, None, None], (1, 1), 1 / 32, 2, True)
+        assert relative_error(pooled, expected.flatten(1)) <= TOLERANCE[torch.float32]
+        assert relative_error(grad_x, expected_grad) <= TOLERANCE[torch.float32]
+        (grid, group), = recorded["_group_kernel"].launches
+        assert (group["BLOCK"], group["SCAN"], group["LOADS"], group["num_warps"]) == (16, 256, 2, 8)
+        (grid, forward), = recorded["_pooled_forward_kernel"].launches
+        assert (grid, forward["BLOCK_C"], forward["CHANNEL_BLOCKS"], forward["CHUNK"], forward["num_warps"], forward["PRODUCT"]) == ((2, 4), 16, 2, 16, 2, "ieee")
+        (grid, backward), = recorded["_pooled_backward_kernel"].launches
+        assert (grid, backward["BLOCK_C"], backward["CHANNEL_BLOCKS"], backward["num_warps"], backward["PRODUCT"]) == ((2, 2), 64, 1, 8, "tf32x3")
+        large = torch.randn(1, 40, 17, 40, generator=generator).to(device).requires_grad_()
+        large_rois = random_rois(1, 17, 40, 0.5, 6, generator).to(device)
+        large_grad = torch.randn(large_rois.shape[0], 40, 2, 3, generator=generator).to(device)
+        with ops.backend("triton"):
+            (grad_large,) = torch.autograd.grad(ops.roi_align(large, large_rois, (2, 3), 0.5, 2, True), large, large_grad)
+        (grid, tiles), = recorded["_image_backward_kernel"].launches
+        assert (tiles["BLOCK_C"], tiles["TILE_H"], tiles["TILE_W"], tiles["num_warps"]) == (32, 16, 16, 2)
+        assert relative_error(grad_large, torchvision_forward_backward(large, large_rois, large_grad, (2, 3), 0.5, 2, True)[1]) <= 1e-5
+    finally:
+        kernels.apply_settings(package)
+    assert kernels.current_settings() == package
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
@@ -385,28 +456,29 @@ def test_pooled_product_in_16_bit_needs_one_tf32_pass(dtype):
 
 
 @triton.jit
-def _read_box_block(order_ptr, weights_ptr, boxes_ptr, out_ptr, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, FLOAT32: tl.constexpr):
-    boxes, real, weights = _box_block(order_ptr, weights_ptr, 0, last, BOX_BLOCK, PIXELS, FLOAT32)
+def _read_box_block(order_ptr, weights_ptr, boxes_ptr, out_ptr, last, BOX_BLOCK: tl.constexpr, PIXELS: tl.constexpr, PRODUCT: tl.constexpr):
+    boxes, real, weights = _box_block(order_ptr, weights_ptr, 0, last, BOX_BLOCK, PIXELS, PRODUCT)
     tl.store(boxes_ptr + tl.arange(0, BOX_BLOCK), tl.where(real, boxes, -1))
     tl.store(out_ptr + tl.arange(0, BOX_BLOCK)[:, None] * PIXELS + tl.arange(0, PIXELS)[None, :], weights)
 
 
-@pytest.mark.parametrize("float32", [True, False])
-def test_box_block_rounds_the_weights_for_one_tf32_pass(device, float32):
-    """The other half of that premise: the weights a pooled kernel multiplies 16-bit values with are
-    rounded to TF32 first (the tensor cores would truncate them); float32 values' three-pass product
-    takes them as they are. Past ``last``: no box, zero weights."""
+@pytest.mark.parametrize("product", ["tf32x3", "ieee", "tf32"])
+def test_box_block_rounds_the_weights_for_one_tf32_pass(device, product):
+    """The other half of that premise: the weights a pooled kernel multiplies 16-bit values with (one
+    TF32 pass) are rounded to TF32 first (the tensor cores would truncate them); float32 values'
+    products (three TF32 passes, or CUDA-core FMAs) take them as they are. Past ``last``: no box,
+    zero weights."""
     generator = torch.Generator().manual_seed(5)
     weights = torch.rand(16, 64, generator=generator).to(device)
     weights[0, :3] = torch.tensor([1 + 2**-11, 1 - 2**-12, 0.0])  # a tie rounds up; 1 - 2^-12 rounds to 1
     order = torch.randperm(16, generator=generator).to(device=device, dtype=torch.int32)
     boxes = torch.empty(16, dtype=torch.int64, device=device)
     read = torch.empty_like(weights)
-    _read_box_block[(1,)](order, weights, boxes, read, 11, BOX_BLOCK=16, PIXELS=64, FLOAT32=float32)
-    expected = (weights if float32 else round_to_tf32(weights))[:11]
+    _read_box_block[(1,)](order, weights, boxes, read, 11, BOX_BLOCK=16, PIXELS=64, PRODUCT=product)
+    expected = (round_to_tf32(weights) if product == "tf32" else weights)[:11]
     assert torch.equal(read[:11], expected) and torch.all(read[11:] == 0)
     assert torch.equal(boxes[:11], order[:11].long()) and torch.all(boxes[11:] == -1)
-    if not float32:
+    if product == "tf32":
         assert read[0, :3].tolist() == [1 + 2**-10, 1.0, 0.0]
 
 
@@ -848,9 +920,15 @@ for dtype, layout, channel_blocks in ((torch.float32, "nchw", None), (torch.floa
         compiled = compile_like_launch(kernel, args, constexprs, **options)
         # The package's configurations spill nothing; the tried ones need only lower (their cost is timed).
         assert channel_blocks or spill_bytes(compiled) == 0, f"{name} {dtype} {layout}: register spills"
+        if constexprs["PRODUCT"] == "ieee":  # float32 on CUDA cores (POOLED_*_PRECISION)
+            assert "mma" not in compiled.asm["ptx"] and "fma.rn.f32" in compiled.asm["ptx"], f"{name} {dtype} {layout}: not CUDA-core FMAs"
+            continue
         assert "mma" in compiled.asm["ptx"], f"{name} {dtype} {layout} {channel_blocks}: no tensor-core MMA"
         # float32 takes 3xTF32 (operands split with cvt.rna); 16-bit one pass on weights rounded in bits
         assert ("cvt.rna.tf32" in compiled.asm["ptx"]) == (dtype == torch.float32), f"{name} {dtype}: TF32 passes"
+        if dtype == torch.float32:  # the other float32 product, which the tuning script tries: exact, CUDA-core FMAs, no spills
+            ieee = compile_like_launch(kernel, args, dict(constexprs, PRODUCT="ieee"), **options)
+            assert "mma" not in ieee.asm["ptx"] and "fma.rn.f32" in ieee.asm["ptx"] and spill_bytes(ieee) == 0, f"{name} {layout}: ieee product"
 # Several channel blocks a program (configurations the tuning script sweeps; the forward with the whole
 # map a product): the channel-block loop over the head rows is the first loop, and Triton pipelines
 # it (its loads wait for all but the newest blocks), not only the further boxes' loop.

@@ -1012,3 +1012,102 @@ def test_benchmark_refuses_to_time_a_kernel_that_disagrees_with_torchvision():
     for dtype, fwd, bwd in ((torch.float32, 2e-3, 0.0), (torch.bfloat16, 0.0, 0.05), (torch.float32, float("nan"), 0.0)):
         with pytest.raises(AssertionError, match="differs from torchvision"):
             check_agreement("scrl", dtype, fwd, bwd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaps a mutation audit found: border samples, the reference's layout, the module's arguments and defaults, float64 box checks
+
+
+@pytest.mark.parametrize("output", [1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("shape", [(2, 2, 5, 6), (1, 2, 17, 40)], ids=["whole map", "tiled map"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_samples_exactly_on_the_border_count(device, backend, shape, aligned, output):
+    """A sample at exactly -1 or exactly H (W) still counts, as in torchvision (``y < -1 || y > H``
+    skip it): it weighs on the first or last row. Boxes that reach the map only through such
+    samples, one sample a bin (sampling_ratio 1)."""
+    num, channels, height, width = shape
+    generator = torch.Generator().manual_seed(height)
+    x = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    shift = 0.5 if aligned else 0.0  # aligned: pixel coordinates minus 0.5
+    low, high_w, high_h = -1.0 + shift, width + shift, height + shift  # the bins' centres, in box coordinates
+    # one-pixel bins, the box's border bin centred on the border, any other bin outside the map
+    span = 0.5 + (output - 1)
+    rows = []
+    for image in range(num):
+        rows += [[image, low - span, 1.0, low + 0.5, 3.0],  # x at -1
+                 [image, 1.0, low - span, 4.0, low + 0.5],  # y at -1
+                 [image, high_w - 0.5, 1.0, high_w + 0.5 + (output - 1), 3.0],  # x at W
+                 [image, 2.0, high_h - 0.5, 5.0, high_h + 0.5 + (output - 1)],  # y at H
+                 [image, low - span, high_h - 0.5, low + 0.5, high_h + 0.5 + (output - 1)]]  # both: the corner
+    rois = torch.tensor(rows, dtype=torch.float32, device=device)
+    grad = torch.randn(rois.shape[0], channels, output, output, generator=generator).to(device)
+    with ops.backend(backend):
+        out = ops.roi_align(x, rois, output, 1.0, 1, aligned)
+        (grad_x,) = torch.autograd.grad(out, x, grad)
+    expected, expected_grad = torchvision_forward_backward(x, rois, grad, (output, output), 1.0, 1, aligned)
+    assert (expected.flatten(1).abs().sum(1) > 0).all()  # every box reaches the map, through its border samples
+    assert relative_error(out, expected) <= 1e-6 and relative_error(grad_x, expected_grad) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_reference_gradient_keeps_the_input_layout(dtype):
+    """The reference's backward returns ``grad_input`` in the input's memory layout (channels_last
+    stays channels_last) and dtype, as the Triton and C++ paths do."""
+    check_against_torchvision("reference", torch.device("cpu"), (3, 5), -1, True, 0.7, dtype, "channels_last", shape=(3, 5, 9, 11))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_module_and_defaults_are_torchvision(device, backend):
+    """``RoIAlign`` passes on every argument it was built with, and the functional forms' defaults
+    (spatial_scale 1, adaptive sampling, aligned False) are torchvision's: boxes of 5 to 9 pixels,
+    whose adaptive grids (3 to 5 samples a bin) differ from any fixed one."""
+    generator = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 11, 12, generator=generator).to(device)
+    rois = torch.tensor([[0, 0.3, 1.2, 9.3, 8.1], [1, 2.5, 0.0, 7.5, 10.0], [1, 1.0, 1.0, 10.0, 6.5]], device=device)
+    with ops.backend(backend):
+        module = ops.RoIAlign((2, 3), 0.5, 2, True)
+        assert repr(module) == "RoIAlign(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=2, aligned=True)"
+        built = module(x, rois)
+        defaults = ops.roi_align(x, rois, (2, 2))
+        pooled = ops.roi_pool_vectors(x, rois)
+        module_defaults = ops.RoIAlign(2)(x, rois)
+    for actual, expected in ((built, torchvision.ops.roi_align(x, rois, (2, 3), 0.5, 2, True)),
+                             (defaults, torchvision.ops.roi_align(x, rois, (2, 2), 1.0, -1, False)),
+                             (pooled, torchvision.ops.roi_align(x, rois, (1, 1), 1.0, -1, False).flatten(1)),
+                             (module_defaults, torchvision.ops.roi_align(x, rois, (2, 2), 1.0, -1, False))):
+        assert relative_error(actual, expected) <= 1e-6
+    # the arguments matter here: each changed alone moves the output (the test would catch one dropped)
+    for changed in (dict(spatial_scale=1.0), dict(sampling_ratio=-1), dict(aligned=False)):
+        args = dict(spatial_scale=0.5, sampling_ratio=2, aligned=True) | changed
+        assert relative_error(torchvision.ops.roi_align(x, rois, (2, 3), **args), built) > 1e-3
+    for changed in (dict(sampling_ratio=2), dict(aligned=True)):
+        args = dict(spatial_scale=1.0, sampling_ratio=-1, aligned=False) | changed
+        assert relative_error(torchvision.ops.roi_align(x, rois, (2, 2), **args), defaults) > 1e-3
+
+
+def test_box_check_kernel_reads_float64_boxes_in_float64(device):
+    """float64 boxes are checked in float64: values that float32 would round onto valid ones (an index
+    a hair off an integer, a box inverted by 1e-9) or onto invalid ones (1e300, finite, overflows
+    to inf) get the verdict of their own value, the PyTorch check's."""
+    from fastdense.kernels import roi_align as kernels
+    from fastdense.ops.roi_align import check_box_values
+
+    good = torch.tensor([[0, 1.0, 1.0, 3.0, 4.0], [2, 0.5, 0.0, 6.0, 2.0]], dtype=torch.float64)
+    cases = [(0, 2 + 1e-9, kernels.BAD_BATCH_INDEX), (0, 1e-12, kernels.BAD_BATCH_INDEX), (3, 1.0 - 1e-9, kernels.INVERTED_BOX),
+             (4, 1.0 - 1e-12, kernels.INVERTED_BOX), (3, 1e300, 0), (2, -1e300, 0)]
+    for column, value, flag in cases:
+        rois = good.clone()
+        rois[0, column] = value
+        found = 0
+        for word in kernels.invalid_box_flags(rois.to(device), 3).tolist():
+            found |= word
+        assert found == flag, (column, value)
+        outcomes = []
+        for with_kernel in (True, False):
+            try:
+                check_box_values(rois.to(device), (3, 1, 7, 7), with_kernel=with_kernel)
+                outcomes.append(None)
+            except ValueError as error:
+                outcomes.append(str(error))
+        assert outcomes[0] == outcomes[1] and (outcomes[0] is None) == (flag == 0), (column, value, outcomes)

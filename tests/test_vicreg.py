@@ -41,9 +41,9 @@ def _float64_terms(x: torch.Tensor, eps: float = 1e-4):
     return torch.stack(variances).mean(), torch.stack(covariances).mean()
 
 
-def _float64_gradient(x: torch.Tensor, weight_var: float, weight_cov: float) -> torch.Tensor:
+def _float64_gradient(x: torch.Tensor, weight_var: float, weight_cov: float, eps: float = 1e-4) -> torch.Tensor:
     x = x.detach().double().requires_grad_(True)
-    variance, covariance = _float64_terms(x)
+    variance, covariance = _float64_terms(x, eps)
     return torch.autograd.grad(weight_var * variance + weight_cov * covariance, x)[0]
 
 
@@ -71,13 +71,13 @@ LOSS_TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 1e-3, torc
 GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-12}
 
 
-def _check_triton(x: torch.Tensor, weights=(1.0, 0.5)):
+def _check_triton(x: torch.Tensor, weights=(1.0, 0.5), eps: float = 1e-4):
     """Triton loss and gradient against float64 on the same (already rounded) input values."""
-    ref_var, ref_cov = _float64_terms(x)
-    ref_grad = _float64_gradient(x, *weights)
+    ref_var, ref_cov = _float64_terms(x, eps)
+    ref_grad = _float64_gradient(x, *weights, eps=eps)
     x = x.detach().requires_grad_(True)
     with ops.backend("triton"):
-        variance, covariance = ops.vicreg_variance_covariance(x)
+        variance, covariance = ops.vicreg_variance_covariance(x, eps=eps)
     (weights[0] * variance + weights[1] * covariance).backward()
     dtype = x.dtype
     _assert_rel(variance, ref_var, LOSS_TOL[dtype], "variance")
@@ -123,7 +123,7 @@ def test_reference_known_values():
     assert ops.vicreg_invariance(x, torch.zeros_like(x)).item() == pytest.approx(4.0 / 6)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-3), (torch.bfloat16, 2e-2)])
 def test_reference_covariance_does_not_cancel(dtype, tol):
     # One column's std 1000 times the others': the off-diagonal sum is about 1e-6 of the diagonal's,
     # so "all squares minus the diagonal's" in float32 leaves nothing of it.
@@ -215,6 +215,17 @@ def test_eps_reaches_the_kernels_in_float64(eps):
     hi, lo = kernels.eps_halves(eps)
     assert as_float32(hi) == hi
     assert abs(hi + as_float32(lo) - eps) <= 1e-14 * eps
+
+
+@pytest.mark.parametrize("eps", [0.1, 1 / 3])
+@pytest.mark.parametrize("shape", [(9, 12), (12, 2, 5)])
+def test_triton_float64_takes_eps_in_float64(eps, shape, device):
+    # The caller's eps, not the default, reaches the kernels' forward and backward (Gram and direct
+    # form, both terms and the variance alone), in float64: 0.1 and 1/3 are not float32 numbers.
+    x = _spread(*shape, dtype=torch.float64, device=device, seed=3)
+    _check_triton(x, eps=eps)
+    with ops.backend("triton"):
+        _assert_rel(ops.vicreg_variance(x, eps=eps), _float64_terms(x, eps)[0], LOSS_TOL[torch.float64], "variance alone")
 
 
 def test_saved_product_budget(monkeypatch):
@@ -359,10 +370,14 @@ def test_triton_gradcheck_custom_autograd(device):
             assert torch.autograd.gradcheck(lambda t: ops.vicreg_variance_covariance(t, eps=1e-3), (x,))
 
 
-@pytest.mark.parametrize("shape, with_covariance", [((9, 2, 12), True), ((12, 1, 5), True), ((12, 1, 5), False)])
-def test_opcheck_triton(device, shape, with_covariance):
-    """The custom op (torch.compile's and tracing's path, on [n, S, D]): schema, fake shapes, autograd registration."""
-    x = _spread(*shape, device=device).requires_grad_(True)
+@pytest.mark.parametrize(
+    "shape, with_covariance, dtype",
+    [((9, 2, 12), True, torch.float32), ((12, 1, 5), True, torch.float32), ((12, 1, 5), False, torch.float32), ((9, 2, 12), True, torch.float64), ((12, 1, 5), True, torch.bfloat16)],
+)
+def test_opcheck_triton(device, shape, with_covariance, dtype):
+    """The custom op (torch.compile's and tracing's path, on [n, S, D]): schema, fake shapes and
+    dtypes (float64 accumulates in float64, half precision in float32), autograd registration."""
+    x = _spread(*shape, dtype=dtype, device=device).requires_grad_(True)
     torch.library.opcheck(torch.ops.fastdense.vicreg_variance_covariance, (x, 1e-4, with_covariance))
 
 
@@ -461,6 +476,8 @@ def test_triton_large_cuda_error_and_memory(n, dim):
         (torch.zeros(4, 3, dtype=torch.int64), TypeError, "floating-point"),
         (torch.zeros(1, 3), ValueError, "n >= 2"),
         (torch.zeros(4, 0), ValueError, "at least one"),
+        (torch.zeros(4, 0, 3), ValueError, r"at least one slot.*\[4, 0, 3\]"),
+        (torch.zeros(4, 2, 0), ValueError, r"at least one slot.*\[4, 2, 0\]"),
         ([[1.0, 2.0]], TypeError, "torch.Tensor"),
     ],
 )
@@ -470,9 +487,26 @@ def test_bad_input(bad, error, match):
             fn(bad)
 
 
-def test_bad_eps_and_invariance_arguments():
-    with pytest.raises(ValueError, match="eps"):
-        ops.vicreg_variance_covariance(torch.zeros(4, 3), eps=-1.0)
+@pytest.mark.parametrize("eps", [-1.0, -1e-30, float("nan"), True, "1e-4", None])
+def test_bad_eps_is_rejected(eps):
+    # Non-negative numbers only: a bool is an int to isinstance, and NaN compares false with 0.
+    for fn in (ops.vicreg_variance, ops.vicreg_variance_covariance):
+        with pytest.raises(ValueError, match="eps must be a non-negative number"):
+            fn(torch.zeros(4, 3), eps=eps)
+
+
+@pytest.mark.parametrize("eps", [0, 0.0])
+def test_eps_zero_is_accepted(eps):
+    # eps = 0 is the plain hinge relu(1 - std): allowed, and exactly the float64 definition.
+    x = _spread(7, 5, dtype=torch.float64)
+    ref_var, ref_cov = _float64_terms(x, eps=0.0)
+    _assert_rel(ops.vicreg_variance(x, eps=eps), ref_var, 1e-13, "variance")
+    variance, covariance = ops.vicreg_variance_covariance(x, eps=eps)
+    _assert_rel(variance, ref_var, 1e-13, "variance")
+    _assert_rel(covariance, ref_cov, 1e-13, "covariance")
+
+
+def test_bad_invariance_arguments():
     with pytest.raises(ValueError, match="same shape"):
         ops.vicreg_invariance(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="same device"):

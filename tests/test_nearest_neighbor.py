@@ -468,6 +468,8 @@ def test_eager_calls_equal_the_registered_ops(backend, device):
 def test_registered_op_passes_opcheck():
     q, c = make_inputs(2, 9, 7, 3, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.fastdense.nearest_neighbor.default, (q, c), test_utils=("test_schema", "test_faketensor"))
+    # float64 input gives float64 distances, in the fake (compile-time) outputs as in the real ones
+    torch.library.opcheck(torch.ops.fastdense.nearest_neighbor.default, (q.double(), c.double()), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastdense.nearest_neighbor_pairs_many.default, ([q, q], [c, c], [2, 9]), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -546,6 +548,9 @@ def test_bad_pair_lists_are_rejected():
         ops.nearest_neighbor_pairs_many([q], [c], 1)
     with pytest.raises(TypeError, match="candidates must be a sequence"):
         ops.nearest_neighbor_pairs_many([q], None, [1])
+    # A string is iterable, but its characters are not one k per pair.
+    with pytest.raises(TypeError, match="ks must be a sequence"):
+        ops.nearest_neighbor_pairs_many([q], [c], "1")
 
 
 @pytest.mark.gpu
@@ -641,6 +646,41 @@ def test_one_matching_launch_per_wide_or_narrow_dtype(monkeypatch, device):
     assert recorder.launches == 2
     assert {(args[0].dtype, args[1].dtype) for args in recorder.args} == {(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)}
     assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
+
+
+def test_width_at_the_narrow_limit_matches_reference(device):
+    """D = DIRECT_MAX_D (8) is the widest narrow pair: scanned by exact differences through the narrow
+    base, like D = 2 beside it, while D = 9 and 16 take the expansion through the wide base."""
+    from fastdense.kernels.nearest_neighbor import DIRECT_MAX_D
+
+    assert DIRECT_MAX_D == 8
+    shapes = [(2, 6, 7, 9), (2, 5, 9, 8), (1, 4, 3, 2), (2, 7, 5, 16), (1, 3, 4, 8)]
+    queries, candidates = [], []
+    for i, (b, n, m, d) in enumerate(shapes):
+        q, c = make_inputs(b, n, m, d, torch.float32, device, seed=60 + i)
+        queries.append(q)
+        candidates.append(c)
+    ks = [3, 5, 4, 2, 1]
+    with ops.backend("triton"):
+        pairs = ops.nearest_neighbor_pairs_many(queries, candidates, ks)
+        single = ops.nearest_neighbor(queries[1], candidates[1])
+    ref_dist, ref_index = nearest_neighbor_reference(queries[1], candidates[1])
+    torch.testing.assert_close(single[0], ref_dist, rtol=1e-6, atol=1e-6)
+    assert_indices_agree(queries[1], candidates[1], single[1], ref_index)
+    for q, c, k, (rows, match) in zip(queries, candidates, ks, pairs):
+        assert_pairs_agree(q, c, k, rows, match)
+
+
+def test_launches_of_equal_shapes_write_their_own_rows(device):
+    """Two launches in one call (wide pairs of two dtypes) whose pairs have the same shapes: each
+    launch's group table sends its rows to its own pair's place in the output, not the other's."""
+    q16, c16 = make_inputs(2, 5, 6, 24, torch.float16, device, seed=70)
+    qbf, cbf = make_inputs(2, 5, 6, 24, torch.bfloat16, device, seed=71)
+    with ops.backend("triton"):
+        pairs = ops.nearest_neighbor_pairs_many([q16, qbf], [c16, cbf], [5, 5])
+    for q, c, (rows, match) in zip([q16, qbf], [c16, cbf], pairs):
+        assert torch.equal(rows, torch.arange(5, device=rows.device).expand(2, 5))
+        assert_pairs_agree(q, c, 5, rows, match)
 
 
 def test_float32_searches_in_exact_products_and_16_bit_on_tensor_cores(monkeypatch, device):

@@ -103,6 +103,8 @@ def test_scrl_prepare_draws_the_steps_boxes_without_reading_the_device():
     prepared = on_meta.extras["scrl_rois"]
     assert [r.device.type for r in prepared] == ["meta", "meta"] and [r.shape for r in prepared] == [r.shape for r in expected]
 
+    method.prepare(host, step=7)  # on the host: the very boxes of draw 7
+    assert all(torch.equal(a, b) for a, b in zip(host.extras["scrl_rois"], expected))
     host.extras["scrl_rois"] = expected
     taken = []
     method.box_loss = lambda view1, view2, rois: taken.append(rois) or {"loss": torch.zeros(())}
@@ -217,6 +219,75 @@ def test_scrl_target_copy_option_and_min_size_scaling():
     assert build_method("scrl", preset="cpu", box_min_size=20.0, **SMALL_BYOL).box_min_size(96) == 20.0
 
 
+def test_scrl_sampled_boxes_are_one_source_box_seen_in_each_view():
+    """``sample_boxes`` hands the sampler view 1's and view 2's matrices, in that order: box k of
+    view 1 and box k of view 2, each mapped to the source through its own view's matrix (flips
+    included), are the same source box."""
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    batch = make_batch([96, 96], batch=4, flips=[[0, 1, 0, 1], [0, 0, 1, 1]], dtype=torch.float32)
+    rois = method.sample_boxes(batch, draw=0).rois
+    assert rois[0].shape[0] > 0 and torch.equal(rois[0][:, 0], rois[1][:, 0])
+
+    def in_source(r, v):
+        matrices = batch.matrices[r[:, 0].long(), v].double()  # [K, 3, 3]
+        corners = torch.stack([r[:, [1, 2]], r[:, [3, 4]]], 1).double()  # [K, 2, 2]: (x0, y0), (x1, y1)
+        points = torch.cat([corners, torch.ones_like(corners[..., :1])], -1)
+        mapped = (matrices[:, None] @ points[..., None])[..., :2, 0]  # [K, 2, 2]
+        return torch.cat([mapped.amin(1), mapped.amax(1)], 1)  # a flip swaps the x corners
+
+    # Boxes clipped at a view's edge (the sampler clips to [0, view size]) cover less of the source.
+    inside = ((torch.cat(rois, 1)[:, [1, 2, 3, 4, 6, 7, 8, 9]] - 48).abs() < 48).all(1)
+    assert int(inside.sum()) >= rois[0].shape[0] // 2
+    box1, box2 = in_source(rois[0][inside], 0), in_source(rois[1][inside], 1)
+    assert not torch.allclose(box1, rois[0][inside, 1:].double(), atol=1.0)  # the views are not the source
+    torch.testing.assert_close(box1, box2, rtol=0, atol=1e-3)
+
+
+def test_scrl_sampler_gets_the_methods_box_options():
+    """The box options reach the sampler (whose own tests are tests/test_boxes.py): the boxes are
+    the sampler's for exactly those options, and each option changes them on this batch."""
+    from fastdense.boxes import keyed_scrl_randoms, sample_scrl_boxes
+
+    options = dict(num_boxes=4, box_min_size=10.0, box_iou_threshold=0.3, box_max_tries=3)
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL, **options)
+    method.box_seed = 9  # fixed draws, so that every option below changes them
+    batch = make_batch([64, 64, 32], batch=4, seed=3, dtype=torch.float32)
+    got = method.sample_boxes(batch, draw=3).rois
+
+    def sampled(num_boxes=4, min_size=10.0, iou_threshold=0.3, max_tries=3):
+        return sample_scrl_boxes(batch.matrices[:, :2], view_size=(64, 64), num_boxes=num_boxes, min_size=min_size, iou_threshold=iou_threshold,
+                                 max_tries=max_tries, random=keyed_scrl_randoms(method.box_seed, 3, batch.index)).rois
+
+    assert got[0].shape[0] > 0 and all(torch.equal(a, b) for a, b in zip(got, sampled()))
+    for changed in (dict(num_boxes=10), dict(min_size=32 * 64 / 224), dict(iou_threshold=0.5), dict(max_tries=50)):
+        assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(got, sampled(**changed))), changed
+
+
+def test_scrl_forward_draws_new_boxes_at_every_call():
+    """Called without the trainer's ``prepare``, each ``sample_boxes`` call takes the next draw of
+    the counter: a step never reuses the boxes of the step before."""
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    batch = make_batch([64, 64], batch=4, dtype=torch.float32)
+    first, second = method.sample_boxes(batch).rois, method.sample_boxes(batch).rois
+    assert int(method.box_draws) == 2
+    for got, draw in ((first, 0), (second, 1)):
+        assert all(torch.equal(a, b) for a, b in zip(got, method.sample_boxes(batch, draw=draw).rois))
+    assert not torch.equal(first[0], second[0])
+
+
+def test_scrl_pools_boxes_in_float32_under_bfloat16():
+    """RoIAlign runs in float32 even when the backbone's map is bfloat16 (autocast), as the
+    reference keeps the pooling out of autocast."""
+    method = build_method("scrl", preset="cpu", **SMALL_BYOL)
+    features = torch.randn(3, 32, 2, 2).bfloat16()
+    rois = scrl_rois(None)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        pooled = method.pool(features, rois.float())
+    assert pooled.dtype == torch.float32
+    expected = torchvision.ops.roi_align(features.double(), rois, output_size=1, spatial_scale=1 / 32, sampling_ratio=-1, aligned=False).flatten(1)
+    torch.testing.assert_close(pooled.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_scrl_forward_samples_boxes():
     torch.manual_seed(0)
     method = build_method("scrl", preset="cpu", **SMALL_BYOL)
@@ -277,10 +348,12 @@ def source_positions(matrices, h, w, size):
     return (matrices.double() @ points.T).transpose(1, 2)[..., :2]  # [B, hw, 2]
 
 
-@pytest.mark.parametrize("all_matches", [False, True])
-def test_vicregl_loss_matches_float64(all_matches):
+@pytest.mark.parametrize("all_matches, weights", [(False, (0.75, 25.0, 25.0, 1.0)), (True, (0.6, 2.0, 3.0, 5.0))])
+def test_vicregl_loss_matches_float64(all_matches, weights):
     torch.manual_seed(0)
-    method = build_method("vicregl", preset="cpu", expander="16-16-12", local_projector="8-8-6", num_matches=[5, 3], l2_all_matches=all_matches).double()
+    alpha, inv_coeff, var_coeff, cov_coeff = weights
+    method = build_method("vicregl", preset="cpu", expander="16-16-12", local_projector="8-8-6", num_matches=[5, 3], l2_all_matches=all_matches,
+                          alpha=alpha, inv_coeff=inv_coeff, var_coeff=var_coeff, cov_coeff=cov_coeff).double()
     sizes = [128, 128, 64, 64]
     batch = make_batch(sizes, batch=4, flips=[[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0]])
     out = method(batch)
@@ -301,7 +374,7 @@ def test_vicregl_loss_matches_float64(all_matches):
         inv_g = sum(((z[i] - z[j]) ** 2).mean() for i, j in pairs) / len(pairs)
         var_g = sum(variance64(zv) for zv in z) / 4
         cov_g = sum(covariance64(zv) for zv in z) / 4
-        global_loss = 25 * inv_g + 25 * var_g + cov_g
+        global_loss = inv_coeff * inv_g + var_coeff * var_g + cov_coeff * cov_g
 
         totals = torch.zeros(3, dtype=torch.float64)
         for i, j in pairs:
@@ -313,8 +386,8 @@ def test_vicregl_loss_matches_float64(all_matches):
                     y = torch.stack([local[b][n, cols[n]] for n in range(4)])
                     totals += torch.stack(vicreg64(x, y)) / 2
         totals /= len(pairs)
-        local_loss = 25 * totals[0] + 25 * totals[1] + totals[2]
-        expected = 0.75 * global_loss + 0.25 * local_loss
+        local_loss = inv_coeff * totals[0] + var_coeff * totals[1] + cov_coeff * totals[2]
+        expected = alpha * global_loss + (1 - alpha) * local_loss
     assert_close(out["global_loss"], global_loss)
     assert_close(out["local_loss"], local_loss)
     assert_close(out["loss"], expected)
@@ -424,7 +497,7 @@ def test_variance_covariance_over_ranks_in_one_process_is_the_op():
 SMALL_LEWEL = dict(neck_dims=[16, 8], predictor_dims=[16, 8], object_projector_dims=[16, 6], object_predictor_dims=[16, 6])
 
 
-def lewel64(method, encoder, images):
+def lewel64(method, encoder, images, map_scale=1.0):
     """(image embedding [B, D], object embeddings [B, maps_per_head, D]) written out with einsum."""
     x = encoder.backbone(images).flatten(2)  # [B, C, P]
     b, c, p = x.shape
@@ -432,7 +505,7 @@ def lewel64(method, encoder, images):
     out = encoder.neck(columns.transpose(1, 2).reshape(b * (p + 1), c)).reshape(b, p + 1, -1)  # [B, P+1, M]
     g = out[:, p]
     pixels = out[:, :p]  # [B, P, M]
-    maps = torch.softmax((pixels / pixels.norm(dim=2, keepdim=True)) / 1.0, dim=1)  # softmax over pixels
+    maps = torch.softmax((pixels / pixels.norm(dim=2, keepdim=True)) / map_scale, dim=1)  # softmax over pixels
     heads = 4
     per_head = maps.shape[2] // heads
     groups = []
@@ -445,15 +518,15 @@ def lewel64(method, encoder, images):
     return g, o
 
 
-@pytest.mark.parametrize("eman", [False, True])
-def test_lewel_loss_matches_float64(eman):
+@pytest.mark.parametrize("eman, map_scale", [(False, 1.0), (True, 0.3)])
+def test_lewel_loss_matches_float64(eman, map_scale):
     torch.manual_seed(0)
-    method = build_method("lewel", preset="cpu", eman=eman, **SMALL_LEWEL).double()
+    method = build_method("lewel", preset="cpu", eman=eman, map_scale=map_scale, **SMALL_LEWEL).double()
     batch = make_batch([96, 96], batch=3)
     out = method(batch)
     with torch.no_grad():
-        online = [lewel64(method, method.encoder, v) for v in batch.views]
-        target = [lewel64(method, method.target_encoder, v) for v in batch.views]
+        online = [lewel64(method, method.encoder, v, map_scale) for v in batch.views]
+        target = [lewel64(method, method.target_encoder, v, map_scale) for v in batch.views]
         total = 0.0
         for a, b in ((0, 1), (1, 0)):
             g, o = online[a]
@@ -540,7 +613,7 @@ def dino_head64(head, x):
     return y @ w.T
 
 
-def selfpatch64(network, images, teacher):
+def selfpatch64(network, images, teacher, num_neighbours=4):
     tokens = network.backbone(images)  # [B, N, C]
     b, n, c = tokens.shape
     side = images.shape[-1] // 16
@@ -560,7 +633,7 @@ def selfpatch64(network, images, teacher):
                 r, col = divmod(i, side)
                 window = sorted({((r + dr) % side) * side + (col + dc) % side for dr in (-1, 0, 1) for dc in (-1, 0, 1)} - {i})
                 sims = torch.stack([cos64(tokens[bi, i], tokens[bi, j]) for j in window])
-                best = [window[j] for j in sims.topk(4).indices.tolist()]
+                best = [window[j] for j in sims.topk(num_neighbours).indices.tolist()]
                 patches.append(attend(tokens[bi, best][None])[0])
         patches = torch.stack(patches).reshape(b, n, c)
     else:
@@ -569,10 +642,15 @@ def selfpatch64(network, images, teacher):
     return dino_head64(network.image_head, out[:, 0]), dino_head64(network.patch_head, out[:, 1:])
 
 
-def test_selfpatch_loss_and_centres_match_float64():
+SELFPATCH_DEFAULTS = dict(teacher_temp=0.04, student_temp=0.1, center_momentum=0.9, patch_loss_weight=0.1, num_neighbours=4)
+
+
+@pytest.mark.parametrize("options", [{}, dict(teacher_temp=0.07, student_temp=0.2, center_momentum=0.8, patch_loss_weight=0.3, num_neighbours=3)])
+def test_selfpatch_loss_and_centres_match_float64(options):
     pytest.importorskip("timm")
     torch.manual_seed(0)
-    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH).double()
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH, **options).double()
+    o = {**SELFPATCH_DEFAULTS, **options}
     with torch.no_grad():  # a teacher that differs from the student, and non-zero centres
         for p in method.teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -583,26 +661,27 @@ def test_selfpatch_loss_and_centres_match_float64():
     out = method(batch)
     with torch.no_grad():
         student = [selfpatch64(method.student, v, teacher=False) for v in batch.views]
-        teacher = [selfpatch64(method.teacher, v, teacher=True) for v in batch.views]
+        teacher = [selfpatch64(method.teacher, v, teacher=True, num_neighbours=o["num_neighbours"]) for v in batch.views]
         image_terms = []
         for i in range(2):
-            q = torch.softmax((teacher[i][0] - center) / 0.04, -1)
+            q = torch.softmax((teacher[i][0] - center) / o["teacher_temp"], -1)
             for v in range(4):
                 if v != i:
-                    image_terms.append(-(q * torch.log_softmax(student[v][0] / 0.1, -1)).sum(-1).mean())
+                    image_terms.append(-(q * torch.log_softmax(student[v][0] / o["student_temp"], -1)).sum(-1).mean())
         patch_terms = []
         for v in range(4):
-            q = torch.softmax((teacher[v][1] - patch_center) / 0.04, -1)
-            patch_terms.append(-(q * torch.log_softmax(student[v][1] / 0.1, -1)).sum(-1).mean())
+            q = torch.softmax((teacher[v][1] - patch_center) / o["teacher_temp"], -1)
+            patch_terms.append(-(q * torch.log_softmax(student[v][1] / o["student_temp"], -1)).sum(-1).mean())
         image_loss = sum(image_terms) / 6
         patch_loss = sum(patch_terms) / 4
     assert_close(out["image_loss"], image_loss)
     assert_close(out["patch_loss"], patch_loss)
-    assert_close(out["loss"], image_loss + 0.1 * patch_loss)
+    assert_close(out["loss"], image_loss + o["patch_loss_weight"] * patch_loss)
     mean_image = torch.cat([t[0] for t in teacher]).mean(0, keepdim=True)
     mean_patch = torch.cat([t[1].reshape(-1, 16) for t in teacher]).mean(0, keepdim=True)
-    torch.testing.assert_close(method.center, 0.9 * center + 0.1 * mean_image, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(method.patch_center, 0.9 * patch_center + 0.1 * mean_patch, rtol=1e-10, atol=1e-12)
+    m = o["center_momentum"]
+    torch.testing.assert_close(method.center, m * center + (1 - m) * mean_image, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(method.patch_center, m * patch_center + (1 - m) * mean_patch, rtol=1e-10, atol=1e-12)
 
 
 def test_selfpatch_freezes_last_layers_in_the_first_epoch():
@@ -737,6 +816,29 @@ def test_registry_and_option_validation():
         build_method("selfpatch", backbone="resnet18")
 
 
+@pytest.mark.parametrize("method, option, value", [
+    ("scrl", "base_momentum", 1.5), ("scrl", "num_boxes", 0), ("scrl", "num_boxes", True), ("scrl", "box_min_size", -1.0),
+    ("vicregl", "inv_coeff", -1.0), ("vicregl", "cov_coeff", -1.0), ("vicregl", "num_matches", [0, 4]), ("vicregl", "multi_crop", "yes"),
+    ("lewel", "base_momentum", -0.1), ("lewel", "map_scale", 0.0), ("lewel", "num_heads", 0), ("lewel", "predictor_dims", [16, 7]),
+    ("selfpatch", "num_neighbours", 9), ("selfpatch", "teacher_temp", 0.0), ("selfpatch", "center_momentum", 1.5),
+    ("selfpatch", "patch_loss_weight", -0.1), ("selfpatch", "freeze_last_layer", -1),
+])
+def test_out_of_range_options_are_refused_naming_the_option(method, option, value):
+    small = {"scrl": SMALL_BYOL, "lewel": SMALL_LEWEL}.get(method, {})
+    with pytest.raises(ValueError, match=option):
+        build_method(method, preset="cpu", **{**small, option: value})
+
+
+@pytest.mark.parametrize("method, option, value", [
+    ("scrl", "base_momentum", 1.0), ("vicregl", "alpha", 0.0), ("vicregl", "alpha", 1.0), ("vicregl", "cov_coeff", 0.0),
+    ("selfpatch", "num_neighbours", 8), ("selfpatch", "num_neighbours", 1), ("selfpatch", "patch_loss_weight", 0.0),
+])
+def test_options_at_the_ends_of_their_ranges_are_accepted(method, option, value):
+    pytest.importorskip("timm")
+    small = {"scrl": SMALL_BYOL, "selfpatch": SMALL_SELFPATCH, "vicregl": dict(expander="8-8", local_projector="4-4")}[method]
+    assert build_method(method, preset="cpu", **{**small, option: value}).options[option] == value
+
+
 def test_reference_defaults_and_cpu_recipes():
     assert method_options("scrl")["base_momentum"] == 0.97 and method_options("scrl")["projector_dims"] == [4096, 256]
     vicregl = method_options("vicregl")
@@ -769,3 +871,6 @@ def test_cosine_momentum_schedule():
     assert cosine_momentum(0.996, 100, 100) == 1.0
     with pytest.raises(ValueError):
         cosine_momentum(0.9, 11, 10)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="base_momentum"):
+            cosine_momentum(bad, 0, 10)

@@ -319,6 +319,24 @@ def test_triton_inner_splits(shape, recompute, device, monkeypatch):
     assert len(combines.launches) == (3 if recompute else 1)  # the forward, then each of two row chunks
 
 
+def test_triton_even_tiles_last_inner_split_stops_at_the_data(device, monkeypatch):
+    # Blocks that divide the shape take unmasked loads, and 12 multiprocessors over the Gram form's 3
+    # active tiles cut the 320-long inner axis into 128 + 128 + 64: the last range must end at 320,
+    # not read 64 columns past each row.
+    _interpreter_tiles(monkeypatch)
+    monkeypatch.setattr(kernels, "multiprocessors", lambda device: 12)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_INNER", 128)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_DEPTH", 64)
+    cuts = []
+    inner_splits = kernels.inner_splits
+    monkeypatch.setattr(kernels, "inner_splits", lambda *args: cuts.append(inner_splits(*args)) or cuts[-1])
+    products = _RecordLaunches(kernels._product_tiles_kernel)
+    monkeypatch.setattr(kernels, "_product_tiles_kernel", products)
+    _check_triton(_spread(128, 320, device=device))
+    assert cuts[0] == (3, 128)
+    assert products.launches[0]["EVEN"] and products.launches[0]["SPLIT"]
+
+
 def test_inner_splits_fill_the_gpu(monkeypatch):
     """On an H100 (132 multiprocessors) with 128x128x32 float32 tiles."""
     def splits(side_a, side_b, inner, symmetric=True):

@@ -327,6 +327,25 @@ def test_pooled_kernels_take_several_channel_blocks_a_program(device, channel_bl
         kernels.apply_settings(package)
 
 
+def test_pooled_settings_larger_than_the_shape_are_cut_to_it(device):
+    """A tuning result applied to a smaller shape than it was tuned on: the channel block no wider
+    than the channels (a power of two, at least 16), no more channel blocks a program than there are,
+    a chunk no longer than the padded map; the results stay torchvision's."""
+    import fastdense.kernels.roi_align as kernels
+
+    package = kernels.current_settings()
+    kernels.apply_settings(dict(POOLED_FORWARD_BLOCK_C=128, POOLED_BACKWARD_BLOCK_C=128, POOLED_FORWARD_CHANNEL_BLOCKS=8,
+                                POOLED_BACKWARD_CHANNEL_BLOCKS=8, POOLED_CHUNK=1024))
+    try:
+        for backward in (False, True):
+            grid_channels, constexprs, _ = kernels._pooled_config(20, 7, 7, backward, torch.float32)
+            assert (grid_channels, constexprs["BLOCK_C"], constexprs["CHANNEL_BLOCKS"], constexprs.get("CHUNK", 64)) == (1, 32, 1, 64)
+        assert kernels.pooled_forward_chunk(3, 3) == 16  # 4x4 padded
+        check_against_torchvision("triton", device, (1, 1), 2, True, 1 / 32, torch.float32, "nchw", shape=(2, 20, 7, 7), per_image=4)
+    finally:
+        kernels.apply_settings(package)
+
+
 class RecordedLaunches:
     """Stands in for a Triton kernel: records each launch's grid and keyword arguments, then launches the kernel."""
 
@@ -540,13 +559,15 @@ def test_grouping_launch_writes_the_pooled_weights_of_the_separate_kernel(device
     """The plan's one launch (ranks and weights) gives the rows that the sort fallback's own weights
     launch gives, bit for bit, and the reference's interpolation matrices give to rounding: boxes of
     every size in a block (sample grids of 1 to many, partly outside the map, degenerate), blocks
-    partly filled, an image with more boxes than its head rows hold, boxes of no image."""
+    partly filled, an image with more boxes than its head rows hold followed by one with none (whose
+    head rows stay unused), boxes of no image."""
     from fastdense.kernels.roi_align import POOLED_BOX_BLOCK, PooledMap, group_by_rank, group_by_sort
     from fastdense.ops.roi_align import _box_weights
 
     generator = torch.Generator().manual_seed(height * 31 + width)
     boxes = 45
     image = torch.randint(0, 4, (boxes,), generator=generator).float()
+    image[image == 2.0] = 3.0
     image[: POOLED_BOX_BLOCK + 2] = 1.0
     image[-3:] = torch.tensor([-1.0, 4.0, float("nan")])
     corner = torch.rand(boxes, 2, generator=generator) * torch.tensor([width * 1.6, height * 1.6]) - torch.tensor([width * 0.3, height * 0.3])
@@ -871,6 +892,13 @@ def test_a_list_of_16_bit_boxes_keeps_every_image_index(dtype):
 def test_boxes_to_rois_keeps_image_order():
     rois = boxes_to_rois([torch.ones(2, 4), torch.zeros(0, 4), torch.full((1, 4), 2.0)])
     assert rois[:, 0].tolist() == [0, 0, 2]
+
+
+def test_boxes_to_rois_of_no_images_takes_the_given_dtype_and_device():
+    rois = boxes_to_rois([], dtype=torch.float64, device="meta")
+    assert rois.shape == (0, 5) and rois.dtype == torch.float64 and rois.device.type == "meta"
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    assert ops.roi_align(x, [], (2, 2)).shape == (0, 3, 2, 2)
 
 
 @pytest.mark.gpu

@@ -839,6 +839,69 @@ def test_options_at_the_ends_of_their_ranges_are_accepted(method, option, value)
     assert build_method(method, preset="cpu", **{**small, option: value}).options[option] == value
 
 
+@pytest.mark.parametrize("method, message", [("scrl", "SCRL needs 2 views"), ("vicregl", "VICRegL needs at least 2 views"),
+                                             ("lewel", "LEWEL needs 2 views"), ("selfpatch", "SelfPatch needs at least 2 views")])
+def test_methods_refuse_a_batch_of_one_view(method, message):
+    if method == "selfpatch":
+        pytest.importorskip("timm")
+    small = {"scrl": SMALL_BYOL, "lewel": SMALL_LEWEL, "selfpatch": SMALL_SELFPATCH, "vicregl": dict(expander="8-8", local_projector="4-4")}[method]
+    with pytest.raises(ValueError, match=f"{message}, got 1"):
+        build_method(method, preset="cpu", **small)(make_batch([64], batch=2, dtype=torch.float32))
+
+
+def test_lewel_heads_must_divide_the_maps_too():
+    # The tiny backbone's 32 channels divide by 4; the neck's 6 maps do not.
+    with pytest.raises(ValueError, match=r"num_heads \(4\) must divide .* maps \(neck output, 6\)"):
+        build_method("lewel", preset="cpu", **{**SMALL_LEWEL, "neck_dims": [16, 6], "predictor_dims": [16, 6]}, num_heads=4)
+
+
+def test_lewel_target_mode_and_batchnorm_sync_follow_eman():
+    """EMAN's target is in eval mode from the start (its buffers are averaged, not updated by its
+    forward); BatchNorm is synchronised across ranks only without EMAN, as in the reference's runs."""
+    eman = build_method("lewel", preset="cpu", eman=True, **SMALL_LEWEL)
+    assert eman.training and not eman.target_encoder.training and not eman.synchronises_batchnorm
+    byol = build_method("lewel", preset="cpu", eman=False, **SMALL_LEWEL)
+    assert byol.synchronises_batchnorm
+
+
+def test_mlp_and_head_specs_refuse_what_they_cannot_build():
+    from fastdense.models.heads import mlp, parse_spec
+
+    for in_dim, dims in ((0, [4]), (8, []), (8, [4, 0])):
+        with pytest.raises(ValueError, match="mlp needs a positive in_dim"):
+            mlp(in_dim, dims)
+    assert parse_spec("16-8") == [16, 8] and parse_spec((4, 2)) == [4, 2]
+    with pytest.raises(ValueError, match="head spec must look like '512-512-512', got '16-x'"):
+        parse_spec("16-x")
+
+
+@pytest.mark.parametrize("height, width", [(3, 3), (3, 5), (5, 3), (4, 7)])
+def test_selfpatch_windows_wrap_each_axis_by_its_own_length(height, width):
+    from fastdense.methods.selfpatch import window_neighbours
+
+    expected = [sorted({((r + dr) % height) * width + (c + dc) % width for dr in (-1, 0, 1) for dc in (-1, 0, 1)} - {r * width + c})
+                for r in range(height) for c in range(width)]
+    assert window_neighbours(height, width).tolist() == expected
+    for small in ((2, 5), (5, 2)):
+        with pytest.raises(ValueError, match="at least 3 x 3"):
+            window_neighbours(*small)
+
+
+def test_selfpatch_centres_move_only_in_training():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("selfpatch", preset="cpu", **SMALL_SELFPATCH).double()
+    batch = make_batch([64, 64], batch=2)
+    method.eval()
+    center, patch_center = method.center.clone(), method.patch_center.clone()
+    with torch.no_grad():
+        method(batch)
+    assert torch.equal(method.center, center) and torch.equal(method.patch_center, patch_center)
+    method.train()
+    method(batch)
+    assert not torch.equal(method.center, center) and not torch.equal(method.patch_center, patch_center)
+
+
 def test_reference_defaults_and_cpu_recipes():
     assert method_options("scrl")["base_momentum"] == 0.97 and method_options("scrl")["projector_dims"] == [4096, 256]
     vicregl = method_options("vicregl")

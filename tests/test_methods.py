@@ -902,6 +902,40 @@ def test_selfpatch_centres_move_only_in_training():
     assert not torch.equal(method.center, center) and not torch.equal(method.patch_center, patch_center)
 
 
+def test_heads_are_the_references():
+    """The heads the float64 oracles take as black boxes, checked against the papers' code: VICReg,
+    BYOL and LEWEL MLPs with BatchNorm (or LayerNorm) and ReLU; DINO's head as Linear-GELU-Linear-
+    GELU-Linear to the bottleneck, truncated-normal weights (std 0.02) and zero biases."""
+    from fastdense.models.heads import DINOHead, mlp
+
+    assert [type(m) for m in mlp(8, [16, 16, 4])] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear]
+    assert [type(m) for m in mlp(8, [16, 4], norm="layer")] == [nn.Linear, nn.LayerNorm, nn.ReLU, nn.Linear]
+    torch.manual_seed(0)
+    head = DINOHead(384, 64)
+    assert [type(m) for m in head.mlp] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    assert [(m.in_features, m.out_features) for m in head.mlp if isinstance(m, nn.Linear)] == [(384, 2048), (2048, 2048), (2048, 256)]
+    for linear in (m for m in head.mlp if isinstance(m, nn.Linear)):
+        assert abs(linear.weight.std().item() - 0.02) < 0.001 and torch.all(linear.bias == 0)
+
+
+def test_selfpatch_network_is_the_references():
+    """No final norm on the ViT (the head's own LayerNorm follows the class attention); a token refined
+    by 2 class-attention blocks with MLP ratio 4, the token and the blocks' weights truncated normal
+    with std 0.02."""
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    method = build_method("selfpatch", preset="cpu", **{**SMALL_SELFPATCH, "backbone_options": {"depth": 1, "embed_dim": 192, "num_heads": 3}})
+    for network in (method.student, method.teacher):
+        assert isinstance(network.backbone.trunk.norm, nn.Identity)
+        head = network.head
+        assert len(head.blocks) == 2
+        assert all(block.mlp[0].out_features == 4 * 192 for block in head.blocks)
+    token = method.student.head.token
+    assert abs(token.std().item() - 0.02) < 0.004
+    weights = torch.cat([m.weight.flatten() for m in method.student.head.modules() if isinstance(m, nn.Linear)])
+    assert abs(weights.std().item() - 0.02) < 0.001
+
+
 def test_reference_defaults_and_cpu_recipes():
     assert method_options("scrl")["base_momentum"] == 0.97 and method_options("scrl")["projector_dims"] == [4096, 256]
     vicregl = method_options("vicregl")

@@ -648,6 +648,20 @@ def test_one_matching_launch_per_wide_or_narrow_dtype(monkeypatch, device):
     assert_matches_reference_pair_by_pair(queries, candidates, dist, index, starts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_16_bit_locations_at_pixel_scale(dtype, device):
+    """Locations in source pixels (hundreds apart) in 16 bits: their squares pass float16's range
+    (65504) and bfloat16's 8-bit mantissa, so the exact-difference scan squares in float32."""
+    g = torch.Generator().manual_seed(3)
+    q = (torch.rand(2, 30, 2, generator=g) * 600).to(device=device, dtype=dtype)
+    c = (torch.rand(2, 40, 2, generator=g) * 600).to(device=device, dtype=dtype)
+    with ops.backend("triton"):
+        dist, index = ops.nearest_neighbor(q, c)
+    ref_dist, ref_index = nearest_neighbor_reference(q, c)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-6, atol=1e-6)
+    assert_indices_agree(q, c, index, ref_index)
+
+
 def test_width_at_the_narrow_limit_matches_reference(device):
     """D = DIRECT_MAX_D (8) is the widest narrow pair: scanned by exact differences through the narrow
     base, like D = 2 beside it, while D = 9 and 16 take the expansion through the wide base."""

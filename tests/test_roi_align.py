@@ -158,21 +158,25 @@ def test_large_map_backward_tests_boxes_in_blocks(device, aligned, sampling_rati
 @pytest.mark.parametrize("aligned", [False, True])
 def test_large_map_backward_boxes_ending_just_before_a_tile(device, aligned):
     """A box whose samples end less than a pixel before a backward tile gives weight to the tile's
-    first column (row) through its samples' upper neighbours: the tile must not leave it out."""
+    first column (row) through its samples' upper neighbours: the tile must not leave it out. And a
+    point box on the map's last edge (y = H, a tile's end; aligned, so sampled there) gives its last row."""
     import fastdense.kernels.roi_align as kernels
 
     tile_h, tile_w = kernels.LARGE_TILE
+    height = 2 * tile_h
     offset = 0.5 if aligned else 0.0
     rois = torch.tensor([[0.0, tile_w - 5.0, 2.0, tile_w - 0.4, 5.0],  # x ends 0.4 before the second column of tiles
-                         [0.0, 1.0, tile_h - 4.0, 5.0, tile_h - 0.4]], dtype=torch.float64) + offset * torch.tensor([0, 1, 1, 1, 1])
-    x = torch.randn(1, 2, 2 * tile_h + 1, 2 * tile_w + 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float().to(device)
+                         [0.0, 1.0, tile_h - 4.0, 5.0, tile_h - 0.4],
+                         [0.0, 3.0, height, 9.0, height]], dtype=torch.float64) + offset * torch.tensor([0, 1, 1, 1, 1])
+    x = torch.randn(1, 2, height, 2 * tile_w + 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64).float().to(device)
     x.requires_grad_()
     rois = rois.float().to(device)
-    grad = torch.ones(2, 2, 2, 3, device=device)
+    grad = torch.ones(3, 2, 2, 3, device=device)
     with ops.backend("triton"):
         (grad_x,) = torch.autograd.grad(ops.roi_align(x, rois, (2, 3), 1.0, 2, aligned), x, grad)
     expected = torchvision_forward_backward(x, rois, grad, (2, 3), 1.0, 2, aligned)[1]
     assert expected[0, :, :, tile_w].abs().sum() > 0 and expected[0, :, tile_h, :].abs().sum() > 0
+    assert (expected[0, :, -1].abs().sum() > 0) == aligned
     assert relative_error(grad_x, expected) <= 1e-6
 
 

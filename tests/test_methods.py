@@ -962,6 +962,17 @@ def test_reference_defaults_and_cpu_recipes():
     assert method_options("lewel", "cpu")["backbone"] == "resnet18"
 
 
+def test_byol_loss_stops_the_targets_gradient_and_ema_refuses_other_networks():
+    from fastdense.methods.ema import byol_loss, ema_update
+
+    prediction = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    byol_loss(prediction, target).sum().backward()
+    assert prediction.grad is not None and target.grad is None
+    with pytest.raises(ValueError, match="same parameters"):
+        ema_update(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), 0.9)
+
+
 def test_cosine_momentum_schedule():
     assert cosine_momentum(0.996, 0, 100) == pytest.approx(0.996)
     assert cosine_momentum(0.996, 50, 100) == pytest.approx(1 - 0.004 / 2)

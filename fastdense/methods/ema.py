@@ -55,7 +55,8 @@ def make_target(online: nn.Module, fresh: nn.Module = None) -> nn.Module:
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BYOL's regression loss per row: ``2 - 2 cos(prediction, target)``, shape ``[N]``.
+    """BYOL's regression loss per row: ``2 - 2 cos(prediction, target)``, shape ``[N]``; no gradient
+    reaches ``target`` (BYOL's stop-gradient).
 
     >>> byol_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 3.0]]))
     tensor([2.])

@@ -135,7 +135,8 @@ def test_scrl_box_seed_is_host_state_that_checkpoints_carry():
 def test_scrl_refuses_a_batch_without_two_views():
     method = build_method("scrl", preset="cpu", **SMALL_BYOL)
     one_view = make_batch([64], batch=2, dtype=torch.float32)
-    for call in (lambda: method.prepare(one_view, step=0), lambda: method(one_view)):
+    given_boxes = [torch.tensor([[0.0, 1.0, 1.0, 20.0, 20.0]])] * 2
+    for call in (lambda: method.prepare(one_view, step=0), lambda: method(one_view), lambda: method(one_view, rois=given_boxes)):
         with pytest.raises(ValueError, match="SCRL needs 2 views, got 1"):
             call()
 

@@ -151,6 +151,38 @@ def roundtrip_check(batch, sources: Dict[int, Tuple[int, int]], mean=IMAGENET_ME
     return worst
 
 
+# (height, width, scale) of small images, for crop_sampler_gaps
+SMALL_IMAGE_CROPS = [(10, 12, (0.5, 1.0)), (12, 9, (0.3, 0.5)), (7, 16, (0.6, 1.0))]
+
+
+def crop_sampler_gaps(sampler, height: int, width: int, scale, ratio=(3 / 4, 4 / 3), draws: int = 3000) -> Tuple[float, float]:
+    """How far a crop sampler's windows ``(x0, y0, w, h)`` on a ``height x width`` image are from
+    torchvision's ``RandomResizedCrop.get_params``: ``(total variation distance between the
+    distributions of (w, h), largest difference in the fraction of windows touching each side)``.
+    On small images windows reach the sides, so a window size rejected at the border or a position
+    range one short shows in both."""
+    import torchvision.transforms as T
+    from collections import Counter
+
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    theirs = [T.RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(draws)]
+    theirs = [(j, i, w, h) for i, j, h, w in theirs]
+    ours = [tuple(int(c) for c in sampler()[:4]) for _ in range(draws)]
+
+    def sizes(windows):
+        return Counter((w, h) for _, _, w, h in windows)
+
+    def sides(windows):
+        return np.mean([(x0 == 0, y0 == 0, x0 + w == width, y0 + h == height) for x0, y0, w, h in windows], axis=0)
+
+    for x0, y0, w, h in ours:
+        assert 0 <= x0 and 0 < w and x0 + w <= width and 0 <= y0 and 0 < h and y0 + h <= height, (x0, y0, w, h)
+    a, b = sizes(ours), sizes(theirs)
+    total_variation = 0.5 * sum(abs(a[k] - b[k]) for k in set(a) | set(b)) / draws
+    return total_variation, float(np.abs(sides(ours) - sides(theirs)).max())
+
+
 def single_view(batch, b: int, v: int, matrix: torch.Tensor):
     """Image ``b``'s view ``v`` of ``batch`` alone, as a one-image, one-view batch with ``matrix``
     ``[3, 3]`` in place of its own (to probe :func:`roundtrip_check` view by view)."""

@@ -26,7 +26,7 @@ from fastdense.pipelines.folder import scan_image_folder
 from fastdense.pipelines.photometric import PhotometricParams, apply_params, apply_photometric, normalize, sample_params
 from fastdense.pipelines.recipes import RECIPES, Recipe, ViewSpec, get_recipe
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, roundtrip_check, save_image, single_view, unnormalize
+from pipeline_helpers import SMALL_IMAGE_CROPS, build_bad_corpus, build_coordinate_folder, crop_sampler_gaps, roundtrip_check, save_image, single_view, unnormalize
 
 PIPELINES_DIR = Path(pipelines.__file__).resolve().parent
 BACKENDS = ["torch", "dali", "ffcv"]
@@ -230,6 +230,24 @@ def test_crop_fallback_is_torchvision_centre_crop(height, width):
         return
     i, j, th, tw = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
     assert (x0, y0, w, h, flip) == (j, i, tw, th, False)
+    flipped = sample_crop(height, width, dataclasses.replace(spec, flip_p=1.0), np.random.default_rng(1))
+    assert flipped == (x0, y0, w, h, True), "the fallback window is flipped with probability flip_p too"
+
+
+
+@pytest.mark.parametrize("height,width,scale", SMALL_IMAGE_CROPS)
+def test_small_image_crops_follow_torchvision(height, width, scale):
+    """On images a few pixels wide, windows reach the sides: a window as wide or as high as the
+    image must fit, and every position up to the far side must be drawn, as RandomResizedCrop does."""
+    rng = np.random.default_rng(0)
+    spec = ViewSpec(16, scale)
+    size_gap, side_gap = crop_sampler_gaps(lambda: sample_crop(height, width, spec, rng), height, width, scale)
+    assert size_gap < 0.06 and side_gap < 0.05, (size_gap, side_gap)
+
+
+def test_sample_crop_rejects_an_empty_image():
+    with pytest.raises(ValueError, match="0 x 5"):
+        sample_crop(0, 5, ViewSpec(16, (0.5, 1.0)), np.random.default_rng(0))
 
 
 def test_crops_to_matrices_follow_conventions():
@@ -238,6 +256,14 @@ def test_crops_to_matrices_follow_conventions():
     assert m.shape == (1, 2, 3, 3) and m.dtype == torch.float32
     torch.testing.assert_close(m[0, 0], torch.tensor([[100 / 224, 0, 10], [0, 50 / 224, 20], [0, 0, 1.0]]))
     torch.testing.assert_close(m[0, 1], torch.tensor([[-2.0, 0, 94], [0, 2.0, 5], [0, 0, 1.0]]))
+    # A view size given as (H_v, W_v): x scales by the width, y by the height.
+    m = crops_to_matrices(crops, [(25, 50), (32, 16)])
+    torch.testing.assert_close(m[0, 0], torch.tensor([[2.0, 0, 10], [0, 2.0, 20], [0, 0, 1.0]]))
+    torch.testing.assert_close(m[0, 1], torch.tensor([[-4.0, 0, 94], [0, 2.0, 5], [0, 0, 1.0]]))
+    with pytest.raises(ValueError, match="one size per view"):
+        crops_to_matrices(crops, [224])
+    with pytest.raises(ValueError, match="crops must have shape"):
+        crops_to_matrices(crops[..., :4], [224, 32])
 
 
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])

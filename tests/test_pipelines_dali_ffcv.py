@@ -30,7 +30,7 @@ from PIL import Image
 
 from fastdense.pipelines.photometric import GRAY_WEIGHTS
 
-from pipeline_helpers import build_bad_corpus, build_coordinate_folder, coordinate_image, roundtrip_check, unnormalize
+from pipeline_helpers import SMALL_IMAGE_CROPS, build_bad_corpus, build_coordinate_folder, coordinate_image, crop_sampler_gaps, roundtrip_check, unnormalize
 
 pytest.importorskip("nvidia.dali", reason="scripts/install.sh installs nvidia-dali")
 ffcv = pytest.importorskip("ffcv", reason="scripts/install.sh installs ffcv")
@@ -451,6 +451,21 @@ def test_ffcv_crop_sampler_follows_random_resized_crop():
         spread = np.quantile(b, 0.9) - np.quantile(b, 0.1)
         assert np.abs(np.quantile(a, quantiles) - np.quantile(b, quantiles)).max() < 0.1 * spread
     assert abs(flip.mean() - spec.flip_p) < 0.05
+
+
+@pytest.mark.parametrize("height,width,scale", SMALL_IMAGE_CROPS)
+def test_ffcv_crop_sampler_on_small_images_follows_random_resized_crop(height, width, scale):
+    """As test_small_image_crops_follow_torchvision for the compiled sampler: windows as wide or as
+    high as the image fit, and positions reach the far sides."""
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    keys = iter(range(10**6))
+
+    def draw():
+        state = np.uint64(ffcv_backend._stream(0, 0, next(keys), 0))
+        return ffcv_backend._sample_window(state, height, width, scale[0], scale[1], *log_ratio, 0.5)[1:]
+
+    size_gap, side_gap = crop_sampler_gaps(draw, height, width, scale)
+    assert size_gap < 0.06 and side_gap < 0.05, (size_gap, side_gap)
 
 
 def test_ffcv_loaders_leave_numba_types_alone(raw_beton):

@@ -402,6 +402,17 @@ def test_pass_stopped_early_still_ends_its_epoch(backend, scene_folder, tmp_path
     assert torch.equal(next(iter(loader)).matrices, peek)
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])  # ffcv: test_ffcv_round_trip_raw_storage
+def test_each_epoch_draws_new_crops_of_the_same_images(backend, scene_folder, tmp_path):
+    """In dataset order, so that only the crops can change: epoch 1 crops each image anew."""
+    require_backend(backend)
+    loader = open_loader(backend, scene_folder, tmp_path, recipe=small("scrl"), batch_size=10, photometric=False, shuffle=False)
+    first, second = (next(iter(loader)) for _ in range(2))
+    assert torch.equal(first.index, second.index)
+    changed = (first.matrices != second.matrices).flatten(2).any(-1)  # [B, V]
+    assert changed.float().mean() > 0.8, changed
+
+
 def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
     options = dict(recipe=small("scrl"), batch_size=8, seed=5)
     in_process = _batches(open_loader("torch", scene_folder, tmp_path, num_workers=0, **options))
@@ -414,16 +425,24 @@ def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
     require_backend(backend)
     total = len(scan_image_folder(scene_folder))
     options = dict(recipe=small("plain"), batch_size=4, photometric=False, num_shards=3)
-    seen = []
+    seen, first_windows = [], []
     for shard in range(3):
         loader = open_loader(backend, scene_folder, tmp_path, shard_id=shard, drop_last=False, **options)
-        indices = torch.cat([b.index for b in loader]).tolist()
+        batches = list(loader)
+        indices = torch.cat([b.index for b in batches]).tolist()
         assert len(indices) == len(set(indices))
         seen.append(set(indices))
+        first_windows.append(batches[0].matrices)
     assert set().union(*seen) == set(range(total))
     assert sum(len(s) for s in seen) == total
-    lengths = {len(open_loader(backend, scene_folder, tmp_path, shard_id=k, drop_last=True, **options)) for k in range(3)}
-    assert len(lengths) == 1, f"with drop_last every shard must run the same number of batches, got {lengths}"
+    # Every image here has the same size: shards that drew from one random stream would crop alike.
+    assert not torch.equal(first_windows[0], first_windows[1]), "shards must draw their own crops"
+    # 30 samples over 4 shards: 8, 8, 7 and 7, of which drop_last keeps 7 each, so one whole batch.
+    options["num_shards"] = 4
+    loaders = [open_loader(backend, scene_folder, tmp_path, shard_id=k, drop_last=True, **options) for k in range(4)]
+    lengths = {len(loader) for loader in loaders}
+    assert lengths == {1}, f"with drop_last every shard must run the same number of batches, got {lengths}"
+    assert [b.batch_size for b in loaders[0]] == [4]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -435,10 +454,12 @@ def test_tiny_dataset_one_class_images_smaller_than_views(backend, tmp_path):
     folder = tmp_path / "three"
     sources = build_coordinate_folder(folder, [(28, 24), (30, 36), (26, 26)], suffix=".png")
     recipe = with_flips(small("plain").resized({32: 48}), 0.5)
-    with pytest.raises(ValueError, match="batch_size is 4"):
+    with pytest.raises(ValueError, match="batch_size is 4 .*; pass drop_last=False or a smaller batch_size"):
         open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="shard 3 of 4 gets 0"):
         open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=1, shard_id=3, num_shards=4, drop_last=False)
+    with pytest.raises(ValueError, match="shard 0 of 2 gets 1 of the 3"):  # drop_last: each shard keeps 3 // 2
+        open_loader(backend, folder, tmp_path, recipe=recipe, batch_size=2, shard_id=0, num_shards=2, drop_last=True)
     loader = open_loader(backend, folder, tmp_path, beton_write_mode="raw", recipe=recipe, batch_size=4, drop_last=False, photometric=False)
     batches = list(loader)
     assert len(loader) == len(batches) == 1 and batches[0].batch_size == 3 and not loader.skipped
@@ -446,6 +467,21 @@ def test_tiny_dataset_one_class_images_smaller_than_views(backend, tmp_path):
     assert [tuple(v.shape) for v in batches[0].views] == [(3, 3, 48, 48)]
     if backend != "ffcv":  # FFCV enlarges with INTER_AREA, blockier than the round trip's mean limit
         roundtrip_check(batches[0], sources, recipe.mean, recipe.std, noise_levels=1.0)
+
+
+def test_view_batch_checks_its_shapes_and_moves_every_tensor():
+    views = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)]
+    fields = dict(views=views, matrices=torch.eye(3).expand(2, 2, 3, 3), source_size=torch.full((2, 2), 8), index=torch.arange(2), label=torch.ones(2, dtype=torch.int64))
+    batch = pipelines.ViewBatch(**fields)
+    assert (batch.batch_size, batch.num_views) == (2, 2)
+    moved = batch.to("meta")  # stands in for a GPU: every tensor must move
+    assert all(t.device.type == "meta" for t in moved.views + [moved.matrices, moved.source_size, moved.index, moved.label])
+    for name, value, message in [("views", [], "at least one view"), ("views", [views[0], torch.zeros(3, 3, 4, 4)], r"views\[1\] must have shape \[2, 3, H, W\]"),
+                                 ("matrices", torch.eye(3).expand(2, 1, 3, 3), r"matrices must have shape \[2, 2, 3, 3\]"),
+                                 ("source_size", torch.zeros(2, 3), "source_size must have shape"), ("index", torch.arange(3), "index must have shape"),
+                                 ("label", torch.zeros(2, 1), r"label must have shape \[2\]")]:
+        with pytest.raises(ValueError, match=message):
+            pipelines.ViewBatch(**{**fields, name: value})
 
 
 def test_epoch_order_shards():
@@ -516,6 +552,14 @@ def test_bad_corpus(backend, bad_corpus, tmp_path, caplog):
             sub = pipelines.ViewBatch(views=[v[b:b + 1] for v in batch.views], matrices=batch.matrices[b:b + 1],
                                       source_size=batch.source_size[b:b + 1], index=torch.zeros(1, dtype=torch.int64))
             roundtrip_check(sub, {0: facts["size"]}, recipe.mean, recipe.std, noise_levels=2.0)
+    # The next epoch, taken to its end, lists its own skips (not the first epoch's again) and
+    # reports them once, with the number of files the epoch read.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fastdense.pipelines"):
+        list(loader)
+    assert sorted(Path(path) for path, _ in loader.skipped) == sorted(bad_corpus["unreadable"])
+    reports = [record.getMessage() for record in caplog.records if "could not be read" in record.getMessage()]
+    assert len(reports) == 1 and reports[0].startswith(f"epoch 1: skipped 3 of {len(paths)} files"), reports
 
 
 def test_torch_backend_keeps_batches_whole(bad_corpus):
@@ -594,6 +638,8 @@ def test_starts_mid_epoch_with_the_batches_a_whole_pass_gives(backend, scene_fol
         assert all(torch.equal(u, v) for u, v in zip(a.views, b.views))
     loader.set_epoch(0)
     assert [b.index.tolist() for b in loader] == [b.index.tolist() for b in whole]
+    loader.start_at(7)  # the epoch's end: a pass of no batch
+    assert list(loader) == []
     with pytest.raises(ValueError, match="batch"):
         loader.start_at(8)
 

@@ -517,6 +517,10 @@ def test_dali_pass_resumes_from_its_state_without_decoding_the_batches_before(co
     resumed.resume_from(state)
     rest = list(resumed)
     assert builds == [True] and len(rest) == 2 and all(same(a, b) for a, b in zip(whole[1:], rest))
+    other_epoch = loader()
+    other_epoch.resume_from(state)
+    other_epoch.set_epoch(2)  # not the state's epoch: the pass runs whole, from no checkpoint
+    assert len(list(other_epoch)) == 3 and builds[-1] is False
 
     broken = loader()
     broken.resume_from(dict(state, dali="not a checkpoint"))

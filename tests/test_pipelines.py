@@ -119,6 +119,17 @@ def test_scan_reads_each_folder_once_through_symlinks(tmp_path):
     assert warned == sorted(str(root / "cls" / name) for name in ("other_class", "self", "sub/back", "up"))
 
 
+def test_scan_matches_extensions_in_any_case_and_skips_hidden_files(tmp_path):
+    tiny = np.zeros((4, 4, 3), dtype=np.uint8)
+    wanted = [save_image(tiny, tmp_path / "cls" / name) for name in ("a.JPG", "b.Png", "c.jpeg")]
+    for name in (".hidden.png", ".cache/d.png", "sub/.e.png"):
+        save_image(tiny, tmp_path / "cls" / name)
+    (tmp_path / "cls" / "notes.txt").write_text("not an image")
+    save_image(tiny, tmp_path / ".hidden_class" / "f.png")
+    index = scan_image_folder(tmp_path)
+    assert index.classes == ["cls"] and [p for p, _ in index.samples] == wanted
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
     require_backend(backend)
@@ -290,6 +301,35 @@ def test_torch_backend_views_equal_torchvision_resized_crop(orientation, interpo
                 assert view.shape == (3, spec.size, spec.size) and view.dtype == torch.uint8 and view.is_contiguous()
                 error = np.abs(view.permute(1, 2, 0).numpy().astype(int) - expected)
                 assert error.max() <= 2 and error.mean() < 0.05, (path.name, seed, spec.size, error.max(), error.mean())
+
+
+def test_torch_backend_decodes_jpegs_reduced_never_below_a_view(tmp_path, monkeypatch):
+    """A JPEG is decoded at 1/2, 1/4 or 1/8 size only while every window keeps at least its view's
+    size along both sides there: a smaller one would be enlarged, losing detail the source has."""
+    from PIL import JpegImagePlugin
+
+    from fastdense.pipelines.torch_backend import decode_views
+
+    scene, _ = builtin.render_scene(0, 0, 480, 4, seed=1)
+    path = save_image(scene[:400], tmp_path / "scene.jpg", quality=95)
+    drafted, draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = draft(self, mode, size)
+        drafted.append(self.size[0])  # the width it now decodes at
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    specs = [ViewSpec(32, (0.3, 1.0), ratio=(1 / 3, 3.0)), ViewSpec(16, (0.05, 0.3), ratio=(1 / 3, 3.0))]
+    reduced = 0
+    for seed in range(20):
+        drafted.clear()
+        _, crops, _ = decode_views(path, specs, "bicubic", np.random.default_rng(seed))
+        scale = 480 / drafted[-1] if drafted else 1.0
+        reduced += scale > 1
+        for (x0, y0, w, h, flip), spec in zip(crops, specs):
+            assert min(w, h) / scale >= spec.size, (seed, (w, h), scale, spec.size)
+    assert reduced >= 5
 
 
 # ------------------------------------------------------------------------------------- round trip
@@ -602,7 +642,8 @@ def test_torch_backend_keeps_batches_whole_in_a_mostly_unreadable_folder(tmp_pat
                              num_workers=num_workers, device="cpu", seed=3)
         batches = list(loader)
         assert len(loader) == 21 and [b.batch_size for b in batches] == [2] * 21
-        assert len(loader.skipped) == 40
+        # each file reported once, by itself (not a stand-in that failed in its place)
+        assert sorted(Path(path).name for path, _ in loader.skipped) == [f"junk{k:02d}.jpg" for k in range(40)]
         runs[num_workers] = [(b.index.tolist(), b.matrices.tolist()) for b in batches]
         loader.set_epoch(0)
         loader.start_at(15)
@@ -702,6 +743,17 @@ def test_view_spec_rejects_bad_values(field, value):
     sample's decode (a ratio of 0: 'math domain error') and reported every file as unreadable."""
     with pytest.raises(ValueError, match=f"ViewSpec.{field}"):
         ViewSpec(**{"size": 32, "scale": (0.2, 1.0), field: value})
+
+
+def test_blur_kernel_is_odd_and_about_a_tenth_of_the_view():
+    """BYOL's 23 px kernel at 224 px: round(0.1 * size), made odd upwards, at least 3."""
+    assert [ViewSpec(size, (0.2, 1.0)).blur_kernel_size for size in (224, 96, 48, 32, 16)] == [23, 11, 5, 3, 3]
+
+
+def test_view_spec_accepts_equal_bounds():
+    spec = ViewSpec(32, (1.0, 1.0), ratio=(1.0, 1.0), blur_sigma=(0.5, 0.5))  # a fixed scale, a square window
+    x0, y0, w, h, _ = sample_crop(20, 20, spec, np.random.default_rng(0))
+    assert (x0, y0, w, h) == (0, 0, 20, 20)
 
 
 def test_recipe_rejects_bad_values():
@@ -825,8 +877,11 @@ def test_builtin_dataset_is_deterministic_and_labelled(tmp_path, scene_folder):
     assert first == sorted(p.relative_to(again) for p in again.rglob("*.jpg")) and len(first) == 30
     for relative in first[:6]:
         assert (scene_folder / relative).read_bytes() == (again / relative).read_bytes()
+    other_seed = builtin.ensure_builtin_dataset(tmp_path, num_images=30, image_size=48, num_classes=3, seed=1)
+    assert all((other_seed / relative).read_bytes() != (again / relative).read_bytes() for relative in first[:6])
     index = scan_image_folder(again)
     assert index.classes == builtin.class_names(3)
+    assert sorted(builtin.class_names(12)) == builtin.class_names(12)  # folder order is label order
     for path, label in index.samples:
         mask = builtin.load_mask(path)
         assert mask.shape == (48, 48)
@@ -852,6 +907,7 @@ def test_builtin_dataset_is_atomic_and_cached(tmp_path, monkeypatch):
     path = builtin.ensure_builtin_dataset(num_images=12, image_size=32, num_classes=2)
     assert path.is_relative_to(tmp_path / "cache")
     stamp = path.parent.joinpath("meta.json").stat().st_mtime_ns
+    monkeypatch.setattr(builtin, "render_scene", lambda *args: pytest.fail("the dataset was generated again"))
     assert builtin.ensure_builtin_dataset(num_images=12, image_size=32, num_classes=2) == path
     assert path.parent.joinpath("meta.json").stat().st_mtime_ns == stamp, "the second call must reuse the cache"
 

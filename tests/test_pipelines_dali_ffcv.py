@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,21 @@ def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(validate, "check_image_file", must_not_run)
     assert dict(validate.find_unreadable(paths, corpus["root"])) == found
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    # A file rewritten in place with as many bytes is checked again (its time changed).
+    good = next(p for p in paths if p.suffix == ".jpg" and p not in corpus["unreadable"])
+    stamp = good.stat()
+    good.write_bytes(b"x" * stamp.st_size)
+    os.utime(good, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert set(dict(validate.find_unreadable(paths, corpus["root"]))) == set(corpus["unreadable"]) | {good}
+    # A cache written by another version of the checks is not trusted.
+    (cache_file,) = (tmp_path / "cache" / "validated").glob("*.json")
+    stored = json.loads(cache_file.read_text())
+    stored["version"] -= 1
+    stored["files"][str(good)][2] = None
+    cache_file.write_text(json.dumps(stored))
+    assert good in dict(validate.find_unreadable(paths, corpus["root"]))
 
 
 def test_jpeg_with_data_after_its_end_marker_is_readable(tmp_path):
@@ -440,7 +456,10 @@ def test_ffcv_crop_sampler_follows_random_resized_crop():
 
     ours = np.array([draw(0, 0, i, 0) for i in range(draws)], dtype=np.float64)
     assert draw(0, 0, 7, 0) == tuple(ours[7].astype(int))  # same key, same window
-    assert draw(0, 1, 7, 0) != draw(0, 0, 7, 0) and draw(1, 0, 7, 0) != draw(0, 0, 7, 0)
+    assert draw(0, 1, 7, 0) != draw(0, 0, 7, 0) and draw(1, 0, 7, 0) != draw(0, 0, 7, 0) and draw(0, 0, 7, 1) != draw(0, 0, 7, 0)
+    # No window fits a 10 x 1000 image: the centred fallback, flipped with probability flip_p.
+    state = np.uint64(ffcv_backend._stream(0, 0, 0, 0))
+    assert ffcv_backend._sample_window(state, 10, 1000, 0.9, 1.0, *log_ratio, 1.0)[1:] == (493, 0, 13, 10, 1)
     x0, y0, w, h, flip = ours.T
     assert (x0 >= 0).all() and (x0 + w <= width).all() and (y0 >= 0).all() and (y0 + h <= height).all()
     rng = np.random.default_rng(0)

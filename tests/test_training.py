@@ -10,7 +10,8 @@ import yaml
 
 import train_doubles
 from fastdense.train import main, parser
-from fastdense.training import LARS, Schedule, Trainer, param_groups, scaled_lr
+from fastdense.training import LARS, Schedule, Trainer, build_optimizer, param_groups, scaled_lr
+from fastdense.training.optim import clip_each_gradient
 from fastdense.training import config as cfg
 
 
@@ -112,6 +113,52 @@ def test_lars_matches_hand_computed_steps():
         np.testing.assert_allclose(model.bias.detach().numpy(), b, rtol=1e-12)
 
 
+def test_lars_takes_plain_momentum_steps_where_a_norm_is_zero():
+    """The trust ratio applies only where both ||p|| and ||g|| are > 0 (BYOL's LARS): a zero-initialised
+    weight still moves by lr x its gradient, a weight with no gradient and no decay stays put (no
+    0/0), and a negative lr is refused."""
+    zero = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    still = torch.nn.Parameter(torch.ones(2, 3, dtype=torch.float64))
+    opt = LARS([{"params": [zero, still], "weight_decay": 0.0}], lr=0.5, momentum=0.9, eta=0.02)
+    zero.grad, still.grad = torch.full_like(zero, 2.0), torch.zeros_like(still)
+    opt.step()
+    assert torch.equal(zero.detach(), torch.full_like(zero, -1.0))
+    assert torch.equal(still.detach(), torch.ones_like(still))
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        LARS(param_groups(torch.nn.Linear(2, 2), 0.0), lr=-0.1)
+
+
+def test_build_optimizer_takes_every_option():
+    """lr scaled by the global batch (and kept as base_lr), LARS's momentum and eta, AdamW's betas, the
+    decay on the decayed group only; an unknown name refused."""
+    model = torch.nn.Linear(3, 2)
+    options = dict(cfg.defaults()["optimizer"], name="lars", lr=0.3, lr_batch=256, momentum=0.8, eta=0.005, weight_decay=1e-4)
+    decayed, exempt = build_optimizer(model, options, global_batch=512).param_groups
+    assert decayed["lr"] == exempt["lr"] == decayed["base_lr"] == exempt["base_lr"] == pytest.approx(0.6)
+    assert decayed["momentum"] == exempt["momentum"] == 0.8 and decayed["eta"] == 0.005
+    assert decayed["weight_decay"] == 1e-4 and exempt["weight_decay"] == 0.0
+    adamw = build_optimizer(model, dict(options, name="adamw", betas=[0.8, 0.95]), global_batch=128).param_groups
+    assert [g["betas"] for g in adamw] == [(0.8, 0.95)] * 2 and adamw[0]["lr"] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match="'lars' or 'adamw'"):
+        build_optimizer(model, dict(options, name="sgd"), global_batch=256)
+
+
+def test_clip_each_gradient_is_dinos_clip_gradients():
+    """Each gradient scaled by clip / (|g| + 1e-6) where that is below 1 and left alone elsewhere
+    (DINO's utils.clip_gradients), in float64; the norm returned is the global one before clipping."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.float64)) for shape in ((3, 4), (5,), (2, 2, 2))]
+    grads = [torch.randn_like(p) * scale for p, scale in zip(params, (10.0, 0.01, 1.0))]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    total = clip_each_gradient(params, 0.5)
+    for p, g in zip(params, grads):
+        rate = 0.5 / (float(g.norm()) + 1e-6)
+        torch.testing.assert_close(p.grad, g * rate if rate < 1 else g, rtol=1e-12, atol=0)
+    assert sum(rate < 1 for rate in (0.5 / (float(g.norm()) + 1e-6) for g in grads)) == 2  # one gradient below the clip
+    assert float(total) == pytest.approx(math.sqrt(sum(float(g.norm()) ** 2 for g in grads)), rel=1e-12)
+
+
 def test_param_groups_exclude_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
     decayed, excluded = param_groups(model, weight_decay=1e-6)
@@ -156,6 +203,22 @@ def test_schedules_and_lr_scaling():
     hyper = schedule.apply(55)
     assert hyper["weight_decay"] == pytest.approx(0.22)
     assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.22) and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_schedule_warm_up_longer_than_the_run_ends_at_the_peak_and_weight_decay_stays_constant_by_default():
+    """Warm-up is cut to the run's length (a short run still reaches the peak lr on its last step);
+    without weight_decay_end the decay is constant and the exempt group's stays 0."""
+    opt = torch.optim.SGD(param_groups(torch.nn.Linear(2, 2), 0.04), lr=1.0)
+    schedule = Schedule(opt, total_steps=4, warmup_steps=10, lr=2.0, min_lr=0.1, weight_decay=0.04)
+    assert [schedule.lr_at(s) for s in range(4)] == pytest.approx([0.5, 1.0, 1.5, 2.0], rel=1e-12)
+    assert [schedule.lr_at(s) for s in (5, 6)] == pytest.approx([0.1, 0.1], rel=1e-12)  # past the end: min_lr
+    assert [schedule.weight_decay_at(s) for s in range(5)] == pytest.approx([0.04] * 5, rel=1e-12)
+    assert schedule.apply(3) == pytest.approx({"lr": 2.0, "weight_decay": 0.04}, rel=1e-12)
+    assert [g["weight_decay"] for g in opt.param_groups] == [pytest.approx(0.04), 0.0]
+    # Its state is every setting: a schedule built otherwise (another world size's scaling) continues it.
+    resumed = Schedule(opt, total_steps=8, warmup_steps=1, lr=4.0, min_lr=0.2, weight_decay=0.1, weight_decay_end=0.3)
+    resumed.load_state_dict(schedule.state_dict())
+    assert [(resumed.lr_at(s), resumed.weight_decay_at(s)) for s in range(6)] == [(schedule.lr_at(s), schedule.weight_decay_at(s)) for s in range(6)]
 
 
 def test_per_parameter_clipping_and_frozen_parameters(tmp_path, monkeypatch):

@@ -105,6 +105,34 @@ def test_checkpoint_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left behind
 
 
+def test_rng_states_round_trip_through_a_checkpoint_and_seeds_are_per_rank(tmp_path):
+    """python's, numpy's (its cached second gaussian included) and torch's streams continue exactly
+    after a save and load, though no fastdense code draws from the first two (a user's method may);
+    seed_everything seeds all three; rank_seed differs per rank and per seed."""
+    import random
+
+    import numpy as np
+
+    outside = ckpt.rng_state(include_cuda=False)
+    try:
+        ckpt.seed_everything(3)
+        np.random.standard_normal()  # leaves the pair's second gaussian cached
+        save_checkpoint({"rng": ckpt.rng_state()}, tmp_path / "rng.pt")
+        draws = lambda: (random.random(), np.random.standard_normal(), int(np.random.randint(1 << 30)), torch.rand(3))  # noqa: E731
+        first = draws()
+        ckpt.set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+        second = draws()
+        assert first[:3] == second[:3] and torch.equal(first[3], second[3])
+        ckpt.seed_everything(5)
+        again = draws()
+        ckpt.seed_everything(5)
+        assert draws()[:3] == again[:3]
+    finally:
+        ckpt.set_rng_state(outside)
+    seeds = {ckpt.rank_seed(seed, rank) for seed in (0, 1) for rank in (0, 1, 2)}
+    assert len(seeds) == 6 and ckpt.rank_seed(1, 2) == ckpt.rank_seed(1, 2)
+
+
 def test_resume_clears_temporaries_of_a_killed_write(tmp_path, monkeypatch):
     train_doubles.install(monkeypatch)
     _run(train_doubles.tiny_config(tmp_path, max_steps=3))
@@ -129,6 +157,34 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path
                  "--no-progress", "--set", "method_options.nan_at_call=0"])
     assert code == 4
     assert "non-finite loss (nan) at step 1 " in capsys.readouterr().err
+
+
+def test_an_infinite_loss_stops_training_as_a_nan_does(tmp_path, monkeypatch):
+    train_doubles.install(monkeypatch)
+    forward = train_doubles.TinyMethod.forward
+
+    def infinite_from_call_3(self, batch):
+        out = forward(self, batch)
+        return dict(out, loss=out["loss"] + (float("inf") if int(self.calls) >= 3 else 0.0))
+
+    monkeypatch.setattr(train_doubles.TinyMethod, "forward", infinite_from_call_3)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, checkpoint_every=2))
+    trainer.setup()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(inf\) at step 3 .*last good checkpoint \(step 2\)"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_a_resumed_run_names_the_checkpoint_it_resumed_from_as_the_last_good(tmp_path, monkeypatch):
+    """A NaN before the resumed run's first checkpoint names the one it resumed from, not "no
+    checkpoint had been written yet"."""
+    train_doubles.install(monkeypatch)
+    _run(train_doubles.tiny_config(tmp_path, max_steps=3))
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, max_steps=5), resume=True)
+    trainer.setup()
+    trainer.method.nan_at_call = 0  # not a config key: the resumed run's first step is NaN
+    with pytest.raises(NonFiniteLossError, match=r"at step 4 .*last good checkpoint \(step 3\) is kept"):
+        trainer.fit()
 
 
 def test_a_non_finite_loss_between_log_rows_is_read_a_step_late_and_stops_before_the_next_checkpoint(tmp_path, monkeypatch):
@@ -159,6 +215,7 @@ def test_losses_read_a_step_late_are_the_losses_logged(tmp_path, monkeypatch):
     every = dict(_losses(_run(train_doubles.tiny_config(tmp_path / "every", log_every=1)).run_dir))
     sparse = _losses(_run(train_doubles.tiny_config(tmp_path / "sparse", log_every=3)).run_dir)
     assert len(sparse) >= 3 and all(every[step] == loss for step, loss in sparse), (sparse, every)
+    assert [step for step, _ in sparse] == [1, 3, 6, 9, 12, 15, 18, 20]  # the first step, every third, the last
 
 
 def test_a_checkpoint_that_cannot_be_written_mid_run_stops_training_and_keeps_the_last_good(tmp_path, monkeypatch, capsys):
@@ -201,6 +258,17 @@ def test_full_disk_is_reported_before_training(tmp_path, monkeypatch, capsys):
     assert "GiB free" in capsys.readouterr().err and not steps
     with pytest.raises(RunDirError, match="needs at least 1.00 GiB"):
         ckpt.check_run_dir(tmp_path / "other", needed_bytes=10, min_free_bytes=2**30)
+
+
+def test_min_free_gb_is_the_free_space_demanded(tmp_path, monkeypatch):
+    """min_free_gb counts GiB: with half a GiB free, 1 is refused and 0.25 accepted; without it the
+    demand follows the state's size in bytes."""
+    train_doubles.install(monkeypatch)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 2**29})())
+    with pytest.raises(RunDirError, match="has 0.50 GiB free; this run needs at least 1.00 GiB"):
+        Trainer(train_doubles.tiny_config(tmp_path / "a", min_free_gb=1)).setup()
+    Trainer(train_doubles.tiny_config(tmp_path / "b", min_free_gb=0.25)).setup()
+    assert ckpt.state_bytes(torch.nn.Linear(3, 2).double()) == 8 * 8  # the default demand counts bytes, not elements
 
 
 def test_a_run_dir_that_is_a_file_is_reported_as_such(tmp_path, monkeypatch, capsys):

@@ -175,6 +175,9 @@ def _no_trainer(monkeypatch):
     ("batch_size=-3", "'batch_size'"), ("backend=foo", "'backend'"), ("compile=maybe", "'compile'"),
     ("optimizer.betas=[0.9]", "'optimizer.betas'"), ("optimizer.clip_grad=0", "'optimizer.clip_grad'"),
     ("optimizr.lr=0.1", "'optimizr.lr'"), ("optimizer.betas=[0.9,", "optimizer.betas"),
+    ("epochs=true", "'epochs'"), ("optimizer.lr=.inf", "'optimizer.lr'"), ("optimizer.lr_batch=0", "'optimizer.lr_batch'"),
+    ("optimizer.betas=[0.9,1.0]", "'optimizer.betas'"), ("optimizer.betas=[0.9,0.99,0.9]", "'optimizer.betas'"),
+    ("max_steps=0", "'max_steps'"), ("sync_batchnorm='true'", "'sync_batchnorm'"), ("num_workers=-1", "'num_workers'"),
 ])
 def test_bad_set_values_are_refused_naming_the_key_before_any_work(override, key, tmp_path, monkeypatch, capsys):
     built = _no_trainer(monkeypatch)
@@ -327,10 +330,11 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, monkeypatch):
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monkeypatch, capsys):
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4") == 0
     capsys.readouterr()
-    code = _doubles_run(tmp_path, monkeypatch, "--resume", "--lr", "9", "--epochs", "3", "--set", "method_options.cells=5")
+    code = _doubles_run(tmp_path, monkeypatch, "--resume", "--lr", "9", "--epochs", "3", "--set", "method_options.cells=5",
+                        "--seed", "3", "--batch-size", "8")
     err = capsys.readouterr().err
     assert code == 2
-    for named in ("epochs (200 -> 3)", "optimizer.lr (0.45 -> 9.0)", "method_options.cells (4 -> 5)"):
+    for named in ("epochs (200 -> 3)", "optimizer.lr (0.45 -> 9.0)", "method_options.cells (4 -> 5)", "seed (0 -> 3)", "batch_size (4 -> 8)"):
         assert named in err, err
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2  # untouched
     # What only changes logging, checkpoints or speed may differ.
@@ -484,6 +488,27 @@ def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):
         assert torch.equal(value, ranks[1]["resumed"][1][name]), name
 
 
+def test_metrics_log_starts_afresh_keeps_rows_up_to_the_resume_step_and_widens_the_csv(tmp_path):
+    """A new run's log replaces rows a run killed before its first checkpoint left; a resumed one keeps
+    the rows up to its step; a column first seen mid-run widens metrics.csv (earlier rows empty there);
+    the loss curve draws finite losses only."""
+    from fastdense.training.logs import MetricsLog, plot_loss
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": 9.0}) + "\n")
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log({"step": 1, "epoch": 0, "loss": 2.0})
+    log.log({"step": 2, "epoch": 0, "loss": 1.5, "grad_norm": 0.5})
+    log.log({"step": 3, "epoch": 0, "loss": 1.0, "grad_norm": 0.25})
+    log.close()
+    assert [r["loss"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [2.0, 1.5, 1.0]
+    assert _csv_rows(tmp_path) == [{"step": "1", "epoch": "0", "grad_norm": "", "loss": "2.0"},
+                                   {"step": "2", "epoch": "0", "grad_norm": "0.5", "loss": "1.5"},
+                                   {"step": "3", "epoch": "0", "grad_norm": "0.25", "loss": "1.0"}]
+    MetricsLog(tmp_path, resume_step=2, tensorboard=False).close()
+    assert [r["step"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [1, 2] and len(_csv_rows(tmp_path)) == 2
+    assert plot_loss([{"step": 1, "loss": float("nan")}, {"step": 2, "loss": float("inf")}], tmp_path / "loss.png") is None
+
+
 def test_tensorboard_keeps_the_checkpoint_steps_row_on_resume(tmp_path, monkeypatch, capsys):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -569,6 +594,17 @@ def test_resume_on_changed_data_is_refused_saying_what_changed(tmp_path, capsys,
         Trainer(_method_config("scrl", folder, run_dir, max_steps=1), resume=True).setup()
 
 
+def test_steps_per_epoch_is_compared_only_on_the_same_number_of_processes():
+    """steps_per_epoch is per process: another world size changes it without changing the data."""
+    from fastdense.training.loop import data_changes
+
+    saved = {"num_samples": 16, "fingerprint": "a", "steps_per_epoch": 4}
+    now = dict(saved, steps_per_epoch=2)
+    assert data_changes(saved, now, same_world_size=False) is None
+    assert data_changes(saved, now, same_world_size=True) == "an epoch is now 2 steps, the checkpoint's was 4"
+    assert data_changes(dict(saved, fingerprint=None), dict(saved, fingerprint="b"), same_world_size=True) is None  # a .beton names none
+
+
 # ---------------------------------------------------------------------------- batch size 1
 
 @pytest.mark.parametrize("method", ["vicregl", "lewel"])
@@ -589,6 +625,72 @@ def test_methods_without_per_image_batch_statistics_train_on_one_image(method, t
     batch_size 1 trains."""
     trainer, _ = _train(_method_config(method, tiny_folder, tmp_path, batch_size=1, max_steps=1))
     assert trainer.step == 1
+
+
+# ---------------------------------------------------------------------------- set-up and the loop
+
+def test_setup_reads_its_settings_from_the_config(tmp_path, monkeypatch):
+    """auto precision is fp32 on a CPU; warm-up is round(warmup_epochs x steps per epoch) steps; a
+    batch of exactly the method's minimum trains, one less is refused; a loader without a batch is refused."""
+    train_doubles.install(monkeypatch)
+    trainer = Trainer(train_doubles.tiny_config(tmp_path / "a", **{"optimizer.warmup_epochs": 0.36}))
+    assert trainer.precision == "fp32" and Trainer(train_doubles.tiny_config(tmp_path / "b", precision="bf16")).precision == "bf16"
+    trainer.setup()
+    assert (trainer.steps_per_epoch, trainer.total_steps, trainer.schedule.warmup_steps) == (10, 20, 4)  # round(3.6)
+    monkeypatch.setattr(train_doubles.TinyMethod, "min_batch_size", 4, raising=False)
+    Trainer(train_doubles.tiny_config(tmp_path / "c", batch_size=4)).setup()
+    with pytest.raises(ValueError, match="batch_size 3 is too small for scrl: it trains on at least 4 images per process"):
+        Trainer(train_doubles.tiny_config(tmp_path / "d", batch_size=3)).setup()
+    with pytest.raises(ValueError, match="the loader yields no batch per epoch"):
+        Trainer(train_doubles.tiny_config(tmp_path / "e", batch_size=41)).setup()
+
+
+def test_the_loaders_random_stream_runs_on_from_batch_to_batch_is_new_each_epoch_and_the_same_in_every_run(tmp_path, monkeypatch):
+    """The loader's RNG is reseeded from (seed, epoch, rank) at every epoch start and carried from one
+    fetch to the next: no two batches of a run draw the same augmentations, and a second run draws
+    the same ones again."""
+    train_doubles.install(monkeypatch)
+    states = []
+    real_iter = train_doubles.TinyLoader.__iter__
+
+    def recording(self):
+        batches = real_iter(self)
+        while True:
+            states.append(torch.get_rng_state())  # each fetch runs this, under the loader's RNG
+            batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    monkeypatch.setattr(train_doubles.TinyLoader, "__iter__", recording)
+    for run in ("first", "second"):
+        _train(train_doubles.tiny_config(tmp_path / run, log_every=10, checkpoint_every=0))
+    first, second = states[: len(states) // 2], states[len(states) // 2:]
+    assert len(first) == 20  # 2 epochs of 10 batches (the trainer stops fetching at an epoch's end)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert len({bytes(state.numpy()) for state in first}) == 20
+
+
+def test_a_loader_that_runs_out_before_its_length_ends_the_epoch_with_a_checkpoint(tmp_path, monkeypatch):
+    """A shard shorter than len(loader) (uneven shards): the epoch ends when the loader does."""
+    import itertools
+
+    train_doubles.install(monkeypatch)
+    passes = []
+    real_iter = train_doubles.TinyLoader.__iter__
+
+    def one_batch_short(self):
+        passes.append(self.epoch)
+        if len(passes) > 2:
+            raise RuntimeError(f"a third pass over the data for 2 epochs ({passes})")
+        return itertools.islice(real_iter(self), len(self) - 1)
+
+    monkeypatch.setattr(train_doubles.TinyLoader, "__iter__", one_batch_short)
+    trainer, _ = _train(train_doubles.tiny_config(tmp_path, checkpoint_every=0))
+    assert (trainer.step, trainer.epoch, passes) == (18, 2, [0, 1])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["step"] == 18 and state["position"] == {"epoch": 2, "batch": 0}
+    assert [r["epoch"] for r in _rows(tmp_path)] == [0] * 9 + [1] * 9
 
 
 # ---------------------------------------------------------------------------- stops mid-run
@@ -677,3 +779,11 @@ def test_a_run_is_finished_at_its_end_step_or_after_its_last_epoch():
         assert trainer.finished() is finished, (step, epoch)
     trainer.config["max_steps"], trainer.step, trainer.epoch = 5, 5, 0
     assert trainer.finished()
+    from fastdense.train import _nothing_to_do
+
+    trainer.run_dir = "runs/r"
+    assert "reached its max_steps (5) at step 5" in _nothing_to_do(trainer)
+    trainer.config["max_steps"], trainer.step, trainer.epoch = None, 20, 2  # its last epoch, short of total_steps
+    assert _nothing_to_do(trainer) == "nothing to do: the run in runs/r finished all 2 epochs (20 steps); start a new --run-dir to train further"
+    with pytest.raises(SystemExit, match="--resume needs --run-dir"):
+        main(["--resume"])

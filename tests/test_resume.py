@@ -133,6 +133,16 @@ def test_rng_states_round_trip_through_a_checkpoint_and_seeds_are_per_rank(tmp_p
     assert len(seeds) == 6 and ckpt.rank_seed(1, 2) == ckpt.rank_seed(1, 2)
 
 
+def test_an_fp16_runs_loss_scale_resumes_with_it(tmp_path, monkeypatch):
+    """fp16 (CPU autocast here): the GradScaler's scale and growth count come back from the checkpoint."""
+    train_doubles.install(monkeypatch)
+    first = _run(train_doubles.tiny_config(tmp_path, precision="fp16", max_steps=3))
+    resumed = Trainer(train_doubles.tiny_config(tmp_path, precision="fp16", max_steps=4), resume=True)
+    resumed.setup()
+    assert resumed.scaler.is_enabled() and resumed.scaler.state_dict() == first.scaler.state_dict()
+    assert first.scaler.state_dict() != torch.amp.GradScaler("cpu").state_dict()  # the run moved it
+
+
 def test_resume_clears_temporaries_of_a_killed_write(tmp_path, monkeypatch):
     train_doubles.install(monkeypatch)
     _run(train_doubles.tiny_config(tmp_path, max_steps=3))

@@ -75,6 +75,22 @@ def test_config_layers_and_overrides(tmp_path):
         cfg.parse_override("lr0.1")
 
 
+def test_resume_layers_config_files_and_overrides_over_the_saved_config_and_flags_over_set(tmp_path):
+    """--resume: the saved config, then --config files, then --set and the flags; an explicit flag
+    wins over --set for its key; --workers is num_workers."""
+    from fastdense.train import resolve_config
+
+    saved = cfg.resolve("lewel", overrides={"log_every": 3})
+    user = tmp_path / "more.yaml"
+    user.write_text("log_every: 5\noptimizer: {lr: 0.7, eta: 0.002}\n")
+    config = cfg.resolve(user_files=[user], overrides={"optimizer.lr": 0.9}, base=saved)
+    assert config["method"] == "lewel" and config["log_every"] == 5 and config["optimizer"]["eta"] == 0.002
+    assert config["optimizer"]["lr"] == 0.9 and config["optimizer"]["momentum"] == saved["optimizer"]["momentum"]
+    args = parser().parse_args(["--set", "optimizer.lr=0.25", "--lr", "0.5", "--workers", "3", "--set", "num_workers=5"])
+    config = resolve_config(args, has_gpu=False)
+    assert config["optimizer"]["lr"] == 0.5 and config["num_workers"] == 3
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["--help"])

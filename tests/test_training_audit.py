@@ -52,8 +52,8 @@ def _train(config, resume=False):
     return trainer, ckpt.rng_state(include_cuda=False)
 
 
-def _rows(run_dir):
-    drop = ("images_per_s", "data_wait")  # timings
+def _rows(run_dir, timings=False):
+    drop = () if timings else ("images_per_s", "data_wait")
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -305,6 +305,18 @@ def test_unreadable_checkpoint_is_an_error_naming_the_file(damage, tmp_path, mon
     assert str(path) in err and ("cannot be read" in err or "not a fastdense-train checkpoint" in err), err
     with pytest.raises(CheckpointError, match="last.pt"):
         ckpt.load_training_checkpoint(path)
+
+
+def test_resume_without_config_yaml_from_an_unreadable_checkpoint_exits_3_naming_it(tmp_path, monkeypatch, capsys):
+    """With config.yaml gone the config comes from the checkpoint: one that cannot be read is the
+    checkpoint error (exit 3) before any trainer, not a config error (2)."""
+    built = _no_trainer(monkeypatch)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage\n")
+    assert main(["--run-dir", str(tmp_path / "run"), "--resume"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastdense-train: checkpoint {str(path)!r} cannot be read") and not built, err
 
 
 class _RunsCodeWhenUnpickled:
@@ -691,6 +703,8 @@ def test_a_loader_that_runs_out_before_its_length_ends_the_epoch_with_a_checkpoi
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 18 and state["position"] == {"epoch": 2, "batch": 0}
     assert [r["epoch"] for r in _rows(tmp_path)] == [0] * 9 + [1] * 9
+    # Every row: the method's own outputs (TinyMethod's q_std) besides the loss, schedules and timings.
+    assert all({"loss", "q_std", "lr", "weight_decay", "images_per_s", "data_wait"} <= row.keys() for row in _rows(tmp_path, timings=True))
 
 
 # ---------------------------------------------------------------------------- stops mid-run

@@ -245,7 +245,6 @@ def test_crop_fallback_is_torchvision_centre_crop(height, width):
     assert flipped == (x0, y0, w, h, True), "the fallback window is flipped with probability flip_p too"
 
 
-
 @pytest.mark.parametrize("height,width,scale", SMALL_IMAGE_CROPS)
 def test_small_image_crops_follow_torchvision(height, width, scale):
     """On images a few pixels wide, windows reach the sides: a window as wide or as high as the

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import print_table, time_ms, write_results
+from benchmarks.common import help_description, print_table, time_ms, write_results
 from fastdense.pipelines.builtin import render_scene
 
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500
@@ -143,7 +143,7 @@ def measure(content: str, sources: List[np.ndarray], crops_per_row: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="one crop per row, few repeats")
     parser.add_argument("--crops", type=int, default=6, help="crops (over 6 sources) per content, size and scale")
     parser.add_argument("--repeats", type=int, default=25)

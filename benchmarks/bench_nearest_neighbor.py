@@ -32,7 +32,7 @@ if not torch.cuda.is_available():  # the kernels can only run in Triton's interp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import HostRun, cycling, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, rotation_copies, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, cycling, floor_ms, help_description, measured_bandwidth, peak_extra_bytes, print_table, rotation_copies, time_ms, write_results  # noqa: E402
 
 # H100 SXM datasheet peaks (PERFORMANCE.md): dense bf16 tensor cores and plain fp32.
 PEAK_FLOPS = {torch.bfloat16: 990e12, torch.float32: 67e12}
@@ -232,7 +232,7 @@ def host_overhead(args) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter, seconds)")
     parser.add_argument("--host", action="store_true", help="host time per call (see the module docstring)")
     args = parser.parse_args(argv)

@@ -36,7 +36,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from benchmarks.common import installed_versions, print_table, write_results
+from benchmarks.common import help_description, installed_versions, print_table, write_results
 from fastdense.geometry import view_extent
 from fastdense.pipelines import BACKENDS, make_loader
 from fastdense.pipelines.builtin import cache_dir, render_scene
@@ -201,7 +201,7 @@ def measure(loader, device, batch_size: int, view_sizes, repeats: int) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="CPU smoke run: few images, small batches")
     parser.add_argument("--images", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None)

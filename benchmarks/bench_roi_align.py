@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchvision  # noqa: E402
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import RESULTS_DIR, HostRun, _fmt, device_name, floor_ms, measured_bandwidth, print_table, slug, time_ms, write_results  # noqa: E402
+from benchmarks.common import RESULTS_DIR, HostRun, _fmt, device_name, floor_ms, help_description, measured_bandwidth, print_table, slug, time_ms, write_results  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 GPU_WINDOW_MS = 40  # do_bench window per timing: four timings per row keep a row near a second
@@ -347,7 +347,7 @@ def _grouping_times(device, generator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few cases (CPU, seconds)")
     parser.add_argument("--full", action="store_true", help="GPU: every combination of the SCRL axes (64 rows) and 4 detection rows")
     parser.add_argument("--only", choices=("scrl", "scrl-recipe", "detection"), help="run one family of shapes (scrl: the recipe's rows too)")

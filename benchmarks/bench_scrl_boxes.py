@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from benchmarks.common import print_table, time_ms, write_results
+from benchmarks.common import help_description, print_table, time_ms, write_results
 from fastdense import boxes, geometry
 from fastdense.ops import backend
 
@@ -107,7 +107,7 @@ def _clip(row):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="32 images, few repeats")
     args = parser.parse_args()

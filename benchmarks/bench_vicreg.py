@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import fastdense.ops as ops  # noqa: E402
-from benchmarks.common import HostRun, floor_ms, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
+from benchmarks.common import HostRun, floor_ms, help_description, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402
 from fastdense.kernels import vicreg as kernels  # noqa: E402
 from fastdense.ops.vicreg_distributed import communication_bytes, covariance_flops_per_rank  # noqa: E402
 
@@ -197,7 +197,7 @@ def host_overhead(args) -> None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU / Triton interpreter), seconds")
     parser.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16, fp16 (every shape)")
     parser.add_argument("--host", action="store_true", help="host time per call (see the module docstring); --quick: the first shape only")

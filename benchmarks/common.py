@@ -28,6 +28,12 @@ def device_name(device: torch.device) -> str:
     return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
 
 
+def help_description(doc: str) -> str:
+    """A script's ``--help`` description: its docstring's first paragraph (not its first line, which
+    may stop mid-sentence), on one line."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower()
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import print_table, write_results  # noqa: E402
+from benchmarks.common import help_description, print_table, write_results  # noqa: E402
 from benchmarks.sm90 import compile_like_launch, programs_per_sm, ptxas_report, sass_opcodes  # noqa: E402
 from fastdense.kernels import roi_align as kernels  # noqa: E402
 
@@ -77,7 +77,7 @@ def describe(compiled) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
     parser.add_argument("--quick", action="store_true", help="bfloat16 channels_last only (checks the script)")

@@ -46,7 +46,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_roi_align import detection_rois, graph_ms, scrl_rois  # noqa: E402
-from benchmarks.common import _fmt, measured_bandwidth, print_table, rotation_copies, write_results  # noqa: E402
+from benchmarks.common import _fmt, help_description, measured_bandwidth, print_table, rotation_copies, write_results  # noqa: E402
 from fastdense.kernels import roi_align as kernels  # noqa: E402
 
 SPATIAL_SCALE = 1 / 32
@@ -343,7 +343,7 @@ def set_deadline(budget_s, family: str, started: float) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="CPU: tiny shapes, two configurations per kernel (checks the script)")
     parser.add_argument("--stages", action="store_true", help="sweep num_stages (1, 2, 3) too")
     parser.add_argument("--budget-s", type=float, help="spend about this many seconds (shared out as BUDGET_SHARES), then list what is left untried")

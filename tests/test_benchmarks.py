@@ -3,6 +3,7 @@ PERFORMANCE.md asks of them (medians, ratios measured in the same run, data wait
 the pipeline benchmark refuses batches that are not the recipe's two views with their matrices. The
 RoIAlign tuning script's quick run too, and it refuses a configuration that changes the result."""
 
+import ast
 import json
 import os
 import subprocess
@@ -229,3 +230,14 @@ def test_roi_align_benchmark_times_scrl_own_call(full):
                 for a in SCRL_AXES[i]:
                     for b in SCRL_AXES[j]:
                         assert sum(s[i] == a and s[j] == b for s in settings[:8]) == 2
+
+
+@pytest.mark.parametrize("script", ["bench_ffcv_resize.py", "bench_pipelines.py", "bench_scrl_boxes.py", "bench_vicreg.py"])
+def test_help_describes_the_benchmark_in_whole_sentences(script):
+    """``--help`` gives the docstring's first paragraph, not its first line cut mid-sentence
+    (``bench_pipelines.py`` said "each pipeline backend against the naive")."""
+    path = ROOT / "benchmarks" / script
+    first = " ".join(ast.get_docstring(ast.parse(path.read_text())).split("\n\n")[0].split())
+    shown = subprocess.run([sys.executable, str(path), "--help"], env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True,
+                           capture_output=True, text=True, timeout=60).stdout
+    assert first.endswith(".") and first in " ".join(shown.split())

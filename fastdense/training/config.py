@@ -43,7 +43,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "optimizer.min_lr": (0.0, "learning rate at the end of the cosine schedule (scaled like optimizer.lr when optimizer.scale_min_lr)"),
     "optimizer.scale_min_lr": (True, "scale optimizer.min_lr by global_batch / lr_batch too (VICRegL's end-lr ratio); false: as given (DINO's and SelfPatch's min_lr)"),
     "optimizer.warmup_epochs": (10.0, "linear warm-up length in epochs"),
-    "optimizer.weight_decay": (1.5e-6, "weight decay at the start (biases and norm parameters never decay)"),
+    "optimizer.weight_decay": (1.5e-6, "weight decay at the start (biases and norm parameters do not decay, except where a method follows its reference's rule: SCRL decays its stem's, downsample paths' and heads' BatchNorm weights)"),
     "optimizer.weight_decay_end": (None, "weight decay at the end, on a cosine schedule (empty: constant)"),
     "optimizer.momentum": (0.9, "LARS momentum"),
     "optimizer.eta": (0.001, "LARS trust coefficient"),

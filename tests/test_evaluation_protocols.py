@@ -402,6 +402,22 @@ def _dense_folders(tmp_path, n=10):
     return images, masks
 
 
+def test_dense_pairs_images_of_every_extension_training_reads_with_their_masks(tmp_path):
+    """A dense --data folder of TIFF (or PPM, PGM) images is read as linear, knn and training read
+    it; the dense task listed .jpg/.jpeg/.png/.bmp/.webp only and said no image had a mask."""
+    from fastdense.evaluation.data import segmentation_splits
+    from fastdense.pipelines.folder import IMAGE_EXTENSIONS
+
+    images, masks = _dense_folders(tmp_path, n=len(IMAGE_EXTENSIONS))
+    for extension, path in zip(IMAGE_EXTENSIONS, sorted(images.iterdir())):
+        if extension != path.suffix:
+            Image.open(path).convert("L" if extension == ".pgm" else "RGB").save(path.with_suffix(extension))
+            path.unlink()
+    train, test = segmentation_splits(images, masks)
+    assert sorted(s.image.suffix for s in train + test) == sorted(IMAGE_EXTENSIONS)
+    assert all(s.mask == masks / f"{s.image.stem}.png" for s in train + test)
+
+
 def test_eval_refuses_a_colour_or_wrongly_sized_mask_anywhere_before_extracting(tmp_path, checkpoint):
     """Only the first mask was checked up front: a later RGB mask, or a mask of another size than
     its image, stopped extraction part-way with a traceback through the DataLoader."""

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fastdense.pipelines.folder import IMAGE_EXTENSIONS
 from fastdense.pipelines.recipes import IMAGENET_MEAN, IMAGENET_STD
 from fastdense.pipelines.torch_backend import to_rgb
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16")
 
 
@@ -70,7 +70,7 @@ def segmentation_splits(images_root, masks_root=None) -> Tuple[List[EvalSample],
         raise ValueError(f"{root} is not in the VOC layout (no SegmentationClass/) and no masks folder was given (--masks)")
     masks_root = Path(masks_root)
     pairs = []
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
         mask = (masks_root / image.relative_to(root)).with_suffix(".png")
         if mask.is_file():
             pairs.append(EvalSample(image, mask=mask))

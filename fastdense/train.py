@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", choices=cfg.METHODS, help="method to train (default: scrl)")
-    p.add_argument("--data", help="image folder (dali, torch) or .beton file (ffcv); omit for the built-in dataset")
+    p.add_argument("--data", help="image folder (any backend; ffcv converts it once into a cached .beton) or .beton file (ffcv, written by fastdense-write-beton); omit for the built-in dataset")
     p.add_argument("--backend", choices=("dali", "ffcv", "torch"), help="data pipeline (default: torch)")
     p.add_argument("--epochs", type=int, help="passes over the data")
     p.add_argument("--batch-size", type=int, help="images per process per step")

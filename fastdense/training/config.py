@@ -23,7 +23,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "method": ("scrl", "which method to train: scrl, vicregl, lewel or selfpatch"),
     "method_options": ({}, "keyword options for fastdense.methods.build_method (backbone, heads, loss weights ...)"),
     "preset": ("auto", "auto: the method YAML's 'cpu' preset when there is no --data and no GPU; cpu, full: force one"),
-    "data": (None, "an image folder (dali, torch) or a .beton file (ffcv), saved as an absolute path; empty: the built-in dataset"),
+    "data": (None, "an image folder (any backend; ffcv converts it once into a cached .beton) or a .beton file (ffcv, see fastdense-write-beton), saved as an absolute path; empty: the built-in dataset"),
     "backend": ("torch", "data pipeline: torch, dali or ffcv"),
     "epochs": (100, "passes over the data"),
     "max_steps": (None, "stop after this many optimisation steps in total (schedules still span all epochs)"),

@@ -14,6 +14,9 @@ from fastdense.ops._validate import check_same_device, check_tensor
 def vicreg_invariance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``mean((x - y)^2)`` over every element, for ``x`` and ``y`` of the same shape.
 
+    One PyTorch op (``F.mse_loss``) on every device: there is no kernel of its own, so a backend
+    forced with :func:`fastdense.ops.backend` or ``FASTDENSE_BACKEND`` does not change it (nor raise).
+
     >>> import torch, fastdense.ops as ops
     >>> float(ops.vicreg_invariance(torch.zeros(2, 3), torch.full((2, 3), 2.0)))
     4.0

@@ -4,7 +4,7 @@ Examples::
 
     fastdense-train --method scrl                         # built-in dataset, CPU preset on a CPU machine
     fastdense-train --method vicregl --data /data/imagenet/train --backend dali --epochs 100
-    fastdense-train --config my.yaml --set optimizer.lr=0.2 --set method_options.alpha=0.9
+    fastdense-train --method vicregl --config my.yaml --set optimizer.lr=0.2 --set method_options.alpha=0.9
     fastdense-train --run-dir runs/scrl-a --resume          # continue exactly where it stopped
     torchrun --nproc_per_node 8 -m fastdense.train --method scrl --data /data/imagenet/train
 """

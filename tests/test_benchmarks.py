@@ -241,3 +241,19 @@ def test_help_describes_the_benchmark_in_whole_sentences(script):
     shown = subprocess.run([sys.executable, str(path), "--help"], env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True,
                            capture_output=True, text=True, timeout=60).stdout
     assert first.endswith(".") and first in " ".join(shown.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what run_gpu.sh does on a machine without a GPU")
+def test_run_gpu_stops_at_once_without_a_gpu_or_on_an_unknown_step(tmp_path):
+    """Without a GPU, run_gpu.sh went on past 'nvidia-smi: command not found' to run its GPU steps on
+    the CPU (writing their figures into --out); an unknown step's message left out the steps that
+    run only when named (bench_pipelines)."""
+    def run(*steps):
+        env = dict(os.environ, FASTDENSE_BENCH_OUT=str(tmp_path / "out"))
+        return subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh"), *steps], env=env, capture_output=True, text=True, timeout=60)
+
+    unknown = run("bench_nowhere")
+    assert unknown.returncode == 2 and "unknown step bench_nowhere" in unknown.stderr and "bench_pipelines" in unknown.stderr
+    no_gpu = run("bench_vicreg")
+    assert no_gpu.returncode == 2 and "no CUDA device" in no_gpu.stderr and "== bench_vicreg" not in no_gpu.stdout
+    assert not (tmp_path / "out").exists()

@@ -145,8 +145,8 @@ def measure(content: str, sources: List[np.ndarray], crops_per_row: int, repeats
 def main() -> None:
     parser = argparse.ArgumentParser(description=help_description(__doc__))
     parser.add_argument("--quick", action="store_true", help="one crop per row, few repeats")
-    parser.add_argument("--crops", type=int, default=6, help="crops (over 6 sources) per content, size and scale")
-    parser.add_argument("--repeats", type=int, default=25)
+    parser.add_argument("--crops", type=int, default=6, help="crops (over 6 sources) per content, size and scale (default: %(default)s; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=25, help="timings per crop and mode, the median reported (default: %(default)s; --quick: 5)")
     args = parser.parse_args()
     crops, repeats = (1, 5) if args.quick else (args.crops, args.repeats)
     torch.set_num_threads(1)

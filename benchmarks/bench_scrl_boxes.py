@@ -108,7 +108,7 @@ def _clip(row):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=help_description(__doc__))
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=256, help="images per call (default: %(default)s; --quick: 32)")
     parser.add_argument("--quick", action="store_true", help="32 images, few repeats")
     args = parser.parse_args()
     images = 32 if args.quick else args.images

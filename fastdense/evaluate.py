@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastdense-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by fastdense-train")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--data", type=Path, default=None, help="ImageFolder for linear/knn (train/ and val/ inside, or split 4:1); images for dense. Default: the training run's data, else the built-in dataset")
+    p.add_argument("--data", type=Path, default=None, help="ImageFolder for linear/knn (train/ and val/ inside, or split 4:1); images for dense. Default: the training run's data (an image folder; a run on a .beton file needs --data), else the built-in dataset")
     p.add_argument("--masks", type=Path, default=None, help="folder of PNG masks mirroring --data (dense task); not needed for the VOC layout or the built-in dataset")
     p.add_argument("--image-size", type=_positive, default=None, help="evaluation resolution, a multiple of the backbone's stride (default: the training recipe's first view size)")
     p.add_argument("--network", choices=("online", "target"), default="online", help="online: the trained network (default); target: the EMA copy (the teacher DINO and SelfPatch report), for methods that keep one")
@@ -106,6 +106,9 @@ def main(argv=None) -> dict:
         result = {"task": "export", "path": str(path), "arch": backbone.name, "tensors": len(torch.load(path, weights_only=True))}
     else:
         data = args.data or info.get("data") or _builtin_root()
+        if args.data is None and Path(data).is_file():  # the run read a .beton (ffcv), which holds no file names or masks
+            sys.exit(f"fastdense-eval: the run trained on the file {data} (an ffcv .beton), which evaluation cannot read; "
+                     "pass --data with an image folder (the one the .beton was written from)")
         size = args.image_size or info.get("image_size") or 224
         if size % backbone.stride:
             sys.exit(f"fastdense-eval: --image-size must be a multiple of {backbone.name}'s stride {backbone.stride} so that its feature cells tile the image, got {size}")

@@ -289,6 +289,19 @@ def test_eval_refuses_missing_truncated_and_foreign_checkpoints(tmp_path, checkp
     assert str(other_backbone) in message and "do not fit scrl with backbone resnet34" in message
 
 
+def test_eval_asks_for_data_when_the_run_trained_on_a_beton_file(tmp_path, checkpoint):
+    """A run on an ffcv .beton saves that file as its data; evaluation reads image folders only, and
+    said "data folder '...beton' is not a directory" without telling where to go from there."""
+    beton = tmp_path / "train.beton"
+    beton.write_bytes(b"beton")
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"] = {**state["config"], "backend": "ffcv", "data": str(beton)}
+    run = tmp_path / "run.pt"
+    torch.save(state, run)
+    message = _eval_error(["--checkpoint", str(run), "--task", "knn", "--num-workers", "0"])
+    assert str(beton) in message and "pass --data" in message
+
+
 def test_eval_refuses_bad_data_folders_before_extracting(tmp_path, checkpoint):
     common = ["--checkpoint", str(checkpoint), "--num-workers", "0", "--image-size", "32"]
     cache = checkpoint.parent / "eval_cache"

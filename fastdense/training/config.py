@@ -53,7 +53,7 @@ OPTIONS: Dict[str, Tuple[Any, str]] = {
     "run_dir": (None, "where checkpoints, logs and plots go (empty: runs/<method>-<UTC time>)"),
     "checkpoint_every": (500, "also checkpoint every this many steps (0: only at epoch ends)"),
     "log_every": (10, "write a metrics row every this many steps"),
-    "min_free_gb": (None, "refuse to start with less free disk in the run directory (empty: 3 checkpoints' worth)"),
+    "min_free_gb": (None, "refuse to start with less free disk in the run directory (empty: room for two checkpoints, the last one and the one being written, each counted as 3x the method's state dict)"),
     "progress": (True, "show a tqdm progress bar"),
 }
 

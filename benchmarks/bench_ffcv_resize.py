@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import sys
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import cv2
@@ -30,8 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import help_description, print_table, time_ms, write_results
-from fastdense.pipelines.builtin import render_scene
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 benchmarks/<script>.py` imports the repository's packages
+
+from benchmarks.common import help_description, print_table, time_ms, write_results  # noqa: E402
+from fastdense.pipelines.builtin import render_scene  # noqa: E402
 
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500
 SCALES = (0.05, 0.08, 0.14, 0.2, 0.35, 0.5, 0.75, 1.0)  # from SelfPatch's and VICRegL's smallest crops to SCRL's range

@@ -26,6 +26,7 @@ import argparse
 import os
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -36,11 +37,13 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from benchmarks.common import help_description, installed_versions, print_table, write_results
-from fastdense.geometry import view_extent
-from fastdense.pipelines import BACKENDS, make_loader
-from fastdense.pipelines.builtin import cache_dir, render_scene
-from fastdense.pipelines.recipes import get_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 benchmarks/<script>.py` imports the repository's packages
+
+from benchmarks.common import help_description, installed_versions, print_table, write_results  # noqa: E402
+from fastdense.geometry import view_extent  # noqa: E402
+from fastdense.pipelines import BACKENDS, make_loader  # noqa: E402
+from fastdense.pipelines.builtin import cache_dir, render_scene  # noqa: E402
+from fastdense.pipelines.recipes import get_recipe  # noqa: E402
 
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 TARGET_CPU_SPEEDUP_PER_CORE = 1.5  # PERFORMANCE.md: a CPU backend against the baseline, images/s per core

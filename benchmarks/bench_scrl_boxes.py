@@ -15,14 +15,18 @@ as the reference code runs it, and must give every image as many boxes as fastde
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from benchmarks.common import help_description, print_table, time_ms, write_results
-from fastdense import boxes, geometry
-from fastdense.ops import backend
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 benchmarks/<script>.py` imports the repository's packages
+
+from benchmarks.common import help_description, print_table, time_ms, write_results  # noqa: E402
+from fastdense import boxes, geometry  # noqa: E402
+from fastdense.ops import backend  # noqa: E402
 
 VIEW = 224
 

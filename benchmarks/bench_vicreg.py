@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 benchmarks/<script>.py` imports the repository's packages
 
 import fastdense.ops as ops  # noqa: E402
 from benchmarks.common import HostRun, floor_ms, help_description, measured_bandwidth, peak_extra_bytes, print_table, time_ms, write_results  # noqa: E402

@@ -34,7 +34,9 @@ def parser() -> argparse.ArgumentParser:
         "defaults, fastdense/configs/<method>.yaml (its 'cpu' preset when there is no --data and no GPU), "
         "--config files, then --set and the explicit flags below. The resolved config is saved as "
         "<run-dir>/config.yaml.",
-        epilog="every config key (use with --set key=value or in a --config YAML file):\n" + cfg.describe_options(),
+        epilog="every config key (use with --set key=value or in a --config YAML file), with its built-in default; "
+        "fastdense/configs/<method>.yaml and its presets set some of them (epochs, batch_size, optimizer.lr, ...): "
+        "--print-config shows what a run would use:\n" + cfg.describe_options(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", choices=cfg.METHODS, help="method to train (default: scrl)")

@@ -338,3 +338,19 @@ def test_a_cuda_loss_reaches_the_host_through_pinned_memory_behind_an_event():
     readback = loop.LossReadback(7, 1, values)
     assert readback.host.is_pinned() and readback.done is not None
     assert readback.values() == [1.5, 0.0] and (readback.step, readback.epoch) == (7, 1)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_checkpoints_and_config_get_the_umasks_mode_like_every_other_run_file(tmp_path, umask):
+    """A checkpoint another user of the group reads (an eval job) must not come out 0600, as
+    tempfile.mkstemp's temporaries do; a replaced file takes the new write's mode."""
+    previous = os.umask(umask)
+    try:
+        save_checkpoint({"step": 1}, tmp_path / "last.pt")
+        save_checkpoint({"step": 2}, tmp_path / "last.pt")
+        cfg.save({"seed": 0}, tmp_path / "config.yaml")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(("last.pt", "config.yaml", "plain.txt"), 0o666 & ~umask), modes

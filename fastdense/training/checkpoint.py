@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import os
 import random
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -25,7 +25,11 @@ class RunDirError(RuntimeError):
 
 def atomic_write_bytes(data: bytes, path) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its files are 0600, and the rename would keep that, so a checkpoint or
+    # config.yaml could not be read by the group's other users (an eval job, a colleague). Created
+    # like open() creates files, the umask decides, as it does for every other file of the run.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

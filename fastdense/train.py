@@ -78,7 +78,7 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> Dict:
     base = None
     if args.resume:
         if not args.run_dir:
-            raise SystemExit("fastdense-train: --resume needs --run-dir")
+            raise ValueError("--resume needs --run-dir (the run directory to continue)")
         saved = Path(args.run_dir) / "config.yaml"
         checkpoint = Path(args.run_dir) / "checkpoints" / "last.pt"
         if saved.exists():

@@ -911,6 +911,24 @@ def test_builtin_dataset_is_atomic_and_cached(tmp_path, monkeypatch):
     assert path.parent.joinpath("meta.json").stat().st_mtime_ns == stamp, "the second call must reuse the cache"
 
 
+def test_builtin_dataset_refuses_bad_sizes_before_writing(tmp_path):
+    for options, name in (({"num_images": 2, "num_classes": 3}, "num_classes"), ({"image_size": 8}, "image_size"),
+                          ({"num_images": 0}, "num_images")):
+        with pytest.raises(ValueError, match=name):
+            builtin.ensure_builtin_dataset(tmp_path, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (9, 1), (6, 7)])
+def test_builtin_mask_boundaries_mark_both_sides_of_every_label_edge(shape):
+    """The ignored band: every pixel with a 4-neighbour of another label, on either side of the edge."""
+    labels = np.random.default_rng(shape[0]).integers(0, 3, shape).astype(np.uint8)
+    padded = np.pad(labels.astype(np.int64), 1, constant_values=-1)
+    neighbours = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
+    expected = np.any([(n >= 0) & (n != labels) for n in neighbours], axis=0)
+    assert np.array_equal(builtin._label_boundaries(labels), expected)
+
+
 def test_make_loader_defaults_to_builtin_dataset(tmp_path, monkeypatch):
     made, generate = {}, builtin.ensure_builtin_dataset
 

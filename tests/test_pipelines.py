@@ -8,8 +8,10 @@ fails: scripts/install.sh installs every backend's package.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +194,15 @@ def test_make_loader_rejects_bad_arguments(scene_folder):
             make_loader(backend, data=scene_folder, seed=-1, device="cpu")
     with pytest.raises(ValueError, match="recipe"):
         make_loader("torch", data=scene_folder, recipe="simclr")
+    with pytest.raises(ValueError, match="num_workers"):  # torch's DataLoader would refuse it only once an epoch starts
+        make_loader("torch", data=scene_folder, num_workers=-1)
+
+
+def test_make_loader_names_the_extra_that_installs_a_missing_backend(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "fastdense.pipelines.dali_backend", None)  # its import now fails
+    with pytest.raises(ImportError, match=r"the 'dali' pipeline backend needs a package that is missing: .*"
+                                          r"\(install it with `pip install 'fastdense\[dali\]'`\)"):
+        make_loader("dali", data=tmp_path, device="cpu")
 
 
 # ----------------------------------------------------------------------------------------- crops
@@ -648,6 +659,44 @@ def test_torch_backend_keeps_batches_whole_in_a_mostly_unreadable_folder(tmp_pat
         loader.start_at(15)
         assert [(b.index.tolist(), b.matrices.tolist()) for b in loader] == runs[num_workers][15:]
     assert runs[0] == runs[2]
+
+
+def test_torch_backend_draws_stand_ins_anew_each_epoch(tmp_path):
+    """The image standing in for an unreadable file is drawn per epoch, as crops are: not the same
+    duplicate of one image in its place every epoch."""
+    for k in range(6):
+        save_image(np.full((20, 20, 3), 40 * k, dtype=np.uint8), tmp_path / "data" / "a" / f"good{k}.png")
+    for k in range(2):
+        (tmp_path / "data" / "a" / f"junk{k}.jpg").write_bytes(b"not an image")
+    recipe = dataclasses.replace(small("plain"), views=(ViewSpec(16, (0.3, 1.0)),))
+    loader = make_loader("torch", data=tmp_path / "data", recipe=recipe, batch_size=8, photometric=False,
+                         num_workers=0, device="cpu", shuffle=False)
+    stand_ins = [next(iter(loader)).index.tolist() for epoch in range(3)]
+    assert all(indices[:6] == list(range(6)) and max(indices[6:]) < 6 for indices in stand_ins)
+    assert len({tuple(indices[6:]) for indices in stand_ins}) > 1, stand_ins
+
+
+def test_torch_backend_never_yields_a_short_batch_when_files_fail_mid_batch(tmp_path, monkeypatch):
+    """A batch whose first image decodes but whose next images and every stand-in then fail with I/O
+    errors (a data disk gone mid-epoch) is an error naming the folder, never a short batch."""
+    from fastdense.pipelines import torch_backend
+
+    for k in range(3):
+        save_image(np.full((20, 20, 3), 40 * k, dtype=np.uint8), tmp_path / "data" / "a" / f"{k}.png")
+    decode, calls = torch_backend.decode_views, []
+
+    def disk_gone_after_one(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "decode_views", disk_gone_after_one)
+    loader = make_loader("torch", data=tmp_path / "data", recipe=small("plain"), batch_size=3, photometric=False,
+                         num_workers=0, device="cpu", shuffle=False)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'data'}.*no readable image.*Input/output error"):
+        next(iter(loader))
+    assert len(calls) > 3  # every stand-in was tried
 
 
 def test_torch_backend_refuses_a_folder_with_nothing_readable_at_its_first_batch(tmp_path):

@@ -502,6 +502,22 @@ def test_ffcv_loaders_leave_numba_types_alone(raw_beton):
     assert numba.uint8[::1] is shared and shared.key == key and shared.mutable
 
 
+def test_ffcv_folder_is_converted_again_when_a_file_changes(tmp_path, monkeypatch):
+    """An image folder given to the ffcv backend is converted once into the cache (FfcvLoader calls
+    beton_for_folder); a file rewritten since (same name, new pixels) gives a new .beton, not the stale one."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(coordinate_image(30, 41)).save(folder / "0.png")
+    Image.fromarray(coordinate_image(20, 20)).save(folder / "1.png")
+    first = ffcv_backend.beton_for_folder(folder.parent)
+    written = first.stat().st_mtime_ns
+    assert ffcv_backend.beton_for_folder(folder.parent) == first and first.stat().st_mtime_ns == written  # reused
+    Image.fromarray(coordinate_image(25, 33)).save(folder / "1.png")
+    second = ffcv_backend.beton_for_folder(folder.parent)
+    assert second != first and ffcv_backend.read_beton(second).num_samples == 2
+
+
 def test_dali_pass_resumes_from_its_state_without_decoding_the_batches_before(coordinate_pngs, tmp_path, monkeypatch):
     """A fresh loader (a resumed process) continues an interrupted pass with the crops and colours
     of the uninterrupted one, building its pipeline from DALI's checkpoint; a checkpoint DALI cannot

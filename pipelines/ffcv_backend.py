@@ -482,11 +482,14 @@ def read_beton(path: Path):
     missing = [name for name in BETON_FIELDS if name not in reader.field_names]
     if missing:
         raise ValueError(f"{problem} (it has no field {', '.join(missing)})")
-    # The allocation table is written last, the same number of entries (one per stored field) for
-    # every sample: a file cut short loses entries, or the whole table.
+    # The allocation table is written last, one entry per sample for each field stored out of line
+    # (all but the integers and floats): a file cut short loses entries, or the whole table.
+    from ffcv.fields import FloatField, IntField
+
+    allocated = sum(not isinstance(handler, (IntField, FloatField)) for handler in reader.handlers.values())
     per_sample = np.bincount(table["sample_id"].astype(np.int64), minlength=reader.num_samples) if len(table) else np.zeros(1, np.int64)
     table_bytes = size - int(reader.header["alloc_table_ptr"])
-    if (len(reader.metadata) != reader.num_samples or per_sample.min() == 0 or per_sample.max() != per_sample.min()
+    if (len(reader.metadata) != reader.num_samples or per_sample.min() != allocated or per_sample.max() != allocated
             or table_bytes < 0 or table_bytes % table.dtype.itemsize or data_end > size):
         raise ValueError(f"{problem} (its header lists {reader.num_samples} samples; its {size} bytes do not hold them all)")
     return reader

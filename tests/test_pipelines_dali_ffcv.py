@@ -346,6 +346,14 @@ def test_ffcv_data_that_is_not_a_whole_beton_is_named(raw_beton, tmp_path, capsy
     cases = {jpeg: jpeg.read_bytes(), tmp_path / "random.beton": np.random.default_rng(0).bytes(5000), tmp_path / "empty.beton": b"",
              tmp_path / "half.beton": beton[: len(beton) // 2], tmp_path / "tail_cut.beton": beton[:-8],
              tmp_path / "entry_cut.beton": beton[:-24]}
+    # A one-sample .beton cut by one allocation-table entry (its source_size's) still lists one
+    # entry for its one sample: it was read, with a source_size of whatever the bytes held.
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    Image.fromarray(coordinate_image(9, 7)).save(tmp_path / "one" / "a" / "0.png")
+    ffcv_backend.write_beton(tmp_path / "one", tmp_path / "one.beton", write_mode="raw", num_workers=1)
+    capsys.readouterr()  # the writer's progress bars
+    one = (tmp_path / "one.beton").read_bytes()
+    cases.update({tmp_path / "one_entry_cut.beton": one[:-24], tmp_path / "one_tail_cut.beton": one[:-8]})
     for path, content in cases.items():
         path.write_bytes(content)
         with pytest.raises(ValueError, match=f"{path.name}.* is not a .beton written by write_beton, or it was cut short"):

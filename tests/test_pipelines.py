@@ -473,7 +473,8 @@ def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
     require_backend(backend)
-    total = len(scan_image_folder(scene_folder))
+    labels = [label for _, label in scan_image_folder(scene_folder).samples]  # 3 classes
+    total = len(labels)
     options = dict(recipe=small("plain"), batch_size=4, photometric=False, num_shards=3)
     seen, first_windows = [], []
     for shard in range(3):
@@ -481,6 +482,7 @@ def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
         batches = list(loader)
         indices = torch.cat([b.index for b in batches]).tolist()
         assert len(indices) == len(set(indices))
+        assert torch.cat([b.label for b in batches]).tolist() == [labels[i] for i in indices]
         seen.append(set(indices))
         first_windows.append(batches[0].matrices)
     assert set().union(*seen) == set(range(total))

@@ -313,6 +313,19 @@ def test_torch_backend_views_equal_torchvision_resized_crop(orientation, interpo
                 assert error.max() <= 2 and error.mean() < 0.05, (path.name, seed, spec.size, error.max(), error.mean())
 
 
+def test_float_images_read_as_0_to_1_scaled_to_8_bits(tmp_path):
+    """A 32-bit float image (PIL mode F, as a TIFF stores it) holds 0-1 values: v -> round(255 v), clipped."""
+    from PIL import Image
+
+    from fastdense.pipelines.torch_backend import to_rgb
+
+    Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0, 1.5, -0.5]], dtype=np.float32), "F").save(tmp_path / "float.tif")
+    with Image.open(tmp_path / "float.tif") as image:
+        assert image.mode == "F"
+        rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (1, 6, 3) and (rgb == np.array([0, 64, 128, 255, 255, 0], dtype=np.uint8)[None, :, None]).all(), rgb[0, :, 0]
+
+
 def test_torch_backend_decodes_jpegs_reduced_never_below_a_view(tmp_path, monkeypatch):
     """A JPEG is decoded at 1/2, 1/4 or 1/8 size only while every window keeps at least its view's
     size along both sides there: a smaller one would be enlarged, losing detail the source has."""

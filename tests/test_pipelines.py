@@ -859,6 +859,15 @@ def test_photometric_asks_the_device_nothing():
     assert out.device.type == "meta" and out.shape == (16, 3, 32, 32)
 
 
+def test_photometric_solarize_inverts_the_pixels_at_or_above_its_threshold():
+    """torchvision's solarize on every 8-bit level, the threshold's own level (128) included."""
+    spec = ViewSpec(32, (0.2, 1.0), jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=1.0)
+    levels = torch.arange(256, dtype=torch.float32).div(255).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    out = apply_photometric(levels, spec, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, TF.solarize(levels, spec.solarize_threshold), rtol=0, atol=0)
+    assert out[0, 0, 8, 0] == 1 - levels[0, 0, 8, 0]  # level 128
+
+
 def test_apply_photometric_per_sample_specs_and_validation():
     plain, strong = ViewSpec(32, (0.2, 1.0), jitter_p=0, grayscale_p=0), ViewSpec(32, (0.2, 1.0), grayscale_p=1.0, jitter_p=0)
     images = _images(batch=4)
@@ -867,6 +876,8 @@ def test_apply_photometric_per_sample_specs_and_validation():
     assert torch.allclose(out[1][0], out[1][1]) and torch.allclose(out[3][0], out[3][2])
     with pytest.raises(ValueError, match="images"):
         apply_photometric(images[0], plain)
+    with pytest.raises(ValueError, match=r"images must be a tensor of shape \[B, 3, H, W\], got \[4, 4, 20, 23\]"):
+        apply_photometric(torch.cat([images, images[:, :1]], dim=1), plain)  # RGBA
     with pytest.raises(TypeError, match="float"):
         apply_photometric((images * 255).to(torch.uint8), plain)
     with pytest.raises(ValueError, match="one per image"):

@@ -132,6 +132,13 @@ def test_scan_matches_extensions_in_any_case_and_skips_hidden_files(tmp_path):
     assert index.classes == ["cls"] and [p for p, _ in index.samples] == wanted
 
 
+def test_scan_names_images_left_directly_under_the_root(tmp_path):
+    save_image(np.zeros((4, 4, 3), dtype=np.uint8), tmp_path / "photo.JPG")
+    (tmp_path / "class_without_images").mkdir()
+    with pytest.raises(ValueError, match=r"holds no image in any class folder .*images directly under it \(photo\.JPG\.\.\.\) need a class folder"):
+        scan_image_folder(tmp_path)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_or_empty_folder_fails_before_work(backend, tmp_path):
     require_backend(backend)

@@ -218,6 +218,11 @@ def test_unreadable_files_found_once_and_cached(tmp_path, monkeypatch):
     stored["files"][str(good)][2] = None
     cache_file.write_text(json.dumps(stored))
     assert good in dict(validate.find_unreadable(paths, corpus["root"]))
+    # Verdicts under a backend's refuse check are cached apart from those without one.
+    readable = [p for p in paths if p not in corpus["unreadable"] and p != good]
+    assert validate.find_unreadable(readable, corpus["root"]) == []
+    refused = validate.find_unreadable(readable, corpus["root"], refuse=lambda image: "refused by this backend")
+    assert refused == [(p, "refused by this backend") for p in readable]
 
 
 def test_jpeg_with_data_after_its_end_marker_is_readable(tmp_path):

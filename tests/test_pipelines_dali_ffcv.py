@@ -141,6 +141,18 @@ def _dali_views(root, recipe, photometric, batch_size):
     return np.stack([unnormalize(batch.views[0][b], recipe.mean, recipe.std) for b in range(batch.batch_size)])
 
 
+def test_dali_bicubic_views_stay_in_0_255(tmp_path, monkeypatch):
+    """Bicubic resampling overshoots next to sharp edges; DALI's float views are clipped to 0-255, as
+    PIL's and the torch backend's uint8 views are."""
+    monkeypatch.setenv("FASTDENSE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    checks = (np.indices((12, 12)).sum(0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.repeat(checks[..., None], 3, axis=2)).save(tmp_path / "images" / "a" / "checks.png")
+    recipe = Recipe("upscale", (ViewSpec(40, (0.9, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0),), interpolation="bicubic")
+    views = _dali_views(tmp_path / "images", recipe, False, 1)
+    assert views.min() > -0.01 and views.max() < 255.01 and views.min() < 1 and views.max() > 254
+
+
 def test_dali_colour_jitter_follows_torchvision(tmp_path, monkeypatch):
     """Contrast blends towards each image's grayscale mean, and every jitter step stays in [0, 255],
     as torchvision's; a jitter strength of 0 (an empty range to draw from) is allowed.

@@ -834,6 +834,8 @@ def test_recipe_rejects_bad_values():
         Recipe("nearest", (ViewSpec(32, (0.2, 1.0)),), interpolation="nearest")
     with pytest.raises(ValueError, match="views"):
         Recipe("none", ())
+    with pytest.raises(ValueError, match="views must be one or more ViewSpec objects"):
+        Recipe("sizes", (224, 96))
 
 
 @pytest.mark.parametrize("spec", [

@@ -111,6 +111,7 @@ def test_scan_reads_each_folder_once_through_symlinks(tmp_path):
     (root / "cls" / "self").symlink_to((root / "cls").resolve(), target_is_directory=True)
     (root / "cls" / "up").symlink_to("..", target_is_directory=True)
     (root / "cls" / "sub" / "back").symlink_to("..", target_is_directory=True)
+    (root / "cls" / "sub" / "again").symlink_to(".", target_is_directory=True)  # a sub-folder, not a class
     with pytest.warns(UserWarning) as caught:
         index = scan_image_folder(root)
     assert index.classes == ["cls", "linked"]
@@ -118,7 +119,7 @@ def test_scan_reads_each_folder_once_through_symlinks(tmp_path):
     assert sorted(p for p, label in index.samples if label == 0) == sorted(expected)
     assert sorted(p for p, label in index.samples if label == 1) == [root / "linked" / p.name for p in outside]
     warned = sorted(str(w.message).split("'")[1] for w in caught)
-    assert warned == sorted(str(root / "cls" / name) for name in ("other_class", "self", "sub/back", "up"))
+    assert warned == sorted(str(root / "cls" / name) for name in ("other_class", "self", "sub/again", "sub/back", "up"))
 
 
 def test_scan_matches_extensions_in_any_case_and_skips_hidden_files(tmp_path):
@@ -130,6 +131,12 @@ def test_scan_matches_extensions_in_any_case_and_skips_hidden_files(tmp_path):
     save_image(tiny, tmp_path / ".hidden_class" / "f.png")
     index = scan_image_folder(tmp_path)
     assert index.classes == ["cls"] and [p for p, _ in index.samples] == wanted
+
+
+def test_scan_refuses_a_file_for_a_folder(tmp_path):
+    photo = save_image(np.zeros((4, 4, 3), dtype=np.uint8), tmp_path / "photo.jpg")
+    with pytest.raises(ValueError, match="photo.jpg.* is not a directory"):
+        scan_image_folder(photo)
 
 
 def test_scan_names_images_left_directly_under_the_root(tmp_path):

@@ -498,7 +498,7 @@ def test_torch_backend_results_do_not_depend_on_workers(scene_folder, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
+def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path, caplog):
     require_backend(backend)
     labels = [label for _, label in scan_image_folder(scene_folder).samples]  # 3 classes
     total = len(labels)
@@ -514,6 +514,7 @@ def test_shards_disjoint_and_complete(backend, scene_folder, tmp_path):
         first_windows.append(batches[0].matrices)
     assert set().union(*seen) == set(range(total))
     assert sum(len(s) for s in seen) == total
+    assert not [r for r in caplog.records if "could not be read" in r.getMessage()], "a clean folder's epoch reported skips"
     # Every image here has the same size: shards that drew from one random stream would crop alike.
     assert not torch.equal(first_windows[0], first_windows[1]), "shards must draw their own crops"
     # 30 samples over 4 shards: 8, 8, 7 and 7, of which drop_last keeps 7 each, so one whole batch.

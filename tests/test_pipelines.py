@@ -552,11 +552,13 @@ def test_tiny_dataset_one_class_images_smaller_than_views(backend, tmp_path):
 def test_view_batch_checks_its_shapes_and_moves_every_tensor():
     views = [torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 4, 4)]
     fields = dict(views=views, matrices=torch.eye(3).expand(2, 2, 3, 3), source_size=torch.full((2, 2), 8), index=torch.arange(2), label=torch.ones(2, dtype=torch.int64))
-    batch = pipelines.ViewBatch(**fields)
+    batch = pipelines.ViewBatch(**fields, extras={"rois": torch.zeros(4, 5), "note": "kept"})
     assert (batch.batch_size, batch.num_views) == (2, 2)
     moved = batch.to("meta")  # stands in for a GPU: every tensor must move
-    assert all(t.device.type == "meta" for t in moved.views + [moved.matrices, moved.source_size, moved.index, moved.label])
+    assert all(t.device.type == "meta" for t in moved.views + [moved.matrices, moved.source_size, moved.index, moved.label, moved.extras["rois"]])
+    assert moved.extras["note"] == "kept"
     for name, value, message in [("views", [], "at least one view"), ("views", [views[0], torch.zeros(3, 3, 4, 4)], r"views\[1\] must have shape \[2, 3, H, W\]"),
+                                 ("views", [views[0], torch.zeros(2, 1, 4, 4)], r"views\[1\] must have shape \[2, 3, H, W\], got \(2, 1, 4, 4\)"),
                                  ("matrices", torch.eye(3).expand(2, 1, 3, 3), r"matrices must have shape \[2, 2, 3, 3\]"),
                                  ("source_size", torch.zeros(2, 3), "source_size must have shape"), ("index", torch.arange(3), "index must have shape"),
                                  ("label", torch.zeros(2, 1), r"label must have shape \[2\]")]:

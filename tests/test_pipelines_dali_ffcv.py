@@ -318,8 +318,10 @@ def test_write_beton_command_line(coordinate_pngs, tmp_path, capsys):  # runs fi
     out = tmp_path / "cli.beton"
     assert ffcv_backend.main(["write", str(root), str(out), "--jpeg-quality", "80", "--num-workers", "1"]) == 0
     assert out.is_file() and "wrote 3 images" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="write_mode"):
-        ffcv_backend.write_beton(root, tmp_path / "x.beton", write_mode="png")
+    for option, value in (("write_mode", "png"), ("jpeg_quality", 0), ("jpeg_quality", 101), ("max_resolution", 0)):
+        with pytest.raises(ValueError, match=f"{option} must be"):  # before anything is decoded or written
+            ffcv_backend.write_beton(root, tmp_path / "x.beton", **{option: value})
+    assert not (tmp_path / "x.beton").exists()
     with pytest.raises(FileNotFoundError, match="missing_folder"):
         ffcv_backend.write_beton(tmp_path / "missing_folder", tmp_path / "y.beton")
     capsys.readouterr()

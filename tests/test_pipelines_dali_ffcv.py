@@ -537,7 +537,10 @@ def test_ffcv_folder_is_converted_again_when_a_file_changes(tmp_path, monkeypatc
     folder.mkdir(parents=True)
     Image.fromarray(coordinate_image(30, 41)).save(folder / "0.png")
     Image.fromarray(coordinate_image(20, 20)).save(folder / "1.png")
+    (folder / "2.jpg").write_bytes(b"not an image")
     first = ffcv_backend.beton_for_folder(folder.parent)
+    # its skipped files go with it, for the loader to report
+    assert [Path(p).name for p, _ in json.loads(Path(str(first) + ".skipped.json").read_text())] == ["2.jpg"]
     written = first.stat().st_mtime_ns
     assert ffcv_backend.beton_for_folder(folder.parent) == first and first.stat().st_mtime_ns == written  # reused
     Image.fromarray(coordinate_image(25, 33)).save(folder / "1.png")

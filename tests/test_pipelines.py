@@ -891,6 +891,7 @@ def test_apply_photometric_per_sample_specs_and_validation():
     plain, strong = ViewSpec(32, (0.2, 1.0), jitter_p=0, grayscale_p=0), ViewSpec(32, (0.2, 1.0), grayscale_p=1.0, jitter_p=0)
     images = _images(batch=4)
     out = apply_photometric(images, [plain, strong, plain, strong], torch.Generator().manual_seed(0))
+    assert torch.equal(images, _images(batch=4)), "the input was modified"
     torch.testing.assert_close(out[0], images[0])
     assert torch.allclose(out[1][0], out[1][1]) and torch.allclose(out[3][0], out[3][2])
     with pytest.raises(ValueError, match="images"):

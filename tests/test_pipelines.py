@@ -340,6 +340,22 @@ def test_float_images_read_as_0_to_1_scaled_to_8_bits(tmp_path):
     assert rgb.shape == (1, 6, 3) and (rgb == np.array([0, 64, 128, 255, 255, 0], dtype=np.uint8)[None, :, None]).all(), rgb[0, :, 0]
 
 
+@pytest.mark.parametrize("orientation", [0, 9])
+def test_torch_backend_reads_an_exif_orientation_outside_1_to_8_as_upright(orientation, tmp_path):
+    """Broken writers store 0 or 9: ignored, as PIL's exif_transpose (the other backends' reader) ignores it."""
+    from PIL import Image, ImageOps
+
+    from fastdense.pipelines.torch_backend import decode_views
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "odd.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "odd.jpg") as image:
+        assert ImageOps.exif_transpose(image).size == (30, 20)
+    views, crops, size = decode_views(tmp_path / "odd.jpg", [ViewSpec(8, (0.5, 1.0))], "bilinear", np.random.default_rng(0))
+    assert size == (20, 30) and crops[0, 0] + crops[0, 2] <= 30 and crops[0, 1] + crops[0, 3] <= 20
+
+
 def test_torch_backend_decodes_jpegs_reduced_never_below_a_view(tmp_path, monkeypatch):
     """A JPEG is decoded at 1/2, 1/4 or 1/8 size only while every window keeps at least its view's
     size along both sides there: a smaller one would be enlarged, losing detail the source has."""

@@ -201,8 +201,10 @@ def test_make_loader_rejects_bad_arguments(scene_folder):
         make_loader("opencv", data=scene_folder)
     with pytest.raises(ValueError, match="shard_id"):
         make_loader("torch", data=scene_folder, shard_id=2, num_shards=2)
-    with pytest.raises(ValueError, match="batch_size"):
-        make_loader("torch", data=scene_folder, batch_size=0)
+    for batch_size in (0, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            make_loader("torch", data=scene_folder, batch_size=batch_size)
+    assert len(make_loader("torch", data=scene_folder, batch_size=4, seed=np.int64(3), num_workers=0, device="cpu")) == 7  # numpy ints are ints
     for backend in BACKENDS:  # numpy and DALI reject it only once an epoch starts
         with pytest.raises(ValueError, match="seed"):
             make_loader(backend, data=scene_folder, seed=-1, device="cpu")

@@ -729,6 +729,28 @@ def test_torch_backend_draws_stand_ins_anew_each_epoch(tmp_path):
     assert len({tuple(indices[6:]) for indices in stand_ins}) > 1, stand_ins
 
 
+def test_torch_backend_tries_a_file_again_after_an_io_error(tmp_path, monkeypatch):
+    """A file whose read failed with an I/O error (errno set: a network disk's hiccup) is tried again
+    when next visited; only a file whose content fails is remembered as undecodable."""
+    from fastdense.pipelines import torch_backend
+
+    for k in range(2):
+        save_image(np.full((20, 20, 3), 90 * k, dtype=np.uint8), tmp_path / "data" / "a" / f"{k}.png")
+    decode, failed = torch_backend.decode_views, []
+
+    def hiccup_once(path, *args, **kwargs):
+        if Path(path).name == "0.png" and not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch_backend, "decode_views", hiccup_once)
+    loader = make_loader("torch", data=tmp_path / "data", recipe=small("plain"), batch_size=2, photometric=False,
+                         num_workers=0, device="cpu", shuffle=False)
+    first = next(iter(loader))
+    assert len(failed) == 1 and first.batch_size == 2 and next(iter(loader)).index.tolist() == [0, 1]
+
+
 def test_torch_backend_never_yields_a_short_batch_when_files_fail_mid_batch(tmp_path, monkeypatch):
     """A batch whose first image decodes but whose next images and every stand-in then fail with I/O
     errors (a data disk gone mid-epoch) is an error naming the folder, never a short batch."""

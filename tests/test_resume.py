@@ -220,10 +220,11 @@ def test_a_non_finite_loss_between_log_rows_is_read_a_step_late_and_stops_before
 
 def test_losses_read_a_step_late_are_the_losses_logged(tmp_path, monkeypatch):
     """Reading between rows a step late changes no figure: the rows of a run logging every 3 steps
-    are the rows at those steps of the same run logging every step."""
+    are the rows at those steps of the same run logging every step. Its max_steps lies beyond the
+    run's 20 steps: the run still ends, and logs its last step, at the end of its last epoch."""
     train_doubles.install(monkeypatch)
     every = dict(_losses(_run(train_doubles.tiny_config(tmp_path / "every", log_every=1)).run_dir))
-    sparse = _losses(_run(train_doubles.tiny_config(tmp_path / "sparse", log_every=3)).run_dir)
+    sparse = _losses(_run(train_doubles.tiny_config(tmp_path / "sparse", log_every=3, max_steps=1000)).run_dir)
     assert len(sparse) >= 3 and all(every[step] == loss for step, loss in sparse), (sparse, every)
     assert [step for step, _ in sparse] == [1, 3, 6, 9, 12, 15, 18, 20]  # the first step, every third, the last
 

@@ -358,12 +358,16 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, monke
     assert f" loss {rows[3]:.4f} -> {rows[3]:.4f};" in final and rows[1] != rows[3], (final, rows)  # and its losses, not the first run's
 
 
-def test_resume_without_config_yaml_takes_the_checkpoints_config(tmp_path, monkeypatch, capsys):
+def test_resume_takes_the_runs_config_yaml_and_without_it_the_checkpoints_config(tmp_path, monkeypatch, capsys):
     assert _doubles_run(tmp_path, monkeypatch, "--max-steps", "2", "--set", "method_options.cells=4", "--lr", "0.3") == 0
-    (tmp_path / "run" / "config.yaml").unlink()
-    assert main(["--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3"]) == 0, capsys.readouterr().err
+    saved = tmp_path / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("max_steps: 2", "max_steps: 3"))  # the checkpoint's config says 2
+    assert main(["--run-dir", str(tmp_path / "run"), "--resume"]) == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 3
+    saved.unlink()
+    assert main(["--run-dir", str(tmp_path / "run"), "--resume", "--max-steps", "4"]) == 0, capsys.readouterr().err
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["step"] == 3 and state["config"]["optimizer"]["lr"] == 0.3 and state["config"]["method_options"]["cells"] == 4
+    assert state["step"] == 4 and state["config"]["optimizer"]["lr"] == 0.3 and state["config"]["method_options"]["cells"] == 4
 
 
 def test_a_relative_data_path_is_saved_absolute_so_the_run_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
@@ -502,8 +506,8 @@ def test_two_ranks_refuse_together_and_only_rank_0_writes_checkpoints(tmp_path):
 
 def test_metrics_log_starts_afresh_keeps_rows_up_to_the_resume_step_and_widens_the_csv(tmp_path):
     """A new run's log replaces rows a run killed before its first checkpoint left; a resumed one keeps
-    the rows up to its step; a column first seen mid-run widens metrics.csv (earlier rows empty there);
-    the loss curve draws finite losses only."""
+    the rows up to its step (a last row cut short by a kill is dropped); a column first seen mid-run
+    widens metrics.csv (earlier rows empty there); the loss curve draws finite losses only."""
     from fastdense.training.logs import MetricsLog, plot_loss
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "loss": 9.0}) + "\n")
@@ -516,6 +520,9 @@ def test_metrics_log_starts_afresh_keeps_rows_up_to_the_resume_step_and_widens_t
     assert _csv_rows(tmp_path) == [{"step": "1", "epoch": "0", "grad_norm": "", "loss": "2.0"},
                                    {"step": "2", "epoch": "0", "grad_norm": "0.5", "loss": "1.5"},
                                    {"step": "3", "epoch": "0", "grad_norm": "0.25", "loss": "1.0"}]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "epoch": 0, "lo')  # a row cut short by a kill mid-write
+    assert [r["step"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [1, 2, 3]
     MetricsLog(tmp_path, resume_step=2, tensorboard=False).close()
     assert [r["step"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [1, 2] and len(_csv_rows(tmp_path)) == 2
     assert plot_loss([{"step": 1, "loss": float("nan")}, {"step": 2, "loss": float("inf")}], tmp_path / "loss.png") is None

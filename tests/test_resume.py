@@ -92,8 +92,14 @@ def _sigkill_then_resume(tmp_path, monkeypatch):
 
 
 def test_checkpoint_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    """The temporary is written beside the checkpoint, as ``.last.pt.*.tmp``: the rename stays on one
+    filesystem (atomic), and what a killed write left is what set-up clears."""
     path = tmp_path / "last.pt"
+    renames, real_replace = [], os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst))[1])
     save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
+    [(temporary, target)] = renames
+    assert target == path and temporary.parent == tmp_path and temporary.match(".last.pt.*.tmp"), temporary
 
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
@@ -279,6 +285,7 @@ def test_min_free_gb_is_the_free_space_demanded(tmp_path, monkeypatch):
     with pytest.raises(RunDirError, match="has 0.50 GiB free; this run needs at least 1.00 GiB"):
         Trainer(train_doubles.tiny_config(tmp_path / "a", min_free_gb=1)).setup()
     Trainer(train_doubles.tiny_config(tmp_path / "b", min_free_gb=0.25)).setup()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoints", "config.yaml"]  # the write probe removed
     assert ckpt.state_bytes(torch.nn.Linear(3, 2).double()) == 8 * 8  # the default demand counts bytes, not elements
 
 

@@ -714,6 +714,23 @@ def test_a_loader_that_runs_out_before_its_length_ends_the_epoch_with_a_checkpoi
     assert all({"loss", "q_std", "lr", "weight_decay", "images_per_s", "data_wait"} <= row.keys() for row in _rows(tmp_path, timings=True))
 
 
+def test_a_nan_in_the_last_step_of_a_loader_that_runs_out_early_stops_before_the_epochs_checkpoint(tmp_path, monkeypatch):
+    """Step 9 ends a shard of 9 batches (len 10) and is no log row: its loss, read a step late,
+    has no next step to be read behind; it is still read before the epoch's checkpoint, and named."""
+    import itertools
+
+    from fastdense.training import NonFiniteLossError
+
+    train_doubles.install(monkeypatch)
+    real_iter = train_doubles.TinyLoader.__iter__
+    monkeypatch.setattr(train_doubles.TinyLoader, "__iter__", lambda self: itertools.islice(real_iter(self), len(self) - 1))
+    trainer = Trainer(train_doubles.tiny_config(tmp_path, log_every=4, checkpoint_every=0, method_options={"nan_at_call": 8}))
+    trainer.setup()
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 9 \(epoch 0\).*no checkpoint had been written"):
+        trainer.fit()
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 # ---------------------------------------------------------------------------- stops mid-run
 
 def test_a_loader_error_after_training_started_is_one_line_not_a_traceback(tmp_path, capsys):

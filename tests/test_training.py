@@ -35,6 +35,8 @@ def test_loop_end_to_end_writes_every_output(tmp_path, monkeypatch, capsys):
     final = capsys.readouterr().out.strip().splitlines()[-1]
     for path in ("last.pt", "config.yaml", "metrics.csv", "metrics.jsonl", "loss.png"):
         assert path in final
+    first, last = f"{rows[0]['loss']:.4f}", f"{rows[-1]['loss']:.4f}"
+    assert first != last and f" loss {first} -> {last};" in final, final  # the first row's loss, then the last's
 
 
 def test_training_changes_online_and_target(tmp_path, monkeypatch):
@@ -148,13 +150,13 @@ def test_build_optimizer_takes_every_option():
     """lr scaled by the global batch (and kept as base_lr), LARS's momentum and eta, AdamW's betas, the
     decay on the decayed group only; an unknown name refused."""
     model = torch.nn.Linear(3, 2)
-    options = dict(cfg.defaults()["optimizer"], name="lars", lr=0.3, lr_batch=256, momentum=0.8, eta=0.005, weight_decay=1e-4)
+    options = dict(cfg.defaults()["optimizer"], name="lars", lr=0.3, lr_batch=1024, momentum=0.8, eta=0.005, weight_decay=1e-4)
     decayed, exempt = build_optimizer(model, options, global_batch=512).param_groups
-    assert decayed["lr"] == exempt["lr"] == decayed["base_lr"] == exempt["base_lr"] == pytest.approx(0.6)
+    assert decayed["lr"] == exempt["lr"] == decayed["base_lr"] == exempt["base_lr"] == pytest.approx(0.15)  # 0.3 x 512 / 1024
     assert decayed["momentum"] == exempt["momentum"] == 0.8 and decayed["eta"] == 0.005
     assert decayed["weight_decay"] == 1e-4 and exempt["weight_decay"] == 0.0
     adamw = build_optimizer(model, dict(options, name="adamw", betas=[0.8, 0.95]), global_batch=128).param_groups
-    assert [g["betas"] for g in adamw] == [(0.8, 0.95)] * 2 and adamw[0]["lr"] == pytest.approx(0.15)
+    assert [g["betas"] for g in adamw] == [(0.8, 0.95)] * 2 and adamw[0]["lr"] == pytest.approx(0.0375)
     with pytest.raises(ValueError, match="'lars' or 'adamw'"):
         build_optimizer(model, dict(options, name="sgd"), global_batch=256)
 

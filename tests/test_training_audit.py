@@ -411,9 +411,10 @@ def test_a_new_run_does_not_overwrite_another_runs_checkpoint(tmp_path, monkeypa
     assert "already holds a checkpoint" in capsys.readouterr().err and path.read_bytes() == before
 
 
-def test_weights_broken_while_the_loss_is_finite_never_replace_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """An overflowing gradient can make weights NaN in a step whose loss was finite; the checkpoint
-    after that step must not be written over the last good one."""
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_broken_while_the_loss_is_finite_never_replace_the_last_good_checkpoint(bad, tmp_path, monkeypatch):
+    """An overflowing gradient can make weights NaN or infinite in a step whose loss was finite; the
+    checkpoint after that step must not be written over the last good one."""
     from fastdense.training import NonFiniteLossError
 
     train_doubles.install(monkeypatch)
@@ -424,7 +425,7 @@ def test_weights_broken_while_the_loss_is_finite_never_replace_the_last_good_che
     def poisoning_update(step, total_steps):
         update(step, total_steps)
         if step == 3:
-            trainer.method.target_projector[0].weight.data[0, 0] = float("nan")
+            trainer.method.target_projector[0].weight.data[0, 0] = bad
 
     trainer.method.update_target = poisoning_update
     with pytest.raises(NonFiniteLossError, match=r"non-finite weights or buffers \(target_projector.0.weight\) after 4 steps.*\(step 2\)"):

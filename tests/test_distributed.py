@@ -369,22 +369,35 @@ def assert_relative(actual, expected, what, tol=1e-10, floor=1e-13):
 STOP_AT = 7  # 5 steps per epoch and rank: the interrupted run stops inside the second epoch
 
 
-def _recording(trainer, record):
+class _StepClock:
+    """The loop's ``time`` module in the whole run: a second passes in each training step and none
+    elsewhere, so each row's images_per_s is the images one step trained on and its data_wait 0."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _recording(trainer, record, clock=None):
     """Wrap ``trainer.train_step`` to keep each step's batch indices, loss, per-rank metric and crop
-    matrices (what the loader drew under the trainer's loader RNG)."""
+    matrices (what the loader drew under the trainer's loader RNG); and advance ``clock`` a second."""
     step = trainer.train_step
 
     def train_step(batch):
         out = step(batch)
         record.append((batch.index.tolist(), out["loss"].detach().clone(), float(out["q_std"]), batch.matrices.clone()))
+        if clock is not None:
+            clock.now += 1.0
         return out
 
     trainer.train_step = train_step
     return trainer
 
 
-def _resume_run(run_dir, record, resume=False, **overrides):
-    trainer = _recording(Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0, **overrides), resume=resume), record)
+def _resume_run(run_dir, record, resume=False, clock=None, **overrides):
+    trainer = _recording(Trainer(train_doubles.tiny_config(run_dir, epochs=2, checkpoint_every=0, **overrides), resume=resume), record, clock)
     trainer.setup()
     rng_after_setup = ckpt.rng_state(include_cuda=False)
     trainer.fit()
@@ -402,7 +415,11 @@ def resume_worker(rank, port, root, phase):
     out = {}
     if phase == "first":
         whole, interrupted = [], []
-        out["whole_final"] = _final(_resume_run(f"{root}/whole", whole)[0])
+        real_time, loop.time = loop.time, _StepClock()
+        try:
+            out["whole_final"] = _final(_resume_run(f"{root}/whole", whole, clock=loop.time)[0])
+        finally:
+            loop.time = real_time
         trainer, _ = _resume_run(f"{root}/split", interrupted, max_steps=STOP_AT)
         assert trainer.step == STOP_AT
         out.update(whole=whole, interrupted=interrupted, rng_at_stop=ckpt.rng_state(include_cuda=False))
@@ -527,9 +544,11 @@ def test_two_rank_run_stopped_then_resumed_is_bit_identical_and_nan_stops_every_
     assert alone.step == 2 and alone.fit()["steps"] == 4
     rngs = saved["rng_per_rank"]
     assert not _same_rng(rngs[0], rngs[1]), "the ranks' random streams should differ"
-    # Rank 0 logs each step's loss and the method's own metric (q_std) averaged over the ranks.
+    # Rank 0 logs each step's loss and the method's own metric (q_std) averaged over the ranks, and
+    # the images per second of every rank (one step, of 4 images per rank, per second of _StepClock).
     logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged] == list(range(1, 11))
+    assert [(row["images_per_s"], row["data_wait"]) for row in logged] == [(4.0 * WORLD, 0.0)] * 10
     for row in logged:
         per_rank = [first[rank]["whole"][row["step"] - 1] for rank in range(WORLD)]
         assert row["loss"] == pytest.approx(sum(float(loss) for _, loss, *_ in per_rank) / WORLD, rel=1e-6)

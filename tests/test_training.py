@@ -75,6 +75,9 @@ def test_config_layers_and_overrides(tmp_path):
         cfg.resolve("simclr")
     with pytest.raises(ValueError, match="key=value"):
         cfg.parse_override("lr0.1")
+    assert cfg.parse_override("run_dir=runs/lr=0.1") == ("run_dir", "runs/lr=0.1")  # the value may hold '='
+    with pytest.raises(ValueError, match="preset must be 'auto', 'full' or one of \\['cpu'\\], got 'gpu'"):
+        cfg.resolve("scrl", overrides={"preset": "gpu"})
 
 
 def test_resume_layers_config_files_and_overrides_over_the_saved_config_and_flags_over_set(tmp_path):
@@ -99,6 +102,16 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for key in cfg.OPTIONS:
         assert f"  {key} " in text
+
+
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    train_doubles.install(monkeypatch)  # were it to train, the doubles would, in a second
+    run_dir = tmp_path / "run"
+    assert main(["--print-config", "--run-dir", str(run_dir), "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+                 "--preset", "full", "--no-progress", "--set", "optimizer.lr=0.25"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run_dir"] == str(run_dir) and printed["optimizer"]["lr"] == 0.25 and printed["preset"] == "full"
+    assert not run_dir.exists()
 
 
 def test_every_method_yaml_resolves():

@@ -149,6 +149,21 @@ def test_an_fp16_runs_loss_scale_resumes_with_it(tmp_path, monkeypatch):
     assert first.scaler.state_dict() != torch.amp.GradScaler("cpu").state_dict()  # the run moved it
 
 
+def test_fp16_gradients_are_unscaled_before_they_are_clipped(tmp_path, monkeypatch):
+    """fp16's GradScaler multiplies the loss by its scale: clipping (and the logged grad_norm) must see
+    the gradients without that factor, as an fp32 run does. (A scale of 16: the default 2**16
+    overflows this model's fp16 gradients in the first steps, which the scaler then skips.)"""
+    train_doubles.install(monkeypatch)
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        trainer = Trainer(train_doubles.tiny_config(tmp_path / precision, precision=precision, max_steps=1, **{"optimizer.clip_grad": 0.5}))
+        trainer.setup()
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=16.0, enabled=precision == "fp16")
+        trainer.fit()
+        norms[precision] = json.loads((tmp_path / precision / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05) and norms["fp32"] > 0, norms
+
+
 def test_resume_clears_temporaries_of_a_killed_write(tmp_path, monkeypatch):
     train_doubles.install(monkeypatch)
     _run(train_doubles.tiny_config(tmp_path, max_steps=3))

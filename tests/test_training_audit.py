@@ -650,12 +650,17 @@ def test_methods_without_per_image_batch_statistics_train_on_one_image(method, t
 # ---------------------------------------------------------------------------- set-up and the loop
 
 def test_setup_reads_its_settings_from_the_config(tmp_path, monkeypatch):
-    """auto precision is fp32 on a CPU; warm-up is round(warmup_epochs x steps per epoch) steps; a
-    batch of exactly the method's minimum trains, one less is refused; a loader without a batch is refused."""
+    """auto precision is fp32 on a CPU, and bf16 and fp16 autocast to their own dtypes; auto
+    channels_last is off on a CPU; warm-up is round(warmup_epochs x steps per epoch) steps; a batch of
+    exactly the method's minimum trains, one less is refused; a loader without a batch is refused."""
     train_doubles.install(monkeypatch)
     trainer = Trainer(train_doubles.tiny_config(tmp_path / "a", **{"optimizer.warmup_epochs": 0.36}))
     assert trainer.precision == "fp32" and Trainer(train_doubles.tiny_config(tmp_path / "b", precision="bf16")).precision == "bf16"
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with Trainer(train_doubles.tiny_config(tmp_path / "b", precision=precision)).autocast():
+            assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == dtype, precision
     trainer.setup()
+    assert not trainer.channels_last  # auto: on GPUs only
     assert (trainer.steps_per_epoch, trainer.total_steps, trainer.schedule.warmup_steps) == (10, 20, 4)  # round(3.6)
     monkeypatch.setattr(train_doubles.TinyMethod, "min_batch_size", 4, raising=False)
     Trainer(train_doubles.tiny_config(tmp_path / "c", batch_size=4)).setup()

@@ -62,29 +62,36 @@ def _rows(rank, n):
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-def _all_gather_cat(x):
+def _gather_objects(obj):
     pieces = [None] * WORLD
-    dist.all_gather_object(pieces, x.detach())
-    return torch.cat(pieces)
+    dist.all_gather_object(pieces, obj)
+    return pieces
+
+
+def _all_gather_cat(x):
+    return torch.cat(_gather_objects(x.detach()))
 
 
 # --------------------------------------------------------------------------------- SyncBatchNorm
 
-# (name, module, input shape, rows per rank): rank 1 of the last case holds no rows at all.
+# (name, module, input shape, rows per rank, dtype, the input's mean): rank 1 of the third case holds
+# no rows at all; the last case's float32 input has a mean 30 standard deviations from 0, where
+# E[x^2] - E[x]^2 summed in float32 would lose the variance's leading digits (summed in float64, not).
 BN_CASES = [
-    ("bn2d_f64", lambda: nn.BatchNorm2d(5, momentum=0.3).double(), (8, 5, 3, 4), (4, 4), torch.float64),
-    ("bn2d_f32_cumulative", lambda: nn.BatchNorm2d(5, momentum=None), (8, 5, 3, 4), (4, 4), torch.float32),
-    ("bn1d_uneven_empty_rank", lambda: nn.BatchNorm1d(6).double(), (7, 6), (7, 0), torch.float64),
+    ("bn2d_f64", lambda: nn.BatchNorm2d(5, momentum=0.3).double(), (8, 5, 3, 4), (4, 4), torch.float64, 5.0),
+    ("bn2d_f32_cumulative", lambda: nn.BatchNorm2d(5, momentum=None), (8, 5, 3, 4), (4, 4), torch.float32, 5.0),
+    ("bn1d_uneven_empty_rank", lambda: nn.BatchNorm1d(6).double(), (7, 6), (7, 0), torch.float64, 5.0),
+    ("bn2d_f32_far_mean", lambda: nn.BatchNorm2d(5), (8, 5, 3, 4), (4, 4), torch.float32, 90.0),
 ]
 
 
-def _bn_case(name, make, shape, dtype):
+def _bn_case(name, make, shape, dtype, mean):
     torch.manual_seed(sum(map(ord, name)))
     module = make()
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
         module.bias.normal_()
-    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 5).to(dtype)  # a mean far from 0
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + mean).to(dtype)  # a mean far from 0
     upstream = [torch.randn(*shape, dtype=torch.float64).to(dtype) for _ in range(2)]
     return module, x, upstream
 
@@ -112,8 +119,8 @@ def sync_bn_worker(rank, port, out_path):
     _torchrun_env(rank, port)
     dist.init_process_group("gloo")
     results = {}
-    for name, make, shape, split, dtype in BN_CASES:
-        module, x, upstream = _bn_case(name, make, shape, dtype)
+    for name, make, shape, split, dtype, mean in BN_CASES:
+        module, x, upstream = _bn_case(name, make, shape, dtype, mean)
         module = convert(module)
         start = sum(split[:rank])
         rows = slice(start, start + split[rank])
@@ -121,6 +128,13 @@ def sync_bn_worker(rank, port, out_path):
         for grad in param_grads:  # DDP's job: the objective is the sum of every rank's loss
             dist.all_reduce(grad)
         results[name] = ([_all_gather_cat(o) for o in outs], [_all_gather_cat(g) for g in input_grads], param_grads, stats)
+    # One row over both ranks: no variance to normalise with; every rank refuses, as BatchNorm does.
+    try:
+        convert(nn.BatchNorm1d(3))(torch.randn(1 - rank, 3))
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    results["one_row"] = _gather_objects(refusal)
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -133,9 +147,11 @@ def test_cpu_sync_batchnorm_equals_full_batch_batchnorm(tmp_path):
     out_path = tmp_path / "bn.pt"
     _spawn(sync_bn_worker, str(out_path))
     synced = torch.load(out_path, weights_only=False)
-    for name, make, shape, _, dtype in BN_CASES:
+    for rank, refusal in enumerate(synced["one_row"]):
+        assert refusal and "Expected more than 1 value per channel when training over all ranks, got 1" in refusal, (rank, refusal)
+    for name, make, shape, _, dtype, mean in BN_CASES:
         tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=2e-6)
-        expected = _bn_steps(*_bn_case(name, make, shape, dtype))
+        expected = _bn_steps(*_bn_case(name, make, shape, dtype, mean))
         for part, got, want in zip(("output", "input grad", "weight/bias grad", "running stats"), synced[name], expected):
             for step, (a, b) in enumerate(zip(got, want)):
                 torch.testing.assert_close(a, b, **tol, msg=f"{name}: {part} {step}")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,8 @@ def test_config_layers_and_overrides(tmp_path):
 
     config = resolve_config(args, has_gpu=False)
     assert config["method"] == "lewel" and config["preset"] == "cpu"  # no --data, no GPU
+    assert re.fullmatch(r"runs/lewel-\d{8}-\d{6}", config["run_dir"]), config["run_dir"]  # no --run-dir: runs/<method>-<UTC time>
+    assert cfg.resolve("lewel", overrides={"data": ""})["data"] == ""  # empty: the built-in dataset, not the working directory
     assert config["method_options"] == {"preset": "cpu"}
     assert config["epochs"] == 7 and config["batch_size"] == 12
     assert config["optimizer"]["lr"] == 0.25 and config["optimizer"]["momentum"] == 0.8

@@ -93,13 +93,15 @@ def _sigkill_then_resume(tmp_path, monkeypatch):
 
 def test_checkpoint_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     """The temporary is written beside the checkpoint, as ``.last.pt.*.tmp``: the rename stays on one
-    filesystem (atomic), and what a killed write left is what set-up clears."""
+    filesystem (atomic), and what a killed write left is what set-up clears. config.yaml, which
+    --resume reads back, is written the same way."""
     path = tmp_path / "last.pt"
     renames, real_replace = [], os.replace
     monkeypatch.setattr(ckpt.os, "replace", lambda src, dst: (renames.append((Path(src), Path(dst))), real_replace(src, dst))[1])
     save_checkpoint({"step": 1, "w": torch.arange(5)}, path)
-    [(temporary, target)] = renames
-    assert target == path and temporary.parent == tmp_path and temporary.match(".last.pt.*.tmp"), temporary
+    cfg.save({"epochs": 1}, tmp_path / "config.yaml")
+    for (temporary, target), name in zip(renames, ["last.pt", "config.yaml"], strict=True):
+        assert target == tmp_path / name and temporary.parent == tmp_path and temporary.match(f".{name}.*.tmp"), temporary
 
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
@@ -108,7 +110,7 @@ def test_checkpoint_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         save_checkpoint({"step": 2, "w": torch.zeros(10**6)}, path)
     assert load_checkpoint(path)["step"] == 1  # the old checkpoint, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "last.pt"]  # no temporary left behind
 
 
 def test_rng_states_round_trip_through_a_checkpoint_and_seeds_are_per_rank(tmp_path):

@@ -202,6 +202,7 @@ def test_fastdense_train_on_gpus_starts_a_group_with_a_cpu_backend(monkeypatch):
     monkeypatch.setattr(distributed, "_joined_here", False)
     assert distributed.init_distributed("cuda") == distributed.DistInfo(3, 4, 1)
     assert started == [("device", 1), ("backend", "cpu:gloo,cuda:nccl")]
+    assert distributed._joined_here  # so shutdown() ends the group it started
 
 
 def test_sync_batchnorm_is_plain_batchnorm_without_process_group():

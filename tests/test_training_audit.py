@@ -178,7 +178,9 @@ def _no_trainer(monkeypatch):
     ("epochs=true", "'epochs'"), ("optimizer.lr=.inf", "'optimizer.lr'"), ("optimizer.lr_batch=0", "'optimizer.lr_batch'"),
     ("optimizer.betas=[0.9,1.0]", "'optimizer.betas'"), ("optimizer.betas=[0.9,0.99,0.9]", "'optimizer.betas'"),
     ("max_steps=0", "'max_steps'"), ("sync_batchnorm='true'", "'sync_batchnorm'"), ("num_workers=-1", "'num_workers'"),
-    ("batch_size=0", "'batch_size'"), ("epochs=0", "'epochs'"),
+    ("batch_size=0", "'batch_size'"), ("epochs=0", "'epochs'"), ("checkpoint_every=-1", "'checkpoint_every'"),
+    ("optimizer.warmup_epochs=-0.5", "'optimizer.warmup_epochs'"), ("optimizer.weight_decay=-1e-6", "'optimizer.weight_decay'"),
+    ("optimizer.min_lr=-0.1", "'optimizer.min_lr'"),
 ])
 def test_bad_set_values_are_refused_naming_the_key_before_any_work(override, key, tmp_path, monkeypatch, capsys):
     built = _no_trainer(monkeypatch)

@@ -83,6 +83,16 @@ def test_config_layers_and_overrides(tmp_path):
         cfg.resolve("scrl", overrides={"preset": "gpu"})
 
 
+def test_config_files_layer_in_order_may_name_the_method_and_may_be_empty(tmp_path):
+    first, second, empty = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "empty.yaml"
+    first.write_text("method: lewel\nepochs: 7\noptimizer: {lr: 0.5, momentum: 0.8}\n")
+    second.write_text("optimizer: {lr: 0.25}\n")
+    empty.write_text("")
+    config = cfg.resolve(user_files=[first, second, empty])
+    assert config["method"] == "lewel" and config["epochs"] == 7
+    assert config["optimizer"]["lr"] == 0.25 and config["optimizer"]["momentum"] == 0.8
+
+
 def test_resume_layers_config_files_and_overrides_over_the_saved_config_and_flags_over_set(tmp_path):
     """--resume: the saved config, then --config files, then --set and the flags; an explicit flag
     wins over --set for its key; --workers is num_workers."""

@@ -109,6 +109,19 @@ def test_resume_layers_config_files_and_overrides_over_the_saved_config_and_flag
     assert config["optimizer"]["lr"] == 0.5 and config["num_workers"] == 3
 
 
+def test_every_flag_sets_its_config_key():
+    from fastdense.train import resolve_config
+
+    args = parser().parse_args(["--method", "vicregl", "--data", "/data/x", "--backend", "dali", "--epochs", "3", "--batch-size", "16",
+                                "--run-dir", "/runs/r", "--workers", "2", "--seed", "5", "--device", "cpu", "--precision", "bf16",
+                                "--preset", "full", "--max-steps", "9", "--checkpoint-every", "4", "--lr", "0.7", "--compile", "--no-progress"])
+    config = resolve_config(args, has_gpu=False)
+    expected = {"method": "vicregl", "data": "/data/x", "backend": "dali", "epochs": 3, "batch_size": 16, "run_dir": "/runs/r",
+                "num_workers": 2, "seed": 5, "device": "cpu", "precision": "bf16", "preset": "full", "max_steps": 9,
+                "checkpoint_every": 4, "compile": True, "progress": False}
+    assert {key: config[key] for key in expected} == expected and config["optimizer"]["lr"] == 0.7
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["--help"])
